@@ -1,0 +1,315 @@
+"""The model's coupling graph: which tensor dimensions make up a neuron, and which weights connect layers.
+
+Three small objects describe a network in space:
+
+* :class:`Slice` — a neuron is a slice of a tensor dimension: for each of a
+  layer's N neurons, the indices it owns along one dimension of one parameter
+  (or buffer). A hidden neuron of an MLP owns row ``j`` of ``fc1.weight``,
+  entry ``j`` of ``fc1.bias`` and column ``j`` of ``fc2.weight``; a folded
+  embedding neuron owns columns ``j`` and ``d + j`` of the next layer; a conv
+  channel after a flatten owns ``H*W`` consecutive columns; an attention head
+  owns ``head_dim`` rows. Everything a neuron owns moves together when it is
+  relocated, so a relocation can never change what the network computes.
+* :class:`Space` — one layer of neurons: coordinates, a height, a role
+  (input / hidden / output) and how it may be relocated.
+* :class:`Connection` — a weight tensor that wires one space into another
+  (which dimension indexes the receiving neurons, which the sending ones).
+
+:class:`SpatialGraph` bundles them with the model. Builders turn ordinary
+``nn.Module``s into graphs; :meth:`SpatialGraph.from_chain` handles any chain of
+``nn.Linear`` layers, optionally fed by ``nn.Embedding`` tables:
+
+    >>> net = nn.Sequential(nn.Linear(4, 20), nn.SiLU(), nn.Linear(20, 2))
+    >>> g = SpatialGraph.from_chain(net, layouts={"input": "line"})
+    >>> [s.name for s in g.spaces]
+    ['input', 'hidden1', 'output']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .geometry import make_layout, pairwise_distance
+
+Role = Literal["input", "hidden", "output"]
+# How a space may be relocated: permute the parameters (hidden neurons keep their
+# slots and the weights move), permute the coordinates (inputs/outputs keep the
+# meaning of data and labels: the feature stays, its position moves), or never.
+RelocateMode = Literal["weights", "positions", "fixed"]
+
+
+@dataclass
+class Slice:
+    """The indices each neuron of a space owns along dimension ``dim`` of tensor ``name``.
+
+    ``index`` has shape (N, K): neuron n owns ``index[n]`` (K >= 1 entries, e.g. K = 2 for a
+    two-token folded embedding, K = head_dim for a head).
+    """
+
+    name: str
+    dim: int
+    index: torch.Tensor
+
+    def neuron_of(self, size: int) -> torch.Tensor:
+        """For each of the ``size`` indices of the dimension, the neuron that owns it."""
+        owner = torch.full((size,), -1, dtype=torch.long)
+        n, k = self.index.shape
+        owner[self.index.reshape(-1)] = torch.arange(n).repeat_interleave(k)
+        if (owner < 0).any():
+            raise ValueError(f"dimension {self.dim} of {self.name!r} has indices that belong to no neuron")
+        return owner
+
+
+@dataclass
+class Space:
+    """One layer of neurons: where they sit and what moves when they move."""
+
+    name: str
+    size: int
+    positions: torch.Tensor | None  # (N, D) float64 within-layer coordinates; None = not embedded in space
+    height: float
+    role: Role = "hidden"
+    relocate: RelocateMode = "weights"
+    slices: list[Slice] = field(default_factory=list)
+    labels: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.positions is not None and self.positions.shape[0] != self.size:
+            raise ValueError(f"space {self.name!r}: {self.positions.shape[0]} coordinates for {self.size} neurons")
+
+
+@dataclass
+class Connection:
+    """Weight tensor ``weight`` wiring space ``source`` into space ``target``.
+
+    ``target_slice``/``source_slice`` say which dimension of the weight indexes each space's
+    neurons; any other dimensions (conv kernels) are summed over as one connection.
+    """
+
+    weight: str
+    target: str
+    source: str
+    target_slice: Slice
+    source_slice: Slice
+    bias: str | None = None
+
+
+class SpatialGraph:
+    """A model plus the spaces and connections that give its neurons a body.
+
+    Usage: ``g = SpatialGraph.from_chain(model)``; then ``wiring_cost(g)``, ``relocate(g, ...)``.
+    """
+
+    def __init__(self, model: nn.Module, spaces: Iterable[Space], connections: Iterable[Connection]):
+        self.model = model
+        self.spaces: list[Space] = list(spaces)
+        self.connections: list[Connection] = list(connections)
+        self._by_name = {s.name: s for s in self.spaces}
+        if len(self._by_name) != len(self.spaces):
+            raise ValueError("space names must be unique")
+        # bumped whenever coordinates change, so cached distance matrices are rebuilt
+        self.version = 0
+        self._cache: dict = {}
+        self._tensor_map = self._tensors()
+        self.validate()
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def space(self, name: str) -> Space:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no space named {name!r}; spaces: {', '.join(self._by_name)}") from None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The parameter or buffer called ``name`` in the model."""
+        t = self._tensor_map.get(name)
+        if t is None:  # the model may have gained tensors since the graph was built
+            self._tensor_map = self._tensors()
+            if name not in self._tensor_map:
+                raise KeyError(f"model has no parameter or buffer named {name!r}")
+            t = self._tensor_map[name]
+        return t
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = dict(self.model.named_parameters())
+        out.update(dict(self.model.named_buffers()))
+        return out
+
+    def incoming(self, space: str) -> list[Connection]:
+        return [c for c in self.connections if c.target == space]
+
+    def outgoing(self, space: str) -> list[Connection]:
+        return [c for c in self.connections if c.source == space]
+
+    def movable_spaces(self) -> Iterator[Space]:
+        return (s for s in self.spaces if s.relocate != "fixed" and s.positions is not None and s.size > 1)
+
+    # -- geometry -------------------------------------------------------------------------------
+    def distances(self, conn: Connection, metric: str, like: torch.Tensor) -> torch.Tensor:
+        """(N_target, N_source) within-layer distances for a connection, cached per device/dtype.
+
+        A space without coordinates (e.g. the token side of an embedding) is at distance 0, so
+        such a connection costs only ``l0 * |W|``.
+        """
+        key = ("dist", conn.weight, metric, like.device, like.dtype, self.version)
+        if key not in self._cache:
+            t, s = self.space(conn.target), self.space(conn.source)
+            if t.positions is None or s.positions is None:
+                d = torch.zeros(t.size, s.size, dtype=torch.float64)
+            else:
+                d = pairwise_distance(t.positions, s.positions, metric)
+            self._drop_stale()
+            self._cache[key] = d.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+    def set_positions(self, space: str, positions: torch.Tensor) -> None:
+        """Move a space's neurons to new coordinates (invalidates cached distances)."""
+        s = self.space(space)
+        if positions.shape != s.positions.shape:
+            raise ValueError(f"space {space!r}: expected coordinates of shape {tuple(s.positions.shape)}")
+        s.positions = positions.detach().to(torch.float64).clone()
+        self.version += 1
+
+    def _drop_stale(self) -> None:
+        for k in [k for k in self._cache if k[-1] != self.version]:
+            del self._cache[k]
+
+    # -- checks ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check that every slice fits its tensor and covers its dimension; raise naming the problem."""
+        tensors = self._tensors()
+        for s in self.spaces:
+            for sl in s.slices:
+                if sl.name not in tensors:
+                    raise ValueError(f"space {s.name!r} refers to unknown tensor {sl.name!r}")
+                t = tensors[sl.name]
+                if sl.index.shape[0] != s.size:
+                    raise ValueError(f"slice of {sl.name!r} has {sl.index.shape[0]} rows for {s.size} neurons")
+                if sl.index.max() >= t.shape[sl.dim]:
+                    raise ValueError(f"slice of {sl.name!r} indexes past dimension {sl.dim} ({t.shape[sl.dim]})")
+        for c in self.connections:
+            for name in (c.target, c.source):
+                self.space(name)
+            w = tensors.get(c.weight)
+            if w is None:
+                raise ValueError(f"connection refers to unknown weight {c.weight!r}")
+            c.target_slice.neuron_of(w.shape[c.target_slice.dim])
+            c.source_slice.neuron_of(w.shape[c.source_slice.dim])
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s.name}[{s.size}]" for s in self.spaces)
+        return f"SpatialGraph({parts}; {len(self.connections)} connections)"
+
+    # -- builders -------------------------------------------------------------------------------
+    @classmethod
+    def from_chain(
+        cls,
+        model: nn.Module,
+        layouts: Mapping[str, str | torch.Tensor] | None = None,
+        relocate_inputs: bool = True,
+        relocate_outputs: bool = True,
+        input_labels: list[str] | None = None,
+        output_labels: list[str] | None = None,
+    ) -> "SpatialGraph":
+        """Spatial graph of a chain of ``nn.Linear`` layers, optionally fed by ``nn.Embedding`` tables.
+
+        Layers are taken in registration order and must chain (each ``in_features`` equals the
+        previous ``out_features``). An embedding of width d followed by a linear layer with
+        ``in_features = r*d`` is *folded*: dimension j of all r token embeddings is one neuron.
+        Spaces are named ``input`` (or ``embed``), ``hidden1``, ..., ``output``; ``layouts`` maps
+        those names to layout specs (``"line"``, ``"grid:8x8"``, ``"circle"``, coordinates).
+
+        Usage: ``SpatialGraph.from_chain(mlp, layouts={"input": "grid:8x8", "output": "circle"})``.
+        """
+        layouts = dict(layouts or {})
+        mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        if not any(isinstance(m, nn.Linear) for _, m in mods):
+            raise ValueError("from_chain needs at least one nn.Linear layer")
+        unsupported = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))]
+        if unsupported:
+            raise ValueError(f"from_chain handles Linear/Embedding chains only; cannot place layer {unsupported[0]!r}")
+        embeds = []
+        while mods and isinstance(mods[0][1], nn.Embedding):
+            embeds.append(mods.pop(0))
+        if any(isinstance(m, nn.Embedding) for _, m in mods):
+            raise ValueError("embeddings must come before the linear layers of the chain")
+        linears = mods
+        for (pn, prev), (n, cur) in zip(linears, linears[1:]):
+            if prev.out_features != cur.in_features:
+                raise ValueError(
+                    f"layers do not chain: {pn!r} gives {prev.out_features} features but {n!r} takes {cur.in_features}"
+                )
+
+        spaces: list[Space] = []
+        conns: list[Connection] = []
+        n_layers = len(linears)
+
+        def names(i: int) -> str:  # name of the space that is the input of linear i
+            if i == 0:
+                return "embed" if embeds else "input"
+            if i == n_layers:
+                return "output"
+            return f"hidden{i}"
+
+        def col(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
+            base = torch.arange(n).unsqueeze(1)
+            return base + stride * torch.arange(k).unsqueeze(0)
+
+        height = 0.0
+        if embeds:
+            widths = {m.embedding_dim for _, m in embeds}
+            if len(widths) != 1:
+                raise ValueError("folded embeddings must share one width")
+            d = widths.pop()
+            first = linears[0][1]
+            if first.in_features % d:
+                raise ValueError(f"first linear layer takes {first.in_features} features, not a multiple of embedding width {d}")
+            reps = first.in_features // d
+            if len(embeds) not in (1, reps):
+                raise ValueError(f"{len(embeds)} embedding tables for {reps} folded token slots")
+            for ename, emb in embeds:
+                tok = f"tokens.{ename}" if len(embeds) > 1 else "tokens"
+                spaces.append(Space(tok, emb.num_embeddings, None, -1.0, "input", "fixed"))
+            embed_space = Space("embed", d, make_layout(layouts.get("embed"), d), 0.0, "hidden", "weights")
+            for ename, emb in embeds:
+                tok = f"tokens.{ename}" if len(embeds) > 1 else "tokens"
+                w = f"{ename}.weight"
+                embed_space.slices.append(Slice(w, 1, col(d)))
+                conns.append(Connection(w, "embed", tok, Slice(w, 1, col(d)), Slice(w, 0, col(emb.num_embeddings))))
+            spaces.append(embed_space)
+        else:
+            n_in = linears[0][1].in_features
+            spaces.append(
+                Space(
+                    "input", n_in, make_layout(layouts.get("input"), n_in), 0.0, "input",
+                    "positions" if relocate_inputs else "fixed", labels=input_labels,
+                )
+            )
+
+        for i, (lname, lin) in enumerate(linears):
+            height += 1.0
+            w, b = f"{lname}.weight", (f"{lname}.bias" if lin.bias is not None else None)
+            src = spaces[-1]
+            in_slice = Slice(w, 1, col(src.size, reps, src.size) if (i == 0 and embeds) else col(src.size))
+            src.slices.append(in_slice)
+            out_name = names(i + 1)
+            is_out = i == n_layers - 1
+            tgt = Space(
+                out_name, lin.out_features, make_layout(layouts.get(out_name), lin.out_features), height,
+                "output" if is_out else "hidden",
+                ("positions" if relocate_outputs else "fixed") if is_out else "weights",
+                labels=output_labels if is_out else None,
+            )
+            tgt.slices.append(Slice(w, 0, col(lin.out_features)))
+            if b is not None:
+                tgt.slices.append(Slice(b, 0, col(lin.out_features)))
+            spaces.append(tgt)
+            conns.append(Connection(w, out_name, src.name, Slice(w, 0, col(lin.out_features)), in_slice, b))
+        for name in layouts:
+            if name not in {s.name for s in spaces}:
+                raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}")
+        return cls(model, spaces, conns)
