@@ -1,0 +1,169 @@
+"""Pickle-free, atomic checkpoints: model, optimizer state and neuron coordinates in safetensors.
+
+A checkpoint is ``NAME.safetensors`` plus ``NAME.json`` (step, optimizer hyper-parameters,
+the tensor file's SHA-256). Both are written to a temporary file, fsync'ed and renamed, and
+the previous checkpoint is kept as ``NAME.prev.*``, so a crash mid-write never loses the
+last good one; a truncated or corrupted file is detected by its checksum.
+
+    >>> save_checkpoint(run_dir / "checkpoint", model, optimizer, graph, step=1200)
+    >>> meta = load_checkpoint(run_dir / "checkpoint", model, optimizer, graph)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .graph import SpatialGraph
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted or does not fit the model."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never a half-written file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, float]] = {}
+    if optimizer is None:
+        return tensors, scalars
+    names = {p: n for n, p in model.named_parameters()}
+    for p, state in optimizer.state.items():
+        n = names.get(p)
+        if n is None:
+            continue
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.ndim > 0:
+                tensors[f"optim/{n}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(n, {})[k] = float(v)
+    return tensors, scalars
+
+
+def save_checkpoint(
+    base: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    graph: SpatialGraph | None = None,
+    step: int = 0,
+    extra: dict | None = None,
+) -> None:
+    """Atomically write ``base.safetensors`` + ``base.json``, keeping the previous pair as ``base.prev.*``."""
+    base = Path(base)
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_scalars = _optimizer_tensors(model, optimizer)
+    tensors.update(opt_tensors)
+    if graph is not None:
+        for s in graph.spaces:
+            if s.positions is not None:
+                tensors[f"positions/{s.name}"] = s.positions.contiguous()
+    st_path, js_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    tmp = st_path.with_name(st_path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    meta = {
+        "step": int(step),
+        "sha256": digest,
+        "optimizer": {
+            "class": type(optimizer).__name__ if optimizer else None,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else [],
+            "scalars": opt_scalars,
+        },
+        "extra": extra or {},
+    }
+    if st_path.exists() and js_path.exists():  # keep the last good pair
+        os.replace(st_path, base.with_suffix(".prev.safetensors"))
+        os.replace(js_path, base.with_suffix(".prev.json"))
+    os.replace(tmp, st_path)
+    atomic_write_json(js_path, meta)
+
+
+def read_checkpoint(base: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify a checkpoint pair; raise :class:`CheckpointError` naming what is wrong."""
+    base = Path(base)
+    st_path, js_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    if not st_path.exists() or not js_path.exists():
+        raise CheckpointError(f"no checkpoint at {base} (expected {st_path.name} and {js_path.name})")
+    try:
+        meta = json.loads(js_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {js_path} is corrupt: {e}") from None
+    digest = hashlib.sha256(st_path.read_bytes()).hexdigest()
+    if digest != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {st_path} is corrupt or truncated (checksum mismatch)")
+    try:
+        tensors = load_file(str(st_path))
+    except Exception as e:  # safetensors raises several error types for bad headers
+        raise CheckpointError(f"checkpoint {st_path} cannot be read: {e}") from None
+    return tensors, meta
+
+
+def load_checkpoint(
+    base: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    graph: SpatialGraph | None = None,
+    fallback: bool = True,
+) -> dict:
+    """Load model (and optimizer, coordinates) from ``base``; on corruption fall back to ``base.prev``.
+
+    Returns the checkpoint's metadata (``step``, ``extra``...). Usage: ``load_checkpoint(run / "checkpoint", model)``.
+    """
+    base = Path(base)
+    try:
+        tensors, meta = read_checkpoint(base)
+    except CheckpointError as err:
+        prev = base.with_suffix(".prev")
+        if not fallback or not prev.with_suffix(".safetensors").exists():
+            raise
+        import warnings
+
+        warnings.warn(f"{err}; using the previous checkpoint {prev}", stacklevel=2)
+        tensors, meta = read_checkpoint(prev)
+    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+    if optimizer is not None and meta["optimizer"]["class"]:
+        names = dict(model.named_parameters())
+        for key, v in tensors.items():
+            if key.startswith("optim/"):
+                pname, _, sk = key[len("optim/"):].rpartition("/")
+                p = names[pname]
+                optimizer.state[p][sk] = v.to(p.device)
+        for pname, sc in meta["optimizer"]["scalars"].items():
+            p = names[pname]
+            for sk, v in sc.items():
+                optimizer.state[p][sk] = torch.tensor(v)
+        for g, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+            g.update(saved)
+    if graph is not None:
+        for s in graph.spaces:
+            key = f"positions/{s.name}"
+            if key in tensors:
+                s.positions = tensors[key].to(torch.float64)
+        graph.version += 1
+    return meta
