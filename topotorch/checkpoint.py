@@ -77,7 +77,7 @@ def save_checkpoint(
         for s in graph.spaces:
             if s.positions is not None:
                 tensors[f"positions/{s.name}"] = s.positions.contiguous()
-    st_path, js_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    st_path, js_path = _pair_paths(base)
     tmp = st_path.with_name(st_path.name + ".tmp")
     save_file(tensors, str(tmp))
     with open(tmp, "rb+") as f:
@@ -94,16 +94,23 @@ def save_checkpoint(
         "extra": extra or {},
     }
     if st_path.exists() and js_path.exists():  # keep the last good pair
-        os.replace(st_path, base.with_suffix(".prev.safetensors"))
-        os.replace(js_path, base.with_suffix(".prev.json"))
+        prev_st, prev_js = _pair_paths(base, prev=True)
+        os.replace(st_path, prev_st)
+        os.replace(js_path, prev_js)
     os.replace(tmp, st_path)
     atomic_write_json(js_path, meta)
 
 
-def read_checkpoint(base: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read and verify a checkpoint pair; raise :class:`CheckpointError` naming what is wrong."""
+def _pair_paths(base: Path, prev: bool = False) -> tuple[Path, Path]:
+    """The (tensor file, metadata file) of the checkpoint ``base``, or of its kept previous pair."""
+    tag = ".prev" if prev else ""
+    return base.with_suffix(f"{tag}.safetensors"), base.with_suffix(f"{tag}.json")
+
+
+def read_checkpoint(base: Path, prev: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read and verify a checkpoint pair (``prev``: the kept previous one); raise :class:`CheckpointError`."""
     base = Path(base)
-    st_path, js_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    st_path, js_path = _pair_paths(base, prev)
     if not st_path.exists() or not js_path.exists():
         raise CheckpointError(f"no checkpoint at {base} (expected {st_path.name} and {js_path.name})")
     try:
@@ -135,14 +142,27 @@ def load_checkpoint(
     try:
         tensors, meta = read_checkpoint(base)
     except CheckpointError as err:
-        prev = base.with_suffix(".prev")
-        if not fallback or not prev.with_suffix(".safetensors").exists():
+        # NB: base.with_suffix(".prev").with_suffix(".safetensors") would name the broken file again
+        prev_st, _ = _pair_paths(base, prev=True)
+        if not fallback or not prev_st.exists():
             raise
+        try:
+            tensors, meta = read_checkpoint(base, prev=True)
+        except CheckpointError as prev_err:
+            raise CheckpointError(f"{err}, and the previous checkpoint is unusable too: {prev_err}") from None
         import warnings
 
-        warnings.warn(f"{err}; using the previous checkpoint {prev}", stacklevel=2)
-        tensors, meta = read_checkpoint(prev)
+        warnings.warn(f"{err}; using the previous checkpoint {prev_st}", stacklevel=2)
     state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    # check before loading: load_state_dict copies the tensors that fit before it raises (half-loaded model)
+    own = model.state_dict()
+    problems = [f"missing {k!r}" for k in own if k not in state]
+    problems += [f"unexpected {k!r}" for k in state if k not in own]
+    problems += [f"{k!r} has shape {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
+                 for k in own if k in state and state[k].shape != own[k].shape]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"checkpoint does not fit the model: {'; '.join(problems[:3])}{more}")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -98,9 +99,13 @@ def draw(
     if threshold < 0:
         _fail(f"threshold must be >= 0, got {threshold}")
     try:
-        r = load_run(run)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "using the previous checkpoint": one line each
+            warnings.simplefilter("always")
+            r = load_run(run)
     except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
         _fail(str(e))
+    for w in caught:
+        typer.echo(f"warning: {w.message}", err=True)
     path = out or run / "connectivity.png"
     draw_connectivity(r.graph, path=path, threshold=threshold, title=f"{r.config.task} [{r.config.method}]")
     typer.echo(f"wrote {path}")

@@ -292,7 +292,7 @@ class SpatialGraph:
 
         for i, (lname, lin) in enumerate(linears):
             height += 1.0
-            w, b = f"{lname}.weight", (f"{lname}.bias" if lin.bias is not None else None)
+            w, b = f"{lname}.weight".lstrip("."), (f"{lname}.bias".lstrip(".") if lin.bias is not None else None)
             src = spaces[-1]
             in_slice = Slice(w, 1, col(src.size, reps, src.size) if (i == 0 and embeds) else col(src.size))
             src.slices.append(in_slice)
