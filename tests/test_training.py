@@ -315,16 +315,18 @@ def test_metrics_csv(run):
     result, out = run
     with open(out / "metrics.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "lambda", "train_loss", "task_loss", "wiring_cost", "test_mse",
+    assert rows[0] == ["step", "lambda", "train_loss", "task_loss", "penalty", "wiring_cost", "test_mse",
                        "active_weight_fraction", "seconds"]
     assert [int(r[0]) for r in rows[1:]] == [50, 100, 150, 200]
     for r in rows[1:]:
         values = [float(v) for v in r]
         assert all(math.isfinite(v) for v in values)
         assert values[1] == 1e-3  # the task's λ schedule at these steps
-        assert values[2] >= values[3] > 0  # train loss = task loss + λ·cost
-        assert 0 < values[6] <= 1
-    assert float(rows[-1][5]) == pytest.approx(result.summary["test_mse"], rel=1e-9)
+        assert values[2] == pytest.approx(values[3] + values[1] * values[4], rel=1e-6)  # task + λ·penalty
+        assert values[5] > 0
+        assert 0 < values[7] <= 1
+    assert float(rows[-1][5]) == pytest.approx(result.summary["wiring_cost"], rel=1e-6)
+    assert float(rows[-1][6]) == pytest.approx(result.summary["test_mse"], rel=1e-9)
 
 
 def test_snapshots_file(run):

@@ -77,15 +77,22 @@ def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig) -
     return m
 
 
-def neuron_scores(graph: SpatialGraph, space: str | Space) -> torch.Tensor:
-    """Σ|incoming| + Σ|outgoing| weights per neuron: the paper's choice of which neurons to move."""
+def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | None = None) -> torch.Tensor:
+    """Σ|incoming| + Σ|outgoing| weights per neuron: the paper's choice of which neurons to move.
+
+    Connections excluded by ``cfg`` do not count. Usage: ``neuron_scores(g, "hidden1")``.
+    """
     sp = graph.space(space) if isinstance(space, str) else space
     score = None
     for conn in graph.incoming(sp.name) + graph.outgoing(sp.name):
+        if cfg is not None and cfg.excluded(conn.weight):
+            continue
         w = graph.tensor(conn.weight)
         a = _aggregate_abs(w, conn, graph.space(conn.target).size, graph.space(conn.source).size)
         part = a.sum(1) if conn.target == sp.name else a.sum(0)
         score = part if score is None else score + part
+    if score is None:
+        raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
     return score
 
 
@@ -145,13 +152,14 @@ def apply_permutation(
     graph: SpatialGraph,
     space: str | Space,
     perm: torch.Tensor,
-    optimizers: Iterable[torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
+    optimizer: Iterable[torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
 ) -> None:
     """Relocate a space's neurons: slot q receives old neuron ``perm[q]``, in place.
 
     ``weights`` spaces permute every slice they own, plus the matching optimizer state
     (any state tensor shaped like its parameter: Adam's exp_avg/exp_avg_sq, SGD momentum),
-    so training continues exactly as it would have on the permuted network.
+    so training continues exactly as it would have on the permuted network; a pending
+    ``.grad`` is permuted too.
     ``positions`` spaces (inputs/outputs) keep their weights and move their coordinates:
     neuron ``perm[q]`` goes to the point slot q had. Usage: ``apply_permutation(g, "hidden1", perm, opt)``.
     """
@@ -166,13 +174,14 @@ def apply_permutation(
         new[perm] = sp.positions
         graph.set_positions(sp.name, new)
         return
-    if isinstance(optimizers, torch.optim.Optimizer):
-        optimizers = [optimizers]
-    states = [opt.state for opt in (optimizers or [])]
+    optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or [])
+    states = [opt.state for opt in optimizers]
     for sl in sp.slices:
         t = graph.tensor(sl.name)
         idx = _permutation_index(sl.index, perm, t.shape[sl.dim]).to(t.device)
         t.copy_(t.index_select(sl.dim, idx))
+        if t.grad is not None:  # so relocating between backward() and step() is also exact
+            t.grad.copy_(t.grad.index_select(sl.dim, idx))
         for state in states:
             for v in state.get(t, {}).values():
                 if isinstance(v, torch.Tensor) and v.shape == t.shape:
@@ -223,7 +232,7 @@ def relocate(
             m = placement_cost(graph, sp, cfg)
             if method == "swap":
                 k = min(top_k, sp.size)
-                cand = torch.topk(neuron_scores(graph, sp), k).indices
+                cand = torch.topk(neuron_scores(graph, sp, cfg), k).indices
                 perm, d = greedy_swap_permutation(m, cand)
             else:
                 perm, d = assignment_permutation(m)

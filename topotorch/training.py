@@ -290,7 +290,7 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
         atomic_write_json(run_dir / "config.json", config.to_dict())
         metrics_file = open(run_dir / "metrics.csv", "w", newline="")
         writer = csv.writer(metrics_file)
-        writer.writerow(["step", "lambda", "train_loss", "task_loss", "wiring_cost", f"test_{task.metric}",
+        writer.writerow(["step", "lambda", "train_loss", "task_loss", "penalty", "wiring_cost", f"test_{task.metric}",
                          "active_weight_fraction", "seconds"])
 
     batch_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -328,9 +328,10 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
                 if done % snap_every == 0 or done == config.steps:
                     snapshots.append(take_snapshot(graph, done))
                 if writer is not None and (done % config.log_every == 0 or done == config.steps):
-                    with torch.no_grad():
-                        cc = float(wiring_cost(graph, step_cost_cfg))
-                    writer.writerow([done, lam, loss_task.item() + lam * cc, loss_task.item(), cc,
+                    with torch.no_grad():  # penalty: what training minimises; wiring_cost: with distances
+                        penalty = float(wiring_cost(graph, step_cost_cfg))
+                        cc = float(wiring_cost(graph, reloc_cfg))
+                    writer.writerow([done, lam, loss_task.item() + lam * penalty, loss_task.item(), penalty, cc,
                                      evaluate(task, model, data.x_test, data.y_test),
                                      analysis.active_weights(graph, config.threshold)["fraction"],
                                      round(time.perf_counter() - t0, 3)])
