@@ -77,7 +77,7 @@ def relocate_until_converged(graph: SpatialGraph, cfg: WiringConfig, method: str
     for rounds in range(1, max_rounds + 1):
         if relocate(graph, cfg, method, top_k=top_k).total_delta > -1e-12:
             break
-    return float(wiring_cost(graph, cfg)), rounds
+    return float(wiring_cost(graph, cfg).detach()), rounds
 
 
 def timed(fn, repeats: int) -> float:
@@ -127,7 +127,7 @@ def main() -> None:
     else:
         conv_cfg, net_a, net_b = cfg, make_net(), make_net()
         res["converged_network"] = res["network"] + ", random sparse weights"
-    res["cost_before"] = float(wiring_cost(net_a, conv_cfg))
+    res["cost_before"] = float(wiring_cost(net_a, conv_cfg).detach())
     res["cost_swaps_converged"], res["swap_rounds"] = relocate_until_converged(net_a, conv_cfg, "swap", args.top_k)
     res["cost_assign_converged"], res["assign_rounds"] = relocate_until_converged(net_b, conv_cfg, "assign", args.top_k)
     print(f"one relocation, top_k={args.top_k} ({res['network']})")

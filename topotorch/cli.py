@@ -50,6 +50,8 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run folder (default: runs/TASK-METHOD-sSEED)"),
     lr: Optional[float] = typer.Option(None, help="learning rate"),
     lam: Optional[str] = typer.Option(None, help="λ schedule as step:value phases, e.g. 0:1e-3,5000:1e-2"),
+    wf: Optional[float] = typer.Option(None, help="weight of distance in the wiring cost (0: plain L1)"),
+    l0: Optional[float] = typer.Option(None, help="layer-to-layer gap added to every connection's length"),
     relocation: Optional[str] = typer.Option(None, help="swap (the paper's greedy swaps) | assign (exact, per layer)"),
     top_k: Optional[int] = typer.Option(None, help="neurons tried per layer per relocation"),
     swap_every: Optional[int] = typer.Option(None, help="relocate every n steps"),
@@ -64,7 +66,7 @@ def train(
 
     try:
         cfg = TrainConfig.for_task(
-            task, method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, relocation=relocation,
+            task, method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0, relocation=relocation,
             top_k=top_k, swap_every=swap_every, threshold=threshold, batch_size=batch_size,
             animation=animation, progress=progress,
             out=str(out if out is not None else Path("runs") / f"{task}-{method}-s{seed}"),
