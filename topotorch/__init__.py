@@ -2,6 +2,7 @@
 
 from .geometry import circle, grid, line, make_layout, pairwise_distance
 from .graph import Connection, Slice, Space, SpatialGraph
+from .graph_transformer import transformer_graph
 from .objectives import WiringConfig, wiring_cost
 from .relocation import apply_permutation, placement_cost, relocate
 
@@ -9,7 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "circle", "grid", "line", "make_layout", "pairwise_distance",
-    "Connection", "Slice", "Space", "SpatialGraph",
+    "Connection", "Slice", "Space", "SpatialGraph", "transformer_graph",
     "WiringConfig", "wiring_cost",
     "apply_permutation", "placement_cost", "relocate",
 ]

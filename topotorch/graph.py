@@ -76,10 +76,16 @@ class Space:
     relocate: RelocateMode = "weights"
     slices: list[Slice] = field(default_factory=list)
     labels: list[str] | None = None
+    # neurons may only trade places within their group (e.g. the dimensions of one attention
+    # head: permuting q, k, v and the output columns inside a head keeps the function, across
+    # heads it does not). None: any permutation is allowed.
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions.shape[0] != self.size:
             raise ValueError(f"space {self.name!r}: {self.positions.shape[0]} coordinates for {self.size} neurons")
+        if self.groups is not None and self.groups.shape != (self.size,):
+            raise ValueError(f"space {self.name!r}: groups must have shape ({self.size},)")
 
 
 @dataclass

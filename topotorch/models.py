@@ -61,3 +61,104 @@ class TokenMLP(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] != self.n_tokens:
             raise ValueError(f"TokenMLP expects (batch, {self.n_tokens}) token ids, got shape {tuple(tokens.shape)}")
         return self.mlp(self.embedding(tokens).flatten(1))
+
+
+class CausalSelfAttention(nn.Module):
+    """Hand-written multi-head causal attention: one fused ``qkv`` Linear and an output ``proj``.
+
+    Head h owns dimensions ``[h*head_dim, (h+1)*head_dim)`` of q, k and v (rows of ``qkv``
+    within each third) and the same columns of ``proj``, the layout ``nn.MultiheadAttention``
+    uses too. Usage: ``CausalSelfAttention(32, 4)(x)`` with x of shape (batch, time, 32).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        shape = (b, t, self.n_heads, d // self.n_heads)
+        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class TorchAttention(nn.Module):
+    """``nn.MultiheadAttention`` with a causal mask, as a drop-in for :class:`CausalSelfAttention`."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
+        super().__init__()
+        self.n_heads = n_heads
+        self.mha = nn.MultiheadAttention(d_model, n_heads, bias=bias, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        return self.mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). ``layernorm=False`` drops the norms."""
+
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int, layernorm: bool = True,
+                 attention: str = "manual", activation: str = "gelu"):
+        super().__init__()
+        attn_cls = {"manual": CausalSelfAttention, "torch": TorchAttention}.get(attention)
+        if attn_cls is None:
+            raise ValueError(f"unknown attention {attention!r}; use 'manual' or 'torch'")
+        self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.attn = attn_cls(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp), globals()["activation"](activation), nn.Linear(d_mlp, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """A small decoder-only transformer (pre-norm, learned positions).
+
+    Token inputs (``vocab`` set: ``nn.Embedding``, optionally tied to the output head) or
+    vector inputs (``in_dim`` set: an ``nn.Linear`` embedding, e.g. in-context regression's
+    (x, y) tokens). Usage: ``TinyGPT(vocab=65, d_model=64, n_layers=2, n_heads=4, block_size=64)``.
+    """
+
+    def __init__(self, vocab: int | None = None, d_model: int = 32, n_layers: int = 2, n_heads: int = 1,
+                 d_mlp: int | None = None, block_size: int = 64, in_dim: int | None = None,
+                 out_dim: int | None = None, layernorm: bool = True, attention: str = "manual",
+                 tie_embeddings: bool = True, activation: str = "gelu"):
+        super().__init__()
+        if (vocab is None) == (in_dim is None):
+            raise ValueError("give exactly one of vocab (token inputs) or in_dim (vector inputs)")
+        self.vocab, self.in_dim, self.block_size = vocab, in_dim, block_size
+        d_mlp = d_mlp or 4 * d_model
+        self.embed = nn.Embedding(vocab, d_model) if vocab is not None else nn.Linear(in_dim, d_model)
+        self.pos = nn.Parameter(torch.zeros(block_size, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, d_mlp, layernorm, attention, activation) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        n_out = out_dim or vocab
+        if n_out is None:
+            raise ValueError("vector inputs need out_dim")
+        self.head = nn.Linear(d_model, n_out, bias=False)
+        self.tied = bool(tie_embeddings and vocab is not None and n_out == vocab)
+        if self.tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        if t > self.block_size:
+            raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
+        if self.vocab is not None and x.dtype not in (torch.long, torch.int, torch.int32):
+            raise ValueError(f"TinyGPT with a vocabulary expects integer token ids, got {x.dtype}")
+        h = self.embed(x) + self.pos[:t]
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln_f(h))

@@ -23,7 +23,7 @@ their meaning. Either way the network computes exactly the same function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
 import numpy as np
@@ -96,13 +96,15 @@ def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | N
     return score
 
 
-def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: float = 0.0) -> tuple[torch.Tensor, float]:
+def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: float = 0.0,
+                            groups: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The paper's greedy swaps, scored in closed form from the placement-cost matrix.
 
     For each candidate neuron in turn, find the partner whose swap lowers the cost most and
     apply it if it lowers the cost by more than ``tol``. Returns ``(perm, delta)``: slot q
     now holds old neuron ``perm[q]``; ``delta`` is the total cost change (<= 0).
     M is indexed by neuron identity, so it never needs recomputing within a space.
+    With ``groups`` (one id per slot), a neuron only swaps with neurons of its own group.
     """
     n = m.shape[0]
     slots = torch.arange(n, device=m.device)
@@ -114,6 +116,8 @@ def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: floa
         # cost change of swapping neuron i (at p) with the neuron at every slot q, all at once
         delta = m[i] + m[neuron_at, p] - m[i, p] - m[neuron_at, slots]
         delta[p] = 0.0
+        if groups is not None:
+            delta = delta.masked_fill(groups != groups[p], float("inf"))
         q = int(torch.argmin(delta))
         best = float(delta[q])
         if best < -tol:
@@ -124,13 +128,19 @@ def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: floa
     return neuron_at, total
 
 
-def assignment_permutation(m: torch.Tensor) -> tuple[torch.Tensor, float]:
+def assignment_permutation(m: torch.Tensor, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Best arrangement of a whole space given its neighbours (linear assignment on M).
 
     Returns ``(perm, delta)`` like :func:`greedy_swap_permutation`; ``delta`` <= 0 because
-    keeping every neuron in place is one of the assignments considered.
+    keeping every neuron in place is one of the assignments considered. With ``groups``,
+    neurons stay within their group (cross-group placements are forbidden).
     """
     cost = m.detach().to("cpu", torch.float64).numpy()
+    if groups is not None:
+        g = groups.cpu().numpy()
+        forbidden = g[:, None] != g[None, :]
+        big = (np.abs(cost).max() + 1.0) * (cost.shape[0] + 1)  # larger than any allowed assignment's total
+        cost = np.where(forbidden, big, cost)
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty_like(cols)
     perm[cols] = rows  # slot cols[k] gets neuron rows[k]
@@ -169,6 +179,8 @@ def apply_permutation(
         raise ValueError(f"not a permutation of the {sp.size} neurons of space {sp.name!r}")
     if sp.relocate == "fixed":
         raise ValueError(f"space {sp.name!r} is fixed and cannot be relocated")
+    if sp.groups is not None and not torch.equal(sp.groups.cpu()[perm], sp.groups.cpu()):
+        raise ValueError(f"permutation moves neurons of space {sp.name!r} across groups (e.g. attention heads)")
     if sp.relocate == "positions":
         new = sp.positions.clone()
         new[perm] = sp.positions
@@ -194,6 +206,7 @@ class RelocationStats:
 
     delta: dict[str, float]
     moved: dict[str, int]
+    applied: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (space, perm) in the order applied
 
     @property
     def total_delta(self) -> float:
@@ -224,6 +237,7 @@ def relocate(
     names = list(spaces) if spaces is not None else [s.name for s in graph.movable_spaces()]
     delta: dict[str, float] = {}
     moved: dict[str, int] = {}
+    applied: list[tuple[str, torch.Tensor]] = []
     for _ in range(max(1, sweeps)):
         for name in names:
             sp = graph.space(name)
@@ -233,12 +247,14 @@ def relocate(
             if method == "swap":
                 k = min(top_k, sp.size)
                 cand = torch.topk(neuron_scores(graph, sp, cfg), k).indices
-                perm, d = greedy_swap_permutation(m, cand)
+                groups = sp.groups.to(m.device) if sp.groups is not None else None
+                perm, d = greedy_swap_permutation(m, cand, groups=groups)
             else:
-                perm, d = assignment_permutation(m)
+                perm, d = assignment_permutation(m, groups=sp.groups)
             n_moved = int((perm.cpu() != torch.arange(sp.size)).sum())
             if n_moved:
                 apply_permutation(graph, sp, perm, optimizer)
+                applied.append((name, perm.cpu()))
             delta[name] = delta.get(name, 0.0) + d
             moved[name] = moved.get(name, 0) + n_moved
-    return RelocationStats(delta, moved)
+    return RelocationStats(delta, moved, applied)
