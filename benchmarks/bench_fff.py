@@ -1,0 +1,151 @@
+"""FFF speed on CPU (in = out = 768): hard inference vs dense FF and vs the peer package.
+
+Rows (each a ratio measured in this one run, medians of interleaved repeats under
+torch.inference_mode after warm-up):
+  * hard inference vs a dense FF of the same training width (2^d·ℓ, default d=9, ℓ=8 -> 4096),
+    at batch 256 and batch 1;
+  * hard inference vs ``fastfeedforward`` 0.2.1's eval forward at batch 256;
+  * soft training forward+backward vs the peer's training forward+backward at d=8, ℓ=8,
+    batch 256 (the peer takes tens of seconds per step: it is timed --peer-train-repeats times);
+  * the theoretical limit, dense multiply-adds / FFF multiply-adds per sample.
+Peer rows are skipped with a message when the peer is not installed
+(``pip install fastfeedforward==0.2.1 --no-deps``).
+
+    python benchmarks/bench_fff.py [--repeats 30] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from topotorch.layers import FFF
+
+WIDTH = 768
+
+
+def _median_times(fns: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call, the candidates interleaved in rounds so machine noise hits all alike."""
+    for f in fns.values():  # warm-up
+        for _ in range(max(2, inner)):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def dense_ff(width: int, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width))
+
+
+def dense_flops(width: int, hidden: int) -> int:
+    return 2 * width * hidden
+
+
+def peer_cls():
+    try:
+        from fastfeedforward import FFF as PeerFFF
+    except ImportError:
+        return None
+    return PeerFFF
+
+
+def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
+    torch.manual_seed(0)
+    hidden = 2**depth * leaf
+    dense = dense_ff(WIDTH, hidden).eval()
+    fff = FFF(WIDTH, leaf, WIDTH, depth).eval()
+    theory = dense_flops(WIDTH, hidden) / fff.flops_per_sample(hard=True)
+    Peer = peer_cls()
+    rows = []
+    with torch.inference_mode():
+        for batch in (256, 1):
+            x = torch.randn(batch, WIDTH)
+            fns = {"fff": lambda: fff(x), "dense": lambda: dense(x)}
+            inner = 20 if batch == 1 else 2
+            t = _median_times(fns, repeats, inner)
+            rows.append({"row": f"hard vs dense FF (width {hidden})", "batch": batch, "depth": depth, "leaf": leaf,
+                         "fff_ms": t["fff"] * 1e3, "other_ms": t["dense"] * 1e3, "speedup": t["dense"] / t["fff"],
+                         "theory": theory, "goal": 5.0 if batch == 256 else 10.0})
+        x = torch.randn(256, WIDTH)
+        if Peer is None:
+            print("peer rows skipped: fastfeedforward is not installed (pip install fastfeedforward==0.2.1 --no-deps)")
+        else:
+            peer = Peer(WIDTH, leaf, WIDTH, depth).eval()
+            fff_p = FFF.from_peer(peer).eval()
+            t = _median_times({"fff": lambda: fff_p(x), "peer": lambda: peer(x)}, max(3, repeats // 3), 1)
+            rows.append({"row": "hard vs peer eval", "batch": 256, "depth": depth, "leaf": leaf,
+                         "fff_ms": t["fff"] * 1e3, "other_ms": t["peer"] * 1e3, "speedup": t["peer"] / t["fff"],
+                         "theory": None, "goal": 20.0})
+    return rows
+
+
+def training_row(depth: int, leaf: int, repeats: int, peer_repeats: int) -> dict | None:
+    Peer = peer_cls()
+    if Peer is None:
+        return None
+    torch.manual_seed(0)
+    x = torch.randn(256, WIDTH)
+    peer = Peer(WIDTH, leaf, WIDTH, depth).train()
+    fff = FFF.from_peer(peer).train()
+
+    def step(m):
+        def f():
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        return f
+
+    t_fff = _median_times({"fff": step(fff)}, repeats, 1)["fff"]
+    t_peer = _median_times({"peer": step(peer)}, peer_repeats, 1)["peer"] if peer_repeats > 1 else None
+    if t_peer is None:  # a single timed step (its warm-up would double a ~minute of work)
+        t0 = time.perf_counter()
+        step(peer)()
+        t_peer = time.perf_counter() - t0
+    return {"row": "soft train fwd+bwd vs peer train", "batch": 256, "depth": depth, "leaf": leaf,
+            "fff_ms": t_fff * 1e3, "other_ms": t_peer * 1e3, "speedup": t_peer / t_fff, "theory": None, "goal": 5.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=9)
+    ap.add_argument("--leaf", type=int, default=8)
+    ap.add_argument("--train-depth", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--peer-train-repeats", type=int, default=1)
+    ap.add_argument("--no-train", action="store_true", help="skip the (slow) training comparison")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = inference_rows(args.depth, args.leaf, args.repeats)
+    if not args.no_train:
+        r = training_row(args.train_depth, args.leaf, max(3, args.repeats // 5), args.peer_train_repeats)
+        if r is None:
+            print("training row skipped: fastfeedforward is not installed")
+        else:
+            rows.append(r)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'comparison':34s} {'batch':>5s} {'d':>2s} {'ℓ':>2s} {'FFF ms':>9s} {'other ms':>10s} "
+          f"{'speed-up':>9s} {'theory':>7s} {'goal':>5s}")
+    for r in rows:
+        th = f"{r['theory']:7.0f}" if r["theory"] else f"{'-':>7s}"
+        ok = "ok" if r["speedup"] >= r["goal"] else "MISS"
+        print(f"{r['row']:34s} {r['batch']:5d} {r['depth']:2d} {r['leaf']:2d} {r['fff_ms']:9.3f} {r['other_ms']:10.3f} "
+              f"{r['speedup']:8.1f}x {th} {r['goal']:4.0f}x {ok}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
