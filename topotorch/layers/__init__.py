@@ -1,9 +1,11 @@
-"""Layers with a structure of their own: Fast Feedforward (FFF) trees and their conversion.
+"""Layers with a structure of their own: Fast Feedforward (FFF) trees, their conversion and regions.
 
     >>> from topotorch.layers import FFF, fffify, hardening_loss
     >>> layer = FFF(64, leaf_width=8, output_width=10, depth=4)
+    >>> fffify(gpt, "blocks.*.mlp", leaf_width=8)
 """
 
+from .convert import fffify, mlp_blocks
 from .fff import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
 
-__all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "hardening_loss"]
+__all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "fffify", "hardening_loss", "mlp_blocks"]
