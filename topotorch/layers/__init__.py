@@ -7,5 +7,7 @@
 
 from .convert import fffify, mlp_blocks
 from .fff import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
+from .fff_regions import LeafUsage, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs, leaf_usage
 
-__all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "fffify", "hardening_loss", "mlp_blocks"]
+__all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "fffify", "hardening_loss", "mlp_blocks",
+           "LeafUsage", "class_leaf_table", "draw_regions", "format_class_leaf_table", "layer_inputs", "leaf_usage"]
