@@ -53,10 +53,12 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer 
         if n is None:
             continue
         for k, v in state.items():
-            if isinstance(v, torch.Tensor) and v.ndim > 0:
+            if isinstance(v, torch.Tensor):  # 0-d tensors too (Adam's step): dtype kept exactly
                 tensors[f"optim/{n}/{k}"] = v.detach().cpu().contiguous()
+            elif isinstance(v, (int, float, bool)):
+                scalars.setdefault(n, {})[k] = v
             else:
-                scalars.setdefault(n, {})[k] = float(v)
+                raise CheckpointError(f"optimizer state {n}/{k} of type {type(v).__name__} cannot be saved without pickle")
     return tensors, scalars
 
 
@@ -67,10 +69,18 @@ def save_checkpoint(
     graph: SpatialGraph | None = None,
     step: int = 0,
     extra: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Atomically write ``base.safetensors`` + ``base.json``, keeping the previous pair as ``base.prev.*``."""
+    """Atomically write ``base.safetensors`` + ``base.json``, keeping the previous pair as ``base.prev.*``.
+
+    ``extra`` (JSON-able) and ``extra_tensors`` (e.g. RNG states) travel with the checkpoint and come
+    back from :func:`load_checkpoint` as ``meta["extra"]`` and ``meta["extra_tensors"]``.
+    Usage: ``save_checkpoint(run / "checkpoint", model, opt, graph, step=1200, extra={"seconds": 3.2})``.
+    """
     base = Path(base)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
     opt_tensors, opt_scalars = _optimizer_tensors(model, optimizer)
     tensors.update(opt_tensors)
     if graph is not None:
@@ -101,13 +111,15 @@ def save_checkpoint(
     atomic_write_json(js_path, meta)
 
 
-def _pair_paths(base: Path, prev: bool = False) -> tuple[Path, Path]:
+def _pair_paths(base: Path, prev: bool | str = False) -> tuple[Path, Path]:
     """The (tensor file, metadata file) of the checkpoint ``base``, or of its kept previous pair."""
+    if prev == "cross":  # a kill between the two renames of save_checkpoint leaves this consistent pair
+        return base.with_suffix(".prev.safetensors"), base.with_suffix(".json")
     tag = ".prev" if prev else ""
     return base.with_suffix(f"{tag}.safetensors"), base.with_suffix(f"{tag}.json")
 
 
-def read_checkpoint(base: Path, prev: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+def read_checkpoint(base: Path, prev: bool | str = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read and verify a checkpoint pair (``prev``: the kept previous one); raise :class:`CheckpointError`."""
     base = Path(base)
     st_path, js_path = _pair_paths(base, prev)
@@ -149,7 +161,10 @@ def load_checkpoint(
         try:
             tensors, meta = read_checkpoint(base, prev=True)
         except CheckpointError as prev_err:
-            raise CheckpointError(f"{err}, and the previous checkpoint is unusable too: {prev_err}") from None
+            try:  # killed between moving NAME.safetensors to .prev and NAME.json to .prev: that pair matches
+                tensors, meta = read_checkpoint(base, prev="cross")
+            except CheckpointError:
+                raise CheckpointError(f"{err}, and the previous checkpoint is unusable too: {prev_err}") from None
         import warnings
 
         warnings.warn(f"{err}; using the previous checkpoint {prev_st}", stacklevel=2)
@@ -173,11 +188,11 @@ def load_checkpoint(
             if key.startswith("optim/"):
                 pname, _, sk = key[len("optim/"):].rpartition("/")
                 p = names[pname]
-                optimizer.state[p][sk] = v.to(p.device)
+                optimizer.state[p][sk] = v.to(p.device) if v.ndim > 0 else v  # 0-d (step) stays on the CPU
         for pname, sc in meta["optimizer"]["scalars"].items():
             p = names[pname]
             for sk, v in sc.items():
-                optimizer.state[p][sk] = torch.tensor(v)
+                optimizer.state[p][sk] = torch.tensor(v) if isinstance(v, float) and sk == "step" else v
         for g, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
             g.update(saved)
     if graph is not None:
@@ -186,4 +201,5 @@ def load_checkpoint(
             if key in tensors:
                 s.positions = tensors[key].to(torch.float64)
         graph.version += 1
+    meta["extra_tensors"] = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta

@@ -11,14 +11,52 @@ line naming the problem and exits with code 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False, help="Give neural networks a body in space.")
+class _OneLineErrors(TyperGroup):
+    """Every failure is one line on stderr (``error: ...``) and a non-zero exit, never a traceback.
+
+    Usage errors (unknown option, a value of the wrong type) exit 2 like click's, but without the
+    usage block; an unexpected exception exits 1 naming its type (``TOPOTORCH_DEBUG=1`` re-raises it).
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D401
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from typer import _click
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(2)
+        except _click.exceptions.ClickException as e:
+            msg = " ".join(e.format_message().split())
+            typer.echo(f"error: {msg} (see --help)", err=True)
+            sys.exit(e.exit_code if e.exit_code else 2)
+        except _click.exceptions.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:
+            if os.environ.get("TOPOTORCH_DEBUG"):
+                raise
+            msg = " ".join(str(e).split()) or "(no message)"
+            typer.echo(f"error: unexpected {type(e).__name__}: {msg} (TOPOTORCH_DEBUG=1 shows the traceback)", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False, help="Give neural networks a body in space.")
 
 
 
@@ -42,10 +80,11 @@ def tasks() -> None:
 
 @app.command()
 def train(
-    task: str = typer.Argument(..., help="task name (see `topotorch tasks`)"),
-    method: str = typer.Option("bimt", help="none | l1 | local | swap | bimt"),
+    task: Optional[str] = typer.Argument(None, help="task name (see `topotorch tasks`); omit with --resume"),
+    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from its last checkpoint"),
+    method: Optional[str] = typer.Option(None, help="none | l1 | local | swap | bimt (default: bimt)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the task's)"),
-    seed: int = typer.Option(0, help="random seed"),
+    seed: Optional[int] = typer.Option(None, help="random seed (default: 0)"),
     dtype: Optional[str] = typer.Option(None, help="float32 | float64 (default: the task's)"),
     out: Optional[Path] = typer.Option(None, help="run folder (default: runs/TASK-METHOD-sSEED)"),
     lr: Optional[float] = typer.Option(None, help="learning rate"),
@@ -56,27 +95,55 @@ def train(
     top_k: Optional[int] = typer.Option(None, help="neurons tried per layer per relocation"),
     swap_every: Optional[int] = typer.Option(None, help="relocate every n steps"),
     threshold: Optional[float] = typer.Option(None, help="|w| above which a weight counts as active"),
-    batch_size: Optional[int] = typer.Option(None, help="mini-batch size (default: full batch)"),
+    batch_size: Optional[int] = typer.Option(None, help="mini-batch size (default: full batch); global under torchrun"),
+    checkpoint_every: Optional[int] = typer.Option(None, help="checkpoint every n steps (default: 10 per run)"),
+    log_every: Optional[int] = typer.Option(None, help="metrics.csv row every n steps"),
+    local_steps: Optional[int] = typer.Option(None, help="DiLoCo: local steps between outer syncs (0: DDP)"),
     animation: bool = typer.Option(True, help="render training.gif / training.mp4"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    """Train TASK and write config, metrics.csv, checkpoint, connectivity.png, animation, summary.json."""
+    """Train TASK and write config, metrics.csv, checkpoint, connectivity.png, animation, summary.json.
+
+    Under torchrun (``torchrun --nproc_per_node 2 -m topotorch train digits``) every process trains a share
+    of the global batch (DistributedDataParallel); rank 0 writes the run folder.
+    ``--resume RUN`` continues RUN from its last checkpoint with RUN's own config.
+    """
+    from .checkpoint import CheckpointError
     from .training import TrainConfig, TrainingDiverged
     from .training import train as run_training
 
+    overrides = dict(method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0,
+                     relocation=relocation, top_k=top_k, swap_every=swap_every, threshold=threshold,
+                     batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
+                     local_steps=local_steps)
     try:
-        cfg = TrainConfig.for_task(
-            task, method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0, relocation=relocation,
-            top_k=top_k, swap_every=swap_every, threshold=threshold, batch_size=batch_size,
-            animation=animation, progress=progress,
-            out=str(out if out is not None else Path("runs") / f"{task}-{method}-s{seed}"),
-        )
-    except (ValueError, TypeError) as e:
+        if resume is not None:
+            given = sorted(k.replace("_", "-") for k, v in overrides.items() if v is not None)
+            if task is not None or out is not None or given:
+                _fail("--resume takes the run's own config; drop " +
+                      ", ".join(([task] if task else []) + (["--out"] if out else []) + [f"--{g}" for g in given]))
+            if not (resume / "config.json").is_file():
+                _fail(f"{resume} is not a run folder (no config.json)")
+            cfg = TrainConfig.from_json(resume / "config.json")
+            cfg.out, cfg.animation, cfg.progress = str(resume), animation, progress
+        else:
+            if task is None:
+                _fail("missing TASK (see `topotorch tasks`), or --resume RUN")
+            name = f"{task}-{method or 'bimt'}-s{seed or 0}"
+            cfg = TrainConfig.for_task(task, **overrides, animation=animation, progress=progress,
+                                       out=str(out if out is not None else Path("runs") / name))
+    except (ValueError, TypeError, OSError) as e:
         _fail(str(e))
     try:
-        result = run_training(cfg)
-    except TrainingDiverged as e:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            result = run_training(cfg, resume=resume is not None)
+    except (TrainingDiverged, CheckpointError, ValueError, OSError) as e:
         _fail(str(e))
+    for w in caught:
+        typer.echo(f"warning: {' '.join(str(w.message).split())}", err=True)
+    task = cfg.task
+    method = cfg.method
     s = result.summary
     m = f"test_{result.task.metric}"
     typer.echo(f"{task} [{method}] {m}={s[m]:.4g} thresholded={s['thresholded_' + m]:.4g} "
@@ -123,6 +190,46 @@ def summary(run: Path = typer.Argument(..., help="run folder")) -> None:
         typer.echo(json.dumps(json.loads(p.read_text()), indent=2))
     except json.JSONDecodeError as e:
         _fail(f"{p} is corrupt: {e}")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="a run folder, or a folder of runs (writes an index page comparing them)"),
+    out: Optional[Path] = typer.Option(None, help="HTML path for a single run (default: RUN/report.html)"),
+    max_edges: int = typer.Option(5000, help="draw at most this many connections (the strongest by |w|)"),
+    screenshot: Optional[Path] = typer.Option(None, help="also save a PNG of the page (headless Chromium)"),
+) -> None:
+    """Write one self-contained offline HTML report of a run (graph, curves, animation, metrics, ablations,
+    formula) plus graph.graphml / graph.json; for a folder of runs, every run's report and index.html."""
+    from .checkpoint import CheckpointError
+    from .report import build_index, build_report
+
+    if max_edges < 1:
+        _fail(f"max_edges must be >= 1, got {max_edges}")
+    if not run.is_dir():
+        _fail(f"{run} is not a folder")
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            if (run / "config.json").exists():
+                path = build_report(run, out=out, max_edges=max_edges)
+            elif out is not None:
+                _fail("--out applies to a single run folder, not a folder of runs")
+            else:
+                path = build_index(run, max_edges=max_edges)
+    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+    if screenshot is not None:
+        from .browser import Browser
+
+        try:
+            with Browser() as b:
+                page = b.open(path.resolve().as_uri())
+                page.screenshot(screenshot)
+        except (FileNotFoundError, RuntimeError, TimeoutError, ImportError) as e:
+            _fail(f"screenshot failed: {e}")
+        typer.echo(f"wrote {screenshot}" + (f" (page errors: {page.errors})" if page.errors else ""))
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from . import analysis
-from .checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 from .graph import SpatialGraph
 from .objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
-from .relocation import relocate
+from .relocation import apply_permutation, relocate
 from .tasks import Task, TaskData, get_task
 
 METHODS = ("none", "l1", "local", "swap", "bimt")
@@ -46,6 +46,58 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left intact."""
+
+
+_INT_MIN = {"steps": 1, "top_k": 1, "swap_every": 1, "log_every": 1, "snapshot_every": 0, "checkpoint_every": 0,
+            "bias_penalty_from": 0, "seed": 0, "local_steps": 0}
+_FLOAT_RANGE = {"lr": (0.0, False), "threshold": (0.0, False), "weight_decay": (0.0, True), "l0": (0.0, True),
+                "wf": (0.0, True), "outer_lr": (0.0, False)}  # (bound, bound allowed)
+_CHOICES = {"method": METHODS, "dtype": tuple(DTYPES), "metric": ("l1", "l2"), "agg": ("sum", "mean"),
+            "relocation": ("swap", "assign")}
+_BOOLS = ("penalize_bias", "relocate_inputs", "relocate_outputs", "animation", "progress")
+_MAX_INT = 2**62  # seeds and counts beyond this overflow torch's generators
+
+
+def _validate_config(c: "TrainConfig") -> None:
+    """Check every field's type and range; raise ``ValueError`` with one line naming field and value."""
+    if not isinstance(c.task, str) or not c.task:
+        raise ValueError(f"task must be a task name (string), got {c.task!r}")
+    get_task(c.task)  # unknown task -> clear error listing the known ones
+    for name, choices in _CHOICES.items():
+        v = getattr(c, name)
+        if not isinstance(v, str) or v not in choices:
+            if name in ("metric", "agg"):
+                raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}, got {v!r}")
+            hint = {"dtype": "float32 or float64", "relocation": "'swap' or 'assign'"}.get(name, "one of " + ", ".join(choices))
+            raise ValueError(f"unknown {name} {v!r}; use {hint}")
+    for name, lo in _INT_MIN.items():
+        v = getattr(c, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or v > _MAX_INT:
+            kind = "a positive integer" if lo == 1 else "a non-negative integer"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
+    if c.batch_size is not None and (not isinstance(c.batch_size, int) or isinstance(c.batch_size, bool)
+                                     or not 1 <= c.batch_size <= _MAX_INT):
+        raise ValueError(f"batch_size must be a positive integer or None, got {c.batch_size!r}")
+    for name, (lo, inclusive) in _FLOAT_RANGE.items():
+        v = getattr(c, name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= lo if inclusive else v > lo)
+        if not ok:
+            kind = ">= 0 and finite" if inclusive else "a positive number"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
+    m = c.outer_momentum
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not 0 <= m < 1:
+        raise ValueError(f"outer_momentum must be a number in [0, 1), got {m!r}")
+    for name in _BOOLS:
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be true or false, got {getattr(c, name)!r}")
+    if not isinstance(c.exclude, list) or not all(isinstance(e, str) for e in c.exclude):
+        raise ValueError(f"exclude must be a list of weight-name patterns (strings), got {c.exclude!r}")
+    if not isinstance(c.lam, (str, int, float, list)) or isinstance(c.lam, bool):
+        raise ValueError(f"lam must be a schedule like '0:1e-3,5000:1e-2' or a number, got {c.lam!r}")
+    if isinstance(c.lam, list) and not all(isinstance(ph, (list, tuple)) and len(ph) == 2 for ph in c.lam):
+        raise ValueError(f"lam as a list must hold [step, value] pairs, got {c.lam!r}")
+    if c.out is not None and (not isinstance(c.out, str) or not c.out.strip() or "\0" in c.out):
+        raise ValueError(f"out must be a folder path, got {c.out!r}")
 
 
 def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
@@ -57,7 +109,10 @@ def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
     if isinstance(spec, (int, float)):
         phases = [(0, float(spec))]
     elif isinstance(spec, list):
-        phases = [(int(s), float(v)) for s, v in spec]
+        try:
+            phases = [(int(s), float(v)) for s, v in spec]
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"bad schedule {spec!r}: expected [[step, value], ...]") from None
     else:
         phases = []
         for part in str(spec).split(","):
@@ -118,31 +173,15 @@ class TrainConfig:
     animation: bool = True
     progress: bool = True
     out: str | None = None
+    # DiLoCo-style local updates: 0 = every step synchronised (DDP); H > 0 = H inner AdamW steps per
+    # replica, then an outer Nesterov-SGD step on the averaged pseudo-gradient (θ_outer − θ_local)
+    local_steps: int = 0
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
 
     def __post_init__(self) -> None:
+        _validate_config(self)
         get_task(self.task)  # unknown task -> clear error
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use float32 or float64")
-        if self.relocation not in ("swap", "assign"):
-            raise ValueError(f"unknown relocation {self.relocation!r}; use 'swap' or 'assign'")
-        for name in ("steps", "top_k", "swap_every", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("snapshot_every", "checkpoint_every", "bias_penalty_from", "seed"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
-        for name in ("lr", "threshold"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         parse_schedule(self.lam)
         self.wiring(train=True)  # validates l0, wf, metric, agg
 
@@ -159,7 +198,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
-        data = json.loads(Path(path).read_text())
+        """Read a run's ``config.json``; unknown fields or bad values raise ``ValueError``."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is corrupt: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -197,29 +242,37 @@ class TrainResult:
     run_dir: Path | None
 
 
-def build(config: TrainConfig) -> tuple[Task, torch.nn.Module, SpatialGraph]:
-    """The task, a freshly initialised model (seeded) and its spatial graph."""
-    task = get_task(config.task)
-    torch.manual_seed(config.seed)
-    model = task.make_model().to(DTYPES[config.dtype])
-    graph = SpatialGraph.from_chain(
+def _graph_for(task: Task, config: TrainConfig, model: torch.nn.Module) -> SpatialGraph:
+    if task.make_graph is not None:  # e.g. transformers: the task knows how its model sits in space
+        return task.make_graph(model)
+    return SpatialGraph.from_chain(
         model, layouts=task.layouts, relocate_inputs=config.relocate_inputs,
         relocate_outputs=config.relocate_outputs, input_labels=task.input_labels, output_labels=task.output_labels,
     )
-    return task, model, graph
 
 
-def task_loss(task: Task, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def build(config: TrainConfig) -> tuple[Task, torch.nn.Module, SpatialGraph]:
+    """The task, a freshly initialised model (seeded) and its spatial graph. Usage: ``task, model, g = build(cfg)``."""
+    task = get_task(config.task)
+    torch.manual_seed(config.seed)
+    model = task.make_model().to(DTYPES[config.dtype])
+    return task, model, _graph_for(task, config, model)
+
+
+def task_loss(task: Task, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The task's training loss (MSE, MSE on one-hot labels, or cross-entropy). Usage: ``task_loss(t, model(x), y)``."""
     if task.loss == "mse":
-        return F.mse_loss(out, y)
+        return F.mse_loss(out, y, reduction=reduction)
     if task.loss == "mse_onehot":
-        return F.mse_loss(out, F.one_hot(y, out.shape[-1]).to(out.dtype))
-    return F.cross_entropy(out, y)
+        return F.mse_loss(out, F.one_hot(y, out.shape[-1]).to(out.dtype), reduction=reduction)
+    return F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction=reduction)  # sequences: every position
 
 
 @torch.no_grad()
 def evaluate(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """The task's test metric: MSE for regression, accuracy for classification."""
+    if task.evaluate is not None:
+        return float(task.evaluate(model, x, y))
     out = model(x)
     if task.metric == "mse":
         return float(F.mse_loss(out, y))
@@ -263,13 +316,189 @@ def _set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(config: TrainConfig, on_step=None) -> TrainResult:
+# -- distributed -------------------------------------------------------------------------------
+
+@dataclass
+class DistContext:
+    """Where this process stands in a ``torch.distributed`` job (world 1: a plain single process)."""
+
+    world: int = 1
+    rank: int = 0
+    created: bool = False  # we initialised the process group, so we tear it down
+    comm_bytes: int = 0  # payload bytes this rank put into collectives (all-reduce, broadcast)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_context() -> DistContext:
+    """Join the ``torch.distributed`` job described by torchrun's environment, if any.
+
+    An already initialised process group is used as is; otherwise ``WORLD_SIZE`` > 1 (with
+    ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) starts one: backend ``gloo`` on CPU, or the one named
+    by ``TOPOTORCH_DIST_BACKEND`` (e.g. ``nccl``). Usage: ``ctx = dist_context(); ctx.rank``.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return DistContext()
+    if dist.is_initialized():
+        return DistContext(dist.get_world_size(), dist.get_rank())
+    raw = os.environ.get("WORLD_SIZE", "1") or "1"
+    try:
+        world = int(raw)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be an integer, got {raw!r}") from None
+    if world <= 1:
+        return DistContext()
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with torchrun")
+    dist.init_process_group(backend=os.environ.get("TOPOTORCH_DIST_BACKEND", "gloo"))
+    return DistContext(dist.get_world_size(), dist.get_rank(), created=True)
+
+
+def _relocate_everywhere(graph: SpatialGraph, cfg: WiringConfig, config: TrainConfig, optimizers: list,
+                         ctx: DistContext) -> list[tuple[str, torch.Tensor]]:
+    """Relocate on rank 0, broadcast the permutations as one integer tensor, apply them in place on every
+    other rank (parameters, grads, optimizer state, coordinates). Returns the (space, perm) list applied."""
+    if ctx.main:
+        applied = relocate(graph, cfg, config.relocation, top_k=config.top_k, optimizer=optimizers).applied
+    if ctx.world == 1:
+        return applied
+    import torch.distributed as dist
+
+    index = {s.name: i for i, s in enumerate(graph.spaces)}
+    if ctx.main:  # [space index, perm...] per permutation, in the order applied
+        parts = [torch.cat([torch.tensor([index[n]]), p.to(torch.long)]) for n, p in applied]
+        payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        n = torch.tensor([payload.numel()], dtype=torch.long)
+    else:
+        n = torch.zeros(1, dtype=torch.long)
+    dist.broadcast(n, 0)
+    ctx.comm_bytes += 8
+    if not ctx.main:
+        payload = torch.empty(int(n), dtype=torch.long)
+    if int(n):
+        dist.broadcast(payload, 0)
+        ctx.comm_bytes += payload.numel() * 8
+    if not ctx.main:
+        applied, i = [], 0
+        while i < payload.numel():
+            sp = graph.spaces[int(payload[i])]
+            perm = payload[i + 1:i + 1 + sp.size].clone()
+            apply_permutation(graph, sp, perm, optimizers)
+            applied.append((sp.name, perm))
+            i += 1 + sp.size
+    return applied
+
+
+# -- resume ------------------------------------------------------------------------------------
+
+def _rng_state(batch_gen: torch.Generator) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Every random state a run depends on, as JSON + tensors (no pickle)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    meta = {"numpy": {"pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": version, "state": list(py_state), "gauss_next": gauss_next}}
+    tensors = {"rng/torch": torch.get_rng_state(), "rng/batch": batch_gen.get_state(),
+               "rng/numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64))}
+    return meta, tensors
+
+
+def _restore_rng(meta: dict, tensors: dict[str, torch.Tensor], batch_gen: torch.Generator) -> None:
+    n, p = meta["numpy"], meta["python"]
+    np.random.set_state(("MT19937", tensors["rng/numpy_keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    torch.set_rng_state(tensors["rng/torch"])
+    batch_gen.set_state(tensors["rng/batch"])
+
+
+_RUNTIME_FIELDS = ("out", "progress", "animation")  # may differ between a run and its resumption
+
+
+def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    saved = TrainConfig.from_json(path).to_dict()
+    ours = config.to_dict()
+    diff = [k for k in ours if k not in _RUNTIME_FIELDS and saved.get(k) != ours[k]]
+    if diff:
+        shown = ", ".join(f"{k}={saved.get(k)!r} (asked {ours[k]!r})" for k in diff[:3])
+        raise ValueError(f"cannot resume {run_dir}: its config.json differs in {shown}")
+
+
+def _truncate_metrics(path: Path, upto: int) -> None:
+    """Keep metrics.csv's header and complete rows up to step ``upto`` (a killed run may leave a half line)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    header, keep = lines[0], [lines[0]]
+    width = len(next(csv.reader([header])))
+    for line in lines[1:]:
+        if not line.endswith("\n"):
+            break
+        row = next(csv.reader([line]), [])
+        try:
+            if len(row) == width and int(row[0]) <= upto:
+                keep.append(line)
+        except ValueError:
+            continue
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(keep).encode())
+
+
+def _save_snapshots_atomic(snapshots: list, path: Path) -> None:
+    import os
+
+    from .visualize import save_snapshots
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_snapshots(snapshots, tmp)
+    os.replace(tmp, path)
+
+
+def _has_checkpoint(base: Path) -> bool:
+    return any(base.with_suffix(s).exists() for s in (".safetensors", ".json", ".prev.safetensors"))
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResult:
     """Train ``config.task`` with ``config.method``; write the run folder if ``config.out`` is set.
 
     ``on_step(step, model, graph)`` is an optional hook (e.g. for tests). Raises
     :class:`TrainingDiverged` on a NaN/inf loss, leaving the last checkpoint intact.
+
+    ``resume=True`` continues from ``config.out``'s checkpoint (model, optimizer, step, every RNG
+    state, coordinates): the result equals an uninterrupted run's bit for bit. Without a checkpoint
+    it starts afresh. Under ``torchrun`` (``WORLD_SIZE`` > 1) the global batch is split across ranks and
+    gradients are averaged by DistributedDataParallel, or, with ``local_steps`` H > 0, replicas take H
+    local AdamW steps between outer syncs (DiLoCo). Rank 0 alone decides relocations and writes files.
+    Usage: ``train(TrainConfig.for_task("digits", steps=500, out="runs/d"), resume=True)``.
     """
-    from .visualize import draw_connectivity, render_animation, save_snapshots, take_snapshot
+    from .visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
+
+    ctx = dist_context()
+    try:
+        return _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot)
+    finally:
+        if ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot):
+    import torch.distributed as dist
 
     _set_seeds(config.seed)
     task, model, graph = build(config)
@@ -282,47 +511,158 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
     reloc_cfg = config.wiring(train=False)
     snap_every = config.snapshot_every or max(1, config.steps // 100)
     ckpt_every = config.checkpoint_every or max(1, config.steps // 10)
+    n_train = len(data.x_train)
+    world, H = ctx.world, config.local_steps
+    global_batch = config.batch_size if config.batch_size and config.batch_size < n_train else n_train
+    if global_batch < world:
+        raise ValueError(f"the global batch ({global_batch}) is smaller than the number of processes ({world})")
+
+    # DiLoCo: the outer (global) parameters live in a shadow copy with its own graph, so relocation
+    # permutes them and the outer optimizer's momentum exactly like the replicas
+    shadow = shadow_graph = outer_opt = None
+    if H:
+        import copy
+
+        shadow = copy.deepcopy(model)
+        shadow_graph = _graph_for(task, config, shadow)
+        outer_opt = torch.optim.SGD(shadow.parameters(), lr=config.outer_lr, momentum=config.outer_momentum,
+                                    nesterov=config.outer_momentum > 0)
 
     run_dir = Path(config.out) if config.out else None
-    metrics_file = writer = None
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-        metrics_file = open(run_dir / "metrics.csv", "w", newline="")
-        writer = csv.writer(metrics_file)
-        writer.writerow(["step", "lambda", "train_loss", "task_loss", "penalty", "wiring_cost", f"test_{task.metric}",
-                         "active_weight_fraction", "seconds"])
-
+    writes = run_dir is not None and ctx.main
     batch_gen = torch.Generator().manual_seed(config.seed + 1)
-    n_train = len(data.x_train)
-    snapshots = [take_snapshot(graph, 0)]
-    t0 = time.perf_counter()
-    progress = _progress(config)
+    start, elapsed0 = 0, 0.0
+    snapshots = None
+    header = ["step", "lambda", "train_loss", "task_loss", "penalty", "wiring_cost", f"test_{task.metric}",
+              "active_weight_fraction", "seconds"]
+    if resume:
+        if run_dir is None:
+            raise ValueError("resume needs the run folder (config.out)")
+        _check_resumable(run_dir, config)
+        if _has_checkpoint(run_dir / "checkpoint"):
+            meta = load_checkpoint(run_dir / "checkpoint", model, opt, graph)
+            start = int(meta["step"])
+            extra, tensors = meta.get("extra", {}), meta.get("extra_tensors", {})
+            if "rng" not in extra:
+                raise CheckpointError(f"{run_dir}/checkpoint has no RNG state (written by an older version); "
+                                      "cannot resume exactly")
+            _restore_rng(extra["rng"], tensors, batch_gen)
+            elapsed0 = float(extra.get("seconds", 0.0))
+            if shadow is not None:
+                with torch.no_grad():
+                    for ps, pm in zip(shadow.parameters(), model.parameters()):
+                        ps.copy_(pm)  # checkpoints are written right after an outer sync: outer == local
+                for s_sp, m_sp in zip(shadow_graph.spaces, graph.spaces):
+                    if m_sp.positions is not None:
+                        shadow_graph.set_positions(s_sp.name, m_sp.positions.clone())
+                for n, p in shadow.named_parameters():
+                    if f"outer/{n}" in tensors:
+                        outer_opt.state[p]["momentum_buffer"] = tensors[f"outer/{n}"].clone()
+            snap_path = run_dir / "snapshots.safetensors"
+            if snap_path.exists():
+                try:
+                    snapshots = [s for s in load_snapshots(snap_path) if s.step <= start]
+                except Exception:  # a broken picture log must not block training
+                    snapshots = None
+    if snapshots is None:
+        snapshots = [take_snapshot(graph, 0)] if start == 0 else []
+
+    metrics_file = writer = None
+    if writes:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            atomic_write_json(run_dir / "config.json", config.to_dict())
+            metrics_file = open(run_dir / "metrics.csv", "w", newline="")
+            writer = csv.writer(metrics_file)
+            writer.writerow(header)
+        else:
+            _truncate_metrics(run_dir / "metrics.csv", start)
+            fresh = not (run_dir / "metrics.csv").exists()
+            metrics_file = open(run_dir / "metrics.csv", "a", newline="")
+            writer = csv.writer(metrics_file)
+            if fresh:
+                writer.writerow(header)
+
+    net = model
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if world > 1 and not H:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    rows_all = torch.arange(n_train)
+    per_sample = None
+
+    def checkpoint(done: int) -> None:
+        if metrics_file is not None:
+            metrics_file.flush()  # rows up to this checkpoint are on disk before it exists
+        _save_snapshots_atomic(snapshots, run_dir / "snapshots.safetensors")  # pictures survive a kill too
+        rng_meta, rng_tensors = _rng_state(batch_gen)
+        if outer_opt is not None:
+            for n, p in shadow.named_parameters():
+                buf = outer_opt.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    rng_tensors[f"outer/{n}"] = buf
+        save_checkpoint(run_dir / "checkpoint", model, opt, graph, step=done,
+                        extra={"rng": rng_meta, "seconds": round(time.perf_counter() - t0, 3), "world": world},
+                        extra_tensors=rng_tensors)
+
+    t0 = time.perf_counter() - elapsed0
+    progress = _progress(config) if ctx.main else _progress(dataclasses.replace(config, progress=False))
+    diverged = None  # (step, value) of a local non-finite loss awaiting the next outer sync (DiLoCo)
     try:
         with progress as bar:
-            job = bar.add_task(f"{config.task} [{config.method}]", total=config.steps) if bar else None
-            for step in range(config.steps):
-                if config.batch_size and config.batch_size < n_train:
-                    idx = torch.randint(n_train, (config.batch_size,), generator=batch_gen)
-                    xb, yb = data.x_train[idx], data.y_train[idx]
-                else:
-                    xb, yb = data.x_train, data.y_train
+            job = bar.add_task(f"{config.task} [{config.method}]", total=config.steps, completed=start) if bar else None
+            for step in range(start, config.steps):
+                idx = torch.randint(n_train, (config.batch_size,), generator=batch_gen) \
+                    if config.batch_size and config.batch_size < n_train else None
                 lam = schedule_value(lam_phases, step) if config.uses_penalty else 0.0
-                loss_task = task_loss(task, model(xb), yb)
-                if not torch.isfinite(loss_task):
+                if world == 1:
+                    xb, yb = (data.x_train[idx], data.y_train[idx]) if idx is not None else (data.x_train, data.y_train)
+                    loss_task = task_loss(task, net(xb), yb)
+                    loss_value = loss_task.detach()
+                else:  # this rank's share of the global batch; Σ over ranks of loss = the global mean loss
+                    rows = (idx if idx is not None else rows_all)[ctx.rank::world]
+                    out = net(data.x_train[rows])
+                    per_sample = per_sample or (1 if task.loss == "ce" else out[0].numel())
+                    denom = global_batch * per_sample
+                    loss_sum = task_loss(task, out, data.y_train[rows], reduction="sum")
+                    loss_task = loss_sum * (world / denom)
+                    if H:  # DiLoCo: no per-step communication; divergence is shared at the next sync
+                        loss_value = loss_task.detach()
+                    else:
+                        total = loss_sum.detach().reshape(1).clone()
+                        dist.all_reduce(total)
+                        ctx.comm_bytes += total.numel() * total.element_size()
+                        loss_value = total[0] / denom
+                bad = not torch.isfinite(loss_value)
+                if bad and not (H and world > 1):
                     raise TrainingDiverged(
-                        f"loss became {loss_task.item()} at step {step}; lower the learning rate or λ. "
+                        f"loss became {loss_value.item()} at step {step}; lower the learning rate or λ. "
                         "The last checkpoint is intact."
                     )
-                opt.zero_grad(set_to_none=True)
-                loss_task.backward()
+                if bad and diverged is None:
+                    diverged = (step, loss_value.item())
                 step_cost_cfg = cost_cfg if step >= config.bias_penalty_from else cost_cfg_nobias
-                # the penalty's gradient in closed form: same as autograd through λ·cc, much cheaper
-                add_wiring_grad_(graph, step_cost_cfg, lam)
-                opt.step()
-                if config.uses_relocation and (step + 1) % config.swap_every == 0:
-                    relocate(graph, reloc_cfg, config.relocation, top_k=config.top_k, optimizer=opt)
+                if diverged is None:
+                    opt.zero_grad(set_to_none=True)
+                    loss_task.backward()  # under DDP the gradient is averaged across ranks here
+                    if world > 1 and not H:
+                        ctx.comm_bytes += grad_bytes
+                    # the penalty's gradient in closed form, added after DDP's all-reduce: every rank
+                    # holds the same parameters, so each adds the same term once (no double averaging)
+                    add_wiring_grad_(graph, step_cost_cfg, lam)
+                    opt.step()
                 done = step + 1
+                synced = False
+                if H and (done % H == 0 or done == config.steps):
+                    _outer_sync(model, shadow, outer_opt, ctx, diverged, done, H)
+                    synced = True
+                prev_sync = ((done - 1) // H) * H if H else done - 1
+                if config.uses_relocation and (done // config.swap_every > prev_sync // config.swap_every) \
+                        and (synced or not H):
+                    applied = _relocate_everywhere(graph, reloc_cfg, config, [opt], ctx)
+                    for name, perm in applied if shadow_graph is not None else []:
+                        apply_permutation(shadow_graph, name, perm, outer_opt)
                 if on_step is not None:
                     on_step(done, model, graph)
                 if done % snap_every == 0 or done == config.steps:
@@ -331,12 +671,14 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
                     with torch.no_grad():  # penalty: what training minimises; wiring_cost: with distances
                         penalty = float(wiring_cost(graph, step_cost_cfg))
                         cc = float(wiring_cost(graph, reloc_cfg))
-                    writer.writerow([done, lam, loss_task.item() + lam * penalty, loss_task.item(), penalty, cc,
+                    lv = loss_value.item()
+                    writer.writerow([done, lam, lv + lam * penalty, lv, penalty, cc,
                                      evaluate(task, model, data.x_test, data.y_test),
                                      analysis.active_weights(graph, config.threshold)["fraction"],
                                      round(time.perf_counter() - t0, 3)])
-                if run_dir is not None and (done % ckpt_every == 0 or done == config.steps):
-                    save_checkpoint(run_dir / "checkpoint", model, opt, graph, step=done)
+                ckpt_due = done // ckpt_every > prev_sync // ckpt_every or done == config.steps
+                if writes and ckpt_due and (synced or not H):
+                    checkpoint(done)
                 if bar:
                     bar.update(job, advance=1)
     finally:
@@ -347,11 +689,13 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
     summary = {
         "task": config.task, "method": config.method, "steps": config.steps, "seed": config.seed,
         "dtype": config.dtype, "train_seconds": round(train_seconds, 3),
+        "world_size": world, "local_steps": H, "resumed_from_step": start if resume else None,
+        "comm_bytes_per_step": round(ctx.comm_bytes / max(1, config.steps - start), 1),
         "wiring_cost": float(wiring_cost(graph, reloc_cfg).detach()),
         **structure_summary(task, model, graph, data, config.threshold),
     }
-    if run_dir is not None:
-        save_snapshots(snapshots, run_dir / "snapshots.safetensors")
+    if writes:
+        _save_snapshots_atomic(snapshots, run_dir / "snapshots.safetensors")
         t1 = time.perf_counter()
         draw_connectivity(graph, path=run_dir / "connectivity.png", threshold=0.0,
                           title=f"{config.task} [{config.method}] step {config.steps}")
@@ -360,6 +704,33 @@ def train(config: TrainConfig, on_step=None) -> TrainResult:
         summary["render_seconds"] = round(time.perf_counter() - t1, 3)
         atomic_write_json(run_dir / "summary.json", summary)
     return TrainResult(model, graph, task, data, config, summary, snapshots, run_dir)
+
+
+@torch.no_grad()
+def _outer_sync(model, shadow, outer_opt, ctx: DistContext, diverged, done: int, H: int) -> None:
+    """DiLoCo outer step: average the pseudo-gradients θ_outer − θ_local over replicas (one all-reduce,
+    a divergence flag riding along), step the outer optimizer, and reset every replica to θ_outer."""
+    locals_, outers = list(model.parameters()), list(shadow.parameters())
+    flag = torch.tensor([0.0 if diverged is None else 1.0], dtype=locals_[0].dtype)
+    flat = torch.cat([(po - pl).reshape(-1) for po, pl in zip(outers, locals_)] + [flag])
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(flat)
+        ctx.comm_bytes += flat.numel() * flat.element_size()
+        flat /= ctx.world
+    if flat[-1] > 0:
+        where = f"at step {diverged[0]} ({diverged[1]})" if diverged else "on another replica"
+        raise TrainingDiverged(f"loss became non-finite {where}, before the outer sync at step {done}; lower the "
+                               "learning rate or λ. The last checkpoint is intact.")
+    i = 0
+    for po in outers:
+        n = po.numel()
+        po.grad = flat[i:i + n].view_as(po).clone()
+        i += n
+    outer_opt.step()
+    for po, pl in zip(outers, locals_):
+        pl.copy_(po)
 
 
 def load_run(run_dir: Path) -> TrainResult:
