@@ -1,0 +1,444 @@
+"""One self-contained, offline HTML report per run, and an index page comparing runs.
+
+``build_report(run_dir)`` writes into the run folder:
+
+* ``report.html`` — one file, no network access needed (data, scripts and styles inline, the
+  training GIF embedded as base64): the connectivity graph (pan with the mouse, zoom with the
+  wheel, hover a neuron for its importance and module, hover a connection for its weight;
+  neurons coloured by module), training curves from ``metrics.csv``, the animation, the
+  metrics table, module ablations per output/class, the paper's embedding-module ablation
+  for token tasks, and the exact formula when the thresholded net is small;
+* ``graph.graphml`` and ``graph.json`` (networkx node-link data with a ``links`` key) — every
+  connection with |w| > the run's threshold;
+* ``report.json`` — the figures the index page compares (Q, modules, metrics).
+
+Big networks draw only the ``max_edges`` strongest connections (by |w|).
+``build_index(runs_dir)`` builds every run's report and ``runs_dir/index.html``.
+
+    >>> build_report("runs/ind")                      # -> runs/ind/report.html
+    >>> build_index("runs")                           # -> runs/index.html
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import analysis
+from .ablation import ablation_table, embedding_module_ablation, module_groups
+from .graph import SpatialGraph
+from .modularity import detect_communities, importance
+from .relocation import _aggregate_abs
+
+MAX_GIF_BYTES = 20_000_000
+
+
+def _finite(v: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """metrics.csv as columns of floats ({} when the file is missing). Usage: ``read_metrics(run / "metrics.csv")``."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        return {}
+    header, body = rows[0], np.array([[float(x) if x not in ("", "nan") else np.nan for x in r] for r in rows[1:]
+                                      if len(r) == len(rows[0])], dtype=np.float64)
+    return {h: body[:, i].tolist() for i, h in enumerate(header)} if body.size else {}
+
+
+def graph_layout(graph: SpatialGraph) -> dict[str, np.ndarray]:
+    """2-D drawing coordinates per space with coordinates: (N, 2) of (x, height).
+
+    Planar layers are drawn in an oblique projection (x + 0.35·y, height + 0.55·y) so a
+    3-D network reads as stacked sheets; line layers then sit at y = 0.5 like the 3-D drawing.
+    """
+    spaces = [s for s in graph.spaces if s.positions is not None]
+    planar = any(s.positions.shape[1] >= 2 for s in spaces)
+    out = {}
+    for s in spaces:
+        p = s.positions.to(torch.float64).numpy()
+        x = p[:, 0]
+        y = p[:, 1] if p.shape[1] >= 2 else np.full(len(p), 0.5 if planar else 0.0)
+        out[s.name] = np.stack([x + 0.35 * y, s.height + 0.55 * y], 1) if planar else np.stack([x, np.full(len(p), s.height)], 1)
+    return out
+
+
+def _edges(graph: SpatialGraph, node_offset: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All connections between drawn neurons: (source node, target node, signed Σw)."""
+    src, tgt, val = [], [], []
+    for c in graph.connections:
+        if c.target not in node_offset or c.source not in node_offset:
+            continue
+        w = graph.tensor(c.weight).detach()
+        nt, ns = graph.space(c.target).size, graph.space(c.source).size
+        signed = (_aggregate_abs(w.clamp(min=0), c, nt, ns) - _aggregate_abs(w.clamp(max=0), c, nt, ns)).to("cpu", torch.float64)
+        t, s = signed.nonzero(as_tuple=True)
+        src.append(s.numpy() + node_offset[c.source])
+        tgt.append(t.numpy() + node_offset[c.target])
+        val.append(signed[t, s].numpy())
+    if not src:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    return np.concatenate(src), np.concatenate(tgt), np.concatenate(val)
+
+
+def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = None, max_edges: int = 5000) -> dict:
+    """Nodes and the ``max_edges`` strongest edges of the connectivity graph, ready for the page.
+
+    Usage: ``graph_data(g, detect_communities(g).membership)``.
+    """
+    layout = graph_layout(graph)
+    imp = importance(graph)
+    nodes: dict[str, list] = {"space": [], "index": [], "label": [], "x": [], "y": [], "module": [], "importance": []}
+    offset, total = {}, 0
+    for s in graph.spaces:
+        if s.name not in layout:
+            continue
+        offset[s.name] = total
+        total += s.size
+        nodes["space"] += [s.name] * s.size
+        nodes["index"] += list(range(s.size))
+        nodes["label"] += analysis._labels(s)
+        nodes["x"] += np.round(layout[s.name][:, 0], 5).tolist()
+        nodes["y"] += np.round(layout[s.name][:, 1], 5).tolist()
+        mem = membership.get(s.name) if membership else None
+        nodes["module"] += (mem.tolist() if mem is not None else [-1] * s.size)
+        nodes["importance"] += np.round(imp[s.name].numpy(), 6).tolist()
+    src, tgt, val = _edges(graph, offset)
+    n_all = len(val)
+    if n_all > max_edges:
+        keep = np.argpartition(-np.abs(val), max_edges - 1)[:max_edges]
+        src, tgt, val = src[keep], tgt[keep], val[keep]
+    order = np.argsort(np.abs(val))  # strongest drawn last (on top)
+    spaces = [{"name": s.name, "size": s.size, "role": s.role, "height": s.height} for s in graph.spaces if s.name in layout]
+    return {"nodes": nodes, "edges": {"source": src[order].tolist(), "target": tgt[order].tolist(),
+                                      "weight": np.round(val[order], 6).tolist()},
+            "n_edges_total": int(n_all), "n_edges_drawn": int(len(val)), "spaces": spaces}
+
+
+def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[str, np.ndarray] | None = None):
+    """The connectivity graph as a networkx DiGraph (nodes "space:index"; edges with |w| > threshold).
+
+    Node attributes: space, index, label, role, x, y, module, importance; edge: weight (signed Σw).
+    Usage: ``nx.write_graphml(to_networkx(g, 0.05), "g.graphml")``.
+    """
+    import networkx as nx
+
+    data = graph_data(graph, membership, max_edges=10**12)
+    n = data["nodes"]
+    roles = {s["name"]: s["role"] for s in data["spaces"]}
+    ids = [f"{s}:{i}" for s, i in zip(n["space"], n["index"])]
+    g = nx.DiGraph()
+    g.add_nodes_from((ids[k], {"space": n["space"][k], "index": n["index"][k], "label": n["label"][k],
+                               "role": roles[n["space"][k]], "x": n["x"][k], "y": n["y"][k],
+                               "module": n["module"][k], "importance": n["importance"][k]}) for k in range(len(ids)))
+    e = data["edges"]
+    w = np.asarray(e["weight"])
+    keep = np.nonzero(np.abs(w) > threshold)[0]
+    g.add_edges_from((ids[e["source"][k]], ids[e["target"][k]], {"weight": float(w[k])}) for k in keep)
+    return g
+
+
+def export_graph(graph: SpatialGraph, folder: Path, threshold: float = 0.0,
+                 membership: dict[str, np.ndarray] | None = None) -> tuple[Path, Path]:
+    """Write ``graph.graphml`` and ``graph.json`` (node-link, ``links`` key) into ``folder``.
+
+    Usage: ``export_graph(g, Path("runs/ind"), threshold=0.05)``.
+    """
+    import networkx as nx
+
+    folder = Path(folder)
+    g = to_networkx(graph, threshold, membership)
+    gml, js = folder / "graph.graphml", folder / "graph.json"
+    nx.write_graphml(g, gml)
+    js.write_text(json.dumps(nx.node_link_data(g, edges="links")))
+    return gml, js
+
+
+def _summary_rows(summary: dict, config: dict) -> list[list[str]]:
+    keys = [k for k in summary if not isinstance(summary[k], (dict, list))]
+    rows = [[k, f"{summary[k]:.6g}" if isinstance(summary[k], float) else str(summary[k])] for k in keys]
+    if "active_weights" in summary:
+        aw = summary["active_weights"]
+        rows.append(["active weights", f"{aw['active']}/{aw['total']} ({aw['fraction']:.3%})"])
+    if "active_neurons" in summary:
+        rows.append(["active neurons", ", ".join(f"{k}: {v}" for k, v in summary["active_neurons"].items())])
+    rows += [[f"config.{k}", str(v)] for k, v in config.items() if k not in ("out", "progress")]
+    return rows
+
+
+def _formula(result) -> dict | None:
+    from .formulas import check_formula, network_formula
+
+    try:
+        f = network_formula(result.model, result.config.threshold, result.task.input_labels, result.task.output_labels)
+    except (ValueError, TypeError, KeyError):
+        return None
+    d = f.to_dict(digits=3)
+    d["max_abs_error"] = check_formula(f, result.model, result.data.x_test)
+    d["python"] = f.python(digits=3)
+    return d
+
+
+def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: int = 5000,
+                 resolution: float = 1.0, exports: bool = True) -> Path:
+    """Write the run's self-contained ``report.html`` (plus graph exports and ``report.json``); return its path.
+
+    ``max_edges``: draw at most this many connections (the strongest). Raises
+    ``FileNotFoundError``/``ValueError`` for a folder that is not a run.
+    Usage: ``build_report("runs/independence-bimt-s0")``.
+    """
+    from .training import load_run
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    if not isinstance(max_edges, int) or max_edges < 1:
+        raise ValueError(f"max_edges must be a positive integer, got {max_edges!r}")
+    r = load_run(run_dir)
+    graph, thr = r.graph, r.config.threshold
+    comms = detect_communities(graph, threshold=thr, resolution=resolution)
+    q_all = detect_communities(graph, threshold=0.0).q
+    gdata = graph_data(graph, comms.membership, max_edges)
+    groups = module_groups(graph, comms)
+    abl = ablation_table(r, groups)
+    out_space = next(s for s in graph.spaces if s.role == "output")
+    emb = embedding_module_ablation(r) if any(s.name == "embed" for s in graph.spaces) else None
+    formula = _formula(r)
+    gif = run_dir / "training.gif"
+    gif_b64 = base64.b64encode(gif.read_bytes()).decode() if gif.exists() and gif.stat().st_size <= MAX_GIF_BYTES else None
+    figures = {
+        "run": run_dir.name, "task": r.config.task, "method": r.config.method, "steps": r.config.steps,
+        "metric": r.task.metric, "test": r.summary.get(f"test_{r.task.metric}"),
+        "thresholded_test": r.summary.get(f"thresholded_test_{r.task.metric}"),
+        "wiring_cost": r.summary.get("wiring_cost"),
+        "active_weight_fraction": analysis.active_weights(graph, thr)["fraction"],
+        "q": comms.q, "q_all_weights": q_all, "n_communities": comms.n_communities, "backend": comms.backend,
+        "connected_modules": len(analysis.modules(graph, thr)),
+    }
+    data = {
+        "title": f"{r.config.task} [{r.config.method}] — {run_dir.name}",
+        "figures": figures, "graph": gdata, "metrics": read_metrics(run_dir / "metrics.csv"),
+        "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
+        "modules": comms.modules, "output_labels": analysis._labels(out_space),
+        "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
+    }
+    if exports:
+        export_graph(graph, run_dir, thr, comms.membership)
+    figures["seconds"] = round(time.perf_counter() - t0, 3)
+    page = _PAGE.replace("__TITLE__", html.escape(data["title"]))
+    page = page.replace("__DATA__", json.dumps(_finite(data)).replace("</", "<\\/"))
+    page = page.replace("__GIF__", f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">' if gif_b64
+                        else "<p>No animation in this run folder (train with animation on).</p>")
+    path = Path(out) if out is not None else run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
+    return path
+
+
+def find_runs(runs_dir: Path | str) -> list[Path]:
+    """Run folders (holding config.json and a checkpoint) directly under ``runs_dir`` or one level deeper."""
+    root = Path(runs_dir)
+    found = sorted({p.parent for pat in ("*/config.json", "*/*/config.json") for p in root.glob(pat)})
+    return [p for p in found if (p / "checkpoint").exists() or any(p.glob("checkpoint*"))]
+
+
+def build_index(runs_dir: Path | str, max_edges: int = 5000, rebuild: bool = False) -> Path:
+    """Build every run's report (unless up to date) and ``runs_dir/index.html`` comparing them side by side.
+
+    Usage: ``build_index("runs")``.
+    """
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"runs folder {root} does not exist")
+    runs = find_runs(root)
+    if not runs:
+        raise ValueError(f"{root} holds no run folders (no */config.json with a checkpoint)")
+    cards = []
+    for run in runs:
+        rep, fig = run / "report.html", run / "report.json"
+        if rebuild or not rep.exists() or not fig.exists() or rep.stat().st_mtime < (run / "config.json").stat().st_mtime:
+            build_report(run, max_edges=max_edges)
+        f = json.loads(fig.read_text())
+        f["href"] = rep.relative_to(root).as_posix()
+        png = run / "connectivity.png"
+        f["thumb"] = base64.b64encode(png.read_bytes()).decode() if png.exists() else None
+        f["metrics"] = read_metrics(run / "metrics.csv")
+        cards.append(f)
+    page = _INDEX.replace("__DATA__", json.dumps(_finite(cards)).replace("</", "<\\/"))
+    path = root / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# page templates (hand-written SVG + JS, no libraries)
+# ---------------------------------------------------------------------------------------------
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#223;color:#fff;padding:10px 18px}h1{font-size:19px;margin:0}
+main{padding:12px 18px;display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px;overflow:auto}
+h2{font-size:15px;margin:2px 0 8px}.wide{grid-column:1/-1}
+table{border-collapse:collapse;font-size:12px}td,th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#777;font-size:12px}
+#tip{position:fixed;pointer-events:none;background:#fff;border:1px solid #888;padding:4px 7px;font-size:12px;
+border-radius:4px;display:none;box-shadow:0 1px 4px #0003;z-index:9}
+svg text{font-size:10px;fill:#444}pre{font-size:11px;white-space:pre-wrap;word-break:break-all;background:#f4f4f4;padding:6px}
+img{max-width:100%}.cards{display:flex;flex-wrap:wrap;gap:12px}.card{width:330px}
+"""
+
+_COMMON_JS = r"""
+const errors=[];window.addEventListener('error',e=>{errors.push(String(e.message));document.body.dataset.errors=errors.length;});
+const NS='http://www.w3.org/2000/svg';
+function el(tag,attrs,parent){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(parent)parent.appendChild(e);return e;}
+function fmt(v){if(v===null||v===undefined)return '–';if(typeof v!=='number')return String(v);const a=Math.abs(v);
+ return (a!==0&&(a<1e-3||a>=1e5))?v.toExponential(3):(+v.toPrecision(4)).toString();}
+function lineChart(parent,title,xs,series,opts){opts=opts||{};const W=300,H=170,L=46,R=8,T=18,B=22;
+ const svg=el('svg',{width:W,height:H,viewBox:`0 0 ${W} ${H}`,class:'chart'},parent);
+ el('text',{x:L,y:12,'font-weight':'bold'},svg).textContent=title;
+ const tr=v=>opts.log?Math.log10(Math.max(v,1e-12)):v;let lo=Infinity,hi=-Infinity,x0=Infinity,x1=-Infinity;
+ series.forEach(s=>s.ys.forEach((y,i)=>{if(y===null||!isFinite(y))return;const t=tr(y);lo=Math.min(lo,t);hi=Math.max(hi,t);
+  x0=Math.min(x0,s.xs[i]);x1=Math.max(x1,s.xs[i]);}));
+ if(!isFinite(lo)){el('text',{x:L,y:H/2},svg).textContent='no data';return svg;}
+ if(hi===lo){hi+=1;lo-=1;}if(x1===x0)x1+=1;
+ const sx=x=>L+(x-x0)/(x1-x0)*(W-L-R),sy=y=>T+(1-(tr(y)-lo)/(hi-lo))*(H-T-B);
+ el('rect',{x:L,y:T,width:W-L-R,height:H-T-B,fill:'none',stroke:'#ccc'},svg);
+ [lo,hi].forEach((t,i)=>{el('text',{x:L-3,y:i?T+8:H-B,'text-anchor':'end'},svg).textContent=fmt(opts.log?Math.pow(10,t):t);});
+ el('text',{x:L,y:H-6},svg).textContent=fmt(x0);el('text',{x:W-R,y:H-6,'text-anchor':'end'},svg).textContent=fmt(x1)+' steps';
+ series.forEach((s,k)=>{const pts=[];s.ys.forEach((y,i)=>{if(y!==null&&isFinite(y))pts.push(sx(s.xs[i]).toFixed(1)+','+sy(y).toFixed(1));});
+  el('polyline',{points:pts.join(' '),fill:'none',stroke:s.color||'#1f5fbf','stroke-width':1.4},svg);
+  if(s.name){el('text',{x:W-R-4,y:T+12+12*k,'text-anchor':'end',fill:s.color},svg).textContent=s.name;}});
+ return svg;}
+function table(parent,head,rows){const t=document.createElement('table');const tr=t.insertRow();
+ head.forEach(h=>{const th=document.createElement('th');th.textContent=h;tr.appendChild(th);});
+ rows.forEach(r=>{const row=t.insertRow();r.forEach(c=>{row.insertCell().textContent=typeof c==='number'?fmt(c):c;});});parent.appendChild(t);return t;}
+"""
+
+_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>""" + _STYLE + """</style></head><body><header><h1>__TITLE__</h1><div id="sub" class="muted" style="color:#ccd"></div></header>
+<main>
+<section><h2>Connectivity (wheel: zoom, drag: pan, hover: details; colour = module)</h2>
+<div id="graphinfo" class="muted"></div><svg id="graph" width="100%" height="560" style="background:#fff;cursor:grab"></svg></section>
+<section><h2>Training curves</h2><div id="curves"></div></section>
+<section><h2>Animation</h2>__GIF__</section>
+<section><h2>Metrics</h2><div id="metrics"></div></section>
+<section class="wide"><h2>Modules and ablations</h2><div id="modules"></div><div id="ablation"></div><div id="embabl"></div></section>
+<section class="wide"><h2>Formula</h2><div id="formula"></div></section>
+</main><div id="tip"></div>
+<script type="application/json" id="data">__DATA__</script>
+<script>""" + _COMMON_JS + r"""
+const D=JSON.parse(document.getElementById('data').textContent);
+const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf','#bcbd22','#7f7f7f','#393b79','#637939'];
+const mcol=m=>m<0?'#bbb':PAL[m%PAL.length];
+const tip=document.getElementById('tip');
+function showTip(ev,text){tip.style.display='block';tip.innerHTML=text;tip.style.left=(ev.clientX+12)+'px';tip.style.top=(ev.clientY+12)+'px';}
+function hideTip(){tip.style.display='none';}
+const F=D.figures;
+document.getElementById('sub').textContent=`${F.metric}: ${fmt(F.test)} (thresholded ${fmt(F.thresholded_test)}) · wiring cost ${fmt(F.wiring_cost)} · modularity Q ${fmt(F.q)} (all weights ${fmt(F.q_all_weights)}) · ${F.n_communities} communities (${F.backend})`;
+// ---- graph
+(function(){const G=D.graph,N=G.nodes,svg=document.getElementById('graph');
+ const n=N.x.length;let x0=Infinity,x1=-Infinity,y0=Infinity,y1=-Infinity;
+ for(let i=0;i<n;i++){x0=Math.min(x0,N.x[i]);x1=Math.max(x1,N.x[i]);y0=Math.min(y0,N.y[i]);y1=Math.max(y1,N.y[i]);}
+ const W=1000,H=560,pad=30,sx=x=>pad+(x-x0)/((x1-x0)||1)*(W-2*pad),sy=y=>H-pad-(y-y0)/((y1-y0)||1)*(H-2*pad);
+ svg.setAttribute('viewBox',`0 0 ${W} ${H}`);const vp=el('g',{id:'viewport'},svg);
+ const ge=el('g',{id:'edges'},vp),gn=el('g',{id:'nodes'},vp);
+ const E=G.edges,m=E.weight.length;let wmax=0;for(let k=0;k<m;k++)wmax=Math.max(wmax,Math.abs(E.weight[k]));
+ for(let k=0;k<m;k++){const s=E.source[k],t=E.target[k],w=E.weight[k],r=Math.abs(w)/(wmax||1);
+  const ln=el('line',{x1:sx(N.x[s]).toFixed(1),y1:sy(N.y[s]).toFixed(1),x2:sx(N.x[t]).toFixed(1),y2:sy(N.y[t]).toFixed(1),
+   stroke:w>=0?'#1f4fd6':'#d62020','stroke-opacity':(0.08+0.9*r).toFixed(3),'stroke-width':(0.3+3*r).toFixed(2),'vector-effect':'non-scaling-stroke'},ge);
+  ln.addEventListener('mousemove',ev=>showTip(ev,`${N.label[s]} → ${N.label[t]}<br>weight ${fmt(w)}`));ln.addEventListener('mouseleave',hideTip);}
+ let imax=0;for(let i=0;i<n;i++)imax=Math.max(imax,N.importance[i]);
+ for(let i=0;i<n;i++){const c=el('circle',{cx:sx(N.x[i]).toFixed(1),cy:sy(N.y[i]).toFixed(1),r:(1.5+4.5*Math.sqrt(N.importance[i]/(imax||1))).toFixed(2),
+   fill:mcol(N.module[i]),stroke:'#333','stroke-width':0.4},gn);
+  c.addEventListener('mousemove',ev=>showTip(ev,`<b>${N.label[i]}</b> (${N.space[i]}[${N.index[i]}])<br>importance Σ|w| ${fmt(N.importance[i])}<br>module ${N.module[i]<0?'none':N.module[i]+1}`));
+  c.addEventListener('mouseleave',hideTip);}
+ const role={};G.spaces.forEach(s=>role[s.name]=s.role);
+ for(let i=0;i<n;i++){if(role[N.space[i]]==='hidden'||n>400)continue;
+  el('text',{x:sx(N.x[i]).toFixed(1),y:(sy(N.y[i])+(role[N.space[i]]==='input'?14:-8)).toFixed(1),'text-anchor':'middle'},gn).textContent=N.label[i];}
+ document.getElementById('graphinfo').textContent=`${n} neurons; drawing the ${G.n_edges_drawn} strongest of ${G.n_edges_total} connections (blue +, red −; width ∝ |w|)`;
+ let k=1,tx=0,ty=0,drag=null;const apply=()=>vp.setAttribute('transform',`translate(${tx},${ty}) scale(${k})`);
+ const pt=ev=>{const r=svg.getBoundingClientRect();return [(ev.clientX-r.left)*W/r.width,(ev.clientY-r.top)*H/r.height];};
+ svg.addEventListener('wheel',ev=>{ev.preventDefault();const [px,py]=pt(ev),f=Math.exp(-ev.deltaY*0.0015),nk=Math.min(80,Math.max(0.3,k*f));
+  tx=px-(px-tx)*nk/k;ty=py-(py-ty)*nk/k;k=nk;apply();},{passive:false});
+ svg.addEventListener('mousedown',ev=>{drag=[...pt(ev),tx,ty];svg.style.cursor='grabbing';});
+ window.addEventListener('mouseup',()=>{drag=null;svg.style.cursor='grab';});
+ window.addEventListener('mousemove',ev=>{if(!drag)return;const [px,py]=pt(ev);tx=drag[2]+px-drag[0];ty=drag[3]+py-drag[1];apply();});
+ svg.addEventListener('dblclick',()=>{k=1;tx=ty=0;apply();});})();
+// ---- curves
+(function(){const M=D.metrics,box=document.getElementById('curves');if(!M.step){box.textContent='metrics.csv not found';return;}
+ const xs=M.step,met=Object.keys(M).find(c=>c.startsWith('test_'));
+ lineChart(box,'task loss (log)',xs,[{xs,ys:M.task_loss}],{log:true});
+ lineChart(box,'wiring cost',xs,[{xs,ys:M.wiring_cost,color:'#7a3dbf'}],{});
+ lineChart(box,'active weight fraction',xs,[{xs,ys:M.active_weight_fraction,color:'#2a8a2a'}],{});
+ if(met)lineChart(box,met.replace('_',' '),xs,[{xs,ys:M[met],color:'#c75d00'}],{log:met.endsWith('mse')});
+ if(M.lambda)lineChart(box,'λ (log)',xs,[{xs,ys:M.lambda,color:'#555'}],{log:true});})();
+// ---- metrics
+table(document.getElementById('metrics'),['figure','value'],D.summary_rows);
+// ---- modules + ablations
+(function(){const box=document.getElementById('modules');
+ const p=document.createElement('p');p.textContent=`Communities of the weighted graph (weights |w| > ${D.threshold}), modularity Q = ${fmt(F.q)}; connected modules: ${F.connected_modules}.`;box.appendChild(p);
+ table(box,['module','inputs','outputs','neurons','per space'],D.modules.slice(0,20).map(m=>[String(m.community+1),m.inputs.slice(0,10).join(' ')+(m.inputs.length>10?' …':''),
+  m.outputs.slice(0,10).join(' ')+(m.outputs.length>10?' …':''),m.neurons,Object.entries(m.sizes).map(([a,b])=>a+':'+b).join(' ')]));
+ const ab=document.getElementById('ablation'),A=D.ablation,labs=D.output_labels,few=labs.length<=12;
+ const h=document.createElement('h2');h.textContent=`Knock-outs: hidden neurons of each module set to zero — test ${A[0].metric} overall`+(few?' and per output/class':' and worst class');ab.appendChild(h);
+ table(ab,['knocked out','neurons','overall'].concat(few?labs:['worst class']),A.map(r=>[r.name,r.neurons,r.overall].concat(few?r.per_output:
+  [(()=>{let lo=Infinity,j=-1;r.per_output.forEach((v,i)=>{if(v!==null&&v<lo){lo=v;j=i;}});return j<0?'–':labs[j]+': '+fmt(lo);})()])));
+ const E=D.embedding_ablation;if(E){const b=document.getElementById('embabl');const h2=document.createElement('h2');
+  h2.textContent=`Embedding modules (the paper's analysis): ${E.modules.length} modules, neurons `+E.modules.map(m=>'{'+m.join(',')+'}').join(' ');b.appendChild(h2);
+  table(b,['network','embedding neurons knocked out','test','train'],E.rows.map(r=>[r.name,r.neurons_knocked_out,r.test,r.train]));}})();
+// ---- formula
+(function(){const box=document.getElementById('formula'),f=D.formula;
+ if(!f){box.textContent='The thresholded network has more than ~20 active neurons or is not an MLP: no formula.';return;}
+ const p=document.createElement('p');p.textContent=`${f.active_neurons} active hidden neurons ${JSON.stringify(f.hidden_sizes)} at threshold ${f.threshold}; the exact expression matches the thresholded network to ${fmt(f.max_abs_error)} (float64, test set). Numbers below rounded to 3 digits.`;box.appendChild(p);
+ f.outputs.forEach(o=>{const h=document.createElement('h2');h.textContent=`${o.name} — depends on {${o.free_symbols.join(', ')}}`;box.appendChild(h);
+  const pre=document.createElement('pre');pre.textContent='LaTeX: '+o.latex;box.appendChild(pre);});
+ const pre=document.createElement('pre');pre.textContent=f.python;box.appendChild(pre);})();
+document.body.dataset.rendered='yes';
+</script></body></html>
+"""
+
+_INDEX = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>topotorch runs</title>
+<style>""" + _STYLE + """</style></head><body><header><h1>topotorch runs, side by side</h1></header><main>
+<section class="wide"><h2>Figures</h2><div id="tbl"></div></section>
+<section class="wide"><h2>Task loss</h2><div id="curves"></div></section>
+<section class="wide"><h2>Runs</h2><div id="cards" class="cards"></div></section></main>
+<script type="application/json" id="data">__DATA__</script>
+<script>""" + _COMMON_JS + r"""
+const R=JSON.parse(document.getElementById('data').textContent);
+const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf'];
+const t=table(document.getElementById('tbl'),['run','task','method','steps','metric','test','thresholded','wiring cost','active weights','Q','communities','connected modules'],
+ R.map(r=>[r.run,r.task,r.method,r.steps,r.metric,r.test,r.thresholded_test,r.wiring_cost,r.active_weight_fraction,r.q,r.n_communities,r.connected_modules]));
+[...t.rows].slice(1).forEach((row,i)=>{const a=document.createElement('a');a.href=R[i].href;a.textContent=R[i].run;row.cells[0].textContent='';row.cells[0].appendChild(a);});
+const tasks=[...new Set(R.map(r=>r.task))];
+tasks.forEach(task=>{const rs=R.filter(r=>r.task===task&&r.metrics.step);if(!rs.length)return;
+ lineChart(document.getElementById('curves'),task+' task loss (log)',null,rs.map((r,i)=>({xs:r.metrics.step,ys:r.metrics.task_loss,color:PAL[i%PAL.length],name:r.method+' · '+r.run})),{log:true});});
+R.forEach(r=>{const c=document.createElement('div');c.className='card';const a=document.createElement('a');a.href=r.href;
+ a.textContent=`${r.run} (${r.task}, ${r.method})`;c.appendChild(a);
+ if(r.thumb){const im=document.createElement('img');im.src='data:image/png;base64,'+r.thumb;c.appendChild(im);}
+ const p=document.createElement('div');p.className='muted';p.textContent=`${r.metric} ${fmt(r.test)} · Q ${fmt(r.q)} · active ${fmt(r.active_weight_fraction)}`;c.appendChild(p);
+ document.getElementById('cards').appendChild(c);});
+document.body.dataset.rendered='yes';
+</script></body></html>
+"""
