@@ -212,3 +212,22 @@ def test_model_mismatch_is_a_checkpoint_error(tmp_path):
     assert_same(params(other), before)  # nothing half-loaded
     with pytest.raises(CheckpointError, match=r"missing '0\.0\.weight'.*more\)"):
         load_checkpoint(tmp_path / "c", nn.Sequential(nn.Sequential(nn.Linear(3, 8))).double())
+
+
+def test_kill_between_the_two_renames_still_finds_the_newest_consistent_pair(tmp_path):
+    """save_checkpoint moves NAME.safetensors to .prev, then NAME.json to .prev: a kill in between leaves
+    (.prev.safetensors, NAME.json) as the only matching pair, and it is the newest checkpoint."""
+    import os
+
+    base = tmp_path / "checkpoint"
+    net, graph, opt = make()
+    save_checkpoint(base, net, opt, graph, step=1)
+    step(net, graph, opt, 0)
+    save_checkpoint(base, net, opt, graph, step=2)
+    second = params(net)
+    os.replace(tmp_path / "checkpoint.safetensors", tmp_path / "checkpoint.prev.safetensors")  # killed here
+    net2, graph2, opt2 = make(seed=1)
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        meta = load_checkpoint(base, net2, opt2, graph2)
+    assert meta["step"] == 2
+    assert_same(params(net2), second)

@@ -144,6 +144,8 @@ def train(
         typer.echo(f"warning: {' '.join(str(w.message).split())}", err=True)
     task = cfg.task
     method = cfg.method
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the job
+        return
     s = result.summary
     m = f"test_{result.task.metric}"
     typer.echo(f"{task} [{method}] {m}={s[m]:.4g} thresholded={s['thresholded_' + m]:.4g} "
