@@ -41,7 +41,7 @@ class _OneLineErrors(TyperGroup):
             msg = " ".join(e.format_message().split())
             typer.echo(f"error: {msg} (see --help)", err=True)
             sys.exit(e.exit_code if e.exit_code else 2)
-        except _click.exceptions.Abort:
+        except typer.Abort:
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         except (KeyboardInterrupt, SystemExit):
@@ -61,7 +61,7 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
 
 
 def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {' '.join(str(msg).split())}", err=True)  # always one line
     raise typer.Exit(2)
 
 
