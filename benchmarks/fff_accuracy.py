@@ -1,0 +1,180 @@
+"""FF vs FFF test accuracy at equal training width, in the style of Table 1 of the FFF paper.
+
+One hidden layer of training width 128 between inputs and 10 classes: a dense FF
+(in -> 128 -> 10, ReLU) against FFFs with ℓ=8 (depth 4) and ℓ=1 (depth 7), each trained the
+same way (Adam, minibatches) and evaluated as deployed: FFF accuracy is that of the hard
+(eval) forward, one leaf per sample. An FFF trains soft for the first half of the epochs and
+with hard decisions (straight-through node gradients) for the second half, so that its leaves
+fit the routing they are deployed with (--hard-frac; the entropy hardening loss is --h).
+Datasets: scikit-learn digits (8x8, split by seed) and MNIST-1D (``mnist1d.data.make_dataset``
+with its default arguments, generated offline; skipped with a message if ``mnist1d`` is not
+installed). Median of --seeds seeds; two worker processes with one thread each.
+
+    python benchmarks/fff_accuracy.py [--seeds 5] [--json out.json] [--leaf-table docs/fff_digits_leaves.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from topotorch.layers import FFF, class_leaf_table, format_class_leaf_table, hardening_loss, leaf_usage
+from topotorch.tasks import get_task
+
+WIDTH = 128
+
+
+def load(name: str, seed: int):
+    if name == "digits":
+        d = get_task("digits").make_data(seed, torch.float32)
+        return d.x_train, d.y_train, d.x_test, d.y_test
+    if name == "mnist1d":
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        ds = make_dataset(get_dataset_args())  # default args, generated (no download)
+        xtr, xte = torch.as_tensor(ds["x"], dtype=torch.float32), torch.as_tensor(ds["x_test"], dtype=torch.float32)
+        mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+        return (xtr - mu) / sd, torch.as_tensor(ds["y"]).long(), (xte - mu) / sd, torch.as_tensor(ds["y_test"]).long()
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module:
+    if kind == "FF":
+        return nn.Sequential(nn.Linear(n_in, WIDTH), nn.ReLU(), nn.Linear(WIDTH, n_out))
+    leaf = int(kind.split("l=")[1])
+    depth = (WIDTH // leaf).bit_length() - 1
+    return FFF(n_in, leaf, n_out, depth, activation="relu", region_leak=leak)
+
+
+def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h: float,
+               hard_frac: float = 0.5, leak: float = 0.0) -> tuple[float, float, nn.Module]:
+    """Train one model; returns (test accuracy of the deployed model, soft test accuracy, model).
+
+    An FFF trains soft for the first (1 - hard_frac) of the epochs, with ``h`` times the
+    hardening loss, then with hard decisions (straight-through node gradients) for the rest,
+    so that the leaves fit the routing they are deployed with."""
+    xtr, ytr, xte, yte = data
+    torch.manual_seed(seed)
+    model = make_model(kind, xtr.shape[1], 10, leak)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    n = len(xtr)
+    for epoch in range(epochs):
+        coeff = h
+        if isinstance(model, FFF):
+            model.train_hardened = epoch >= round(epochs * (1 - hard_frac))
+        model.train()
+        for idx in torch.randperm(n, generator=g).split(batch):
+            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
+            if coeff and isinstance(model, FFF):
+                loss = loss + hardening_loss(model, coeff)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if isinstance(model, FFF):
+        model.train_hardened = False
+    with torch.no_grad():
+        soft = (model.train()(xte).argmax(1) == yte).float().mean().item()
+        hard = (model.eval()(xte).argmax(1) == yte).float().mean().item()
+    return hard, soft, model
+
+
+def _job(job: tuple) -> dict:
+    ds, kind, seed, args = job
+    torch.set_num_threads(1)
+    data = _data(ds, seed if ds == "digits" else 0)
+    t = time.perf_counter()
+    hard, soft, model = train_eval(kind, data, seed, args["epochs"], args["batch"], args["lr"], args["h"],
+                                   args["hard_frac"], args["leak"])
+    out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "secs": time.perf_counter() - t}
+    if ds == "digits" and kind == "FFF l=8" and seed == 0:
+        usage = leaf_usage(model, data[2])
+        out["leaf_table"] = (f"Digits test set through FFF ℓ=8 d=4 (seed 0, test accuracy {100 * hard:.1f}): "
+                             f"{usage.n_used} of 16 leaves used, effective {usage.effective_leaves:.1f}, "
+                             f"busiest {usage.max_fraction:.0%}\n\n"
+                             + format_class_leaf_table(class_leaf_table(model, data[2], data[3], 10)))
+    return out
+
+
+_CACHE: dict = {}
+
+
+def _data(ds: str, seed: int):
+    if (ds, seed) not in _CACHE:
+        _CACHE[(ds, seed)] = load(ds, seed)
+    return _CACHE[(ds, seed)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="digits,mnist1d")
+    ap.add_argument("--models", default="FF,FFF l=8,FFF l=1")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--h", type=float, default=0.0,
+                    help="hardening coefficient (h=3 from the start collapsed digits onto one leaf in our runs)")
+    ap.add_argument("--hard-frac", type=float, default=0.5, help="final share of epochs trained with hard decisions")
+    ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
+    ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--leaf-table", default=None, help="write the digits FFF ℓ=8 class/leaf table (markdown) here")
+    args = ap.parse_args()
+    datasets = []
+    for ds in args.datasets.split(","):
+        try:
+            if ds == "mnist1d":
+                import mnist1d  # noqa: F401
+            datasets.append(ds)
+        except ImportError as e:
+            print(f"{ds}: skipped ({e}; pip install mnist1d)")
+    kinds = args.models.split(",")
+    opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak")}
+    jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
+    t0 = time.perf_counter()
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            runs = pool.map(_job, jobs, chunksize=1)
+    else:
+        runs = [_job(j) for j in jobs]
+    results = []
+    for ds in datasets:
+        for kind in kinds:
+            rs = [r for r in runs if r["dataset"] == ds and r["model"] == kind]
+            hard = [r["hard"] for r in rs]
+            results.append({"dataset": ds, "model": kind, "test_acc": statistics.median(hard),
+                            "soft_test_acc": statistics.median(r["soft"] for r in rs) if kind != "FF" else None,
+                            "all_test_acc": hard, "train_s": statistics.median(r["secs"] for r in rs)})
+            soft_acc = "-" if kind == "FF" else f"{100 * results[-1]['soft_test_acc']:.1f}"
+            print(f"{ds:8s} {kind:9s} test acc {100 * results[-1]['test_acc']:5.1f}  "
+                  f"(seeds {' '.join(f'{100 * a:.1f}' for a in hard)}; soft forward {soft_acc})")
+    print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; median of {args.seeds} seeds, "
+          f"test accuracy of the deployed (hard) model")
+    print("| dataset | FF (width 128) | FFF ℓ=8, d=4 | FFF ℓ=1, d=7 | FF − FFF ℓ=8 |")
+    print("|---|---:|---:|---:|---:|")
+    for ds in datasets:
+        acc = {r["model"]: 100 * r["test_acc"] for r in results if r["dataset"] == ds}
+        gap = acc.get("FF", float("nan")) - acc.get("FFF l=8", float("nan"))
+        print(f"| {ds} | {acc.get('FF', float('nan')):.1f} | {acc.get('FFF l=8', float('nan')):.1f} | "
+              f"{acc.get('FFF l=1', float('nan')):.1f} | {gap:+.1f} |")
+    leaf_table = next((r["leaf_table"] for r in runs if "leaf_table" in r), None)
+    if leaf_table:
+        print("\n" + leaf_table)
+        if args.leaf_table:
+            with open(args.leaf_table, "w") as f:
+                f.write(leaf_table + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
