@@ -52,11 +52,15 @@ def run_copy(run_dir, tmp_path) -> Path:
     return dst
 
 
-def test_tasks_lists_all_seven():
+def test_tasks_lists_every_registered_task():
+    from topotorch.tasks import TASKS
+
     r = invoke("tasks")
     assert r.exit_code == 0
     listed = [line.split()[0] for line in r.stdout.splitlines() if line and not line.startswith(" ")]
-    assert listed == TASK_NAMES
+    assert listed == sorted(TASKS)
+    assert set(TASK_NAMES) <= set(listed)  # the paper's seven MLP tasks
+    assert {"in-context-regression", "modular-addition-transformer"} <= set(listed)
     assert "lam=0:0.1,5000:1.0,15000:0.1" in r.stdout  # the reference settings are shown
 
 

@@ -79,6 +79,11 @@ def save_checkpoint(
     """
     base = Path(base)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    seen: set[int] = set()
+    for k, v in tensors.items():  # tied weights (e.g. embedding = output head): safetensors wants one copy each
+        if v.data_ptr() in seen and v.numel():
+            tensors[k] = v.clone()
+        seen.add(v.data_ptr())
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
     opt_tensors, opt_scalars = _optimizer_tensors(model, optimizer)

@@ -80,6 +80,9 @@ class Space:
     # head: permuting q, k, v and the output columns inside a head keeps the function, across
     # heads it does not). None: any permutation is allowed.
     groups: torch.Tensor | None = None
+    # a residual stream: read and written by many layers; drawn once per layer boundary
+    # (just below each reader, just above each writer) with the skip connections between copies
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions.shape[0] != self.size:

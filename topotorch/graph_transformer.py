@@ -66,7 +66,7 @@ def _norm_slices(prefix: str, norm: nn.Module, d: int) -> list[Slice]:
 
 
 def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labels: list[str] | None = None,
-                      relocate_outputs: bool = True) -> SpatialGraph:
+                      relocate_outputs: bool = True, input_labels: list[str] | None = None) -> SpatialGraph:
     """Spaces: ``input``/``tokens`` → ``resid`` ⇄ ``blocks.{l}.attn``, ``blocks.{l}.mlp`` → ``output``.
 
     Heights follow the forward pass (embedding 0, block l's attention 2l+1 and MLP 2l+2, the
@@ -91,7 +91,7 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     def layout(name: str, n: int) -> torch.Tensor:
         return make_layout(layouts.get(name), n)
 
-    resid = Space("resid", d, layout("resid", d), 0.5, "hidden", "weights")
+    resid = Space("resid", d, layout("resid", d), 0.5, "hidden", "weights", stream=True)
     spaces: list[Space] = []
     conns: list[Connection] = []
     if isinstance(embed, nn.Embedding):
@@ -102,7 +102,7 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
                                     Slice("embed.weight", 0, _col(n_in))))
         spaces.append(tokens)
     else:
-        spaces.append(Space("input", n_in, layout("input", n_in), 0.0, "input", "positions"))
+        spaces.append(Space("input", n_in, layout("input", n_in), 0.0, "input", "positions", labels=input_labels))
         spaces[-1].slices.append(Slice("embed.weight", 1, _col(n_in)))
         resid.slices.append(Slice("embed.weight", 0, _col(d)))
         b = "embed.bias" if embed.bias is not None else None

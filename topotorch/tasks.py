@@ -8,7 +8,9 @@ adds one without touching either:
     ...     return Task(name="my-task", make_data=..., make_model=..., loss="mse", defaults={...})
 
 Built in (BRIEF §1): independence, feature-sharing, compositionality, two-moons,
-modular-addition, permutation-s4, digits.
+modular-addition, permutation-s4, digits; transformer tasks (in-context-regression,
+modular-addition-transformer, shakespeare-char, ``text:PATH`` for any text file) live in
+:mod:`topotorch.tasks_sequence`.
 """
 
 from __future__ import annotations
@@ -56,9 +58,16 @@ class Task:
     output_labels: list[str] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
     goal: tuple[str, str, float] | None = None
+    # models that are not a chain of Linear layers say how they sit in space (default: from_chain)
+    make_graph: Callable[[nn.Module], Any] | None = None
+    # a test metric other than MSE/accuracy (e.g. bits per character): its name and how to compute it
+    metric_name: str | None = None
+    evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor], float] | None = None
 
     @property
     def metric(self) -> str:
+        if self.metric_name:
+            return self.metric_name
         return "mse" if self.loss == "mse" else "accuracy"
 
 
@@ -73,8 +82,10 @@ def register_task(factory: Callable[[], Task]) -> Callable[[], Task]:
 
 def get_task(name: str) -> Task:
     """The task called ``name``; a clear error lists the known ones. Usage: ``get_task("independence")``."""
+    if name.startswith("text:"):  # character-level language modelling on any text file
+        return tasks_sequence.text_task(name[len("text:"):])
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}, text:PATH")
     return TASKS[name]()
 
 
@@ -222,3 +233,6 @@ def digits() -> Task:
                       lam="0:0.01,3000:0.1,6000:1.0", threshold=0.05, dtype="float32", relocate_inputs=False),
         goal=("accuracy", ">=", 0.93),
     )
+
+
+from . import tasks_sequence  # noqa: E402,F401  (registers the transformer tasks)

@@ -49,6 +49,7 @@ _FORMAT = "topotorch.snapshots"
 _FORMAT_VERSION = "1"
 POSITIVE = (0.0, 0.0, 1.0)  # blue
 NEGATIVE = (1.0, 0.0, 0.0)  # red
+STREAM = (0.55, 0.55, 0.55)  # residual skip connections
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +206,17 @@ def _draw(
     pos = _positions(graph, snapshot)
     pts = {s.name: _point_array(pos[s.name], s.height, three_d) for s in graph.spaces if s.name in pos}
     heights = [s.height for s in graph.spaces if s.name in pos]
+    # residual streams: one copy of the stream per layer boundary it is read or written at
+    stream_pts: dict[tuple[str, float], np.ndarray] = {}
+
+    def endpoint(name: str, other: str, is_source: bool) -> np.ndarray:
+        sp = graph.space(name)
+        if not sp.stream:
+            return pts[name]
+        h = graph.space(other).height + (-0.5 if is_source else 0.5)
+        if (name, h) not in stream_pts:
+            stream_pts[(name, h)] = _point_array(pos[name], h, three_d)
+        return stream_pts[(name, h)]
 
     # connections: one LineCollection per connection, strongest edges only
     for conn in graph.connections:
@@ -221,7 +233,8 @@ def _draw(
         keep = keep.sort().values
         ti, si = (keep // mag.shape[1]).numpy(), (keep % mag.shape[1]).numpy()
         rel = (flat[keep] / top).numpy().astype(np.float64)
-        segs = np.stack([pts[conn.source][si], pts[conn.target][ti]], axis=1)  # (E, 2, 2|3)
+        src_pts, tgt_pts = endpoint(conn.source, conn.target, True), endpoint(conn.target, conn.source, False)
+        segs = np.stack([src_pts[si], tgt_pts[ti]], axis=1)  # (E, 2, 2|3)
         colors = np.empty((len(rel), 4))
         colors[:, :3] = np.where((signed.reshape(-1)[keep] >= 0).numpy()[:, None], POSITIVE, NEGATIVE)
         colors[:, 3] = np.clip(rel, 0.0, 1.0)
@@ -235,11 +248,28 @@ def _draw(
         coll.set_gid(f"edges:{conn.weight}")
         ax.add_collection(coll)
 
+    # the stream's skip connections: each copy to the next one up, drawn faint
+    for name in {n for n, _ in stream_pts}:
+        copies = sorted(h for n, h in stream_pts if n == name)
+        segs = np.concatenate([np.stack([stream_pts[(name, a)], stream_pts[(name, b)]], axis=1)
+                               for a, b in zip(copies, copies[1:])]) if len(copies) > 1 else None
+        if segs is not None:
+            if three_d:
+                from mpl_toolkits.mplot3d.art3d import Line3DCollection
+
+                coll = Line3DCollection(segs, colors=[STREAM], linewidths=0.4)
+            else:
+                coll = LineCollection(segs, colors=[STREAM], linewidths=0.4)
+            coll.set_gid(f"stream:{name}")
+            ax.add_collection(coll)
+        heights += copies
+
     # neurons and labels
     for s in graph.spaces:
         if s.name not in pts:
             continue
-        p = pts[s.name]
+        copies = [stream_pts[k] for k in stream_pts if k[0] == s.name] if s.stream else [pts[s.name]]
+        p = np.concatenate(copies) if copies else pts[s.name]
         size = float(np.clip(2000.0 / max(s.size, 1), 2.0, 40.0))
         if three_d:
             sc = ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=size, c="black", depthshade=False, zorder=3)
@@ -260,7 +290,7 @@ def _draw(
             t.set_gid(f"label:{s.name}:{i}")
 
     # frame
-    allp = np.concatenate(list(pts.values())) if pts else np.zeros((1, 3 if three_d else 2))
+    allp = np.concatenate(list(pts.values()) + list(stream_pts.values())) if pts else np.zeros((1, 3 if three_d else 2))
     lo, hi = allp.min(0), allp.max(0)
     pad_x = 0.05 * max(hi[0] - lo[0], 1e-9) + 0.02
     ax.set_xlim(lo[0] - pad_x, hi[0] + pad_x)
