@@ -25,8 +25,8 @@ from topotorch.visualize import load_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits MLP, float64, mini-batches from the generator, wiring cost + relocation of inputs/outputs too
-SETTINGS = dict(steps=300, dtype="float64", batch_size=64, swap_every=50, checkpoint_every=50, log_every=25,
-                top_k=10, relocate_inputs=True, lam="0:0.01,150:0.1", animation=False, progress=False)
+SETTINGS = dict(steps=200, dtype="float64", batch_size=64, swap_every=50, checkpoint_every=50, log_every=25,
+                top_k=10, relocate_inputs=True, lam="0:0.01,120:0.1", animation=False, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -90,8 +90,10 @@ CHILD = textwrap.dedent("""
     torch.set_num_threads(1)
     from topotorch import cli, training
     real = training.task_loss
-    def slow(*a, **k):  # slow enough that the parent's SIGKILL lands mid-run, numerics untouched
-        time.sleep(0.01)
+    calls = [0]
+    def slow(*a, **k):  # crawl after the checkpoint at step 100 so the SIGKILL lands mid-run; numerics untouched
+        calls[0] += 1
+        time.sleep(0.2 if calls[0] > 100 else 0.0)
         return real(*a, **k)
     training.task_loss = slow
     sys.argv = ["topotorch"] + sys.argv[1:]
@@ -128,7 +130,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference):
     assert child.returncode == -signal.SIGKILL
     assert not (out / "summary.json").exists()  # really killed mid-run
     killed_at = json.loads((out / "checkpoint.json").read_text())["step"]
-    assert 100 <= killed_at < 300
+    assert 100 <= killed_at < 200
 
     r = CliRunner().invoke(app, ["train", "--resume", str(out), "--no-progress", "--no-animation"])
     assert r.exit_code == 0, r.output
@@ -148,7 +150,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference):
     assert_same_run(resumed, out, (twin, twin_dir))
 
 
-@pytest.mark.parametrize("stop", [1, 75, 130, 299])
+@pytest.mark.parametrize("stop", [75, 199])
 def test_stopped_anywhere_and_resumed_equals_uninterrupted(tmp_path, reference, stop):
     out = tmp_path / "run"
     with pytest.raises(Stop):
