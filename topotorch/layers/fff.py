@@ -43,7 +43,7 @@ HardImpl = Literal["auto", "gather", "grouped"]
 # Hard path policy. Below this many samples per leaf (on average) each sample reads its
 # leaf's rows in place (embedding_bag); above it, samples are grouped by leaf for bmm.
 GROUPED_MIN_SAMPLES_PER_LEAF = 16
-# At batch 1, node logits of the top levels come from one small matvec (2**k - 1 rows).
+# At batch 1, node logits come from one small matvec per block of this many levels.
 BATCH1_TOP_LEVELS = 6
 
 
@@ -164,14 +164,15 @@ class FFF(nn.Module):
         ``return_entropies=True`` (soft mode only) also returns the per-node mean entropies.
         Usage: ``y = layer(x)``.
         """
-        x2 = self._flat(x)
+        x2 = x if x.ndim == 2 and x.shape[1] == self.input_width else self._flat(x)
         if self.training:
             y = self.soft_forward(x2, hard_decisions=self.train_hardened)
         else:
             if return_entropies:
                 raise ValueError("entropies are only computed by the soft (training) forward; call .train() first")
             y = self.hard_forward(x2)
-        y = y.reshape(*x.shape[:-1], self.output_width)
+        if x2 is not x:
+            y = y.reshape(*x.shape[:-1], self.output_width)
         if return_entropies:
             return y, self.last_entropies
         return y
@@ -249,17 +250,24 @@ class FFF(nn.Module):
         return r
 
     def _route_one(self, x: torch.Tensor) -> int:
-        """Leaf of a single sample x (in,), with host-side walking (no tensor per level up top)."""
+        """Leaf of a single sample x (in,): blocks of up to BATCH1_TOP_LEVELS levels, each one
+        small matvec over the subtree below the current node, walked on the host."""
         nw, nb = self.node_weights, self.node_biases
-        top = min(self.depth, BATCH1_TOP_LEVELS)
-        r = 0
-        if top:
-            z = F.linear(x, nw[: 2**top - 1], nb[: 2**top - 1]).tolist()
-            for level in range(top):
-                r = 2 * r + (z[2**level - 1 + r] >= 0)
-        for level in range(top, self.depth):
-            k = 2**level - 1 + r
-            r = 2 * r + (F.linear(x, nw[k: k + 1], nb[k: k + 1]).item() >= 0)
+        r, level = 0, 0
+        while level < self.depth:
+            t = min(self.depth - level, BATCH1_TOP_LEVELS)
+            if level == 0:  # the top levels are contiguous rows
+                w, b = nw[: 2**t - 1], nb[: 2**t - 1]
+            else:  # the subtree below node (level, r), in local heap order
+                idx = torch.tensor([2 ** (level + j) - 1 + (r << j) + m for j in range(t) for m in range(2**j)],
+                                   device=x.device)
+                w, b = nw.index_select(0, idx), nb.index_select(0, idx)
+            z = F.linear(x, w, b).tolist()
+            k = rr = 0
+            for _ in range(t):
+                bit = z[k] >= 0
+                k, rr = 2 * k + 1 + bit, 2 * rr + bit
+            r, level = (r << t) + rr, level + t
         return r
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,8 +280,8 @@ class FFF(nn.Module):
             return x.new_zeros(0, self.output_width)
         if B == 1 and self.hard_impl == "auto":
             j = self._route_one(x[0])
-            a = self.activation(F.linear(x, self.w1s[j].t(), self.b1s[j]))
-            return F.linear(a, self.w2s[j].t(), self.b2s[j])
+            a = self.activation(torch.addmm(self.b1s[j], x, self.w1s[j]))
+            return torch.addmm(self.b2s[j], a, self.w2s[j])
         leaf = self._route(x)
         grouped = self.hard_impl == "grouped" or (
             self.hard_impl == "auto" and B >= GROUPED_MIN_SAMPLES_PER_LEAF * self.n_leaves)
