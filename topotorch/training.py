@@ -466,6 +466,19 @@ def _save_snapshots_atomic(snapshots: list, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _inner_base(run_dir: Path, rank: int, step: int) -> Path:
+    return run_dir / f"inner-rank{rank}-step{step:09d}"
+
+
+def _save_inner_state(run_dir: Path, rank: int, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    """Rank ``rank``'s inner optimizer state at ``step`` (DiLoCo); the two newest steps are kept."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(_inner_base(run_dir, rank, step), model, opt, None, step=step)
+    for old in sorted(run_dir.glob(f"inner-rank{rank}-step*.json"))[:-2]:
+        for f in run_dir.glob(old.stem + ".*"):
+            f.unlink(missing_ok=True)
+
+
 def _has_checkpoint(base: Path) -> bool:
     return any(base.with_suffix(s).exists() for s in (".safetensors", ".json", ".prev.safetensors"))
 
@@ -548,6 +561,20 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                                       "cannot resume exactly")
             _restore_rng(extra["rng"], tensors, batch_gen)
             elapsed0 = float(extra.get("seconds", 0.0))
+            if extra.get("world", world) != world:
+                import warnings
+
+                warnings.warn(f"resuming a {extra['world']}-process run with {world} processes: the data split "
+                              "differs, so the run will not match an uninterrupted one exactly", stacklevel=2)
+            if H and world > 1 and not ctx.main:  # this replica's own AdamW state, saved beside rank 0's
+                inner = _inner_base(run_dir, ctx.rank, start)
+                if _has_checkpoint(inner):
+                    load_checkpoint(inner, model, opt, None)
+                else:
+                    import warnings
+
+                    warnings.warn(f"no inner optimizer state for rank {ctx.rank} at step {start} ({inner.name}); "
+                                  "using rank 0's", stacklevel=2)
             if shadow is not None:
                 with torch.no_grad():
                     for ps, pm in zip(shadow.parameters(), model.parameters()):
@@ -677,8 +704,11 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                                      analysis.active_weights(graph, config.threshold)["fraction"],
                                      round(time.perf_counter() - t0, 3)])
                 ckpt_due = done // ckpt_every > prev_sync // ckpt_every or done == config.steps
-                if writes and ckpt_due and (synced or not H):
-                    checkpoint(done)
+                if run_dir is not None and ckpt_due and (synced or not H):
+                    if writes:
+                        checkpoint(done)
+                    elif H:  # DiLoCo replicas keep their own AdamW moments: each saves them for an exact resume
+                        _save_inner_state(run_dir, ctx.rank, model, opt, done)
                 if bar:
                     bar.update(job, advance=1)
     finally:
