@@ -167,6 +167,8 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     if not tied:
         resid.slices.append(Slice(hw, 1, _col(d)))
     out.slices.append(Slice(hw, 0, _col(n_out)))
+    if hb:
+        out.slices.append(Slice(hb, 0, _col(n_out)))
     conns.append(Connection(hw, "output", "resid", Slice(hw, 0, _col(n_out)), Slice(hw, 1, _col(d)), hb))
     spaces.append(out)
     known = {s.name for s in spaces}
@@ -182,4 +184,4 @@ def _check_all_parameters_placed(model: nn.Module, spaces: list[Space]) -> None:
     placed = {sl.name for s in spaces for sl in s.slices}
     missing = [n for n, _ in model.named_parameters() if n not in placed]
     if missing:
-        raise ValueError(f"cannot place parameter {missing[0]!r}: the transformer graph does not know this layer")
+        raise ValueError(f"cannot place parameter {missing[0]!r}: the graph builder does not know this layer")

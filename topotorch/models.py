@@ -162,3 +162,40 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.ln_f(h))
+
+
+class ConvBlock(nn.Module):
+    """Residual conv block: x + conv2(act(bn(conv1(x)))) — the channel count of x is kept."""
+
+    def __init__(self, channels: int, hidden: int, batchnorm: bool = True, activation: str = "relu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.bn = nn.BatchNorm2d(hidden) if batchnorm else nn.Identity()
+        self.act = globals()["activation"](activation)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+class SmallResNet(nn.Module):
+    """A small residual conv net for small images: stem conv, residual blocks, flatten, linear head.
+
+    Usage: ``SmallResNet(in_channels=1, channels=16, hidden=16, n_blocks=2, image_size=8, n_classes=10)``.
+    """
+
+    def __init__(self, in_channels: int = 1, channels: int = 16, hidden: int = 16, n_blocks: int = 2,
+                 image_size: int = 8, n_classes: int = 10, batchnorm: bool = True):
+        super().__init__()
+        self.image_size = image_size
+        self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(ConvBlock(channels, hidden, batchnorm) for _ in range(n_blocks))
+        self.head = nn.Linear(channels * image_size * image_size, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:  # flat images, e.g. scikit-learn's digits rows
+            x = x.view(x.shape[0], -1, self.image_size, self.image_size)
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.flatten(1))

@@ -211,27 +211,45 @@ def permutation_s4() -> Task:
 
 # -- real images: scikit-learn's 8x8 handwritten digits ----------------------------------------
 
+def digits_data(seed: int, dtype: torch.dtype) -> TaskData:
+    """scikit-learn's 1797 real 8x8 digits scaled to [0, 1], a seeded 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.data / 16.0, dtype=dtype)
+    y = torch.as_tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_train = int(0.8 * len(x))
+    tr, te = order[:n_train], order[n_train:]
+    return TaskData(x[tr], y[tr], x[te], y[te])
+
+
 @register_task
 def digits() -> Task:
-    def make_data(seed: int, dtype: torch.dtype) -> TaskData:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.as_tensor(d.data / 16.0, dtype=dtype)
-        y = torch.as_tensor(d.target)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        n_train = int(0.8 * len(x))
-        tr, te = order[:n_train], order[n_train:]
-        return TaskData(x[tr], y[tr], x[te], y[te])
-
     return Task(
         name="digits", description="scikit-learn's real 8x8 handwritten digits, inputs on an 8x8 grid (3-D drawing)",
-        make_data=make_data, make_model=lambda: MLP([64, 100, 100, 10]), loss="ce",
+        make_data=digits_data, make_model=lambda: MLP([64, 100, 100, 10]), loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
         defaults=dict(steps=10000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=500, agg="mean",
                       lam="0:0.01,3000:0.1,6000:1.0", threshold=0.05, dtype="float32", relocate_inputs=False),
         goal=("accuracy", ">=", 0.93),
+    )
+
+
+@register_task
+def digits_conv() -> Task:
+    from .graph_conv import conv_graph
+    from .models import SmallResNet
+
+    labels = [str(i) for i in range(10)]
+    return Task(
+        name="digits-conv", description="the 8x8 digits with a small residual conv net (16 channels, 2 blocks)",
+        make_data=digits_data, make_model=lambda: SmallResNet(channels=16, hidden=16, n_blocks=2, image_size=8),
+        loss="ce", make_graph=lambda m: conv_graph(m, output_labels=labels), output_labels=labels,
+        defaults=dict(steps=3000, lr=2e-3, l0=0.5, wf=2.0, top_k=8, swap_every=200, agg="mean", batch_size=128,
+                      lam="0:1e-3,1000:1e-2", threshold=0.05, dtype="float32"),
+        goal=("accuracy", ">=", 0.95),
     )
 
 

@@ -270,13 +270,18 @@ def task_loss(task: Task, out: torch.Tensor, y: torch.Tensor, reduction: str = "
 
 @torch.no_grad()
 def evaluate(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The task's test metric: MSE for regression, accuracy for classification."""
-    if task.evaluate is not None:
-        return float(task.evaluate(model, x, y))
-    out = model(x)
-    if task.metric == "mse":
-        return float(F.mse_loss(out, y))
-    return float((out.argmax(-1) == y).to(torch.float64).mean())
+    """The task's test metric: MSE for regression, accuracy for classification (in eval mode: BatchNorm statistics)."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task.evaluate is not None:
+            return float(task.evaluate(model, x, y))
+        out = model(x)
+        if task.metric == "mse":
+            return float(F.mse_loss(out, y))
+        return float((out.argmax(-1) == y).to(torch.float64).mean())
+    finally:
+        model.train(was_training)
 
 
 def goal_met(task: Task, value: float) -> bool | None:
