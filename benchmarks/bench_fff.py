@@ -11,7 +11,7 @@ torch.inference_mode after warm-up):
 Peer rows are skipped with a message when the peer is not installed
 (``pip install fastfeedforward==0.2.1 --no-deps``).
 
-    python benchmarks/bench_fff.py [--repeats 30] [--json out.json]
+    python benchmarks/bench_fff.py [--repeats 30] [--threads N] [--no-train] [--json out.json]
 """
 
 from __future__ import annotations
@@ -125,8 +125,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--peer-train-repeats", type=int, default=1)
     ap.add_argument("--no-train", action="store_true", help="skip the (slow) training comparison")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = inference_rows(args.depth, args.leaf, args.repeats)
     if not args.no_train:
         r = training_row(args.train_depth, args.leaf, max(3, args.repeats // 5), args.peer_train_repeats)

@@ -43,6 +43,8 @@ HardImpl = Literal["auto", "gather", "grouped"]
 # Hard path policy. Below this many samples per leaf (on average) each sample reads its
 # leaf's rows in place (embedding_bag); above it, samples are grouped by leaf for bmm.
 GROUPED_MIN_SAMPLES_PER_LEAF = 16
+# Routing of a batch: the top levels' logits in one matmul (2**k - 1 nodes), then per-level gathers.
+ROUTE_DENSE_LEVELS = 4
 # At batch 1, node logits come from one small matvec per block of this many levels.
 BATCH1_TOP_LEVELS = 6
 
@@ -237,12 +239,16 @@ class FFF(nn.Module):
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
-        r = torch.zeros(B, dtype=torch.long, device=x.device)  # index within the level
         if self.depth == 0 or B == 0:
-            return r
+            return torch.zeros(B, dtype=torch.long, device=x.device)
         nw, nb = self.node_weights, self.node_biases
-        r = (torch.mv(x, nw[0]) >= -nb[0]).long()  # level 0: one node for everyone
-        for level in range(1, self.depth):
+        top = min(self.depth, ROUTE_DENSE_LEVELS)  # few nodes: one matmul for all of them
+        scores = torch.addmm(nb[: 2**top - 1], x, nw[: 2**top - 1].t())
+        k = torch.zeros(B, 1, dtype=torch.long, device=x.device)
+        for _ in range(top):
+            k = k * 2 + 1 + (torch.gather(scores, 1, k) >= 0)
+        r = k.view(B) - (2**top - 1)  # index within the level
+        for level in range(top, self.depth):  # many nodes: gather each sample's node row
             first = 2**level - 1
             w, b = nw[first: 2 * first + 1], nb[first: 2 * first + 1]
             z = torch.linalg.vecdot(w.index_select(0, r), x)
