@@ -210,3 +210,17 @@ def test_resume_without_checkpoint_starts_afresh(tmp_path, reference):
     result = train(config(out), resume=True)
     assert result.summary["resumed_from_step"] == 0
     assert_same_run(result, out, reference)
+
+
+def test_diloco_single_process_stop_and_resume_equals_uninterrupted(tmp_path):
+    """Local updates (H = 5): checkpoints land right after outer syncs and carry the outer momentum."""
+    kw = dict(local_steps=5, steps=80, swap_every=20, checkpoint_every=20, log_every=10)
+    ref = train(config(tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    with pytest.raises(Stop):
+        train(config(out, **kw), on_step=stop_at(53))
+    with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
+        assert "extra/outer/0.weight" in set(f.keys())  # Nesterov momentum of the outer optimizer
+    result = train(config(out, **kw), resume=True)
+    assert result.summary["resumed_from_step"] == 40
+    assert_same_run(result, out, (ref, tmp_path / "ref"))
