@@ -27,7 +27,7 @@ def test_probe_is_pearson_correlation_per_residual_neuron():
     cfg = TrainConfig.for_task("in-context-regression", dtype="float64", progress=False)
     task, model, graph = build(cfg)
     x, _, w = in_context_data(300, torch.Generator().manual_seed(1), torch.float64)
-    r = probe_residual(model, x, w)
+    r = probe_residual(model, x, w, min_activity=0.0)
     assert set(r) == {"embed", "blocks.0", "blocks.1"}
     states = {}
     h = model.gpt.blocks[0].register_forward_hook(lambda m, i, o: states.setdefault("b0", o))
@@ -89,3 +89,20 @@ def test_cli_rejects_missing_text_file(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_probe_ignores_neurons_without_signal():
+    cfg = TrainConfig.for_task("in-context-regression", dtype="float64", progress=False)
+    _, model, _ = build(cfg)
+    x, _, w = in_context_data(200, torch.Generator().manual_seed(2), torch.float64)
+    with torch.no_grad():  # silence residual neuron 5 everywhere except a 1e-6 trace of the signal
+        gpt = model.gpt
+        for lin in [gpt.embed] + [b.attn.proj for b in gpt.blocks] + [b.mlp[2] for b in gpt.blocks]:
+            lin.weight[5] = 0
+            lin.bias[5] = 0
+        gpt.pos[:, 5] = 0
+        gpt.embed.weight[5, 1] = 1e-6  # neuron 5 = 1e-6 * x at the first position
+    r_all = probe_residual(model, x, x[:, 0, 1], position=0, min_activity=0.0)["embed"]
+    r = probe_residual(model, x, x[:, 0, 1], position=0)["embed"]
+    assert r_all[5] == pytest.approx(1.0)  # perfectly correlated, but carries nothing
+    assert r[5] == 0.0
