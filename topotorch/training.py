@@ -51,7 +51,8 @@ class TrainingDiverged(RuntimeError):
 _INT_MIN = {"steps": 1, "top_k": 1, "swap_every": 1, "log_every": 1, "snapshot_every": 0, "checkpoint_every": 0,
             "bias_penalty_from": 0, "seed": 0, "local_steps": 0}
 _FLOAT_RANGE = {"lr": (0.0, False), "threshold": (0.0, False), "weight_decay": (0.0, True), "l0": (0.0, True),
-                "wf": (0.0, True), "outer_lr": (0.0, False)}  # (bound, bound allowed)
+                "wf": (0.0, True), "outer_lr": (0.0, False), "topo_tau": (0.0, True),
+                "topo_factor": (1.0, True)}  # (bound, bound allowed)
 _CHOICES = {"method": METHODS, "dtype": tuple(DTYPES), "metric": ("l1", "l2"), "agg": ("sum", "mean"),
             "relocation": ("swap", "assign")}
 _BOOLS = ("penalize_bias", "relocate_inputs", "relocate_outputs", "animation", "progress")
@@ -96,6 +97,8 @@ def _validate_config(c: "TrainConfig") -> None:
         raise ValueError(f"lam must be a schedule like '0:1e-3,5000:1e-2' or a number, got {c.lam!r}")
     if isinstance(c.lam, list) and not all(isinstance(ph, (list, tuple)) and len(ph) == 2 for ph in c.lam):
         raise ValueError(f"lam as a list must hold [step, value] pairs, got {c.lam!r}")
+    if not isinstance(c.topo_layers, str) or not c.topo_layers.strip() or "\0" in c.topo_layers:
+        raise ValueError(f"topo_layers must be 'auto' or a layer-name pattern like '*.mlp.0', got {c.topo_layers!r}")
     if c.out is not None and (not isinstance(c.out, str) or not c.out.strip() or "\0" in c.out):
         raise ValueError(f"out must be a folder path, got {c.out!r}")
 
@@ -178,6 +181,11 @@ class TrainConfig:
     local_steps: int = 0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
+    # TopoNets: + τ · TopoLoss of the cortical sheets of the layers matching topo_layers (fnmatch,
+    # comma-separated; "auto": every transformer c_fc / residual-block conv / hidden Linear), blur φ
+    topo_tau: float = 0.0
+    topo_layers: str = "auto"
+    topo_factor: float = 3.0
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -506,12 +514,21 @@ def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResul
     from .visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
 
     ctx = dist_context()
+    together = False  # did every rank get here the same way (finished, or the same shared divergence)?
     try:
-        return _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot)
+        result = _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation,
+                        take_snapshot)
+        together = True
+        return result
+    except TrainingDiverged:
+        together = True  # the divergence decision is global (all-reduced loss or DiLoCo flag)
+        raise
     finally:
         if ctx.created:
             import torch.distributed as dist
 
+            if together:  # nobody tears the group down while a peer still talks to it (rank 0 hosts the store)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -638,6 +655,7 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                         extra={"rng": rng_meta, "seconds": round(time.perf_counter() - t0, 3), "world": world},
                         extra_tensors=rng_tensors)
 
+    topo = _topo_loss(config, model)
     t0 = time.perf_counter() - elapsed0
     progress = _progress(config) if ctx.main else _progress(dataclasses.replace(config, progress=False))
     diverged = None  # (step, value) of a local non-finite loss awaiting the next outer sync (DiLoCo)
@@ -661,13 +679,19 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     loss_task = loss_sum * (world / denom)
                     if H:  # DiLoCo: no per-step communication; divergence is shared at the next sync
                         loss_value = loss_task.detach()
-                    else:
+                    else:  # the global loss, for the divergence check and the log; overlaps with backward
                         total = loss_sum.detach().reshape(1).clone()
-                        dist.all_reduce(total)
+                        loss_work = dist.all_reduce(total, async_op=True)
                         ctx.comm_bytes += total.numel() * total.element_size()
-                        loss_value = total[0] / denom
+                ddp_step = world > 1 and not H
+                if ddp_step:
+                    opt.zero_grad(set_to_none=True)
+                    loss_task.backward()  # DDP averages the gradient across ranks here
+                    ctx.comm_bytes += grad_bytes
+                    loss_work.wait()
+                    loss_value = total[0] / denom
                 bad = not torch.isfinite(loss_value)
-                if bad and not (H and world > 1):
+                if bad and not (H and world > 1):  # every DDP rank sees the same global loss: all stop together
                     raise TrainingDiverged(
                         f"loss became {loss_value.item()} at step {step}; lower the learning rate or λ. "
                         "The last checkpoint is intact."
@@ -676,12 +700,13 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     diverged = (step, loss_value.item())
                 step_cost_cfg = cost_cfg if step >= config.bias_penalty_from else cost_cfg_nobias
                 if diverged is None:
-                    opt.zero_grad(set_to_none=True)
-                    loss_task.backward()  # under DDP the gradient is averaged across ranks here
-                    if world > 1 and not H:
-                        ctx.comm_bytes += grad_bytes
+                    if not ddp_step:
+                        opt.zero_grad(set_to_none=True)
+                        loss_task.backward()
                     # the penalty's gradient in closed form, added after DDP's all-reduce: every rank
                     # holds the same parameters, so each adds the same term once (no double averaging)
+                    if topo is not None:  # after DDP's all-reduce, like the wiring term: the same on every rank
+                        topo().backward()
                     add_wiring_grad_(graph, step_cost_cfg, lam)
                     opt.step()
                 done = step + 1
@@ -729,6 +754,8 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         "wiring_cost": float(wiring_cost(graph, reloc_cfg).detach()),
         **structure_summary(task, model, graph, data, config.threshold),
     }
+    if topo is not None:
+        summary["topo_loss"] = {k: round(v.item(), 6) for k, v in topo.layerwise().items()}
     if writes:
         _save_snapshots_atomic(snapshots, run_dir / "snapshots.safetensors")
         t1 = time.perf_counter()
@@ -766,6 +793,17 @@ def _outer_sync(model, shadow, outer_opt, ctx: DistContext, diverged, done: int,
     outer_opt.step()
     for po, pl in zip(outers, locals_):
         pl.copy_(po)
+
+
+def _topo_loss(config: TrainConfig, model: torch.nn.Module):
+    """The run's τ·TopoLoss (reference mean over layers), or None when ``topo_tau`` is 0."""
+    if not config.topo_tau:
+        return None
+    from .objectives.topoloss import TopoLoss
+    from .sheets import default_layers
+
+    pattern = default_layers(model) if config.topo_layers == "auto" else config.topo_layers
+    return TopoLoss(model, pattern, factor=config.topo_factor, tau=config.topo_tau)
 
 
 def load_run(run_dir: Path) -> TrainResult:
