@@ -149,3 +149,30 @@ def test_tau_schedules_clamp_past_the_end():
     loss = TopoLoss(net, "", factor=2, tau=lin)
     assert loss(step=0).item() == 0.0
     assert loss(step=1000).item() == pytest.approx(10 * TopoLoss(net, "", factor=2)().item(), rel=1e-6)
+
+
+def test_training_with_topo_tau_smooths_the_chosen_layer(tmp_path):
+    from topotorch.training import TrainConfig, train
+
+    common = dict(method="none", steps=40, animation=False, progress=False, log_every=40, topo_layers="0",
+                  topo_factor=2.0)
+    plain = train(TrainConfig.for_task("digits", **common)).model
+    r = train(TrainConfig.for_task("digits", **common, topo_tau=20.0, out=str(tmp_path / "run")))
+    plain_value = TopoLoss(plain, "0", factor=2.0)().item()
+    assert r.summary["topo_loss"]["0"] < 0.5 * plain_value
+    assert "topo_loss" in (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(ValueError, match="matches no Linear/Conv layer"):
+        train(TrainConfig.for_task("digits", **{**common, "topo_layers": "*.c_fc"}, topo_tau=1.0))
+    with pytest.raises(ValueError, match="topo_tau"):
+        TrainConfig.for_task("digits", topo_tau=float("nan"))
+    with pytest.raises(ValueError, match="topo_layers"):
+        TrainConfig.for_task("digits", topo_layers="")
+
+
+def test_default_layers_follow_the_paper():
+    from topotorch.models import MLP, SmallResNet
+    from topotorch.sheets import default_layers
+
+    assert default_layers(TinyGPT(vocab=5, d_model=8, n_layers=2)) == "*.mlp.0"
+    assert default_layers(SmallResNet()) == "*blocks.*.conv*"
+    assert default_layers(MLP([64, 100, 100, 10])) == "0,2"

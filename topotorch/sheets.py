@@ -148,3 +148,20 @@ def find_sheets(model: nn.Module, pattern: str = "*", shape: tuple[int, int] | s
                 seen.add(id(m))
                 out.append(CorticalSheet.of(m, n, shape, side, bias))
     return out
+
+
+def default_layers(model: nn.Module) -> str:
+    """The paper's choice of layers as a pattern: every transformer block's first MLP projection
+    (``*.mlp.0``, NanoGPT's ``c_fc``), else every conv inside residual blocks, else every Linear/Conv
+    but the last (the output layer's units are labels, not a sheet).
+
+    Usage: ``find_sheets(model, default_layers(model))``.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, SHEET_LAYERS)]
+    for pats in (("*.mlp.0", "*.c_fc"), ("*blocks.*.conv*",)):
+        hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if hit:
+            return ",".join(hit)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv layer for a cortical sheet")
+    return ",".join(names[:-1] or names)
