@@ -514,12 +514,21 @@ def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResul
     from .visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
 
     ctx = dist_context()
+    together = False  # did every rank get here the same way (finished, or the same shared divergence)?
     try:
-        return _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot)
+        result = _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation,
+                        take_snapshot)
+        together = True
+        return result
+    except TrainingDiverged:
+        together = True  # the divergence decision is global (all-reduced loss or DiLoCo flag)
+        raise
     finally:
         if ctx.created:
             import torch.distributed as dist
 
+            if together:  # nobody tears the group down while a peer still talks to it (rank 0 hosts the store)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -670,13 +679,19 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     loss_task = loss_sum * (world / denom)
                     if H:  # DiLoCo: no per-step communication; divergence is shared at the next sync
                         loss_value = loss_task.detach()
-                    else:
+                    else:  # the global loss, for the divergence check and the log; overlaps with backward
                         total = loss_sum.detach().reshape(1).clone()
-                        dist.all_reduce(total)
+                        loss_work = dist.all_reduce(total, async_op=True)
                         ctx.comm_bytes += total.numel() * total.element_size()
-                        loss_value = total[0] / denom
+                ddp_step = world > 1 and not H
+                if ddp_step:
+                    opt.zero_grad(set_to_none=True)
+                    loss_task.backward()  # DDP averages the gradient across ranks here
+                    ctx.comm_bytes += grad_bytes
+                    loss_work.wait()
+                    loss_value = total[0] / denom
                 bad = not torch.isfinite(loss_value)
-                if bad and not (H and world > 1):
+                if bad and not (H and world > 1):  # every DDP rank sees the same global loss: all stop together
                     raise TrainingDiverged(
                         f"loss became {loss_value.item()} at step {step}; lower the learning rate or λ. "
                         "The last checkpoint is intact."
@@ -685,10 +700,9 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     diverged = (step, loss_value.item())
                 step_cost_cfg = cost_cfg if step >= config.bias_penalty_from else cost_cfg_nobias
                 if diverged is None:
-                    opt.zero_grad(set_to_none=True)
-                    loss_task.backward()  # under DDP the gradient is averaged across ranks here
-                    if world > 1 and not H:
-                        ctx.comm_bytes += grad_bytes
+                    if not ddp_step:
+                        opt.zero_grad(set_to_none=True)
+                        loss_task.backward()
                     # the penalty's gradient in closed form, added after DDP's all-reduce: every rank
                     # holds the same parameters, so each adds the same term once (no double averaging)
                     if topo is not None:  # after DDP's all-reduce, like the wiring term: the same on every rank
