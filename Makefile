@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_relocation.py --json runs/bench_relocation.json
 	$(PY) benchmarks/bench_wiring_overhead.py --json runs/bench_wiring_overhead.json
 	$(PY) benchmarks/bench_runs.py --json runs/bench_runs.json
+	$(PY) benchmarks/bench_ddp.py --json runs/bench_ddp.json
 
 clean:
 	rm -rf runs .pytest_cache
