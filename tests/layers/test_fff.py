@@ -253,3 +253,29 @@ def test_peer_parity_once_its_missing_leaf_output_bias_is_added():
         y, ent = peer.train()(x, return_entropies=True)
         _, ours_ent = ours(x, return_entropies=True)
         assert torch.allclose(ent, ours_ent, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [0, 3, 6, 11])
+@pytest.mark.parametrize("bias", [False, True])
+def test_ultra_batch_one_path_equals_masked_dense(depth, bias):
+    torch.manual_seed(depth)
+    u = UltraFFF(12, 5, depth, bias=bias).eval()
+    if bias:
+        with torch.no_grad():
+            u.b_in.normal_()
+            u.b_out.normal_()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        ref = u.dense_forward(x)
+        for i in range(4):  # each sample alone takes the batch-1 host-walk path
+            assert (u(x[i:i + 1]) - ref[i:i + 1]).abs().max() <= 1e-6
+
+
+def test_ultra_batch_one_keeps_gradients_when_enabled():
+    torch.manual_seed(0)
+    u = UltraFFF(8, 3, 7).eval()
+    x = torch.randn(1, 8)
+    u(x).sum().backward()
+    assert u.w_in.grad.abs().sum() > 0 and u.w_out.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert (u(x) - u.dense_forward(x)).abs().max() <= 1e-6

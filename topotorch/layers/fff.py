@@ -63,6 +63,38 @@ def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
     return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
 
 
+def _walk_one(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor | None, n_levels: int
+              ) -> tuple[int, list[int], list[float], list[tuple[torch.Tensor, list[int]]]]:
+    """Walk one sample x (in,) down a heap-ordered tree of node rows ``nw`` (biases ``nb``).
+
+    Levels go in blocks of BATCH1_TOP_LEVELS: one small matvec over the subtree below the
+    current node per block, walked on the host. Returns the index within the level below the
+    last walked level, the heap ids of the nodes visited, their logits (host floats), and per
+    block (logits tensor, positions of the visited nodes in it).
+    """
+    r, level, path, zpath, blocks = 0, 0, [], [], []
+    while level < n_levels:
+        t = min(n_levels - level, BATCH1_TOP_LEVELS)
+        if level == 0:  # the top levels are contiguous rows
+            w, b = nw[: 2**t - 1], (nb[: 2**t - 1] if nb is not None else None)
+        else:  # the subtree below node (level, r), in local heap order
+            idx = torch.tensor([2 ** (level + j) - 1 + (r << j) + m for j in range(t) for m in range(2**j)],
+                               device=x.device)
+            w, b = nw.index_select(0, idx), (nb.index_select(0, idx) if nb is not None else None)
+        zt = F.linear(x, w, b)
+        z = zt.tolist()
+        rr, loc = 0, []
+        for j in range(t):
+            k = 2**j - 1 + rr
+            loc.append(k)
+            path.append(2 ** (level + j) - 1 + (r << j) + rr)
+            zpath.append(z[k])
+            rr = 2 * rr + (z[k] >= 0)
+        blocks.append((zt, loc))
+        r, level = (r << t) + rr, level + t
+    return r, path, zpath, blocks
+
+
 class FFF(nn.Module):
     """A fast feedforward layer: a depth-``d`` tree of routing neurons over ``2**d`` leaf FFs.
 
@@ -256,25 +288,8 @@ class FFF(nn.Module):
         return r
 
     def _route_one(self, x: torch.Tensor) -> int:
-        """Leaf of a single sample x (in,): blocks of up to BATCH1_TOP_LEVELS levels, each one
-        small matvec over the subtree below the current node, walked on the host."""
-        nw, nb = self.node_weights, self.node_biases
-        r, level = 0, 0
-        while level < self.depth:
-            t = min(self.depth - level, BATCH1_TOP_LEVELS)
-            if level == 0:  # the top levels are contiguous rows
-                w, b = nw[: 2**t - 1], nb[: 2**t - 1]
-            else:  # the subtree below node (level, r), in local heap order
-                idx = torch.tensor([2 ** (level + j) - 1 + (r << j) + m for j in range(t) for m in range(2**j)],
-                                   device=x.device)
-                w, b = nw.index_select(0, idx), nb.index_select(0, idx)
-            z = F.linear(x, w, b).tolist()
-            k = rr = 0
-            for _ in range(t):
-                bit = z[k] >= 0
-                k, rr = 2 * k + 1 + bit, 2 * rr + bit
-            r, level = (r << t) + rr, level + t
-        return r
+        """Leaf of a single sample x (in,) (see :func:`_walk_one`)."""
+        return _walk_one(x, self.node_weights, self.node_biases, self.depth)[0]
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The inference forward on ``x`` (B, in): route, then compute only each sample's leaf.
@@ -417,22 +432,27 @@ class UltraFFF(nn.Module):
         y = (self.activation(z) * mask).view(B, K * n) @ self.w_out.view(K * n, -1)
         return y + self.b_out if self.b_out is not None else y
 
-    def path(self, x: torch.Tensor) -> torch.Tensor:
-        """Flat neuron indices (into K·n_nodes) on each tree's path, shape (B, K, d+1). Usage: ``layer.path(x)``."""
+    def _walk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat neuron indices (B, K, d+1) on each tree's path and their pre-activations."""
         B, K, n = x.shape[0], self.n_trees, self.n_nodes
         w_in = self.w_in.view(K * n, -1)
         b_in = self.b_in.view(-1) if self.b_in is not None else None
-        node = torch.arange(K, device=x.device).mul(n).expand(B, K)  # roots, flat index
-        base = node
-        xk = x.unsqueeze(1).expand(B, K, self.input_width)
-        nodes = [node]
-        for _ in range(self.depth):
+        base = torch.arange(K, device=x.device).mul(n).expand(B, K)  # each tree's root, flat index
+        xk = x.unsqueeze(1)
+        node, nodes, zs = base, [], []
+        for level in range(self.depth + 1):
             z = torch.linalg.vecdot(w_in[node], xk)
             if b_in is not None:
                 z = z + b_in[node]
-            node = base + 2 * (node - base) + 1 + (z >= 0)
             nodes.append(node)
-        return torch.stack(nodes, 2)
+            zs.append(z)
+            if level < self.depth:
+                node = base + 2 * (node - base) + 1 + (z >= 0)
+        return torch.stack(nodes, 2), torch.stack(zs, 2)
+
+    def path(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat neuron indices (into K·n_nodes) on each tree's path, shape (B, K, d+1). Usage: ``layer.path(x)``."""
+        return self._walk(x)[0]
 
     def hard_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Only the K·(d+1) path neurons per sample: gather-dot routing, one embedding_bag for the output.
@@ -442,11 +462,19 @@ class UltraFFF(nn.Module):
         B, K, n = x.shape[0], self.n_trees, self.n_nodes
         if B == 0:
             return x.new_zeros(0, self.output_width)
-        idx = self.path(x).view(B, K * (self.depth + 1))
-        z = torch.linalg.vecdot(self.w_in.view(K * n, -1)[idx], x.unsqueeze(1))  # (B, K(d+1))
-        if self.b_in is not None:
-            z = z + self.b_in.view(-1)[idx]
-        y = F.embedding_bag(idx, self.w_out.view(K * n, -1), mode="sum", per_sample_weights=self.activation(z))
+        if B == 1 and K == 1:  # host-side walk, then one small matvec over the path's output rows
+            b_in = self.b_in[0] if self.b_in is not None else None
+            _, path, zpath, blocks = _walk_one(x[0], self.w_in[0], b_in, self.depth + 1)
+            if torch.is_grad_enabled():  # keep the graph to w_in
+                z = torch.cat([zt[loc] for zt, loc in blocks])
+            else:  # the logits are exact in the host floats
+                z = torch.tensor(zpath, dtype=x.dtype, device=x.device)
+            rows = self.w_out[0].index_select(0, torch.tensor(path, device=x.device))
+            y = (self.activation(z) @ rows).unsqueeze(0)
+            return y + self.b_out if self.b_out is not None else y
+        idx, z = self._walk(x)
+        y = F.embedding_bag(idx.view(B, -1), self.w_out.view(K * n, -1), mode="sum",
+                            per_sample_weights=self.activation(z).view(B, -1))
         return y + self.b_out if self.b_out is not None else y
 
 
