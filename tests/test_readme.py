@@ -27,3 +27,16 @@ def test_readme_two_commands_and_ci():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^test:", makefile, flags=re.M) and re.search(r"^demo:", makefile, flags=re.M)
+
+
+def test_readme_any_architecture_example_runs(tmp_path):
+    section = README.split("## Any architecture", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    script = tmp_path / "auto_example.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("SpatialGraph(input[1], 6[10], 3[8], 0[8]")
+    change = float(lines[1].split("output change ")[1])
+    assert float(lines[1].split("cost change ")[1].split(",")[0]) < 0 and change < 1e-6
