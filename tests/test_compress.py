@@ -83,3 +83,27 @@ def test_errors():
     bn = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
     with pytest.raises(ValueError, match="BatchNorm1d"):
         compress_layer(bn, "0", factor=2)
+
+
+def test_cli_compress_and_reload(tmp_path):
+    from typer.testing import CliRunner
+
+    from topotorch.cli import app
+    from topotorch.compress import load_compressed
+    from topotorch.training import TrainConfig, evaluate, load_run, train
+
+    run = tmp_path / "run"
+    train(TrainConfig.for_task("digits", method="none", steps=20, topo_tau=1.0, topo_layers="0,2", animation=False,
+                               progress=False, out=str(run), log_every=20))
+    res = CliRunner().invoke(app, ["compress", str(run), "--removed", "0.8"])
+    assert res.exit_code == 0, res.output
+    assert "0: 100->16, 2: 100->16" in res.output
+    small = load_compressed(run)
+    r = load_run(run)
+    assert small[0].out_features == 16 and small[2].in_features == 16
+    spec = __import__("json").loads((run / "compressed.json").read_text())
+    assert evaluate(r.task, small, r.data.x_test, r.data.y_test) == pytest.approx(spec["test_accuracy_after"])
+    bad = CliRunner().invoke(app, ["compress", str(run)])
+    assert bad.exit_code == 2 and bad.output.strip().startswith("error: give exactly one")
+    bad = CliRunner().invoke(app, ["compress", str(run), "--downsample", "3", "--layers", "*.c_fc"])
+    assert bad.exit_code == 2 and "matches no Linear/Conv layer" in bad.output

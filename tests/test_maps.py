@@ -46,3 +46,23 @@ def test_effective_dimensionality_and_activations(tmp_path):
     assert seq.shape == (24, 3)
     p = draw_maps(torch.randn(3, 12), 3, 4, tmp_path / "m.png", titles=["a", "b", "c"])
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_maps(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from topotorch.cli import app
+    from topotorch.training import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig.for_task("digits", method="none", steps=10, animation=False, progress=False, out=str(run),
+                               log_every=10))
+    res = CliRunner().invoke(app, ["maps", str(run), "--layers", "0"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((run / "maps" / "maps.json").read_text())
+    assert data["classes"] == list(range(10)) and data["layers"]["0"]["sheet"] == [10, 10]
+    assert (run / "maps" / "0.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(app, ["maps", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and bad.output.startswith("error:")

@@ -237,6 +237,114 @@ def report(
         typer.echo(f"wrote {screenshot}" + (f" (page errors: {page.errors})" if page.errors else ""))
 
 
+def _load_for_topo(run: Path):
+    from .checkpoint import CheckpointError
+    from .training import load_run
+
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            return load_run(run)
+    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
+        _fail(str(e))
+
+
+def _topo_pattern(r, layers: Optional[str]) -> str:
+    from .sheets import default_layers
+
+    if layers:
+        return layers
+    return default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
+
+
+@app.command()
+def compress(
+    run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
+    downsample: Optional[float] = typer.Option(None, help="keep every φ-th unit: an (h//φ) x (w//φ) sheet"),
+    removed: Optional[float] = typer.Option(None, help="or: the fraction of each sheet's units to cut, e.g. 0.8"),
+    layers: Optional[str] = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
+    mode: str = typer.Option("area", help="nearest | bilinear | area"),
+    calibrate: bool = typer.Option(True, help="refit each reading layer by least squares on training inputs"),
+) -> None:
+    """Cut a run's topographic layers down to a coarser sheet: a smaller dense model, saved beside the run
+    (compressed.safetensors + compressed.json; load with topotorch.compress.load_compressed)."""
+    from .compress import compress as do_compress
+    from .compress import parameter_count, save_compressed
+    from .training import evaluate
+
+    if (downsample is None) == (removed is None):
+        _fail("give exactly one of --downsample PHI or --removed FRACTION")
+    if mode not in ("nearest", "bilinear", "area"):
+        _fail(f"unknown mode {mode!r}; use nearest, bilinear or area")
+    r = _load_for_topo(run)
+    try:
+        pattern = _topo_pattern(r, layers)
+        from .sheets import find_sheets
+
+        names = [s.name for s in find_sheets(r.model, pattern)]
+        calib = r.data.x_train[:2048] if calibrate else None
+        small = do_compress(r.model, names, factor=downsample, removed=removed, mode=mode, calibrate=calib)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    m = f"test_{r.task.metric}"
+    before = evaluate(r.task, r.model, r.data.x_test, r.data.y_test)
+    after = evaluate(r.task, small, r.data.x_test, r.data.y_test)
+    spec = {"layers": names, "factor": downsample, "removed": removed, "mode": mode, "calibrated": calibrate,
+            "params_before": parameter_count(r.model), "params_after": parameter_count(small),
+            f"{m}_before": before, f"{m}_after": after,
+            "units": {n: [r.model.get_submodule(n).weight.shape[0], small.get_submodule(n).weight.shape[0]]
+                      for n in names}}
+    paths = save_compressed(run, small, spec)
+    cut = ", ".join(f"{n}: {a}->{b}" for n, (a, b) in spec["units"].items())
+    typer.echo(f"compressed {cut}; params {spec['params_before']} -> {spec['params_after']}; "
+               f"{m} {before:.4g} -> {after:.4g}")
+    typer.echo(f"wrote {paths[0]} and {paths[1].name}")
+
+
+@app.command()
+def maps(
+    run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
+    layers: Optional[str] = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
+    out: Optional[Path] = typer.Option(None, help="folder for the PNGs and maps.json (default: RUN/maps)"),
+    classes: int = typer.Option(10, help="at most this many classes (language models: the most frequent input tokens)"),
+) -> None:
+    """Selectivity maps (Welch t, class vs rest, on held-out inputs) on each layer's cortical sheet, with
+    smoothness (1 - γ(1)/γ(∞)) and effective dimensionality (participation ratio): PNGs + maps.json."""
+    from .maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+    from .sheets import find_sheets
+
+    if classes < 2:
+        _fail(f"classes must be >= 2, got {classes}")
+    r = _load_for_topo(run)
+    x, y = r.data.x_test, r.data.y_test
+    if y.is_floating_point():
+        _fail(f"maps need class labels or token inputs; task {r.config.task!r} is a regression")
+    labels = y if y.ndim == 1 else x.reshape(-1)  # sequences: one row per position, labelled by its input token
+    vals, counts = labels.unique(return_counts=True)
+    chosen = vals[counts.argsort(descending=True)][:classes].sort().values.tolist()
+    try:
+        sheets = find_sheets(r.model, _topo_pattern(r, layers))
+    except ValueError as e:
+        _fail(str(e))
+    folder = out or run / "maps"
+    result = {}
+    for s in sheets:
+        acts = layer_activations(r.model, s.name, x)
+        if acts.shape[0] != labels.shape[0]:
+            _fail(f"layer {s.name!r} gives {acts.shape[0]} activation rows for {labels.shape[0]} labels")
+        t = selectivity_maps(acts, labels, chosen)
+        names = r.task.output_labels if y.ndim == 1 and r.task.output_labels else None
+        titles = [names[c] if names and c < len(names) else str(c) for c in chosen]
+        sm, ed = smoothness(t, s.h, s.w), effective_dimensionality(acts)
+        png = draw_maps(t, s.h, s.w, folder / f"{s.name}.png", titles=titles,
+                        suptitle=f"{r.config.task} {s.name} ({s.h}x{s.w}): smoothness {sm:.2f}, eff. dim {ed:.1f}")
+        result[s.name] = {"sheet": [s.h, s.w], "smoothness": sm, "effective_dim": ed, "png": str(png)}
+        typer.echo(f"{s.name}: {s.h}x{s.w} sheet, smoothness {sm:.3f}, effective dim {ed:.2f} -> {png}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "maps.json").write_text(json.dumps({"classes": chosen, "layers": result}, indent=2))
+    typer.echo(f"wrote {folder / 'maps.json'}")
+
+
 def main() -> None:
     """Entry point; usage errors from click exit with code 2 too."""
     try:

@@ -195,3 +195,36 @@ def compress(model: nn.Module, layers: str | Sequence[str], factor: float | None
 def parameter_count(model: nn.Module) -> int:
     """Distinct parameters (tied weights once). Usage: ``parameter_count(small)``."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def save_compressed(run_dir, small: nn.Module, spec: dict, name: str = "compressed") -> tuple:
+    """Write ``small``'s weights (safetensors, no pickle) and the recipe that rebuilds its shape
+    (``spec``: layers, factor/removed, mode) beside a run. Usage: ``save_compressed(run, small, spec)``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    tensors = {k: v.detach().contiguous().clone() for k, v in small.state_dict().items()}
+    save_file(tensors, str(run_dir / f"{name}.safetensors"))
+    (run_dir / f"{name}.json").write_text(json.dumps(spec, indent=2))
+    return run_dir / f"{name}.safetensors", run_dir / f"{name}.json"
+
+
+def load_compressed(run_dir, name: str = "compressed") -> nn.Module:
+    """Rebuild a compressed model saved by ``topotorch compress``: the run's model cut to the recorded
+    shapes, then the saved weights. Usage: ``small = load_compressed("runs/digits-topo")``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from .training import load_run
+
+    run_dir = Path(run_dir)
+    spec = json.loads((run_dir / f"{name}.json").read_text())
+    model = load_run(run_dir).model
+    small = compress(model, spec["layers"], factor=spec.get("factor"), removed=spec.get("removed"), mode=spec["mode"])
+    small.load_state_dict(load_file(str(run_dir / f"{name}.safetensors")), strict=False)
+    return small
