@@ -108,21 +108,30 @@ def modules(graph: SpatialGraph, threshold: float, exclude: tuple[str, ...] = ()
     out = []
     for comp in np.unique(label[touched]):
         members = label == comp
-        mod = {"inputs": [], "outputs": [], "sizes": {}}
-        for s in spaces:
-            idx = np.nonzero(members[offset[s.name]: offset[s.name] + s.size])[0]
-            if len(idx) == 0:
-                continue
-            mod["sizes"][s.name] = int(len(idx))
-            labels = _labels(s)
-            if s.role == "input":
-                mod["inputs"] += [labels[i] for i in idx]
-            elif s.role == "output":
-                mod["outputs"] += [labels[i] for i in idx]
-        mod["neurons"] = int(sum(mod["sizes"].values()))
-        out.append(mod)
+        out.append(describe_group(spaces, {s.name: members[offset[s.name]: offset[s.name] + s.size] for s in spaces}))
     out.sort(key=lambda m: -m["neurons"])
     return out
+
+
+def describe_group(spaces, members: dict[str, np.ndarray]) -> dict:
+    """Sizes per space, input and output labels, and neuron count of a group of neurons (a module).
+
+    ``members`` maps space names to boolean masks. Usage: ``describe_group(g.spaces, {"hidden1": mask})``.
+    """
+    mod: dict = {"inputs": [], "outputs": [], "sizes": {}}
+    for s in spaces:
+        mask = members.get(s.name)
+        idx = np.nonzero(mask)[0] if mask is not None else []
+        if len(idx) == 0:
+            continue
+        mod["sizes"][s.name] = int(len(idx))
+        labels = _labels(s)
+        if s.role == "input":
+            mod["inputs"] += [labels[i] for i in idx]
+        elif s.role == "output":
+            mod["outputs"] += [labels[i] for i in idx]
+    mod["neurons"] = int(sum(mod["sizes"].values()))
+    return mod
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix, csr_matrix
 
-from .analysis import _labels
+from .analysis import describe_group
 from .graph import SpatialGraph
 from .relocation import _aggregate_abs
 
@@ -201,18 +201,7 @@ def detect_communities(
     membership = {s.name: mem[offset[s.name]: offset[s.name] + s.size] for s in spaces}
     mods = []
     for cid in range(len(order)):
-        mod = {"community": cid, "inputs": [], "outputs": [], "sizes": {}}
-        for s in spaces:
-            idx = np.nonzero(membership[s.name] == cid)[0]
-            if len(idx) == 0:
-                continue
-            mod["sizes"][s.name] = int(len(idx))
-            labels = _labels(s)
-            if s.role == "input":
-                mod["inputs"] += [labels[i] for i in idx]
-            elif s.role == "output":
-                mod["outputs"] += [labels[i] for i in idx]
-        mod["neurons"] = int(sum(mod["sizes"].values()))
+        mod = {"community": cid, **describe_group(spaces, {s.name: membership[s.name] == cid for s in spaces})}
         mods.append(mod)
     return Communities(membership, q, used, mods)
 
