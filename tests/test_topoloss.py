@@ -176,3 +176,21 @@ def test_default_layers_follow_the_paper():
     assert default_layers(TinyGPT(vocab=5, d_model=8, n_layers=2)) == "*.mlp.0"
     assert default_layers(SmallResNet()) == "*blocks.*.conv*"
     assert default_layers(MLP([64, 100, 100, 10])) == "0,2"
+
+
+def test_readme_toponets_example_runs(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    if "## TopoNets" not in readme:
+        pytest.skip("README has no TopoNets section")
+    section = readme.split("## TopoNets", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    (tmp_path / "ex.py").write_text(code)
+    proc = subprocess.run([sys.executable, str(tmp_path / "ex.py")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "{'0': 0.019}" in proc.stdout and "Linear(in_features=16, out_features=10" in proc.stdout
