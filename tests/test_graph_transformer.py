@@ -89,7 +89,7 @@ def test_attention_neurons_stay_within_their_head():
     apply_permutation(g2, "blocks.0.attn", cross)
     with torch.no_grad():
         assert (broken(x) - model(x)).abs().max() > 1e-6
-    with pytest.raises(ValueError, match="across groups"):
+    with pytest.raises(ValueError, match="splits groups"):
         apply_permutation(graph, "blocks.0.attn", cross)
     relocate(graph, WiringConfig(wf=5.0, l0=0.1), "assign")
     relocate(graph, WiringConfig(wf=5.0, l0=0.1), "swap", top_k=16)
@@ -143,3 +143,40 @@ def test_unsupported_layers_are_named():
         transformer_graph(model)
     with pytest.raises(ValueError, match="embed"):
         transformer_graph(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_whole_heads_can_swap():
+    model, x = make("ln-torch-untied")  # 2 heads of 8
+    graph = transformer_graph(model)
+    with torch.no_grad():
+        y0 = model(x)
+    swap = torch.cat([torch.arange(8, 16).flip(0), torch.arange(0, 8)])  # heads exchanged, one reversed inside
+    apply_permutation(graph, "blocks.1.attn", swap)
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-10
+
+
+def test_head_assignment_moves_heads_and_keeps_function():
+    from topotorch.relocation import group_assignment_permutation, placement_cost
+
+    model, x = make("ln-manual-tied")  # 4 heads of 4
+    graph = transformer_graph(model)
+    cfg = WiringConfig(wf=3.0, l0=0.1)
+    sp = graph.space("blocks.0.attn")
+    with torch.no_grad():  # make head 3 wire far to the left and head 0 far to the right: they should trade
+        model.blocks[0].attn.qkv.weight.mul_(0.01)
+        model.blocks[0].attn.proj.weight.mul_(0.01)
+        for part in range(3):
+            model.blocks[0].attn.qkv.weight[part * 16 + 12: part * 16 + 16, :2] = 3.0
+            model.blocks[0].attn.qkv.weight[part * 16: part * 16 + 4, -2:] = 3.0
+        y0 = model(x)
+    m = placement_cost(graph, sp, cfg)
+    perm, delta = group_assignment_permutation(m, sp.groups)
+    assert delta < 0
+    assert set(perm[:4].tolist()) == set(range(12, 16)) and set(perm[12:].tolist()) == set(range(0, 4))
+    c0 = float(wiring_cost(graph, cfg).detach())
+    stats = relocate(graph, cfg, "assign", spaces=["blocks.0.attn"])
+    with torch.no_grad():
+        assert (model(x) - y0).abs().max() <= 1e-10
+    assert float(wiring_cost(graph, cfg).detach()) - c0 == pytest.approx(stats.total_delta, abs=1e-9)
+    assert stats.total_delta <= delta + 1e-12  # heads first, then within heads: at least as good

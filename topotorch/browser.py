@@ -133,9 +133,19 @@ class Browser:
         """Open ``url`` in a fresh tab and wait for its load event."""
         import websocket
 
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
-        target = json.loads(urllib.request.urlopen(req, timeout=self.timeout).read())
-        ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=self.timeout, suppress_origin=True)
+        # a busy machine may announce the DevTools port before it accepts connections: retry briefly
+        end = time.monotonic() + self.timeout
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
+                target = json.loads(urllib.request.urlopen(req, timeout=self.timeout).read())
+                ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=self.timeout,
+                                                 suppress_origin=True)
+                break
+            except OSError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
         self._sockets.append(ws)
         page = Page(ws, self.timeout)
         for domain in ("Runtime", "Log", "Page"):

@@ -179,8 +179,9 @@ def apply_permutation(
         raise ValueError(f"not a permutation of the {sp.size} neurons of space {sp.name!r}")
     if sp.relocate == "fixed":
         raise ValueError(f"space {sp.name!r} is fixed and cannot be relocated")
-    if sp.groups is not None and not torch.equal(sp.groups.cpu()[perm], sp.groups.cpu()):
-        raise ValueError(f"permutation moves neurons of space {sp.name!r} across groups (e.g. attention heads)")
+    if sp.groups is not None and not _maps_groups_onto_groups(sp.groups.cpu(), perm):
+        raise ValueError(f"permutation splits groups of space {sp.name!r} (e.g. attention heads): each group's "
+                         "slots must receive all the neurons of one group")
     if sp.relocate == "positions":
         new = sp.positions.clone()
         new[perm] = sp.positions
@@ -198,6 +199,47 @@ def apply_permutation(
             for v in state.get(t, {}).values():
                 if isinstance(v, torch.Tensor) and v.shape == t.shape:
                     v.copy_(v.index_select(sl.dim, idx.to(v.device)))
+
+
+def _group_matrix(groups: torch.Tensor) -> torch.Tensor:
+    """(n_groups, group_size) neuron indices of each group, in index order; equal sizes required."""
+    ids, counts = groups.unique(return_counts=True)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("whole-group moves need groups of equal size")
+    return torch.argsort(groups, stable=True).view(len(ids), int(counts[0]))
+
+
+def _maps_groups_onto_groups(groups: torch.Tensor, perm: torch.Tensor) -> bool:
+    """True if every group's slots receive all the neurons of a single group (in any order)."""
+    _, g = groups.unique(return_inverse=True)  # groups as 0..n-1
+    src = g[perm]  # group of the neuron each slot receives
+    n = int(g.max()) + 1
+    lo = torch.full((n,), n).scatter_reduce(0, g, src, "amin")
+    hi = torch.full((n,), -1).scatter_reduce(0, g, src, "amax")
+    return bool((lo == hi).all()) and len(lo.unique()) == n
+
+
+def group_assignment_permutation(m: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Best arrangement of whole groups (e.g. attention heads), each keeping its internal order.
+
+    The cost of moving group a into group b's slots is ``Σ_k M[G[a,k], G[b,k]]`` (G: each
+    group's neurons in index order), one gather and a diagonal sum for all pairs; the best
+    matching of groups is a linear assignment. Returns ``(perm, delta)`` like the others.
+    Usage: ``group_assignment_permutation(placement_cost(g, "blocks.0.attn", cfg), space.groups)``.
+    """
+    g = _group_matrix(groups.cpu()).to(m.device)
+    n_groups, size = g.shape
+    flat = g.reshape(-1)
+    pair = m[flat][:, flat].view(n_groups, size, n_groups, size).diagonal(dim1=1, dim2=3).sum(-1)  # (a, b)
+    rows, cols = linear_sum_assignment(pair.detach().to("cpu", torch.float64).numpy())
+    perm = torch.arange(m.shape[0], device=m.device)
+    src = torch.as_tensor(rows, device=m.device)
+    dst = torch.as_tensor(cols, device=m.device)
+    perm[g[dst].reshape(-1)] = g[src].reshape(-1)  # slot G[b, k] receives neuron G[a, k]
+    delta = float(pair[src, dst].sum() - pair.diagonal().sum())
+    if delta > 0:
+        return torch.arange(m.shape[0], device=m.device), 0.0
+    return perm, delta
 
 
 @dataclass
@@ -225,7 +267,8 @@ def relocate(
     """Sweep over the movable spaces, relocating each given its neighbours.
 
     ``method="swap"``: the paper's greedy swaps for the ``top_k`` neurons with the largest
-    Σ|in|+Σ|out|; ``"assign"``: the exact best permutation of each space (linear assignment),
+    Σ|in|+Σ|out|; ``"assign"``: the exact best permutation of each space (linear assignment;
+    for grouped spaces such as attention, whole heads are matched first, then each head's dims),
     repeated ``sweeps`` times. Never increases the wiring cost; never changes the function.
     Usage: ``relocate(g, WiringConfig(wf=1, l0=0.1), "swap", top_k=5, optimizer=opt)``.
     """
@@ -250,6 +293,15 @@ def relocate(
                 groups = sp.groups.to(m.device) if sp.groups is not None else None
                 perm, d = greedy_swap_permutation(m, cand, groups=groups)
             else:
+                if sp.groups is not None and len(sp.groups.unique()) > 1:
+                    # whole groups (heads) first, then the best arrangement within each group
+                    perm, d = group_assignment_permutation(m, sp.groups)
+                    if bool((perm.cpu() != torch.arange(sp.size)).any()):
+                        apply_permutation(graph, sp, perm, optimizer)
+                        applied.append((name, perm.cpu()))
+                        delta[name] = delta.get(name, 0.0) + d
+                        moved[name] = moved.get(name, 0) + int((perm.cpu() != torch.arange(sp.size)).sum())
+                        m = placement_cost(graph, sp, cfg)
                 perm, d = assignment_permutation(m, groups=sp.groups)
             n_moved = int((perm.cpu() != torch.arange(sp.size)).sum())
             if n_moved:
