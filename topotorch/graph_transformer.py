@@ -51,6 +51,15 @@ def _attention_tensors(prefix: str, attn: nn.Module) -> tuple[str, str | None, s
                      "qkv/proj pair or nn.MultiheadAttention")
 
 
+def _head_line(n_heads: int, head_dim: int, gap: float = 1.0) -> torch.Tensor:
+    """Attention neurons on a line in [0, 1], head by head, with a gap of ``gap`` slots between heads
+    (so drawings show each head and the wiring cost sees heads as separate places)."""
+    slot = torch.arange(n_heads * head_dim, dtype=torch.float64)
+    x = slot + gap * (slot // head_dim)
+    span = x.max() + 1.0
+    return ((x + 0.5) / span).unsqueeze(1)
+
+
 def _norm_slices(prefix: str, norm: nn.Module, d: int) -> list[Slice]:
     if isinstance(norm, nn.Identity):
         return []
@@ -124,8 +133,8 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         qkv_w, qkv_b, out_w, out_b, n_heads = _attention_tensors(f"{pre}.attn", block.attn)
         hd = d // n_heads
         name = f"{pre}.attn"
-        attn = Space(name, d, layout(name, d), 2.0 * li + 1, "hidden", "weights",
-                     groups=torch.arange(d) // hd, labels=[f"h{j // hd}.{j % hd}" for j in range(d)])
+        attn = Space(name, d, layout(name, d) if name in layouts else _head_line(n_heads, hd), 2.0 * li + 1,
+                     "hidden", "weights", groups=torch.arange(d) // hd, labels=[f"h{j // hd}.{j % hd}" for j in range(d)])
         three = _col(d, 3, d)
         attn.slices += [Slice(qkv_w, 0, three), Slice(out_w, 1, _col(d))]
         if qkv_b:
