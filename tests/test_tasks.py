@@ -166,3 +166,20 @@ def test_user_registered_task_trains_through_the_ordinary_path(parity_task):
     assert result.summary["test_accuracy"] > 0.75  # it actually learned the sign of x1
     mods = result.summary["modules"]
     assert all(set(m["inputs"]) <= {"a", "b", "c"} and set(m["outputs"]) <= {"neg", "pos"} for m in mods)
+
+
+def test_digits_wide_is_the_compression_benchmark_mlp():
+    t = get_task("digits-wide")
+    m = t.make_model()
+    assert [l.weight.shape for l in m.modules() if isinstance(l, torch.nn.Linear)] == [(512, 64), (512, 512), (10, 512)]
+    d = t.make_data(0, torch.float32)
+    assert d.x_train.shape[1] == 64
+
+
+def test_mnist1d_without_the_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mnist1d", None)
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(ImportError, match="pip install"):
+        get_task("mnist1d").make_data(0, torch.float32)

@@ -238,6 +238,50 @@ def digits() -> Task:
 
 
 @register_task
+def digits_wide() -> Task:
+    return Task(
+        name="digits-wide", description="the 8x8 digits with a wide MLP 64-512-512-10 (the compression benchmark's model)",
+        make_data=digits_data, make_model=lambda: MLP([64, 512, 512, 10]), loss="ce",
+        layouts={"input": "grid:8x8", "hidden1": "grid:16x32", "hidden2": "grid:16x32", "output": "circle"},
+        output_labels=[str(i) for i in range(10)],
+        defaults=dict(steps=6000, lr=1e-3, l0=0.5, wf=2.0, top_k=60, swap_every=500, agg="mean", batch_size=256,
+                      lam="0:0.01,2000:0.1,4000:1.0", threshold=0.05, dtype="float32", relocate_inputs=False),
+        goal=("accuracy", ">=", 0.93),
+    )
+
+
+def mnist1d_data(seed: int, dtype: torch.dtype) -> TaskData:
+    """MNIST-1D (Greydanus 2020): 4000/1000 generated 40-sample signals, standardised on the training set.
+
+    Generated offline with ``mnist1d.data.make_dataset`` and the package's default arguments; the
+    ``seed`` only shuffles the training order (the data set itself is the standard one)."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise ImportError("the mnist1d task needs the `mnist1d` package: pip install 'topotorch[datasets]'") from None
+    ds = make_dataset(get_dataset_args())
+    xtr = torch.as_tensor(ds["x"], dtype=dtype)
+    xte = torch.as_tensor(ds["x_test"], dtype=dtype)
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    ytr, yte = torch.as_tensor(ds["y"]).long(), torch.as_tensor(ds["y_test"]).long()
+    order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(seed))
+    return TaskData(((xtr - mu) / sd)[order], ytr[order], (xte - mu) / sd, yte)
+
+
+@register_task
+def mnist1d() -> Task:
+    return Task(
+        name="mnist1d", description="MNIST-1D: 40-sample 1-D digit signals (needs the mnist1d package), MLP 40-100-100-10",
+        make_data=mnist1d_data, make_model=lambda: MLP([40, 100, 100, 10]), loss="ce",
+        layouts={"hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
+        output_labels=[str(i) for i in range(10)],
+        defaults=dict(steps=6000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=500, agg="mean", batch_size=256,
+                      lam="0:0.001,2000:0.01,4000:0.1", threshold=0.05, dtype="float32", relocate_inputs=False),
+        goal=("accuracy", ">=", 0.80),
+    )
+
+
+@register_task
 def digits_conv() -> Task:
     from .graph_conv import conv_graph
     from .models import SmallResNet
