@@ -103,7 +103,9 @@ def test_cli_compress_and_reload(tmp_path):
     assert small[0].out_features == 16 and small[2].in_features == 16
     spec = __import__("json").loads((run / "compressed.json").read_text())
     assert evaluate(r.task, small, r.data.x_test, r.data.y_test) == pytest.approx(spec["test_accuracy_after"])
-    bad = CliRunner().invoke(app, ["compress", str(run)])
+    bad = CliRunner().invoke(app, ["compress", str(run), "--downsample", "2", "--removed", "0.5"])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: give exactly one")
+    bad = CliRunner().invoke(app, ["compress", str(run), "--threshold", "0.05", "--removed", "0.5"])
+    assert bad.exit_code == 2 and "mutually exclusive" in bad.output
     bad = CliRunner().invoke(app, ["compress", str(run), "--downsample", "3", "--layers", "*.c_fc"])
     assert bad.exit_code == 2 and "matches no Linear/Conv layer" in bad.output

@@ -257,6 +257,43 @@ def _topo_pattern(r, layers: Optional[str]) -> str:
     return default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
 
 
+def _compress_compact(run: Path, threshold: Optional[float], choose: str, threads: int) -> None:
+    from .checkpoint import CheckpointError
+    from .compact import FORMATS, CompactError, compress_run
+
+    if choose not in ("auto", *FORMATS):
+        _fail(f"unknown --choose {choose!r}; use auto, {', '.join(FORMATS)}")
+    if threshold is not None and not threshold >= 0:
+        _fail(f"threshold must be >= 0, got {threshold}")
+    if threads < 1:
+        _fail(f"threads must be >= 1, got {threads}")
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            rep = compress_run(run, threshold=threshold, choose=choose, threads=threads)
+    except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
+        _fail(str(e))
+    m = rep["metric"]
+    typer.echo(f"{rep['task']} [{rep.get('method', '')}] threshold {rep['threshold']:g}, {rep['threads']} thread(s)"
+               + (f", formats {','.join(rep['formats'])}, modules {len(rep.get('modules') or [])}" if "formats" in rep else ""))
+    rows = [("parameters", rep["params_before"], rep["params_after"], rep["param_ratio"])]
+    if "flops_before" in rep:
+        rows.append(("FLOPs / sample", rep["flops_before"], rep["flops_after"], rep["flops_ratio"]))
+    for b, v in rep["speed"].items():
+        if b == "1":
+            rows.append(("latency batch 1 (µs)", v["dense_seconds"] * 1e6, v["compact_seconds"] * 1e6, v["throughput_ratio"]))
+        else:
+            rows.append((f"samples/s batch {b}", v["dense_samples_per_s"], v["compact_samples_per_s"], v["throughput_ratio"]))
+    typer.echo(f"{'figure':24s} {'dense':>12s} {'compact':>12s} {'ratio':>7s}")
+    for name, a, b, ratio in rows:
+        typer.echo(f"{name:24s} {a:12.5g} {b:12.5g} {ratio:6.2f}x")
+    typer.echo(f"test {m}: dense {rep[f'test_{m}_dense']:.4g}, thresholded {rep[f'test_{m}_thresholded']:.4g}, "
+               f"compact {rep[f'test_{m}_compact']:.4g}; max |compact - thresholded| = {rep['max_abs_diff']:.3g}"
+               + (f" (float64: {rep['max_abs_diff_float64']:.3g})" if "max_abs_diff_float64" in rep else ""))
+    typer.echo("(batch-1 latency measures framework overhead, not arithmetic)")
+    typer.echo(f"wrote {run / 'compact'}/ (report.json)")
+
+
 @app.command()
 def compress(
     run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
@@ -265,14 +302,24 @@ def compress(
     layers: Optional[str] = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
     mode: str = typer.Option("area", help="nearest | bilinear | area"),
     calibrate: bool = typer.Option(True, help="refit each reading layer by least squares on training inputs"),
+    threshold: Optional[float] = typer.Option(None, help="compact runtime (the default mode): weights with |w| <= T "
+                                              "are dead (default: the run's config threshold)"),
+    choose: str = typer.Option("auto", help="compact storage per layer: auto (measured) | dense | block | csr"),
+    threads: int = typer.Option(1, help="torch threads for the compact runtime's timings"),
 ) -> None:
-    """Cut a run's topographic layers down to a coarser sheet: a smaller dense model, saved beside the run
-    (compressed.safetensors + compressed.json; load with topotorch.compress.load_compressed)."""
+    """Compact runtime (default, or --threshold T): dead neurons removed, modules split, storage measured per
+    layer; writes RUN/compact/ (compact.safetensors + compact.json + report.json; load with
+    topotorch.compact.load_compact). Topographic mode (--downsample PHI | --removed F): cut a run's
+    topographic layers down to a coarser sheet (compressed.safetensors + compressed.json)."""
     from .compress import compress as do_compress
     from .compress import parameter_count, save_compressed
     from .training import evaluate
 
-    if (downsample is None) == (removed is None):
+    if threshold is not None and (downsample is not None or removed is not None):
+        _fail("--threshold (compact runtime) and --downsample/--removed (topographic downsampling) are mutually exclusive")
+    if downsample is None and removed is None:
+        return _compress_compact(run, threshold, choose, threads)
+    if downsample is not None and removed is not None:
         _fail("give exactly one of --downsample PHI or --removed FRACTION")
     if mode not in ("nearest", "bilinear", "area"):
         _fail(f"unknown mode {mode!r}; use nearest, bilinear or area")

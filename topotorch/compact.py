@@ -1,0 +1,805 @@
+"""Compact runtime for thresholded MLPs: turn trained sparsity and modularity into a smaller, faster model.
+
+A BIMT-trained MLP is mostly dead weight, yet it still runs as dense matmuls. :func:`compact_mlp`
+cuts it down to the network that actually computes, *exactly* (up to float rounding):
+
+1. **Threshold.** Weights with ``|w| <= threshold`` become 0 (the same rule as
+   :func:`topotorch.analysis.thresholded`, so "thresholded" metrics agree); biases stay.
+2. **Dead neurons.** A hidden neuron whose incoming weights are all zero outputs the constant
+   ``act(b)``: it is removed and ``W_next[:, j] * act(b_j)`` is folded into the next layer's bias.
+   A neuron whose outgoing weights are all zero is removed. Repeated until nothing changes; unused
+   inputs (or embedding dimensions) are dropped, and outputs that nothing reaches become constants.
+3. **Modules.** Hidden neurons are split into connected components (scipy ``connected_components``
+   on the bipartite layer graphs) and ordered module by module, so every hidden→hidden matrix is
+   block-diagonal; inputs may be read by several modules and modules' output logits are summed.
+4. **Storage per layer**, chosen by *measuring* on the batch sizes given at compaction time
+   (``choose="auto"``) or forced: ``dense`` (the small matrix left after removal, one ``addmm``),
+   ``block`` (padded module blocks, one ``torch.bmm`` for all modules) or ``csr``
+   (``torch.sparse_csr`` @ dense). The choice and its timings are kept in the saved description.
+
+The result, :class:`CompactMLP`, is an ordinary ``nn.Module`` with no Python loop over neurons or
+samples. :func:`save_compact` writes ``compact.safetensors`` + ``compact.json`` (atomic, checksummed,
+no pickle); :func:`load_compact` rebuilds it from those two files with nothing but this module.
+
+    >>> small = compact_mlp(model, threshold=0.05, example=x_train[:256], batch_sizes=(256, 4096))
+    >>> verify(thresholded_copy(model, 0.05), small, x_test)      # max |difference|, <= 1e-5 in float32
+    >>> save_compact("runs/dw/compact", small); small = load_compact("runs/dw/compact")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_VERSION = 1
+FORMATS = ("dense", "block", "csr")
+Choice = Literal["auto", "dense", "block", "csr"]
+
+
+class CompactError(ValueError):
+    """A compact model cannot be built, or its saved files are missing, corrupt or inconsistent."""
+
+
+# -- activations by name (what the saved description stores) ---------------------------------------
+
+_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "relu": F.relu,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def _act_name(m: nn.Module) -> str:
+    if isinstance(m, nn.Identity):
+        return "identity"
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    if isinstance(m, nn.SiLU):
+        return "silu"
+    if isinstance(m, nn.GELU):
+        return "gelu_tanh" if m.approximate == "tanh" else "gelu"
+    if isinstance(m, nn.Tanh):
+        return "tanh"
+    if isinstance(m, nn.Sigmoid):
+        return "sigmoid"
+    raise CompactError(f"compact_mlp cannot follow a {type(m).__name__} between linear layers "
+                       f"(element-wise activations only: {', '.join(_ACTS)})")
+
+
+def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return _ACTS[name]
+    except KeyError:
+        raise CompactError(f"unknown activation {name!r}; known: {', '.join(_ACTS)}") from None
+
+
+# -- reading an MLP ---------------------------------------------------------------------------------
+
+def _chain(model: nn.Module) -> tuple[torch.Tensor | None, int, list[nn.Linear], list[str]]:
+    """(embedding weight or None, tokens per input, linear layers, activation after each layer)."""
+    emb, n_tok, seq = None, 0, model
+    if isinstance(getattr(model, "embedding", None), nn.Embedding) and isinstance(getattr(model, "mlp", None), nn.Sequential):
+        emb, n_tok, seq = model.embedding.weight, int(model.n_tokens), model.mlp  # TokenMLP: folded embeddings
+    if not isinstance(seq, nn.Sequential):
+        raise CompactError(f"compact_mlp handles nn.Sequential chains of nn.Linear with element-wise activations "
+                           f"(e.g. topotorch.models.MLP / TokenMLP), not a {type(model).__name__}; "
+                           "for conv nets and transformers use topotorch.shrink")
+    linears: list[nn.Linear] = []
+    acts: list[str] = []
+    for name, m in seq.named_children():
+        if isinstance(m, nn.Linear):
+            linears.append(m)
+            acts.append("identity")
+        elif isinstance(m, nn.Dropout):
+            continue
+        else:
+            if not linears:
+                raise CompactError(f"{type(m).__name__} ({name!r}) before the first linear layer is not supported")
+            if acts[-1] != "identity":
+                raise CompactError(f"two activations in a row after layer {len(linears) - 1} are not supported")
+            acts[-1] = _act_name(m)
+    if not linears:
+        raise CompactError("the model has no nn.Linear layer")
+    for i, (a, b) in enumerate(zip(linears, linears[1:])):
+        if a.out_features != b.in_features:
+            raise CompactError(f"linear layers {i} and {i + 1} do not chain ({a.out_features} -> {b.in_features})")
+    if emb is not None and linears[0].in_features != n_tok * emb.shape[1]:
+        raise CompactError(f"first layer takes {linears[0].in_features} features, not {n_tok} x {emb.shape[1]}")
+    return emb, n_tok, linears, acts
+
+
+@torch.no_grad()
+def thresholded_copy(model: nn.Module, threshold: float) -> nn.Module:
+    """A deep copy of ``model`` with every Linear/Embedding weight of magnitude <= ``threshold`` set to 0.
+
+    The "thresholded original" a compact model must reproduce. Usage: ``ref = thresholded_copy(mlp, 0.05)``.
+    """
+    if not threshold >= 0:
+        raise CompactError(f"threshold must be >= 0, got {threshold!r}")
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.masked_fill_(m.weight.abs() <= threshold, 0.0)
+    return out.eval()
+
+
+# -- the storage formats ----------------------------------------------------------------------------
+
+class _Layer(nn.Module):
+    """One linear layer of a compact model in one storage format; ``forward`` takes and gives flat (B, n) tensors."""
+
+    fmt = ""
+
+    def __init__(self, n_in: int, n_out: int, activation: str):
+        super().__init__()
+        self.n_in, self.n_out, self.activation = n_in, n_out, activation
+        self._act = _act(activation)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self._buffers.items() if v is not None}
+
+    def stored_values(self) -> int:
+        """Floating-point values stored (index tensors not counted)."""
+        return sum(t.numel() for t in self.tensors().values() if t.is_floating_point())
+
+    def flops(self) -> int:  # multiply-adds x 2 per sample
+        raise NotImplementedError
+
+
+class DenseLayer(_Layer):
+    """``y = act(x[:, cols] @ W.T + b)``: the small dense matrix left after removal (the gather only when needed)."""
+
+    fmt = "dense"
+
+    def __init__(self, wt: torch.Tensor, bias: torch.Tensor, n_in: int, activation: str, cols: torch.Tensor | None = None):
+        super().__init__(n_in, wt.shape[1], activation)
+        self.register_buffer("wt", wt.contiguous())  # (n_used_in, n_out): addmm-ready
+        self.register_buffer("bias", bias.contiguous())
+        self.register_buffer("cols", None if cols is None else cols.to(torch.long).contiguous())
+
+    @classmethod
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> "DenseLayer":
+        used = (w != 0).any(0).nonzero().flatten()
+        cols = None if len(used) == w.shape[1] else used
+        return cls((w if cols is None else w[:, cols]).t(), b, w.shape[1], activation, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cols is not None:
+            x = x.index_select(1, self.cols)
+        return self._act(torch.addmm(self.bias, x, self.wt))
+
+    def flops(self) -> int:
+        return 2 * self.wt.numel()
+
+
+class CSRLayer(_Layer):
+    """``y = act((W_csr @ x.T).T + b)`` with ``W`` a ``torch.sparse_csr`` matrix: work proportional to the non-zeros."""
+
+    fmt = "csr"
+
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                 n_in: int, activation: str):
+        super().__init__(n_in, len(crow) - 1, activation)
+        self.register_buffer("crow", crow.to(torch.long).contiguous())
+        self.register_buffer("col", col.to(torch.long).contiguous())
+        self.register_buffer("values", values.contiguous())
+        self.register_buffer("bias", bias.contiguous())
+        self._csr = self._make()
+
+    def _make(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.n_out, self.n_in),
+                                           check_invariants=True)
+
+    def _apply(self, fn, recurse=True):  # .to(dtype/device): rebuild the CSR view of the moved buffers
+        out = super()._apply(fn, recurse)
+        self._csr = self._make()
+        return out
+
+    @classmethod
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> "CSRLayer":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = w.to_sparse_csr()
+        return cls(s.crow_indices(), s.col_indices(), s.values(), b, w.shape[1], activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._act(torch.mm(self._csr, x.t()).t() + self.bias)
+
+    def flops(self) -> int:
+        return 2 * self.values.numel()
+
+
+class BlockLayer(_Layer):
+    """Module blocks padded to one size, all multiplied by one ``torch.bmm``.
+
+    Module m reads columns ``idx_in[m]`` of the input (modules may share inputs) and writes rows
+    ``out_pos[m]`` of the output (modules may share outputs: summed with ``index_add``; when they
+    partition the outputs, a plain ``index_select`` drops the padding instead).
+    """
+
+    fmt = "block"
+
+    def __init__(self, blocks: torch.Tensor, idx_in: torch.Tensor, out_pos: torch.Tensor, bias: torch.Tensor,
+                 n_in: int, activation: str):
+        m, kin, kout = blocks.shape
+        super().__init__(n_in, len(bias), activation)
+        self.register_buffer("blocks", blocks.contiguous())          # (M, Kin, Kout)
+        self.register_buffer("idx_in", idx_in.to(torch.long).contiguous())   # (M*Kin,), padding -> 0
+        self.register_buffer("out_pos", out_pos.to(torch.long).contiguous())  # (M*Kout,), padding -> n_out
+        self.register_buffer("bias", bias.contiguous())
+        self._setup_output()
+
+    def _setup_output(self) -> None:
+        real = self.out_pos < self.n_out
+        pos = self.out_pos[real]
+        self._mode = "add"
+        self._select = None
+        if len(pos) == self.n_out and bool((pos.sort().values == torch.arange(self.n_out)).all()):
+            order = torch.full((self.n_out,), -1, dtype=torch.long)
+            order[pos] = real.nonzero().flatten()
+            if bool((order == torch.arange(self.n_out)).all()) and len(self.out_pos) == self.n_out:
+                self._mode = "identity"
+            else:
+                self._mode, self._select = "select", order
+
+    @classmethod
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, modules: list | None = None, **_) -> "BlockLayer":
+        if not modules:
+            modules = [(torch.arange(w.shape[0]), torch.arange(w.shape[1]))]
+        kin = max(1, max(len(c) for _, c in modules))
+        kout = max(1, max(len(r) for r, _ in modules))
+        nm = len(modules)
+        blocks = w.new_zeros(nm, kin, kout)
+        idx_in = torch.zeros(nm, kin, dtype=torch.long)
+        out_pos = torch.full((nm, kout), w.shape[0], dtype=torch.long)
+        for i, (rows, cols) in enumerate(modules):  # a handful of modules, at compaction time only
+            blocks[i, : len(cols), : len(rows)] = w[rows][:, cols].t()
+            idx_in[i, : len(cols)] = cols
+            out_pos[i, : len(rows)] = rows
+        return cls(blocks, idx_in.flatten(), out_pos.flatten(), b, w.shape[1], activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, kin, kout = self.blocks.shape
+        g = x.index_select(1, self.idx_in).view(-1, m, kin).transpose(0, 1)  # (M, B, Kin)
+        y = torch.bmm(g, self.blocks).transpose(0, 1).reshape(-1, m * kout)  # (B, M*Kout)
+        if self._mode == "identity":
+            out = y + self.bias
+        elif self._mode == "select":
+            out = y.index_select(1, self._select) + self.bias
+        else:
+            out = y.new_zeros(y.shape[0], self.n_out + 1).index_add_(1, self.out_pos, y)[:, : self.n_out] + self.bias
+        return self._act(out)
+
+    def stored_values(self) -> int:
+        return self.blocks.numel() + self.bias.numel()
+
+    def flops(self) -> int:
+        return 2 * self.blocks.numel()
+
+
+_LAYER_CLASSES: dict[str, type[_Layer]] = {"dense": DenseLayer, "block": BlockLayer, "csr": CSRLayer}
+_LAYER_TENSORS = {"dense": ("wt", "bias", "cols"), "block": ("blocks", "idx_in", "out_pos", "bias"),
+                  "csr": ("crow", "col", "values", "bias")}
+
+
+# -- the compact model ------------------------------------------------------------------------------
+
+class CompactMLP(nn.Module):
+    """The computing part of a thresholded MLP: (optional folded embedding) → compact layers → outputs.
+
+    Inputs are what the original took: a (B, n_in) float tensor, or (B, n_tokens) token ids for a
+    ``TokenMLP``. ``description`` records formats, shapes, activations, modules and the measured
+    format timings. Usage: ``y = small(x)``; ``small.stored_values()``; ``small.flops()``.
+    """
+
+    def __init__(self, layers: Sequence[_Layer], n_in: int, n_out: int, out_live: torch.Tensor,
+                 out_const: torch.Tensor, embed: torch.Tensor | None = None, n_tokens: int = 0,
+                 description: dict | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.n_in, self.n_out, self.n_tokens = n_in, n_out, n_tokens
+        self.register_buffer("embed", None if embed is None else embed.contiguous())
+        self.register_buffer("out_live", out_live.to(torch.long).contiguous())
+        self.register_buffer("out_const", out_const.contiguous())
+        self._all_live = len(out_live) == n_out and bool((out_live == torch.arange(n_out)).all())
+        self.description = description or {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            if x.ndim != 2 or x.shape[1] != self.n_tokens:
+                raise ValueError(f"expected (batch, {self.n_tokens}) token ids, got shape {tuple(x.shape)}")
+            x = F.embedding(x, self.embed).reshape(x.shape[0], -1)
+        elif x.ndim != 2 or x.shape[1] != self.n_in:
+            raise ValueError(f"expected (batch, {self.n_in}) inputs, got shape {tuple(x.shape)}")
+        for layer in self.layers:
+            x = layer(x)
+        if self._all_live:
+            return x
+        out = self.out_const.expand(x.shape[0], self.n_out).clone()
+        if len(self.out_live):
+            out.index_copy_(1, self.out_live, x)
+        return out
+
+    def stored_values(self) -> int:
+        """Floating-point values the model stores (its parameter count; padding of blocks included)."""
+        n = sum(layer.stored_values() for layer in self.layers) + self.out_const.numel() * (not self._all_live)
+        return n + (self.embed.numel() if self.embed is not None else 0)
+
+    def nonzeros(self) -> int:
+        """Non-zero weights and biases stored."""
+        ts = [t for layer in self.layers for t in layer.tensors().values() if t.is_floating_point()]
+        ts += [self.embed] if self.embed is not None else []
+        return int(sum(int((t != 0).sum()) for t in ts))
+
+    def flops(self) -> int:
+        """Multiply-adds x 2 per sample (embedding gathers and bias adds not counted)."""
+        return sum(layer.flops() for layer in self.layers)
+
+    @property
+    def formats(self) -> list[str]:
+        return [layer.fmt for layer in self.layers]
+
+
+def dense_flops(model: nn.Module) -> int:
+    """Multiply-adds x 2 per sample of an MLP's linear layers run dense. Usage: ``dense_flops(mlp)``."""
+    return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    reps = -(-n // len(x))
+    return x.repeat(reps, *([1] * (x.ndim - 1)))[:n].contiguous()
+
+
+@torch.no_grad()
+def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None = None, choose: Choice = "auto",
+                batch_sizes: Sequence[int] | None = None, reps: int = 5) -> CompactMLP:
+    """Compact a (thresholded) MLP: dead neurons removed, constants folded, modules split, storage chosen.
+
+    ``model``: an ``nn.Sequential`` chain of ``nn.Linear`` with element-wise activations (``MLP``), or a
+    ``TokenMLP``. ``example``: inputs for timing the formats (default: random ones); ``batch_sizes``:
+    the batch sizes to time at (default: the example's); ``choose``: ``"auto"`` (fastest measured,
+    per layer, summed per sample over the batch sizes) or one format for every layer.
+    Usage: ``small = compact_mlp(mlp, 0.05, example=x_train[:256], batch_sizes=(256, 4096))``.
+    """
+    if choose not in ("auto", *FORMATS):
+        raise CompactError(f"unknown choice {choose!r}; use auto, {', '.join(FORMATS)}")
+    emb, n_tok, linears, acts = _chain(model)
+    if not threshold >= 0:
+        raise CompactError(f"threshold must be >= 0, got {threshold!r}")
+    dt = linears[0].weight.dtype
+    # bookkeeping in float64 (exact for float32 weights): folded constants are summed once, then rounded
+    ws = [lin.weight.detach().to(torch.float64, copy=True) for lin in linears]
+    bs = [lin.bias.detach().to(torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
+          for i, lin in enumerate(linears)]
+    for w in ws:
+        w.masked_fill_(w.abs() <= threshold, 0.0)
+    n_in_orig, n_out = ws[0].shape[1], ws[-1].shape[0]
+    if emb is not None:
+        e = emb.detach().to(dt, copy=True)
+        e.masked_fill_(e.abs() <= threshold, 0.0)
+        d = e.shape[1]
+        dead_dim = (e == 0).all(0)  # a dimension that is 0 for every token feeds nothing
+        ws[0][:, dead_dim.repeat(n_tok)] = 0.0
+    n_layers = len(ws)
+    # 1. dead hidden neurons, to a fixed point (space s = output of linear s-1 = input of linear s)
+    changed = True
+    while changed:
+        changed = False
+        for s in range(1, n_layers):
+            w_in, w_out = ws[s - 1], ws[s]
+            no_in = (w_in == 0).all(1)
+            no_out = (w_out == 0).all(0)
+            if no_in.any():  # constant act(b) (as the model computes it, in its dtype): fold it into the next bias
+                const = _act(acts[s - 1])(bs[s - 1][no_in].to(dt)).to(torch.float64)
+                bs[s] = bs[s] + w_out[:, no_in] @ const
+            drop = no_in | no_out
+            if drop.any():
+                keep = ~drop
+                ws[s - 1], bs[s - 1], ws[s] = ws[s - 1][keep], bs[s - 1][keep], ws[s][:, keep]
+                changed = True
+    # 2. inputs: unused features (or embedding dimensions) dropped
+    embed = None
+    if emb is not None:
+        used_col = (ws[0] != 0).any(0)
+        dims = used_col.view(n_tok, d).any(0).nonzero().flatten()
+        ws[0] = ws[0][:, (torch.arange(n_tok)[:, None] * d + dims[None, :]).flatten()]
+        embed = e[:, dims]
+        layer0_in = n_tok * len(dims)
+    else:
+        layer0_in = n_in_orig
+    # 3. outputs nothing reaches are constants act(b)
+    out_live = (ws[-1] != 0).any(1).nonzero().flatten()
+    out_const = _act(acts[-1])(bs[-1].to(dt))
+    ws[-1], bs[-1] = ws[-1][out_live], bs[-1][out_live]
+    if len(out_live) == 0:
+        ws, bs = [], []
+    # 4. modules: connected components of the hidden neurons, each space reordered module by module
+    modules_per_layer, module_sizes = _modules(ws, bs)
+    ws, bs = [w.to(dt) for w in ws], [b.to(dt) for b in bs]
+    # 5. storage per layer
+    layers: list[_Layer] = []
+    layer_desc: list[dict] = []
+    x = None
+    if choose == "auto" and ws:
+        x = _example_input(example, emb is not None, n_in_orig, n_tok, emb.shape[0] if emb is not None else 0, dt)
+        x = F.embedding(x, embed).reshape(x.shape[0], -1) if embed is not None else x
+        sizes = list(batch_sizes) if batch_sizes else [len(x)]
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        kw = dict(modules=modules_per_layer[i])
+        if choose == "auto":
+            timings = {}
+            cands = {}
+            for fmt in FORMATS:
+                cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw)
+                cands[fmt] = cand
+                timings[fmt] = sum(_median_seconds(lambda: cand(xb), reps) / n
+                                   for n in sizes for xb in [_batch_like(x, n)])
+            fmt = min(timings, key=timings.get)
+            layer = cands[fmt]
+            x = layer(x)
+            info = {"choice": "measured", "seconds_per_sample": {k: v for k, v in timings.items()},
+                    "batch_sizes": sizes}
+        else:
+            layer = _LAYER_CLASSES[choose].build(w, b, acts[i], **kw)
+            info = {"choice": "forced"}
+        layers.append(layer)
+        layer_desc.append({"format": layer.fmt, "n_in": w.shape[1], "n_out": w.shape[0], "activation": acts[i],
+                           "nonzeros": int((w != 0).sum()), "modules": len(modules_per_layer[i]), **info})
+    desc = {
+        "threshold": threshold,
+        "dtype": str(dt).replace("torch.", ""),
+        "input": ({"kind": "tokens", "n_tokens": n_tok, "vocab": int(emb.shape[0]), "embed_dim_before": int(emb.shape[1]),
+                   "embed_dims_kept": int(embed.shape[1])} if emb is not None else {"kind": "features", "n_in": n_in_orig}),
+        "layers": layer_desc,
+        "n_out": n_out,
+        "n_live_outputs": int(len(out_live)),
+        "modules": module_sizes,
+        "hidden_sizes_before": [lin.out_features for lin in linears[:-1]],
+        "hidden_sizes_after": [w.shape[0] for w in ws[:-1]] if ws else [0] * (len(linears) - 1),
+    }
+    return CompactMLP(layers, n_in_orig, n_out, out_live, out_const, embed, n_tok, desc)
+
+
+def _example_input(example, tokens: bool, n_in: int, n_tok: int, vocab: int, dt) -> torch.Tensor:
+    if example is not None:
+        return example.to(dt) if not tokens else example.long()
+    g = torch.Generator().manual_seed(0)
+    if tokens:
+        return torch.randint(vocab, (256, n_tok), generator=g)
+    return torch.randn(256, n_in, generator=g, dtype=dt)
+
+
+def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list], list[list[int]]]:
+    """In place: reorder hidden neurons module by module. Returns, per layer, the modules' (rows, cols)
+    index tensors, and each module's size per hidden space."""
+    import numpy as np
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_layers = len(ws)
+    if n_layers == 0:
+        return [], []
+    if n_layers == 1:
+        return [[(torch.arange(ws[0].shape[0]), torch.arange(ws[0].shape[1]))]], [[]]
+    sizes = [ws[s].shape[1] for s in range(1, n_layers)]  # hidden spaces 1..L-1
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    rows, cols = [], []
+    for s in range(1, n_layers - 1):  # linear s: space s -> space s+1
+        t, f = (ws[s] != 0).nonzero(as_tuple=True)
+        rows.append(t.numpy() + offs[s])
+        cols.append(f.numpy() + offs[s - 1])
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    total = int(offs[-1])
+    _, label = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(total, total)), directed=False)
+    # modules numbered by their first neuron in the first hidden space, so the order is deterministic
+    first = {}
+    for lab in label:
+        first.setdefault(int(lab), len(first))
+    label = np.array([first[int(v)] for v in label])
+    n_mod = len(first)
+    labels = [torch.as_tensor(label[offs[s - 1]: offs[s]]) for s in range(1, n_layers)]
+    for s in range(1, n_layers):  # stable sort of space s by module
+        order = torch.as_tensor(np.argsort(labels[s - 1].numpy(), kind="stable"))
+        labels[s - 1] = labels[s - 1][order]
+        ws[s - 1], bs[s - 1], ws[s] = ws[s - 1][order], bs[s - 1][order], ws[s][:, order]
+    per_layer: list[list] = []
+    for i in range(n_layers):
+        mods = []
+        for m in range(n_mod):
+            if i == 0:  # inputs -> first hidden: a module reads whatever its rows use
+                rws = (labels[0] == m).nonzero().flatten()
+                cls = (ws[0][rws] != 0).any(0).nonzero().flatten()
+            elif i == n_layers - 1:  # last hidden -> outputs: a module writes whatever its columns reach
+                cls = (labels[-1] == m).nonzero().flatten()
+                rws = (ws[i][:, cls] != 0).any(1).nonzero().flatten()
+            else:
+                rws = (labels[i] == m).nonzero().flatten()
+                cls = (labels[i - 1] == m).nonzero().flatten()
+            mods.append((rws, cls))
+        per_layer.append(mods)
+    module_sizes = [[int((lab == m).sum()) for lab in labels] for m in range(n_mod)]
+    return per_layer, module_sizes
+
+
+@torch.no_grad()
+def verify(original_thresholded: nn.Module, compact: nn.Module, x: torch.Tensor, batch: int = 4096) -> float:
+    """Max |difference| between the two models' outputs on ``x`` (in eval mode, in batches).
+
+    Usage: ``verify(thresholded_copy(mlp, 0.05), small, x_test)`` -> e.g. 2e-7.
+    """
+    was = original_thresholded.training
+    original_thresholded.eval()
+    try:
+        diff = 0.0
+        for i in range(0, len(x), batch):
+            a, b = original_thresholded(x[i: i + batch]), compact(x[i: i + batch])
+            if a.shape != b.shape:
+                raise CompactError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+            diff = max(diff, float((a.to(torch.float64) - b.to(torch.float64)).abs().max()) if a.numel() else 0.0)
+        return diff
+    finally:
+        original_thresholded.train(was)
+
+
+# -- saving and loading -----------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]:
+    """Write ``compact.safetensors`` (the tensors) and ``compact.json`` (the architecture: formats,
+    shapes, activations, index maps, the tensors' SHA-256) into ``path_dir``, each atomically.
+
+    Usage: ``save_compact("runs/dw/compact", small)``.
+    """
+    from safetensors.torch import save
+
+    folder = Path(path_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {"out_live": compact.out_live, "out_const": compact.out_const}
+    if compact.embed is not None:
+        tensors["embed"] = compact.embed
+    layers = []
+    for i, layer in enumerate(compact.layers):
+        names = []
+        for k, t in layer.tensors().items():
+            tensors[f"layers.{i}.{k}"] = t
+            names.append(k)
+        layers.append({"format": layer.fmt, "n_in": layer.n_in, "n_out": layer.n_out,
+                       "activation": layer.activation, "tensors": names})
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    blob = save(tensors, metadata={"format": "topotorch.compact", "version": str(FORMAT_VERSION)})
+    spec = {
+        "format": "topotorch.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
+        "n_tokens": compact.n_tokens, "layers": layers,
+        "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
+        "sha256": hashlib.sha256(blob).hexdigest(), "description": compact.description,
+    }
+    st, js = folder / "compact.safetensors", folder / "compact.json"
+    _atomic_write(st, blob)
+    _atomic_write(js, (json.dumps(spec, indent=2) + "\n").encode())
+    return st, js
+
+
+def load_compact(path_dir: str | Path) -> CompactMLP:
+    """Rebuild a :class:`CompactMLP` saved by :func:`save_compact` (no pickle, no training code).
+
+    Raises :class:`CompactError` naming the missing, corrupt or mismatched file.
+    Usage: ``small = load_compact("runs/dw/compact")``.
+    """
+    from safetensors.torch import load
+
+    folder = Path(path_dir)
+    st, js = folder / "compact.safetensors", folder / "compact.json"
+    for p in (js, st):
+        if not p.is_file():
+            raise CompactError(f"{p} is missing (not a compact model folder written by save_compact)")
+    try:
+        spec = json.loads(js.read_text())
+        if not isinstance(spec, dict) or spec.get("format") != "topotorch.compact":
+            raise ValueError("not a topotorch compact description")
+        if spec.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {spec.get('version')!r}, this code reads {FORMAT_VERSION}")
+        layers_spec, shapes = list(spec["layers"]), dict(spec["shapes"])
+        n_in, n_out, n_tok = int(spec["n_in"]), int(spec["n_out"]), int(spec["n_tokens"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CompactError(f"{js} is corrupt: {e}") from None
+    blob = st.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != spec.get("sha256"):
+        raise CompactError(f"{st} does not match {js.name} (checksum differs: truncated, corrupt or from another save)")
+    try:
+        tensors = load(blob)
+    except Exception as e:  # safetensors raises its own error types
+        raise CompactError(f"{st} is corrupt: {e}") from None
+    for k, shape in shapes.items():
+        if k not in tensors:
+            raise CompactError(f"{st} lacks tensor {k!r} named in {js.name}")
+        if list(tensors[k].shape) != list(shape):
+            raise CompactError(f"{st}: tensor {k!r} has shape {list(tensors[k].shape)}, {js.name} says {shape}")
+    layers: list[_Layer] = []
+    try:
+        for i, ls in enumerate(layers_spec):
+            fmt = ls["format"]
+            if fmt not in _LAYER_CLASSES:
+                raise ValueError(f"layer {i}: unknown format {fmt!r}")
+            t = {k: tensors.get(f"layers.{i}.{k}") for k in _LAYER_TENSORS[fmt]}
+            act, lin = ls["activation"], int(ls["n_in"])
+            if fmt == "dense":
+                layers.append(DenseLayer(t["wt"], t["bias"], lin, act, t["cols"]))
+            elif fmt == "csr":
+                layers.append(CSRLayer(t["crow"], t["col"], t["values"], t["bias"], lin, act))
+            else:
+                layers.append(BlockLayer(t["blocks"], t["idx_in"], t["out_pos"], t["bias"], lin, act))
+            if layers[-1].n_out != int(ls["n_out"]):
+                raise ValueError(f"layer {i}: {layers[-1].n_out} outputs, description says {ls['n_out']}")
+        model = CompactMLP(layers, n_in, n_out, tensors["out_live"], tensors["out_const"], tensors.get("embed"),
+                           n_tok, spec.get("description") or {})
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
+        raise CompactError(f"{folder}: the saved compact model is inconsistent: {e}") from None
+    return model.eval()
+
+
+# -- a trained run, end to end ----------------------------------------------------------------------
+
+@torch.no_grad()
+def forward_seconds(model: nn.Module, x: torch.Tensor, reps: int | None = None, budget_s: float = 0.5) -> float:
+    """Median seconds of one ``model(x)`` under ``torch.inference_mode`` (reps: as many as fit ``budget_s``,
+    5 to 200). Usage: ``forward_seconds(small, x[:256])``."""
+    with torch.inference_mode():
+        model(x)
+        if reps is None:
+            t0 = time.perf_counter()
+            model(x)
+            reps = int(min(200, max(5, budget_s / max(time.perf_counter() - t0, 1e-7))))
+        return _median_seconds(lambda: model(x), reps, warmup=1)
+
+
+def speed_table(dense: nn.Module, compact: nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] = (1, 256, 4096),
+                budget_s: float = 0.5) -> dict[str, dict]:
+    """Latency and throughput of both models at each batch size (inputs: ``x`` repeated to size), medians.
+
+    Usage: ``speed_table(mlp, small, x_test)["256"]["throughput_ratio"]``.
+    """
+    out = {}
+    for n in batch_sizes:
+        xb = _batch_like(x, n)
+        td, tc = forward_seconds(dense, xb, budget_s=budget_s), forward_seconds(compact, xb, budget_s=budget_s)
+        out[str(n)] = {"dense_seconds": td, "compact_seconds": tc, "dense_samples_per_s": n / td,
+                       "compact_samples_per_s": n / tc, "throughput_ratio": td / tc}
+    return out
+
+
+def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Choice = "auto",
+                 out: str | Path | None = None, batch_sizes: Sequence[int] = (1, 256, 4096),
+                 threads: int | None = 1, budget_s: float = 0.5) -> dict:
+    """Compact a trained MLP run: write ``RUN/compact/`` (model + ``report.json``) and return the report.
+
+    The report: parameters and FLOPs before/after, latency/throughput dense vs compact per batch size,
+    test metric (dense, thresholded, compact) and the max output difference compact vs thresholded
+    (float32 as trained, and in float64: the structural check). ``threshold`` defaults to the run's.
+    Non-MLP runs go through ``topotorch.shrink`` when it exists. Usage: ``compress_run("runs/dw")``.
+    """
+    from .training import evaluate, load_run
+
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    r = load_run(Path(run_dir))
+    model = r.model.eval()
+    thr = float(r.config.threshold if threshold is None else threshold)
+    if not thr >= 0:
+        raise CompactError(f"threshold must be >= 0, got {thr!r}")
+    folder = Path(out) if out is not None else Path(run_dir) / "compact"
+    try:
+        _chain(model)
+    except CompactError as e:
+        return _shrink_run(r, thr, folder, batch_sizes, budget_s, why=str(e))
+    x_test, y_test = r.data.x_test, r.data.y_test
+    ref = thresholded_copy(model, thr)
+    small = compact_mlp(model, thr, example=r.data.x_train[:256], choose=choose, batch_sizes=(256, 4096))
+    diff = verify(ref, small, x_test)
+    m64 = copy.deepcopy(model).double()
+    x64 = x_test.double() if x_test.is_floating_point() else x_test
+    diff64 = verify(thresholded_copy(m64, thr), compact_mlp(m64, thr, choose="dense"), x64)
+    metric = r.task.metric
+    before = evaluate(r.task, model, x_test, y_test)
+    thr_metric = evaluate(r.task, ref, x_test, y_test)
+    after = evaluate(r.task, small, x_test, y_test)
+    params_before = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    report = {
+        "run": str(run_dir), "task": r.config.task, "method": r.config.method, "threshold": thr,
+        "dtype": small.description.get("dtype"), "threads": torch.get_num_threads(),
+        "params_before": params_before, "params_after": small.stored_values(), "nonzeros_after": small.nonzeros(),
+        "param_ratio": params_before / max(small.stored_values(), 1),
+        "flops_before": dense_flops(model), "flops_after": small.flops(),
+        "flops_ratio": dense_flops(model) / max(small.flops(), 1),
+        "formats": small.formats, "modules": small.description.get("modules"),
+        "hidden_sizes_before": small.description.get("hidden_sizes_before"),
+        "hidden_sizes_after": small.description.get("hidden_sizes_after"),
+        "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
+        f"test_{metric}_compact": after, "max_abs_diff": diff, "max_abs_diff_float64": diff64,
+        "max_abs_output": float(ref(x_test[:4096]).detach().abs().max()),
+        "speed": speed_table(model, small, x_test, batch_sizes, budget_s),
+        "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
+    }
+    save_compact(folder, small)
+    _atomic_write(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report
+
+
+def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: str) -> dict:
+    """Conv nets and transformers: dead channels/neurons removed through the coupling graph by topotorch.shrink."""
+    try:
+        from .shrink import shrink
+    except ImportError:
+        raise CompactError(f"compress --threshold is not yet supported for {type(r.model).__name__} runs "
+                           f"(needs topotorch.shrink): {why}") from None
+    from safetensors.torch import save
+
+    from .analysis import thresholded
+    from .training import evaluate
+
+    model = r.model.eval()
+    x_test, y_test = r.data.x_test, r.data.y_test
+    before = evaluate(r.task, model, x_test, y_test)
+    with torch.no_grad(), thresholded(r.graph, thr):
+        thr_metric = evaluate(r.task, model, x_test, y_test)
+        ref_out = model(x_test[:512])
+        ref_model = copy.deepcopy(model)
+    res = shrink(model, r.graph, thr)
+    small = res.model.eval()
+    with torch.no_grad():
+        diff = float((small(x_test[:512]).double() - ref_out.double()).abs().max())
+    after = evaluate(r.task, small, x_test, y_test)
+    n = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
+    metric = r.task.metric
+    report = {
+        "run": str(r.run_dir), "task": r.config.task, "threshold": thr, "via": "topotorch.shrink",
+        "threads": torch.get_num_threads(), "params_before": n(model), "params_after": n(small),
+        "param_ratio": n(model) / max(n(small), 1),
+        "kept": {k: int(len(v)) for k, v in getattr(res, "kept", {}).items()},
+        "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
+        f"test_{metric}_compact": after, "max_abs_diff": diff,
+        "speed": speed_table(ref_model, small, x_test, [b for b in batch_sizes if b <= 256], budget_s),
+        "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "shrunk.safetensors",
+                  save({k: v.detach().contiguous().clone() for k, v in small.state_dict().items()}))
+    _atomic_write(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    return report
