@@ -735,7 +735,10 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
     diff = verify(ref, small, x_test)
     m64 = copy.deepcopy(model).double()
     x64 = x_test.double() if x_test.is_floating_point() else x_test
-    diff64 = verify(thresholded_copy(m64, thr), compact_mlp(m64, thr, choose="dense"), x64)
+    ref64 = thresholded_copy(m64, thr)
+    diff64 = verify(ref64, compact_mlp(m64, thr, choose="dense"), x64)
+    with torch.no_grad():  # how far the float32 original itself is from exact: the scale of float32 rounding
+        floor = float((ref(x_test[:4096]).double() - ref64(x64[:4096])).abs().max())
     metric = r.task.metric
     before = evaluate(r.task, model, x_test, y_test)
     thr_metric = evaluate(r.task, ref, x_test, y_test)
@@ -753,6 +756,7 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
         "hidden_sizes_after": small.description.get("hidden_sizes_after"),
         "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
         f"test_{metric}_compact": after, "max_abs_diff": diff, "max_abs_diff_float64": diff64,
+        "thresholded_vs_float64": floor,
         "max_abs_output": float(ref(x_test[:4096]).detach().abs().max()),
         "speed": speed_table(model, small, x_test, batch_sizes, budget_s),
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
