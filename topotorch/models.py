@@ -69,23 +69,49 @@ class CausalSelfAttention(nn.Module):
     Head h owns dimensions ``[h*head_dim, (h+1)*head_dim)`` of q, k and v (rows of ``qkv``
     within each third) and the same columns of ``proj``, the layout ``nn.MultiheadAttention``
     uses too. Usage: ``CausalSelfAttention(32, 4)(x)`` with x of shape (batch, time, 32).
+
+    ``head_dims`` (optional) gives each head its own width (their sum is the width of q, k and v,
+    which may then differ from ``d_model``) and ``scale`` fixes the score scale (default
+    ``1/sqrt(head_dim)``): a network shrunk by :func:`topotorch.shrink.shrink` keeps the scale
+    of its original heads. ``n_heads = 0`` (every head removed) outputs ``proj.bias``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, head_dims: Sequence[int] | None = None,
+                 scale: float | None = None):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        if head_dims is None:
+            if d_model % n_heads:
+                raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            head_dims = [d_model // n_heads] * n_heads
+        head_dims = [int(h) for h in head_dims]
+        if len(head_dims) != n_heads or any(h < 1 for h in head_dims):
+            raise ValueError(f"head_dims {head_dims} must give {n_heads} positive widths")
         self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.head_dims = head_dims
+        self.inner = sum(head_dims)
+        self.scale = None if scale is None else float(scale)
+        self.qkv = nn.Linear(d_model, 3 * self.inner, bias=bias)
+        self.proj = nn.Linear(self.inner, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        shape = (b, t, self.n_heads, d // self.n_heads)
-        q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        dims = getattr(self, "head_dims", None) or [d // self.n_heads] * self.n_heads
+        inner = sum(dims)
+        scale = getattr(self, "scale", None)
+        q, k, v = self.qkv(x).split(inner, dim=-1)
+        if len(set(dims)) <= 1 and dims:  # equal heads: one batched call
+            shape = (b, t, len(dims), dims[0])
+            q, k, v = (z.view(shape).transpose(1, 2) for z in (q, k, v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            y = y.transpose(1, 2).reshape(b, t, inner)
+        elif dims:  # heads of different widths (a shrunk model): one call per head
+            ys = [torch.nn.functional.scaled_dot_product_attention(
+                qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), is_causal=True, scale=scale).squeeze(1)
+                for qh, kh, vh in zip(q.split(dims, -1), k.split(dims, -1), v.split(dims, -1))]
+            y = torch.cat(ys, dim=-1)
+        else:
+            y = x.new_zeros(b, t, 0)
+        return self.proj(y)
 
 
 class TorchAttention(nn.Module):

@@ -1,0 +1,219 @@
+"""Dead neurons, channels and heads removed through the coupling graph: smaller, and exactly the same function."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from topotorch.graph import SpatialGraph
+from topotorch.graph_auto import coupling_graph
+from topotorch.graph_conv import conv_graph
+from topotorch.graph_transformer import transformer_graph
+from topotorch.models import MLP, SmallResNet, TinyGPT, TokenMLP
+from topotorch.shrink import dead_neurons, load_shrunk, save_shrunk, shrink, threshold_model
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@torch.no_grad()
+def kill(graph: SpatialGraph, seed: int = 0, p_out: float = 0.35, p_in: float = 0.25) -> None:
+    """Hand-made sparsity through the graph: zero all outgoing weights of some hidden neurons, all incoming
+    weights of others (their bias stays, so their output is a nonzero constant)."""
+    g = torch.Generator().manual_seed(seed)
+    for sp in graph.spaces:
+        if sp.role != "hidden" or sp.size < 2:
+            continue
+        r = torch.rand(sp.size, generator=g)
+        for conns, side, mask in ((graph.outgoing(sp.name), "source", r < p_out),
+                                  (graph.incoming(sp.name), "target", (r >= p_out) & (r < p_out + p_in))):
+            for c in conns:
+                sl = c.source_slice if side == "source" else c.target_slice
+                w = graph.tensor(c.weight)
+                w.index_fill_(sl.dim, sl.index[mask].reshape(-1).to(w.device), 0.0)
+
+
+def noisy(model: nn.Module, scale: float = 0.02, seed: int = 1) -> None:
+    """Small weights everywhere that the threshold must remove."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.where(p == 0, (torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5) * scale, 0))
+
+
+def check(model, graph, x, threshold, tol):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = shrink(model, graph, threshold)
+    ref = threshold_model(model, graph, threshold).eval()
+    with torch.no_grad():
+        diff = (res.model(x) - ref(x)).abs().max().item()
+    assert diff <= tol, diff
+    assert sum(res.removed.values()) > 0
+    assert n_params(res.model) < n_params(model)
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k]), k
+    return res, diff
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_mlp_chain(dtype, tol):
+    torch.manual_seed(0)
+    net = MLP([16, 48, 48, 5], activation="silu").to(dtype)
+    g = SpatialGraph.from_chain(net)
+    kill(g)
+    noisy(net)
+    res, _ = check(net, g, torch.randn(256, 16, dtype=dtype), 0.011, tol)
+    # both kinds of dead neurons went: out-dead dropped, in-dead folded (SiLU(bias) != 0)
+    assert res.removed["hidden1"] >= 20 and res.removed["hidden2"] >= 20
+    assert res.removed["input"] == 0 and res.removed["output"] == 0
+    assert res.model.widths == [16, 48 - res.removed["hidden1"], 48 - res.removed["hidden2"], 5]
+    mask = dead_neurons(g, 0.011)
+    assert int(mask["hidden1"].sum()) == res.removed["hidden1"]
+    assert torch.equal((~mask["hidden2"]).nonzero().view(-1), res.kept["hidden2"])
+
+
+def test_fold_is_needed():
+    """Dropping in-dead neurons without folding their constant would change the output: the test can fail."""
+    torch.manual_seed(0)
+    net = MLP([6, 10, 3], activation="silu").double()
+    with torch.no_grad():
+        net[0].weight[:4] = 0.0
+        net[0].bias[:4] = 1.0
+    g = SpatialGraph.from_chain(net)
+    res = shrink(net, g, 0.0)
+    assert res.removed["hidden1"] == 4
+    x = torch.randn(32, 6, dtype=torch.float64)
+    assert torch.allclose(res.model(x), net(x), atol=1e-12)
+    naive = MLP([6, 6, 3], activation="silu").double()
+    with torch.no_grad():
+        naive[0].weight.copy_(net[0].weight[4:]); naive[0].bias.copy_(net[0].bias[4:])
+        naive[2].weight.copy_(net[2].weight[:, 4:]); naive[2].bias.copy_(net[2].bias)
+    assert (naive(x) - net(x)).abs().max() > 1e-3
+
+
+def test_token_mlp_folded_embedding():
+    torch.manual_seed(0)
+    net = TokenMLP(vocab=11, embed_dim=12, n_tokens=2, widths=[24, 11]).double()
+    g = SpatialGraph.from_chain(net)
+    kill(g, seed=3)
+    x = torch.randint(0, 11, (64, 2))
+    res, _ = check(net, g, x, 0.0, 1e-10)
+    assert res.removed["embed"] > 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_small_resnet(dtype, tol):
+    torch.manual_seed(0)
+    net = SmallResNet(channels=12, hidden=12, n_blocks=2, image_size=8).to(dtype)
+    with torch.no_grad():  # trained-looking BatchNorm statistics
+        for b in net.blocks:
+            b.bn.running_mean.uniform_(-0.5, 0.5); b.bn.running_var.uniform_(0.5, 2.0)
+            b.bn.weight.uniform_(0.5, 1.5); b.bn.bias.uniform_(-1, 0.2)
+    net.eval()
+    g = conv_graph(net)
+    kill(g, seed=1)
+    noisy(net, 0.01)
+    res, _ = check(net, g, torch.randn(64, 1, 8, 8, dtype=dtype), 0.006, tol)
+    assert res.removed["blocks.0.hidden"] > 0 and res.removed["resid"] > 0
+    assert res.model.blocks[0].bn.num_features == 12 - res.removed["blocks.0.hidden"]
+    assert res.model.stem.out_channels == 12 - res.removed["resid"]
+
+
+def _gpt(layernorm: bool, dtype) -> TinyGPT:
+    torch.manual_seed(0)
+    return TinyGPT(vocab=13, d_model=16, n_layers=2, n_heads=4, d_mlp=32, block_size=12, layernorm=layernorm).to(dtype)
+
+
+@pytest.mark.parametrize("layernorm", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_tiny_gpt(layernorm, dtype, tol):
+    gpt = _gpt(layernorm, dtype)
+    g = transformer_graph(gpt)
+    kill(g, seed=2)
+    with torch.no_grad():
+        a = gpt.blocks[0].attn
+        d = 16
+        a.qkv.weight[2 * d + 4: 2 * d + 8] = 0.0  # head 1: v rows zero -> whole head goes, its v bias folded
+        dead_cols = (a.qkv.weight == 0).all(0)  # residual dims that kill() cut off from every reader
+        for r in (12, d + 12, 2 * d + 12):  # head 3 (dims 12-15): undo the random kill
+            a.qkv.weight[r:r + 4] = 0.3 * torch.randn(4, d, dtype=dtype)
+        a.proj.weight[:, 12:16] = 0.3 * torch.randn(d, 4, dtype=dtype)
+        a.qkv.weight[12:14] = 0.0  # dims 12, 13: q rows zero (bias stays) -> the score term stays
+        a.qkv.weight[d + 14] = 0.0  # dim 14: k row zero -> k constant over keys, score term removable
+        a.proj.weight[:, 12:15] = 0.0  # dims 12-14 have no output: 14 goes, 12, 13 stay; 15 is alive
+        a.qkv.weight[:, dead_cols] = 0.0
+    x = torch.randint(0, 13, (8, 12))
+    res, _ = check(gpt, g, x, 0.0, tol)
+    assert res.removed["blocks.0.attn"] >= 6 and res.removed["blocks.1.mlp"] > 0
+    attn = res.model.blocks[0].attn
+    assert attn.scale == pytest.approx(0.5)  # 1/sqrt(original head dim 4)
+    assert attn.n_heads == len(attn.head_dims) and sum(attn.head_dims) == attn.qkv.out_features // 3
+    kept = set(res.kept["blocks.0.attn"].tolist())
+    assert not kept & {4, 5, 6, 7, 14} and {12, 13, 15} <= kept
+    if layernorm:
+        assert res.removed["resid"] == 0 and "resid" in res.kept_why
+    else:
+        assert res.removed["resid"] > 0
+
+
+def test_dead_qk_alone_keeps_the_head():
+    """All q rows of a head zero (bias nonzero) gives scores from the bias, not zero output: the head stays."""
+    gpt = _gpt(True, torch.float64)
+    with torch.no_grad():
+        gpt.blocks[0].attn.qkv.weight[0:4] = 0.0
+        gpt.blocks[0].attn.qkv.weight[16:20] = 0.0
+    g = transformer_graph(gpt)
+    res = shrink(gpt, g, 0.0)
+    assert res.removed["blocks.0.attn"] == 0
+    x = torch.randint(0, 13, (4, 12))
+    assert torch.allclose(res.model(x), gpt(x), atol=1e-10)
+
+
+def test_coupling_graph_traced():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 32),
+                        nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).double().eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.3, 0.3); net[1].bias.uniform_(-0.5, 0.5)
+    g = coupling_graph(net, torch.randn(1, 1, 8, 8, dtype=torch.float64))
+    kill(g, seed=4, p_out=0.3, p_in=0.3)
+    res, _ = check(net, g, torch.randn(32, 1, 8, 8, dtype=torch.float64), 0.0, 1e-10)
+    assert res.removed["0"] > 0 and res.removed["4"] > 0 and res.removed["6"] > 0
+
+
+def test_save_load_roundtrip(tmp_path):
+    gpt = _gpt(False, torch.float32)
+    g = transformer_graph(gpt)
+    kill(g, seed=5)
+    res = shrink(gpt, g, 0.0)
+    save_shrunk(tmp_path / "s", res)
+    meta = json.loads((tmp_path / "s" / "shrunk.json").read_text())
+    assert meta["removed"] == res.removed and meta["parameters"] == n_params(res.model)
+    back = load_shrunk(tmp_path / "s")
+    assert back.head.weight is back.embed.weight  # tied weights stay tied
+    x = torch.randint(0, 13, (4, 12))
+    assert torch.equal(back(x), res.model(x))
+    net = SmallResNet(channels=8, hidden=8, n_blocks=1).eval()
+    kill(conv_graph(net))
+    r2 = shrink(net, conv_graph(net), 0.0)
+    save_shrunk(tmp_path / "c", r2)
+    xi = torch.randn(3, 64)
+    assert torch.equal(load_shrunk(tmp_path / "c")(xi), r2.model(xi))
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="checksum"):
+        load_shrunk(tmp_path / "c")
+
+
+def test_load_refuses_foreign_classes(tmp_path):
+    net = MLP([4, 6, 2])
+    res = shrink(net, SpatialGraph.from_chain(net), 0.0)
+    save_shrunk(tmp_path, res)
+    meta = json.loads((tmp_path / "shrunk.json").read_text())
+    meta["spec"]["tree"]["class"] = "os:system"
+    (tmp_path / "shrunk.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refusing"):
+        load_shrunk(tmp_path)

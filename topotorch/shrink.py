@@ -1,0 +1,717 @@
+"""Remove dead neurons, channels and heads through the coupling graph: a smaller model, the same function.
+
+First every connection weight of the graph is thresholded (``|w| < threshold`` → 0; biases, norm
+parameters and position tables are left alone): that is *the thresholded original*. Then, for
+every hidden space, repeated until nothing changes (a removal can kill a neighbour):
+
+* a neuron whose **outgoing** weights are all zero is dropped — every slice it owns (rows,
+  columns, biases, BatchNorm statistics) is cut out with one ``index_select`` per tensor;
+* a neuron whose **incoming** weights are all zero outputs a constant ``c = f(bias)`` (``f`` the
+  activation / eval-mode BatchNorm between the writer and the reader). It is dropped after
+  adding ``W[:, n] · c`` to the readers' biases where that is exact: a Linear reader with a bias
+  (or ``c = 0``), a conv reader without zero padding, or any reader when ``c = 0``; otherwise
+  (a padded conv with ``c ≠ 0``, an unknown path between writer and reader) it is kept.
+
+Exactness rules (each violated case keeps the neuron and is listed in ``ShrinkResult.kept_why``):
+
+* **residual streams** — a dim is dropped only if every reader's weights for it are zero;
+  streams read by a LayerNorm/GroupNorm keep every dim (removing one changes the statistics),
+  as does any space a norm that mixes neurons normalises;
+* **attention** (:class:`~topotorch.models.CausalSelfAttention`) — dim j of a head is dropped
+  only if (a) its score term is gone: ``q_j ≡ 0`` (zero q row and bias) or ``k_j`` constant (zero
+  k row: the term ``q_j·b_kj`` is the same for every key, and softmax ignores it) and (b) its
+  value term is gone: zero output-projection column, or zero v row (v_j = b_vj, a convex
+  combination of constants is that constant: folded into the projection bias). A head whose
+  every dim satisfies (b) goes whole, whatever its q/k (dead q/k rows give *uniform* attention,
+  not zero output, so they alone never remove a head). Heads keep their original score scale
+  ``1/sqrt(head_dim)`` and may end up with different widths;
+* **conv channels** are exact in eval mode (BatchNorm uses its running statistics); the result
+  is returned in eval mode;
+* inputs and outputs are never removed, and no space is emptied (one neuron stays).
+
+    >>> res = shrink(model, graph, threshold=0.05)
+    >>> res.model(x)            # == threshold_model(model, graph, 0.05)(x) to float rounding
+    >>> save_shrunk("out/shrunk", res); small = load_shrunk("out/shrunk")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_json
+from .graph import Connection, Slice, Space, SpatialGraph
+from .models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
+
+# modules that act on each neuron separately and may sit between a writer and its reader
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout,
+               nn.Softplus, nn.Mish, nn.Hardtanh, nn.ReLU6)
+CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# classes whose forward runs their children in registration order (so "between" is well defined)
+SEQUENTIAL_FORWARD = (nn.Sequential, ConvBlock)
+
+FORMAT = "topotorch-shrunk/1"
+
+
+@dataclass
+class ShrinkResult:
+    """What :func:`shrink` produced: the smaller model and which neurons of each space it kept."""
+
+    model: nn.Module
+    kept: dict[str, torch.Tensor]  # space -> original indices of the kept neurons (sorted)
+    removed: dict[str, int]  # space -> number of neurons removed
+    spec: dict  # JSON-able description that rebuilds ``model`` (see :func:`build_from_spec`)
+    kept_why: dict[str, dict[str, int]] = field(default_factory=dict)  # space -> {reason: dead neurons kept}
+    threshold: float = 0.0
+
+    def summary(self) -> str:
+        parts = [f"{s}: {len(k)}/{len(k) + self.removed[s]}" for s, k in self.kept.items() if self.removed[s]]
+        return ", ".join(parts) or "nothing removed"
+
+
+# ------------------------------------------------------------------------------------------------
+# model surgery helpers
+# ------------------------------------------------------------------------------------------------
+
+def _module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _owner(tensor_name: str) -> tuple[str, str]:
+    mod, _, leaf = tensor_name.rpartition(".")
+    return mod, leaf
+
+
+def _get(model: nn.Module, name: str) -> torch.Tensor:
+    mod, leaf = _owner(name)
+    m = model.get_submodule(mod) if mod else model
+    t = getattr(m, leaf)
+    if not isinstance(t, torch.Tensor):
+        raise KeyError(f"model has no tensor {name!r}")
+    return t
+
+
+def _replace(model: nn.Module, name: str, new: torch.Tensor) -> None:
+    """Put ``new`` where tensor ``name`` is — in every module holding the same parameter (tied weights)."""
+    old = _get(model, name)
+    param = nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else None
+    for m in model.modules():
+        for k, v in list(m._parameters.items()):
+            if v is old:
+                m._parameters[k] = param
+        for k, v in list(m._buffers.items()):
+            if v is old:
+                m._buffers[k] = new
+
+
+def threshold_model(model: nn.Module, graph: SpatialGraph, threshold: float) -> nn.Module:
+    """A deep copy of ``model`` with every connection weight of ``graph`` below ``threshold`` set to 0.
+
+    This is the reference the shrunk model is exact against. Usage: ``ref = threshold_model(m, g, 0.05)``.
+    """
+    out = copy.deepcopy(model)
+    _threshold_inplace(out, graph, threshold)
+    return out
+
+
+@torch.no_grad()
+def _threshold_inplace(model: nn.Module, graph: SpatialGraph, threshold: float) -> None:
+    if threshold <= 0:
+        return
+    for name in dict.fromkeys(c.weight for c in graph.connections):
+        w = _get(model, name)
+        w.masked_fill_(w.abs() < threshold, 0.0)
+
+
+def _alive_along(w: torch.Tensor, sl: Slice) -> torch.Tensor:
+    """(N,) bool: does neuron n own any nonzero entry of ``w`` along ``sl.dim``?"""
+    nz = (w.detach() != 0).movedim(sl.dim, 0).reshape(w.shape[sl.dim], -1).any(1)
+    return nz[sl.index.to(nz.device)].any(1).cpu()
+
+
+# ------------------------------------------------------------------------------------------------
+# per-space decisions
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Decision:
+    remove: torch.Tensor  # (N,) bool
+    folds: list[tuple[str, torch.Tensor]]  # (bias tensor name, vector to add) — applied before removal
+    kept_why: dict[str, int]
+    free: torch.Tensor | None = None  # (N,) bool: removed without any fold (None: all of ``remove``)
+
+
+def _norm_mixes(model: nn.Module, space: Space) -> bool:
+    """True if a norm over features (LayerNorm, GroupNorm, RMSNorm) normalises this space's neurons."""
+    for sl in space.slices:
+        if isinstance(_module(model, _owner(sl.name)[0]), MIXING_NORMS):
+            return True
+    if space.stream:  # affine-free norms own no slice; be conservative for streams
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == space.size:
+                return True
+            if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == space.size:
+                return True
+    return False
+
+
+def _path_between(model: nn.Module, writer: str, reader: str) -> list[nn.Module] | None:
+    """The modules run between ``writer`` and ``reader`` if both are children of one parent whose forward
+    runs its children in order and everything between is per-neuron; otherwise None (unknown path)."""
+    wp, _, wn = writer.rpartition(".")
+    rp, _, rn = reader.rpartition(".")
+    if wp != rp:
+        return None
+    parent = _module(model, wp) if wp else model
+    if not isinstance(parent, SEQUENTIAL_FORWARD):
+        return None
+    names = list(parent._modules)
+    if wn not in names or rn not in names or names.index(wn) >= names.index(rn):
+        return None
+    between = [parent._modules[n] for n in names[names.index(wn) + 1:names.index(rn)]]
+    if all(isinstance(m, ELEMENTWISE + CHANNEL_NORMS + (nn.Flatten,)) for m in between):
+        return between
+    return None
+
+
+@torch.no_grad()
+def _constants(model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[Connection],
+               reader: Connection) -> torch.Tensor | None:
+    """Per-neuron constant output of a neuron with dead inputs, as ``reader`` sees it (None: unknown)."""
+    if len(writers) == 1 and not isinstance(_module(model, _owner(writers[0].weight)[0]), nn.Embedding):
+        c = writers[0]
+        w = _get(model, c.weight)
+        if c.bias is None:
+            pre = w.new_zeros(sp.size)
+        else:
+            b = _get(model, c.bias)
+            if c.target_slice.index.shape[1] != 1:
+                return None
+            pre = b[c.target_slice.index[:, 0].to(b.device)]
+        path = _path_between(model, _owner(c.weight)[0], _owner(reader.weight)[0])
+        if path is None:
+            return None
+        x = pre.view(1, -1, *([1] * (w.dim() - 2)))  # a 1x1 "image" for conv writers
+        for m in path:
+            if isinstance(m, nn.Flatten):
+                continue
+            if isinstance(m, CHANNEL_NORMS) and m.training:
+                return None
+            x = m(x)
+        return x.reshape(-1)
+    # embedding tables of a TokenMLP (folded embedding): a dead column outputs 0, read directly
+    if isinstance(model, TokenMLP) and all(isinstance(_module(model, _owner(c.weight)[0]), nn.Embedding)
+                                           for c in writers):
+        return _get(model, writers[0].weight).new_zeros(sp.size)
+    return None
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, reader: Connection, const: torch.Tensor, which: torch.Tensor) -> \
+        tuple[str, torch.Tensor] | None | bool:
+    """Bias change that replaces neurons ``which`` (with outputs ``const``) in ``reader``.
+
+    Returns (bias name, delta), True if nothing needs adding (zero contribution), or None if impossible.
+    """
+    w = _get(model, reader.weight)
+    mod = _module(model, _owner(reader.weight)[0])
+    sl = reader.source_slice
+    c = torch.where(which.to(const.device), const, torch.zeros_like(const))
+    if not bool((c != 0).any()):
+        return True
+    # contribution of a constant input: per column the constant of its neuron
+    per_entry = w.new_zeros(w.shape[sl.dim])
+    per_entry[sl.index.reshape(-1).to(w.device)] = c.to(w.dtype).repeat_interleave(sl.index.shape[1])
+    if isinstance(mod, nn.Linear) and reader.target_slice.dim == 0 and sl.dim == 1:
+        delta = w @ per_entry
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and sl.dim == 1 and mod.groups == 1:
+        pad = mod.padding
+        padded = pad != "valid" if isinstance(pad, str) else any(int(p) for p in pad)
+        if padded and mod.padding_mode == "zeros":  # a constant map is not constant after zero padding
+            return None
+        delta = w.sum(tuple(range(2, w.dim()))) @ per_entry
+    else:
+        return None
+    if reader.bias is None:
+        return None if bool((delta != 0).any()) else True
+    return reader.bias, delta
+
+
+def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
+    ins, outs = graph.incoming(sp.name), graph.outgoing(sp.name)
+    why: dict[str, int] = {}
+    n = sp.size
+    if not outs:
+        return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
+    out_alive = torch.zeros(n, dtype=torch.bool)
+    for c in outs:
+        out_alive |= _alive_along(_get(model, c.weight), c.source_slice)
+    in_alive = torch.zeros(n, dtype=torch.bool)
+    for c in ins:
+        in_alive |= _alive_along(_get(model, c.weight), c.target_slice)
+    if not ins:
+        in_alive[:] = True
+    if _norm_mixes(model, sp):
+        dead = (~out_alive | ~in_alive)
+        if dead.any():
+            why["read by a LayerNorm/GroupNorm"] = int(dead.sum())
+        return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
+    remove = ~out_alive
+    cand = ~in_alive & out_alive
+    folds: list[tuple[str, torch.Tensor]] = []
+    if cand.any():
+        ok = True
+        for r in outs:
+            const = _constants(model, graph, sp, ins, r)
+            f = None if const is None else _fold(model, r, const, cand)
+            if f is None:
+                ok = False
+                break
+            if f is not True:
+                folds.append(f)
+        if ok:
+            remove |= cand
+        else:  # neurons with constant output 0 can still go, whatever the reader
+            zero_ok = torch.zeros(n, dtype=torch.bool)
+            const = _constants(model, graph, sp, ins, outs[0]) if len(outs) == 1 else None
+            if const is not None:
+                zero_ok = cand & (const.cpu() == 0)
+                remove |= zero_ok
+            folds = []
+            left = int((cand & ~zero_ok).sum())
+            if left:
+                why["constant output that cannot be folded into the reader"] = left
+    return _Decision(remove, folds, why, free=~out_alive)
+
+
+def _stream(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
+    outs = graph.outgoing(sp.name)
+    n = sp.size
+    why: dict[str, int] = {}
+    out_alive = torch.zeros(n, dtype=torch.bool)
+    for c in outs:
+        out_alive |= _alive_along(_get(model, c.weight), c.source_slice)
+    if not outs:
+        out_alive[:] = True
+    if _norm_mixes(model, sp):
+        if (~out_alive).any():
+            why["residual stream read by a LayerNorm"] = int((~out_alive).sum())
+        return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
+    return _Decision(~out_alive, [], why)
+
+
+def _attention_module(model: nn.Module, sp: Space) -> tuple[str, CausalSelfAttention] | None:
+    for sl in sp.slices:
+        if sl.name.endswith(".qkv.weight") and sl.dim == 0 and sl.index.shape[1] == 3:
+            name = sl.name[: -len(".qkv.weight")]
+            m = _module(model, name)
+            if isinstance(m, CausalSelfAttention):
+                return name, m
+    return None
+
+
+@torch.no_grad()
+def _attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention) -> _Decision:
+    n = sp.size
+    why: dict[str, int] = {}
+    idx = next(s.index for s in sp.slices if s.name == f"{name}.qkv.weight" and s.dim == 0)
+    pidx = next(s.index for s in sp.slices if s.name == f"{name}.proj.weight" and s.dim == 1)[:, 0]
+    w = attn.qkv.weight
+    rows = (w != 0).any(1).cpu()
+    bias = attn.qkv.bias
+    bnz = (bias != 0).cpu() if bias is not None else torch.zeros(w.shape[0], dtype=torch.bool)
+    qi, ki, vi = idx[:, 0], idx[:, 1], idx[:, 2]
+    q_zero = ~rows[qi] & ~bnz[qi]
+    k_const = ~rows[ki]
+    v_const = ~rows[vi]
+    proj_zero = ~(attn.proj.weight != 0).any(0).cpu()[pidx]
+    # value term removable: zero projection column, or constant v folded into the projection bias
+    fold_v = v_const & ~proj_zero & bnz[vi]
+    v_gone = proj_zero | v_const
+    if fold_v.any() and attn.proj.bias is None:
+        v_gone &= ~fold_v
+        fold_v[:] = False
+    qk_gone = q_zero | k_const
+    groups = sp.groups if sp.groups is not None else torch.zeros(n, dtype=torch.long)
+    _, g = groups.unique(return_inverse=True)
+    n_groups = int(g.max()) + 1
+    head_v_gone = torch.ones(n_groups, dtype=torch.long).scatter_reduce(0, g, v_gone.long(), "amin").bool()
+    remove = v_gone & (qk_gone | head_v_gone[g])
+    folds: list[tuple[str, torch.Tensor]] = []
+    fold = fold_v & remove
+    if fold.any():
+        bv = torch.zeros(n, dtype=w.dtype, device=w.device)
+        bv[fold.to(w.device)] = bias[vi.to(bias.device)][fold.to(bias.device)]
+        folds.append((f"{name}.proj.bias", attn.proj.weight[:, pidx.to(w.device)] @ bv))
+    kept_dead = (v_gone & ~remove)
+    if kept_dead.any():
+        why["attention dims with live q and k (score term) but no output"] = int(kept_dead.sum())
+    if (qk_gone & ~v_gone).any():
+        why["attention dims with no score term but a live value"] = int((qk_gone & ~v_gone).sum())
+    return _Decision(remove, folds, why, free=remove & ~fold)
+
+
+# ------------------------------------------------------------------------------------------------
+# removal
+# ------------------------------------------------------------------------------------------------
+
+def _all_slices(graph_spaces: list[Space], conns: list[Connection]) -> list[Slice]:
+    seen: dict[int, Slice] = {}
+    for s in graph_spaces:
+        for sl in s.slices:
+            seen[id(sl)] = sl
+    for c in conns:
+        for sl in (c.target_slice, c.source_slice):
+            seen[id(sl)] = sl
+    return list(seen.values())
+
+
+@torch.no_grad()
+def _remove(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space, keep: torch.Tensor) -> None:
+    """Keep neurons ``keep`` (sorted indices) of ``sp``: one index_select per (tensor, dim) it owns."""
+    slices = _all_slices(spaces, conns)
+    dims: dict[tuple[str, int], list[Slice]] = {}
+    for sl in sp.slices:
+        dims.setdefault((sl.name, sl.dim), []).append(sl)
+    for (name, dim), own in dims.items():
+        t = _get(model, name)
+        size = t.shape[dim]
+        entries = torch.cat([sl.index[keep].reshape(-1) for sl in own]).unique(sorted=True)
+        newpos = torch.full((size,), -1, dtype=torch.long)
+        newpos[entries] = torch.arange(len(entries))
+        _replace(model, name, t.index_select(dim, entries.to(t.device)).contiguous())
+        for sl in slices:  # every slice (space or connection) over this dimension belongs to sp's neurons
+            if sl.name == name and sl.dim == dim:
+                if sl.index.shape[0] != sp.size:
+                    raise ValueError(f"slice of {name!r} dim {dim} does not match space {sp.name!r}")
+                sl.index = newpos[sl.index[keep]]
+    sp.size = len(keep)
+    if sp.positions is not None:
+        sp.positions = sp.positions[keep]
+    if sp.groups is not None:
+        sp.groups = sp.groups[keep]
+    if sp.labels is not None:
+        sp.labels = [sp.labels[i] for i in keep.tolist()]
+
+
+def _fix_attributes(model: nn.Module, spaces: list[Space]) -> None:
+    """Make module attributes agree with the new tensor shapes."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, CHANNEL_NORMS):
+            t = m.weight if m.weight is not None else m.running_mean
+            if t is not None:
+                m.num_features = t.shape[0]
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            m.normalized_shape = tuple(m.weight.shape)
+    for m in model.modules():
+        if isinstance(m, MLP):
+            lins = [c for c in m if isinstance(c, nn.Linear)]
+            m.widths = [lins[0].in_features] + [c.out_features for c in lins]
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: int = 50) -> ShrinkResult:
+    """Threshold ``model``'s connection weights, then cut every dead neuron/channel/head out of a copy.
+
+    ``graph`` is the model's coupling graph (``SpatialGraph.from_chain``, ``conv_graph``,
+    ``transformer_graph``, ``coupling_graph``). The original model is untouched; the returned
+    model is a deep copy made of ordinary torch modules, in eval mode, that computes what
+    :func:`threshold_model` computes (to float rounding). See the module docstring for the rules.
+    Usage: ``res = shrink(model, graph, 0.05); res.model(x); res.removed``.
+    """
+    if graph.model is not model:
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        if not all(sl.name in names for s in graph.spaces for sl in s.slices):
+            raise ValueError("graph does not describe model (its tensors are missing from the model)")
+    work = copy.deepcopy(model).eval()
+    spaces = copy.deepcopy(graph.spaces)
+    conns = copy.deepcopy(graph.connections)
+    _threshold_inplace(work, graph, threshold)
+    # a light graph view on the copy (no validation needed: the slices stay consistent by construction)
+    view = SpatialGraph.__new__(SpatialGraph)
+    view.model, view.spaces, view.connections = work, spaces, conns
+    view._by_name = {s.name: s for s in spaces}
+    orig = {s.name: torch.arange(s.size) for s in spaces}
+    why_all: dict[str, dict[str, int]] = {}
+    for _ in range(max_rounds):
+        changed = False
+        why_all = {}
+        for sp in spaces:
+            if sp.role != "hidden" or sp.relocate == "positions" or sp.size <= 1:
+                continue
+            if sp.groups is not None:
+                found = _attention_module(work, sp)
+                if found is None:
+                    why_all[sp.name] = {"grouped space of an unsupported module": sp.size}
+                    continue
+                dec = _attention(work, sp, *found)
+            elif sp.stream:
+                dec = _stream(work, view, sp)
+            else:
+                dec = _plain(work, view, sp)
+            if dec.kept_why:
+                why_all[sp.name] = dec.kept_why
+            remove = dec.remove.clone()
+            if remove.all():  # never empty a space: keep one neuron whose removal needed no fold (exact)
+                free = dec.free if dec.free is not None else remove
+                if not free.any():
+                    continue
+                remove[int(free.nonzero()[0])] = False
+            if not remove.any():
+                continue
+            for bname, delta in dec.folds:
+                b = _get(work, bname)
+                b.add_(delta.to(b.dtype))
+            keep = (~remove).nonzero().view(-1)
+            _remove(work, spaces, conns, sp, keep)
+            orig[sp.name] = orig[sp.name][keep]
+            if sp.groups is not None:
+                _update_attention(work, sp, *_attention_module(work, sp))
+            changed = True
+        if not changed:
+            break
+    _fix_attributes(work, spaces)
+    kept = {s.name: orig[s.name] for s in spaces}
+    removed = {s.name: int(graph.space(s.name).size - s.size) for s in spaces}
+    return ShrinkResult(work, kept, removed, model_spec(work), why_all, float(threshold))
+
+
+def _update_attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention) -> None:
+    if attn.scale is None:
+        attn.scale = 1.0 / math.sqrt(attn.head_dims[0])  # original heads share one width
+    _, counts = sp.groups.unique_consecutive(return_counts=True)
+    attn.head_dims = [int(c) for c in counts]
+    attn.n_heads = len(attn.head_dims)
+    attn.inner = sum(attn.head_dims)
+
+
+def dead_neurons(graph: SpatialGraph, threshold: float) -> dict[str, torch.Tensor]:
+    """Bool mask per space: True for the neurons :func:`shrink` removes at this threshold.
+
+    Runs the shrink on a copy; the model is untouched. Usage: ``dead_neurons(g, 0.05)["hidden1"].sum()``.
+    """
+    res = shrink(graph.model, graph, threshold)
+    out = {}
+    for s in graph.spaces:
+        mask = torch.ones(s.size, dtype=torch.bool)
+        mask[res.kept[s.name]] = False
+        out[s.name] = mask
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# pickle-free save / load: module tree as JSON + tensors as safetensors
+# ------------------------------------------------------------------------------------------------
+
+_BASE_KEYS = set(nn.Module().__dict__) | {"training"}
+ALLOWED_PREFIXES = ("torch.nn.", "topotorch.")
+
+
+def _encode(v, where: str):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, tuple):
+        return {"__tuple__": [_encode(x, where) for x in v]}
+    if isinstance(v, list):
+        return [_encode(x, where) for x in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {"__dict__": {k: _encode(x, where) for k, x in v.items()}}
+    if isinstance(v, torch.dtype):
+        return {"__dtype__": str(v).removeprefix("torch.")}
+    raise ValueError(f"cannot describe attribute {where} of type {type(v).__name__} without pickle")
+
+
+def _decode(v):
+    if isinstance(v, list):
+        return [_decode(x) for x in v]
+    if isinstance(v, dict):
+        if "__tuple__" in v:
+            return tuple(_decode(x) for x in v["__tuple__"])
+        if "__dict__" in v:
+            return {k: _decode(x) for k, x in v["__dict__"].items()}
+        if "__dtype__" in v:
+            return getattr(torch, v["__dtype__"])
+    return v
+
+
+def model_spec(model: nn.Module) -> dict:
+    """JSON-able module tree (class, plain attributes, parameter/buffer names, children, tied tensors).
+
+    Together with the tensors it rebuilds the model (:func:`build_from_spec`) without pickle.
+    Usage: ``json.dumps(model_spec(model))``.
+    """
+    first_name: dict[int, str] = {}
+    tied: dict[str, str] = {}
+
+    def walk(m: nn.Module, prefix: str) -> dict:
+        cls = type(m)
+        node = {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
+        for k, v in vars(m).items():
+            if k in _BASE_KEYS:
+                continue
+            node["attrs"][k] = _encode(v, f"{prefix}{k}")
+        for k, p in m._parameters.items():
+            full = f"{prefix}{k}"
+            if p is None:
+                node["params"][k] = None
+                continue
+            if id(p) in first_name:
+                tied[full] = first_name[id(p)]
+            else:
+                first_name[id(p)] = full
+            node["params"][k] = {"requires_grad": bool(p.requires_grad)}
+        for k, b in m._buffers.items():
+            node["buffers"][k] = None if b is None else {"persistent": k not in m._non_persistent_buffers_set}
+        for k, c in m._modules.items():
+            node["children"][k] = None if c is None else walk(c, f"{prefix}{k}.")
+        return node
+
+    tree = walk(model, "")
+    return {"format": FORMAT, "tree": tree, "tied": tied}
+
+
+def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for prefix, m in model.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        for k, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out[f"{pre}{k}"] = t.detach().cpu().contiguous()
+    return out
+
+
+def _resolve(qual: str, allowed: tuple[str, ...]) -> type:
+    mod_name, _, qualname = qual.partition(":")
+    if not any(mod_name.startswith(p) or mod_name == p.rstrip(".") for p in allowed):
+        raise ValueError(f"refusing to import {mod_name!r}: not under an allowed prefix {allowed} "
+                         "(pass allow=(...) to load_shrunk)")
+    obj = importlib.import_module(mod_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise ValueError(f"{qual} is not an nn.Module class")
+    return obj
+
+
+def build_from_spec(spec: dict, tensors: dict[str, torch.Tensor], allow: tuple[str, ...] = ()) -> nn.Module:
+    """Rebuild a model from :func:`model_spec` and its tensors; classes only from ``torch.nn``, ``topotorch``
+    and the ``allow`` prefixes (their ``__init__`` is not called: attributes are restored as saved).
+
+    Usage: ``build_from_spec(json.load(f)["spec"], load_file("model.safetensors"))``.
+    """
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"not a {FORMAT} spec (format {spec.get('format')!r})")
+    allowed = ALLOWED_PREFIXES + tuple(allow)
+    made: dict[str, nn.Parameter] = {}
+
+    def build(node: dict, prefix: str) -> nn.Module:
+        cls = _resolve(node["class"], allowed)
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        for k, v in node["attrs"].items():
+            m.__dict__[k] = _decode(v)
+        for k, p in node["params"].items():
+            full = f"{prefix}{k}"
+            if p is None:
+                m._parameters[k] = None
+            elif full in spec["tied"]:
+                m._parameters[k] = None  # filled after the whole tree exists
+            else:
+                if full not in tensors:
+                    raise ValueError(f"tensor {full!r} missing from the saved tensors")
+                made[full] = nn.Parameter(tensors[full], requires_grad=p["requires_grad"])
+                m._parameters[k] = made[full]
+        for k, b in node["buffers"].items():
+            full = f"{prefix}{k}"
+            if b is None:
+                m._buffers[k] = None
+            else:
+                if full not in tensors:
+                    raise ValueError(f"tensor {full!r} missing from the saved tensors")
+                m._buffers[k] = tensors[full]
+                if not b["persistent"]:
+                    m._non_persistent_buffers_set.add(k)
+        for k, c in node["children"].items():
+            m._modules[k] = None if c is None else build(c, f"{prefix}{k}.")
+        return m
+
+    model = build(spec["tree"], "")
+    for full, src in spec["tied"].items():
+        mod, _, leaf = full.rpartition(".")
+        (model.get_submodule(mod) if mod else model)._parameters[leaf] = made[src]
+    return model.eval()
+
+
+def save_shrunk(path_dir: str | Path, result: ShrinkResult) -> Path:
+    """Write ``model.safetensors`` + ``shrunk.json`` (spec, kept indices, removed counts, checksum) to a folder.
+
+    Both files are written atomically (temporary file, fsync, rename); no pickle.
+    Usage: ``save_shrunk("runs/x/shrunk", shrink(model, graph, 0.05))``.
+    """
+    from safetensors.torch import save_file
+
+    d = Path(path_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    st = d / "model.safetensors"
+    tmp = st.with_name(st.name + ".tmp")
+    save_file(_tensors_of(result.model), str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, st)
+    meta = {
+        "format": FORMAT,
+        "sha256": digest,
+        "threshold": result.threshold,
+        "spec": result.spec,
+        "kept": {k: v.tolist() for k, v in result.kept.items()},
+        "removed": result.removed,
+        "kept_why": result.kept_why,
+        "parameters": sum(p.numel() for p in result.model.parameters()),
+    }
+    atomic_write_json(d / "shrunk.json", meta)
+    return d
+
+
+def load_shrunk(path_dir: str | Path, allow: tuple[str, ...] = ()) -> nn.Module:
+    """Load a model written by :func:`save_shrunk` (checksum verified, no pickle), in eval mode.
+
+    Model classes must come from ``torch.nn`` or ``topotorch`` (or the ``allow`` prefixes).
+    Usage: ``small = load_shrunk("runs/x/shrunk")``.
+    """
+    from safetensors.torch import load_file
+
+    d = Path(path_dir)
+    st, js = d / "model.safetensors", d / "shrunk.json"
+    if not st.exists() or not js.exists():
+        raise FileNotFoundError(f"no shrunk model in {d} (expected model.safetensors and shrunk.json)")
+    meta = json.loads(js.read_text())
+    if hashlib.sha256(st.read_bytes()).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"{st} does not match {js} (checksum mismatch: corrupt or half-written)")
+    return build_from_spec(meta["spec"], load_file(str(st)), allow)
