@@ -1,10 +1,14 @@
 """FFF speed on CPU (in = out = 768): hard inference vs dense FF and vs the peer package.
 
 Rows (each a ratio measured in this one run, medians of interleaved repeats under
-torch.inference_mode after warm-up):
+torch.inference_mode after warm-up; each repeat times a ~5 ms block of back-to-back calls, so
+caches are warm, except the "cold caches" row, which times single calls interleaved with
+the other candidates' calls):
   * hard inference vs a dense FF of the same training width (2^d·ℓ, default d=9, ℓ=8 -> 4096),
     at batch 256 and batch 1;
-  * hard inference vs ``fastfeedforward`` 0.2.1's eval forward at batch 256;
+  * hard inference vs ``fastfeedforward`` 0.2.1's eval forward at batch 256 (same weights, depth,
+    leaf width and input; the outputs are checked equal, up to the leaf output bias the peer
+    forgets, before timing), and the same for our tensor-op path without the compiled kernel;
   * soft training forward+backward vs the peer's training forward+backward at d=8, ℓ=8,
     batch 256 (the peer takes tens of seconds per step: it is timed --peer-train-repeats times);
   * UltraFFF (UltraFastBERT's tree, depth 11: 12 of 4095 neurons per sample) vs a dense
@@ -29,22 +33,32 @@ import torch
 from torch import nn
 
 from topotorch.layers import FFF, UltraFFF
+from topotorch.layers._cpu_kernel import kernel, kernel_error
 
 WIDTH = 768
 
 
-def _median_times(fns: dict[str, Callable[[], object]], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call, the candidates interleaved in rounds so machine noise hits all alike."""
-    for f in fns.values():  # warm-up
-        for _ in range(max(2, inner)):
-            f()
+def _median_times(fns: dict[str, Callable[[], object]], repeats: int, inner: int | None = None,
+                  block_s: float = 0.005) -> dict[str, float]:
+    """Median seconds per call, the candidates interleaved in rounds so machine noise hits all alike.
+
+    Each round times a block of ``inner`` back-to-back calls per candidate (warm caches, the
+    usual steady-state figure). ``inner=None`` sizes each candidate's block to about
+    ``block_s`` seconds; ``inner=1`` times single calls, each right after the other
+    candidates ran (caches cold for weights the others evicted)."""
+    sizes = {}
+    for k, f in fns.items():  # warm-up, and block sizes
+        f()
+        t = time.perf_counter()
+        f()
+        sizes[k] = inner or max(1, min(200, round(block_s / max(time.perf_counter() - t, 1e-7))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
             t = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(sizes[k]):
                 f()
-            times[k].append((time.perf_counter() - t) / inner)
+            times[k].append((time.perf_counter() - t) / sizes[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -76,8 +90,7 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
         for batch in (256, 1):
             x = torch.randn(batch, WIDTH)
             fns = {"fff": lambda: fff(x), "dense": lambda: dense(x)}
-            inner = 20 if batch == 1 else 2
-            t = _median_times(fns, repeats, inner)
+            t = _median_times(fns, repeats)
             rows.append({"row": f"hard vs dense FF (width {hidden})", "batch": batch, "depth": depth, "leaf": leaf,
                          "fff_ms": t["fff"] * 1e3, "other_ms": t["dense"] * 1e3, "speedup": t["dense"] / t["fff"],
                          "theory": theory, "goal": 5.0 if batch == 256 else 10.0})
@@ -86,11 +99,30 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
             print("peer rows skipped: fastfeedforward is not installed (pip install fastfeedforward==0.2.1 --no-deps)")
         else:
             peer = Peer(WIDTH, leaf, WIDTH, depth).eval()
-            fff_p = FFF.from_peer(peer).eval()
-            t = _median_times({"fff": lambda: fff_p(x), "peer": lambda: peer(x)}, max(3, repeats // 3), 1)
+            fff_p = FFF.from_peer(peer).eval()  # same weights, same depth / leaf width / input
+            ops = FFF.from_peer(peer, hard_impl="gather").eval()  # our tensor-op path, no compiled kernel
+            # Same function first: the peer's eval output plus the leaf output bias it forgets.
+            leaves = fff_p.route(x)
+            ref = peer(x) + peer.b2s[leaves]
+            diff = max((fff_p(x) - ref).abs().max().item(), (ops(x) - ref).abs().max().item())
+            same_leaves = bool(torch.equal(leaves, ops._route(x)))
+            print(f"peer check, batch 256: same leaves {same_leaves}, max |ours - (peer + b2s)| = {diff:.1e} "
+                  f"(max |y| = {ref.abs().max().item():.2f})")
+            if not same_leaves or diff > 1e-5:
+                raise SystemExit("our hard output differs from the peer's eval output")
+            fns = {"fff": lambda: fff_p(x), "ops": lambda: ops(x), "peer": lambda: peer(x)}
+            t = _median_times(fns, max(5, repeats // 2))
+            cold = _median_times(fns, max(5, repeats // 2), inner=1)
             rows.append({"row": "hard vs peer eval", "batch": 256, "depth": depth, "leaf": leaf,
                          "fff_ms": t["fff"] * 1e3, "other_ms": t["peer"] * 1e3, "speedup": t["peer"] / t["fff"],
-                         "theory": None, "goal": 20.0})
+                         "theory": None, "goal": 20.0, "impl": fff_p.hard_impl_used(x)})
+            rows.append({"row": "  same, tensor-op path (no kernel)", "batch": 256, "depth": depth, "leaf": leaf,
+                         "fff_ms": t["ops"] * 1e3, "other_ms": t["peer"] * 1e3, "speedup": t["peer"] / t["ops"],
+                         "theory": None, "goal": 1.0, "impl": "gather"})
+            rows.append({"row": "  same, cold caches (single calls)", "batch": 256, "depth": depth, "leaf": leaf,
+                         "fff_ms": cold["fff"] * 1e3, "other_ms": cold["peer"] * 1e3,
+                         "speedup": cold["peer"] / cold["fff"], "theory": None, "goal": 1.0,
+                         "impl": fff_p.hard_impl_used(x)})
     return rows
 
 
@@ -105,7 +137,7 @@ def ultra_rows(depth: int, repeats: int) -> list[dict]:
     with torch.inference_mode():
         for batch in (256, 1):
             x = torch.randn(batch, WIDTH)
-            t = _median_times({"fff": lambda: ultra(x), "dense": lambda: dense(x)}, repeats, 20 if batch == 1 else 2)
+            t = _median_times({"fff": lambda: ultra(x), "dense": lambda: dense(x)}, repeats)
             rows.append({"row": f"UltraFFF hard vs dense ({hidden})", "batch": batch, "depth": depth, "leaf": 1,
                          "fff_ms": t["fff"] * 1e3, "other_ms": t["dense"] * 1e3, "speedup": t["dense"] / t["fff"],
                          "theory": theory, "goal": 1.0})
@@ -162,6 +194,9 @@ def main() -> None:
         else:
             rows.append(r)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    err = kernel_error()
+    print("FFF hard path: " + ("compiled CPU kernel (topotorch.layers._cpu_kernel)" if kernel() is not None
+                               else f"tensor ops (no kernel: {err or 'TOPOTORCH_NO_KERNEL set'})"))
     print(f"{'comparison':34s} {'batch':>5s} {'d':>2s} {'ℓ':>2s} {'FFF ms':>9s} {'other ms':>10s} "
           f"{'speed-up':>9s} {'theory':>7s} {'goal':>5s}")
     for r in rows:

@@ -7,6 +7,9 @@ import torch
 from torch import nn
 
 from topotorch.layers import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
+from topotorch.layers._cpu_kernel import kernel
+
+IMPLS = ("auto", "gather", "grouped") + (("kernel",) if kernel() is not None else ())
 
 
 def _layer(depth, i=12, l=3, o=5, seed=0, **kw):
@@ -21,11 +24,12 @@ def test_hard_equals_soft_with_rounded_decisions(depth):
     with torch.no_grad():
         ref = layer.soft_forward(x, hard_decisions=True)
         assert torch.equal(layer.mixture(x, hard_decisions=True).sum(1), torch.ones(48))  # one-hot
-        for impl in ("auto", "gather", "grouped"):
+        for impl in IMPLS:
             layer.hard_impl = impl
             assert (layer(x) - ref).abs().max() <= 1e-6, impl
-        layer.hard_impl = "auto"
-        assert (layer(x[:1]) - ref[:1]).abs().max() <= 1e-6  # the batch-1 path
+        for impl in ("auto", "gather"):  # the batch-1 paths (kernel, host walk)
+            layer.hard_impl = impl
+            assert (layer(x[:1]) - ref[:1]).abs().max() <= 1e-6
         assert torch.equal(layer.route(x), layer.mixture(x, hard_decisions=True).argmax(1))
 
 
@@ -247,8 +251,10 @@ def test_peer_parity_once_its_missing_leaf_output_bias_is_added():
         x = torch.randn(50, 10)
         with torch.no_grad():
             leaf = ours.eval().route(x)
-            # the peer's eval forgets b2s; everything else matches
-            assert (ours(x) - (peer.eval()(x) + peer.b2s[leaf])).abs().max() <= 1e-6
+            # the peer's eval forgets b2s; everything else matches (every hard path)
+            for impl in IMPLS:
+                ours.hard_impl = impl
+                assert (ours(x) - (peer.eval()(x) + peer.b2s[leaf])).abs().max() <= 1e-6, impl
             assert (ours.train()(x) - peer.train()(x)).abs().max() <= 1e-5  # soft forward
         y, ent = peer.train()(x, return_entropies=True)
         _, ours_ent = ours(x, return_entropies=True)

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import activation as _activation_by_name
+from . import _cpu_kernel
 
 __all__ = ["FFF", "UltraFFF", "hardening_loss", "fff_layers", "bernoulli_entropy"]
 
-HardImpl = Literal["auto", "gather", "grouped"]
+HardImpl = Literal["auto", "kernel", "gather", "grouped"]
 
 # Hard path policy. Below this many samples per leaf (on average) each sample reads its
 # leaf's rows in place (embedding_bag); above it, samples are grouped by leaf for bmm.
@@ -136,8 +137,8 @@ class FFF(nn.Module):
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         if not 0.0 <= region_leak <= 1.0:
             raise ValueError(f"region_leak must be in [0, 1], got {region_leak}")
-        if hard_impl not in ("auto", "gather", "grouped"):
-            raise ValueError(f"hard_impl must be 'auto', 'gather' or 'grouped', got {hard_impl!r}")
+        if hard_impl not in ("auto", "kernel", "gather", "grouped"):
+            raise ValueError(f"hard_impl must be 'auto', 'kernel', 'gather' or 'grouped', got {hard_impl!r}")
         self.input_width, self.leaf_width, self.output_width = int(input_width), int(leaf_width), int(output_width)
         self.depth = int(depth)
         self.n_leaves = 2**self.depth
@@ -267,6 +268,9 @@ class FFF(nn.Module):
         Usage: ``leaves = layer.route(x)  # shape x.shape[:-1]``.
         """
         x2 = self._flat(x)
+        if self._kernel_ok(x2):
+            return _cpu_kernel.hard_forward(x2.contiguous(), *self._kernel_weights(), self.depth, 0,
+                                            route_only=True)[1].reshape(x.shape[:-1])
         return self._route(x2).reshape(x.shape[:-1])
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,14 +303,72 @@ class FFF(nn.Module):
         B = x.shape[0]
         if B == 0:
             return x.new_zeros(0, self.output_width)
-        if B == 1 and self.hard_impl == "auto":
+        impl = self.hard_impl_used(x)
+        if impl == "kernel":
+            return _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
+                                            self._kernel_activation(), activation=self.activation)[0]
+        if impl == "batch1":
             j = self._route_one(x[0])
             a = self.activation(torch.addmm(self.b1s[j], x, self.w1s[j]))
             return torch.addmm(self.b2s[j], a, self.w2s[j])
         leaf = self._route(x)
-        grouped = self.hard_impl == "grouped" or (
-            self.hard_impl == "auto" and B >= GROUPED_MIN_SAMPLES_PER_LEAF * self.n_leaves)
-        return self._leaves_grouped(x, leaf) if grouped else self._leaves_gather(x, leaf)
+        return self._leaves_grouped(x, leaf) if impl == "grouped" else self._leaves_gather(x, leaf)
+
+    def hard_impl_used(self, x: torch.Tensor) -> str:
+        """Which hard path a batch ``x`` (B, in) takes now: ``"kernel"`` (compiled C, see
+        :mod:`topotorch.layers._cpu_kernel`), ``"batch1"`` (host walk), ``"gather"`` or ``"grouped"``.
+
+        Under ``hard_impl="auto"`` the kernel runs for float32/float64 CPU inputs when no
+        gradient is wanted; otherwise batch 1 walks on the host, batches with at least
+        GROUPED_MIN_SAMPLES_PER_LEAF samples per leaf go grouped, the rest gather.
+        Usage: ``layer.hard_impl_used(x)``.
+        """
+        if self._kernel_ok(x):
+            return "kernel"
+        if self.hard_impl in ("gather", "grouped"):
+            return self.hard_impl
+        if x.shape[0] == 1:
+            return "batch1"
+        return "grouped" if x.shape[0] >= GROUPED_MIN_SAMPLES_PER_LEAF * self.n_leaves else "gather"
+
+    def _kernel_ok(self, x: torch.Tensor) -> bool:
+        """Whether the hard forward of ``x`` runs in the compiled CPU kernel (see :mod:`._cpu_kernel`).
+
+        ``hard_impl="kernel"`` insists (and raises if there is no kernel); ``"auto"`` uses it for
+        float32/float64 CPU tensors when no gradient is wanted (under ``torch.no_grad()`` /
+        ``torch.inference_mode()``, or with parameters that do not require grad).
+        """
+        if self.hard_impl not in ("auto", "kernel"):
+            return False
+        usable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                  and self.node_weights.device.type == "cpu" and self.node_weights.dtype == x.dtype
+                  and self.leaf_width <= _cpu_kernel.MAX_LEAF_WIDTH)
+        if self.hard_impl == "kernel":
+            if not usable:
+                raise ValueError("hard_impl='kernel' needs float32/float64 CPU inputs and weights of the same dtype "
+                                 f"and leaf_width <= {_cpu_kernel.MAX_LEAF_WIDTH}")
+            if _cpu_kernel.kernel() is None:
+                raise RuntimeError(f"FFF CPU kernel unavailable: {_cpu_kernel.kernel_error() or 'disabled'}")
+            return True
+        if not usable:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return _cpu_kernel.kernel() is not None
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
+        return tuple(p.detach().contiguous() for p in (self.node_weights, self.node_biases, self.w1s, self.b1s,
+                                                        self.w2s, self.b2s))
+
+    def _kernel_activation(self) -> int:
+        a = self.activation
+        if type(a) is nn.ReLU:
+            return _cpu_kernel.ACT_RELU
+        if type(a) is nn.Identity:
+            return _cpu_kernel.ACT_IDENTITY
+        if type(a) is nn.GELU and a.approximate == "none":
+            return _cpu_kernel.ACT_GELU
+        return _cpu_kernel.ACT_NONE
 
     def _leaves_gather(self, x: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
         """Each sample sums its own leaf's weight rows in place (embedding_bag, no weight copy)."""
