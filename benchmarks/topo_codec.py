@@ -10,7 +10,9 @@ within 2% of the unstored model's, and the baseline/topographic ratio. Two selec
 * ``monotone``: the fewest bytes of a (format, quality) such that every higher quality of that
   format also stays within 2% (no lucky dip of a noisy loss-vs-quality curve).
 
-    .venv/bin/python benchmarks/topo_codec.py --json results/topo_codec.json
+    .venv/bin/python benchmarks/topo_codec.py --json results/topo_codec.json        # ≈ 8 min on 1 thread
+    .venv/bin/python benchmarks/topo_codec.py --configs digits-wide:20:4,digits-wide:50:4 --seed 1 \
+        --json results/topo_codec_seed1.json
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def run_config(task: str, tau: float, phi: float, a: argparse.Namespace) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="digits:5:3,digits:20:3,digits-wide:20:4",
+    ap.add_argument("--configs", default="digits:5:3,digits:20:3,digits-wide:20:4,digits-wide:50:4",
                     help="comma-separated TASK:TAU:PHI (the baseline τ = 0 is trained for each)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
