@@ -1,0 +1,109 @@
+"""Shrink BIMT-trained networks (dead neurons/channels/heads removed) and measure what it buys.
+
+Trains ``digits-conv`` (SmallResNet + conv_graph) and ``modular-addition-transformer`` (1-layer
+TinyGPT, no LayerNorm, + transformer_graph) with BIMT, shrinks each at the task's threshold and
+prints: parameters before/after, max |output difference| against the thresholded original,
+the test metric of the dense, thresholded and shrunk models, and forward latency at batch 256
+(dense original vs shrunk; medians of repeated timings, ``torch.get_num_threads()`` threads).
+
+    python benchmarks/bench_shrink.py [--conv-steps 3000] [--gpt-steps 5000] [--conv-lam S] [--gpt-lam S] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import torch
+
+from topotorch.shrink import shrink, threshold_model
+from topotorch.training import TrainConfig, evaluate, train
+
+
+def latency(model: torch.nn.Module, x: torch.Tensor, reps: int = 30) -> float:
+    """Median seconds per forward pass of ``model`` on ``x`` (after warm-up)."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def run(task: str, steps: int, inner: str | None, lam: str | None = None) -> dict:
+    torch.manual_seed(0)
+    cfg = TrainConfig.for_task(task, steps=steps, lam=lam, progress=False, animation=False, out=None)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    train_s = time.perf_counter() - t0
+    model, graph = res.model.eval(), res.graph
+    core = getattr(model, inner) if inner else model  # the graph describes the wrapped GPT
+    sh = shrink(core, graph, cfg.threshold)
+    small = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    if inner:
+        setattr(small, inner, sh.model)
+        setattr(ref, inner, threshold_model(core, graph, cfg.threshold))
+    else:
+        small, ref = sh.model, threshold_model(core, graph, cfg.threshold)
+    small.eval(), ref.eval()
+    d = res.data
+    with torch.no_grad():
+        diff = (small(d.x_test) - ref(d.x_test)).abs().max().item()
+        scale = ref(d.x_test).abs().max().item()
+    xb = d.x_test[torch.arange(256) % len(d.x_test)]
+    t_dense, t_small = latency(model, xb), latency(small, xb)
+    out = {
+        "task": task, "steps": steps, "lam": cfg.lam, "train_seconds": round(train_s, 1), "threshold": cfg.threshold,
+        "params_before": n_params(model), "params_after": n_params(small),
+        "param_ratio": round(n_params(model) / n_params(small), 2),
+        "removed": {k: v for k, v in sh.removed.items() if v},
+        "size": {s.name: s.size for s in graph.spaces},
+        "kept_why": sh.kept_why,
+        "max_abs_diff_vs_thresholded": diff, "output_scale": scale,
+        "metric": res.task.metric,
+        "test_dense": evaluate(res.task, model, d.x_test, d.y_test),
+        "test_thresholded": evaluate(res.task, ref, d.x_test, d.y_test),
+        "test_shrunk": evaluate(res.task, small, d.x_test, d.y_test),
+        "latency_b256_dense_ms": round(1e3 * t_dense, 3), "latency_b256_shrunk_ms": round(1e3 * t_small, 3),
+        "speedup_b256": round(t_dense / t_small, 2),
+    }
+    if inner:
+        out["heads_after"] = [b.attn.head_dims for b in sh.model.blocks]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conv-steps", type=int, default=3000)
+    ap.add_argument("--gpt-steps", type=int, default=5000)
+    ap.add_argument("--conv-lam", default=None, help="λ schedule for digits-conv (default: the task's)")
+    ap.add_argument("--gpt-lam", default=None, help="λ schedule for the transformer (default: the task's)")
+    ap.add_argument("--skip-gpt", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {
+        "threads": torch.get_num_threads(),
+        "note": "2-core box shared with other jobs: latencies are noisy; ratios are from one run",
+        "runs": [run("digits-conv", args.conv_steps, None, args.conv_lam)]
+        + ([] if args.skip_gpt else [run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam)]),
+    }
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
