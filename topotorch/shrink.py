@@ -1,7 +1,7 @@
 """Remove dead neurons, channels and heads through the coupling graph: a smaller model, the same function.
 
-First every connection weight of the graph is thresholded (``|w| < threshold`` → 0; biases, norm
-parameters and position tables are left alone): that is *the thresholded original*. Then, for
+First every connection weight of the graph is thresholded (``|w| <= threshold`` → 0, the rule of
+:func:`topotorch.analysis.thresholded`; biases, norm parameters and position tables are left alone): that is *the thresholded original*. Then, for
 every hidden space, repeated until nothing changes (a removal can kill a neighbour):
 
 * a neuron whose **outgoing** weights are all zero is dropped — every slice it owns (rows,
@@ -133,7 +133,7 @@ def _threshold_inplace(model: nn.Module, graph: SpatialGraph, threshold: float) 
         return
     for name in dict.fromkeys(c.weight for c in graph.connections):
         w = _get(model, name)
-        w.masked_fill_(w.abs() < threshold, 0.0)
+        w.masked_fill_(w.abs() <= threshold, 0.0)
 
 
 def _alive_along(w: torch.Tensor, sl: Slice) -> torch.Tensor:
