@@ -443,6 +443,55 @@ def localize(
     typer.echo(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png').name}")
 
 
+@app.command("sweep-sparsity")
+def sweep_sparsity(
+    task: str = typer.Argument(..., help="task name (see `topotorch tasks`), e.g. digits or mnist1d"),
+    methods: str = typer.Option("bimt,l1,imp,random,soup,magnitude",
+                                help="comma-separated: magnitude, layerwise, random, bimt, l1, imp, imp-ft, soup, nm24"),
+    sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", help="increasing fractions of weights removed, each in (0, 1)"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated seeds (the tables give medians)"),
+    out: Optional[Path] = typer.Option(None, help="output folder (default: runs/sparsity-TASK)"),
+    dense_steps: Optional[int] = typer.Option(None, help="T: training steps before pruning (default: the task's)"),
+    cycle_steps: int = typer.Option(1000, help="R: steps per prune-retrain cycle; one-shot methods fine-tune i*R at level i"),
+    soup_size: int = typer.Option(3, help="m: models averaged per soup cycle"),
+    rewind: float = typer.Option(0.05, help="IMP rewinds to step k = REWIND * T"),
+    lr: Optional[float] = typer.Option(None, help="fine-tune learning rate (default: the task's)"),
+    batch_size: Optional[int] = typer.Option(None, help="fine-tune batch (default: the task's, 128 for full-batch tasks)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Accuracy vs sparsity of BIMT, L1 and the pruning baselines (IMP with rewinding, sparse model soups,
+    random, magnitude): writes sweep.csv, table.md (medians of the seeds), sweep.png and summary.json."""
+    from .sweep import SweepConfig, run_sweep
+
+    if threads is not None:
+        if threads < 1:
+            _fail(f"threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    folder = out or Path("runs") / f"sparsity-{task}"
+    try:
+        cfg = SweepConfig(task, methods=methods, sparsities=sparsities, seeds=seeds, out=str(folder),
+                          dense_steps=dense_steps, cycle_steps=cycle_steps, soup_size=soup_size,
+                          rewind_fraction=rewind, lr=lr, batch_size=batch_size, progress=progress)
+    except (ValueError, TypeError) as e:
+        _fail(str(e))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            run_sweep(cfg)
+    except (ValueError, ImportError, OSError, FloatingPointError) as e:
+        _fail(str(e))
+    for w in caught:
+        typer.echo(f"warning: {' '.join(str(w.message).split())}", err=True)
+    summary = json.loads((folder / "summary.json").read_text())
+    for s, winners in summary["winners"].items():
+        med = summary["median_accuracy"]
+        typer.echo(f"{100 * float(s):g}%: best {', '.join(winners)} ({100 * med[winners[0]][s]:.1f}%)")
+    typer.echo(f"wrote {folder}/sweep.csv, table.md, sweep.png, summary.json ({summary['seconds'] / 60:.1f} min)")
+
+
 def main() -> None:
     """Entry point; usage errors from click exit with code 2 too."""
     try:
