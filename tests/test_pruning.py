@@ -63,6 +63,8 @@ def test_global_magnitude_respects_previous_mask():
     second = global_magnitude_masks(m, 0.8, previous=first)
     assert all(not (second[k] & ~first[k]).any() for k in first)
     assert mask_sparsity(second) == pytest.approx(0.8, abs=1e-2)
+    with pytest.raises(ValueError, match="must increase"):
+        global_magnitude_masks(m, 0.3, previous=second)
 
 
 def test_layerwise_and_random_hit_the_sparsity_in_every_layer():

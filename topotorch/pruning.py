@@ -104,7 +104,11 @@ def global_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsity:
     ws = _weights(model)
     names = list(ws)
     flat = torch.cat([_scores(ws[n], previous.get(n) if previous else None).reshape(-1) for n in names])
-    keep = _topk_mask(flat, _n_keep(flat.numel(), sparsity))
+    n_keep = _n_keep(flat.numel(), sparsity)
+    if previous is not None and n_keep > int((flat >= 0).sum()):
+        raise ValueError(f"cannot prune to {sparsity:g}: the previous masks already remove more "
+                         f"({mask_sparsity(previous):.4g}); iterative sparsities must increase")
+    keep = _topk_mask(flat, n_keep)
     parts = keep.split([ws[n].numel() for n in names])
     return {n: p.view_as(ws[n]) for n, p in zip(names, parts)}
 
@@ -254,7 +258,7 @@ def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16) -> 
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             w = mod.weight.detach()
-            if (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() > 2:
+            if w.shape[1] % 4 or (w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max() > 2:
                 continue  # not 2:4 sparse
             try:
                 mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
