@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import statistics
 import time
 import warnings
@@ -41,6 +40,8 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checkpoint import atomic_write_bytes
 
 FORMAT_VERSION = 1
 FORMATS = ("dense", "block", "csr")
@@ -521,11 +522,11 @@ def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list]
     total = int(offs[-1])
     _, label = connected_components(coo_matrix((np.ones(len(r)), (r, c)), shape=(total, total)), directed=False)
     # modules numbered by their first neuron in the first hidden space, so the order is deterministic
-    first = {}
-    for lab in label:
-        first.setdefault(int(lab), len(first))
-    label = np.array([first[int(v)] for v in label])
-    n_mod = len(first)
+    _, first_seen = np.unique(label, return_index=True)  # component k first appears at first_seen[k]
+    rank = np.empty(len(first_seen), dtype=np.int64)
+    rank[np.argsort(first_seen)] = np.arange(len(first_seen))
+    label = rank[label]
+    n_mod = len(first_seen)
     labels = [torch.as_tensor(label[offs[s - 1]: offs[s]]) for s in range(1, n_layers)]
     for s in range(1, n_layers):  # stable sort of space s by module
         order = torch.as_tensor(np.argsort(labels[s - 1].numpy(), kind="stable"))
@@ -572,13 +573,6 @@ def verify(original_thresholded: nn.Module, compact: nn.Module, x: torch.Tensor,
 
 # -- saving and loading -----------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]:
@@ -612,8 +606,8 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
         "sha256": hashlib.sha256(blob).hexdigest(), "description": compact.description,
     }
     st, js = folder / "compact.safetensors", folder / "compact.json"
-    _atomic_write(st, blob)
-    _atomic_write(js, (json.dumps(spec, indent=2) + "\n").encode())
+    atomic_write_bytes(st, blob)
+    atomic_write_bytes(js, (json.dumps(spec, indent=2) + "\n").encode())
     return st, js
 
 
@@ -762,7 +756,7 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
     }
     save_compact(folder, small)
-    _atomic_write(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 
@@ -803,7 +797,7 @@ def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: 
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
     }
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "shrunk.safetensors",
+    atomic_write_bytes(folder / "shrunk.safetensors",
                   save({k: v.detach().contiguous().clone() for k, v in small.state_dict().items()}))
-    _atomic_write(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report
