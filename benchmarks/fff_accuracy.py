@@ -2,10 +2,15 @@
 
 One hidden layer of training width 128 between inputs and 10 classes: a dense FF
 (in -> 128 -> 10, ReLU) against FFFs with ℓ=8 (depth 4) and ℓ=1 (depth 7), each trained the
-same way (Adam, minibatches) and evaluated as deployed: FFF accuracy is that of the hard
-(eval) forward, one leaf per sample. An FFF trains soft for the first half of the epochs and
-with hard decisions (straight-through node gradients) for the second half, so that its leaves
-fit the routing they are deployed with (--hard-frac; the entropy hardening loss is --h).
+same way and evaluated as deployed: FFF accuracy is that of the hard (eval) forward, one
+leaf per sample. The recipe is shared by every model: AdamW (--lr, --wd), cosine learning
+rate, minibatches of --batch, the same --epochs, and Gaussian input noise of --noise times
+each input feature's training-set std (augmentation). An FFF trains soft for the first
+(1 - --hard-frac) of the epochs while its decisions are sharpened from sigmoid(z) to
+sigmoid(--anneal · z) (geometric schedule), then with hard decisions (straight-through node
+gradients), so that its leaves fit the routing they are deployed with; --h adds the entropy
+hardening loss during the soft phase, --distill the soft-phase model as a teacher
+(Hinton-style KL at T = 2) in the hard phase.
 Datasets: scikit-learn digits (8x8, split by seed) and MNIST-1D (``mnist1d.data.make_dataset``
 with its default arguments, generated offline; skipped with a message if ``mnist1d`` is not
 installed). Median of --seeds seeds; two worker processes with one thread each.
@@ -16,7 +21,9 @@ installed). Median of --seeds seeds; two worker processes with one thread each.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import statistics
 import time
 
@@ -52,31 +59,54 @@ def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module
 
 
 def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h: float,
-               hard_frac: float = 0.5, leak: float = 0.0) -> tuple[float, float, nn.Module]:
+               hard_frac: float = 0.2, leak: float = 0.0, wd: float = 0.1, noise: float = 0.5,
+               anneal: float = 30.0, distill: float = 0.0) -> tuple[float, float, nn.Module]:
     """Train one model; returns (test accuracy of the deployed model, soft test accuracy, model).
 
-    An FFF trains soft for the first (1 - hard_frac) of the epochs, with ``h`` times the
-    hardening loss, then with hard decisions (straight-through node gradients) for the rest,
-    so that the leaves fit the routing they are deployed with."""
+    Every model: AdamW(lr, weight_decay=wd), cosine learning rate over all steps, inputs plus
+    Gaussian noise of ``noise`` times each feature's training std. An FFF trains soft for the
+    first (1 - hard_frac) of the epochs with its decisions sharpened from sigmoid(z) to
+    sigmoid(anneal·z) (and ``h`` times the hardening loss), then with hard decisions
+    (straight-through node gradients) for the rest, so that the leaves fit the routing they
+    are deployed with; ``distill`` > 0 mixes in KL to the soft-phase model (T = 2) there."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make_model(kind, xtr.shape[1], 10, leak)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    is_fff = isinstance(model, FFF)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
     n = len(xtr)
+    sigma = noise * xtr.std(0)
+    steps, step = epochs * math.ceil(n / batch), 0
+    soft_steps = max(1, round(epochs * (1 - hard_frac)) * math.ceil(n / batch))
+    teacher = None
     for epoch in range(epochs):
-        coeff = h
-        if isinstance(model, FFF):
-            model.train_hardened = epoch >= round(epochs * (1 - hard_frac))
+        if is_fff:
+            hard = epoch >= round(epochs * (1 - hard_frac))
+            if hard and not model.train_hardened and distill > 0:
+                teacher = copy.deepcopy(model).train()
+            model.train_hardened = hard
         model.train()
         for idx in torch.randperm(n, generator=g).split(batch):
-            loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-            if coeff and isinstance(model, FFF):
-                loss = loss + hardening_loss(model, coeff)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            if is_fff and not model.train_hardened:
+                model.sharpness = anneal ** min(1.0, step / soft_steps)
+            xb = xtr[idx] + sigma * torch.randn(len(idx), xtr.shape[1], generator=g) if noise else xtr[idx]
+            out = model(xb)
+            loss = nn.functional.cross_entropy(out, ytr[idx])
+            if h and is_fff and not model.train_hardened:
+                loss = loss + hardening_loss(model, h)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = (teacher(xb) / 2).softmax(1)
+                loss = (1 - distill) * loss + distill * 4 * nn.functional.kl_div(
+                    (out / 2).log_softmax(1), target, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    if isinstance(model, FFF):
+            step += 1
+    if is_fff:
         model.train_hardened = False
     with torch.no_grad():
         soft = (model.train()(xte).argmax(1) == yte).float().mean().item()
@@ -90,7 +120,8 @@ def _job(job: tuple) -> dict:
     data = _data(ds, seed if ds == "digits" else 0)
     t = time.perf_counter()
     hard, soft, model = train_eval(kind, data, seed, args["epochs"], args["batch"], args["lr"], args["h"],
-                                   args["hard_frac"], args["leak"])
+                                   args["hard_frac"], args["leak"], args["wd"], args["noise"], args["anneal"],
+                                   args["distill"])
     out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "secs": time.perf_counter() - t}
     if ds == "digits" and kind == "FFF l=8" and seed == 0:
         usage = leaf_usage(model, data[2])
@@ -115,12 +146,16 @@ def main() -> None:
     ap.add_argument("--datasets", default="digits,mnist1d")
     ap.add_argument("--models", default="FF,FFF l=8,FFF l=1")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine schedule), all models")
+    ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay, all models")
+    ap.add_argument("--noise", type=float, default=0.5, help="input noise, in training stds per feature, all models")
     ap.add_argument("--h", type=float, default=0.0,
                     help="hardening coefficient (h=3 from the start collapsed digits onto one leaf in our runs)")
-    ap.add_argument("--hard-frac", type=float, default=0.5, help="final share of epochs trained with hard decisions")
+    ap.add_argument("--anneal", type=float, default=30.0, help="FFF soft-phase final sharpness (1 = no annealing)")
+    ap.add_argument("--hard-frac", type=float, default=0.2, help="final share of epochs trained with hard decisions")
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of KL to the soft-phase model in the hard phase")
     ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--json", default=None)
@@ -135,7 +170,8 @@ def main() -> None:
         except ImportError as e:
             print(f"{ds}: skipped ({e}; pip install mnist1d)")
     kinds = args.models.split(",")
-    opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak")}
+    opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak", "wd", "noise", "anneal",
+                                          "distill")}
     jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:

@@ -285,3 +285,28 @@ def test_ultra_batch_one_keeps_gradients_when_enabled():
     assert u.w_in.grad.abs().sum() > 0 and u.w_out.grad.abs().sum() > 0
     with torch.no_grad():
         assert (u(x) - u.dense_forward(x)).abs().max() <= 1e-6
+
+
+def test_sharpness_scales_soft_decisions_only():
+    layer = _layer(3).train()
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        z = x @ layer.node_weights.t() + layer.node_biases
+        layer.sharpness = 5.0
+        mix = layer.mixture(x)
+        p = torch.sigmoid(5.0 * z)
+        assert torch.allclose(mix[:, 5], p[:, 0] * (1 - p[:, 2]) * p[:, 5], atol=1e-6)
+        hard = layer.eval()(x)
+        layer.sharpness = 1.0
+        assert torch.equal(hard, layer(x))  # the hard forward ignores it
+
+
+def test_trained_layer_deepcopies_and_pickles():
+    import copy
+    import pickle
+
+    layer = _layer(2).train()
+    layer(torch.randn(4, 12)).sum().backward()  # last_entropies now holds a graph
+    twin = copy.deepcopy(layer)
+    assert twin.last_entropies is None and layer.last_entropies is not None
+    assert torch.equal(pickle.loads(pickle.dumps(layer)).w1s, layer.w1s)

@@ -14,12 +14,18 @@ A :class:`FFF` is a balanced binary tree of depth ``d``: ``2**d - 1`` node neuro
 The soft forward is four dense tensor ops (node logits in one matmul, the path products by
 one broadcasted multiply per tree level, all leaves' hidden units in one matmul, and the
 mixture-weighted output in one more: weighting the hidden units by their leaf's mixture
-weight first turns the mixture of leaf outputs into a single matmul). The hard forward
-routes with one gather-dot per level and evaluates the chosen leaves with
-``embedding_bag`` (rows of the leaf weights summed with the input as per-sample weights:
+weight first turns the mixture of leaf outputs into a single matmul). The hard forward, for
+float32/float64 CPU inputs when no gradient is wanted (``torch.no_grad()`` /
+``torch.inference_mode()``), runs a small compiled C kernel (:mod:`._cpu_kernel`, built with
+the system compiler on first use): per sample ``d`` vectorised dot products down the tree,
+then the chosen leaf straight from its weights, samples visited in leaf order so a leaf is
+read once per batch chunk, second-layer rows of zero (ReLU) activations skipped, the batch
+split over ``torch.get_num_threads()`` threads. Otherwise (gradients wanted, other dtypes or
+devices, no compiler) it routes with one gather-dot per level and evaluates the chosen leaves
+with ``embedding_bag`` (rows of the leaf weights summed with the input as per-sample weights:
 no copy of the gathered weights), a direct weight view at batch 1, or, for batches much
-larger than the number of leaves, samples sorted by leaf and cut into equal chunks that
-go through ``bmm`` with each chunk's leaf weights.
+larger than the number of leaves, samples sorted by leaf and cut into equal chunks that go
+through ``bmm`` with each chunk's leaf weights. ``layer.hard_impl_used(x)`` says which.
 
 Also: :class:`UltraFFF`, the UltraFastBERT variant (each node one neuron; the output sums
 the neurons on the path; K parallel trees).
@@ -149,6 +155,7 @@ class FFF(nn.Module):
         self.train_hardened = bool(train_hardened)
         self.hard_impl: HardImpl = hard_impl
         self.last_entropies: torch.Tensor | None = None
+        self.sharpness = 1.0  # soft decisions are sigmoid(sharpness · (w·x + b)); the hard ones ignore it
         kw = {"device": device, "dtype": dtype}
         L, i, l, o = self.n_leaves, self.input_width, self.leaf_width, self.output_width
         self.node_weights = nn.Parameter(torch.empty(self.n_nodes, i, **kw))
@@ -158,6 +165,12 @@ class FFF(nn.Module):
         self.w2s = nn.Parameter(torch.empty(L, l, o, **kw))
         self.b2s = nn.Parameter(torch.empty(L, o, **kw))
         self.reset_parameters()
+
+    def __getstate__(self) -> dict:
+        # last_entropies holds an autograd graph (for hardening_loss): not copied or pickled
+        state = self.__dict__.copy()
+        state["last_entropies"] = None
+        return state
 
     def reset_parameters(self) -> None:
         """The peer's initialisation: U(±1/√in) for nodes and first layers, U(±1/√ℓ) for second layers."""
@@ -227,6 +240,8 @@ class FFF(nn.Module):
             self.last_entropies = x.new_zeros(0)
             return mix
         z = torch.addmm(self.node_biases, x, self.node_weights.t())  # (B, n_nodes)
+        if self.sharpness != 1.0:  # an annealing schedule sharpens the soft decisions towards hard ones
+            z = z * self.sharpness
         p = torch.sigmoid(z)
         if self.training or torch.is_grad_enabled():
             self.last_entropies = bernoulli_entropy(z).mean(0) if B else z.new_zeros(self.n_nodes)
