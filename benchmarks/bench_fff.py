@@ -1,9 +1,9 @@
 """FFF speed on CPU (in = out = 768): hard inference vs dense FF and vs the peer package.
 
 Rows (each a ratio measured in this one run, medians of interleaved repeats under
-torch.inference_mode after warm-up; each repeat times a ~5 ms block of back-to-back calls, so
-caches are warm, except the "cold caches" row, which times single calls interleaved with
-the other candidates' calls):
+torch.inference_mode after warm-up; each repeat times a ~5 ms block of back-to-back calls after
+one untimed call, so caches are warm (steady-state repeated inference), except the "cold
+caches" row, which times single calls each right after the other candidates' calls):
   * hard inference vs a dense FF of the same training width (2^d·ℓ, default d=9, ℓ=8 -> 4096),
     at batch 256 and batch 1;
   * hard inference vs ``fastfeedforward`` 0.2.1's eval forward at batch 256 (same weights, depth,
@@ -42,10 +42,11 @@ def _median_times(fns: dict[str, Callable[[], object]], repeats: int, inner: int
                   block_s: float = 0.005) -> dict[str, float]:
     """Median seconds per call, the candidates interleaved in rounds so machine noise hits all alike.
 
-    Each round times a block of ``inner`` back-to-back calls per candidate (warm caches, the
-    usual steady-state figure). ``inner=None`` sizes each candidate's block to about
-    ``block_s`` seconds; ``inner=1`` times single calls, each right after the other
-    candidates ran (caches cold for weights the others evicted)."""
+    Each round times a block of ``inner`` back-to-back calls per candidate after one untimed
+    call (warm caches: the steady state of repeated inference). ``inner=None`` sizes each
+    candidate's block to about ``block_s`` seconds; ``inner=1`` times single calls with no
+    untimed call, each right after the other candidates ran (caches cold for the weights the
+    others evicted)."""
     sizes = {}
     for k, f in fns.items():  # warm-up, and block sizes
         f()
@@ -55,6 +56,8 @@ def _median_times(fns: dict[str, Callable[[], object]], repeats: int, inner: int
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            if inner != 1:
+                f()  # the block's untimed first call: it refills the caches the other candidates evicted
             t = time.perf_counter()
             for _ in range(sizes[k]):
                 f()

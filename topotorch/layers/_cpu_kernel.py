@@ -331,7 +331,7 @@ def kernel() -> ctypes.CDLL | None:
     Built once per process (and cached on disk across processes). Usage: ``kernel() is not None``.
     """
     global _lib, _error, _tried
-    if os.environ.get("TOPOTORCH_NO_KERNEL", "") not in ("", "0"):
+    if os.environ.get("TOPOTORCH_NO_KERNEL", "0") not in ("", "0"):
         return None
     if _tried:
         return _lib

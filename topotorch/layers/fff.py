@@ -372,8 +372,11 @@ class FFF(nn.Module):
         return _cpu_kernel.kernel() is not None
 
     def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
-        return tuple(p.detach().contiguous() for p in (self.node_weights, self.node_biases, self.w1s, self.b1s,
-                                                        self.w2s, self.b2s))
+        ps = self._parameters
+        ws = (ps["node_weights"], ps["node_biases"], ps["w1s"], ps["b1s"], ps["w2s"], ps["b2s"])
+        if all(w.is_contiguous() for w in ws):  # the kernel only reads them through data_ptr()
+            return ws
+        return tuple(w.detach().contiguous() for w in ws)
 
     def _kernel_activation(self) -> int:
         a = self.activation
