@@ -204,6 +204,8 @@ def test_sweep_argument_errors():
         parse_sparsities("0.5,abc")
     with pytest.raises(ValueError, match="cycle_steps"):
         SweepConfig("digits", cycle_steps=0)
+    with pytest.raises(ValueError, match="schedule"):
+        SweepConfig("digits", lam="5:0.1")
 
 
 def invoke(*args):

@@ -457,6 +457,7 @@ def sweep_sparsity(
     rewind: float = typer.Option(0.05, help="IMP rewinds to step k = REWIND * T"),
     lr: Optional[float] = typer.Option(None, help="fine-tune learning rate (default: the task's)"),
     batch_size: Optional[int] = typer.Option(None, help="fine-tune batch (default: the task's, 128 for full-batch tasks)"),
+    lam: Optional[str] = typer.Option(None, help="λ schedule for the bimt/l1 training, e.g. 0:0.01,2000:0.1 (default: the task's)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -474,7 +475,7 @@ def sweep_sparsity(
     try:
         cfg = SweepConfig(task, methods=methods, sparsities=sparsities, seeds=seeds, out=str(folder),
                           dense_steps=dense_steps, cycle_steps=cycle_steps, soup_size=soup_size,
-                          rewind_fraction=rewind, lr=lr, batch_size=batch_size, progress=progress)
+                          rewind_fraction=rewind, lr=lr, batch_size=batch_size, lam=lam, progress=progress)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     try:

@@ -117,6 +117,7 @@ class SweepConfig:
     rewind_fraction: float = 0.05  # IMP rewinds to step k = round(fraction · T)
     lr: float | None = None  # fine-tune learning rate (None: the task's)
     batch_size: int | None = None  # fine-tune batch (None: the task's, or 128 for full-batch tasks)
+    lam: str | None = None  # λ schedule for the bimt / l1 training (None: the task's, scaled to T)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -138,6 +139,10 @@ class SweepConfig:
             raise ValueError(f"rewind_fraction must be in (0, 1), got {self.rewind_fraction!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.lam is not None:
+            from .training import parse_schedule
+
+            parse_schedule(self.lam)
 
 
 def _scaled_schedule(lam: Any, factor: float) -> Any:
@@ -150,8 +155,8 @@ def _scaled_schedule(lam: Any, factor: float) -> Any:
     return ",".join(f"{int(round(s * factor))}:{v:g}" for s, v in phases)
 
 
-def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step: int | None):
-    """Train with topotorch's trainer (task defaults); returns (result, state_dict at ``rewind_step`` or None)."""
+def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step: int | None, lam: str | None = None):
+    """Train with topotorch's trainer (task defaults; ``lam`` overrides λ); returns (result, state at ``rewind_step``)."""
     from .tasks import get_task
     from .training import TrainConfig, train
 
@@ -163,6 +168,8 @@ def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step:
         over["lam"] = _scaled_schedule(defaults.get("lam", "0:1e-3"), f)
         if defaults.get("bias_penalty_from"):
             over["bias_penalty_from"] = int(round(defaults["bias_penalty_from"] * f))
+    if lam is not None and method != "none":
+        over["lam"] = lam
     captured: dict[str, torch.Tensor] = {}
 
     def hook(done, model, graph) -> None:
@@ -221,7 +228,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
             trained: dict[str, Any] = {}
             rewind_state = None
             for b in bases:
-                res, cap = _train_base(cfg.task, b, seed, T, k if b == "none" else None)
+                res, cap = _train_base(cfg.task, b, seed, T, k if b == "none" else None, cfg.lam)
                 trained[b] = res
                 if b == "none":
                     rewind_state = cap
@@ -271,7 +278,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                         advance(m * R, f"seed {seed}: {method} {c.sparsity:.0%}")
     seconds = time.perf_counter() - t_start
     budgets = {"dense_steps": T, "cycle_steps": R, "soup_size": cfg.soup_size, "rewind_step": k,
-               "finetune_lr": lr, "finetune_batch": bs, "per_seed_gradient_steps": per_seed}
+               "finetune_lr": lr, "finetune_batch": bs, "per_seed_gradient_steps": per_seed,
+               "lam": cfg.lam or d.get("lam")}
     if cfg.out:
         write_outputs(Path(cfg.out), cfg, rows, budgets, extra, seconds)
     return rows
@@ -345,6 +353,7 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
              f"i·R; iterative ones run i retrains of R); soups train {m} members per cycle, i.e. T + {m}·i·R "
              f"gradient steps. IMP rewinds to step k = {budgets['rewind_step']}. Fine-tunes: AdamW lr "
              f"{budgets['finetune_lr']:g} cosine-decayed per phase, batch {budgets['finetune_batch']}. "
+             f"λ schedule of bimt/l1: `{budgets['lam']}`{'' if cfg.lam else ' (the task default)'}. "
              f"Dense accuracy before pruning: " + ", ".join(f"{b} {pct(v)}" for b, v in dense_med.items()) + ".", "",
              "After fine-tuning (best per column in bold):", "", head, sep]
     for meth in methods:
@@ -371,7 +380,8 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
                          f"| {pct(e.get('best_member'))} | {pct(e.get('mean_member'))} |")
     lines += ["", f"Whole sweep: {seconds / 60:.1f} min. Command: `topotorch sweep-sparsity {cfg.task} --methods "
               f"{','.join(cfg.methods)} --sparsities {','.join(f'{s:g}' for s in levels)} --seeds "
-              f"{','.join(map(str, cfg.seeds))} --dense-steps {T} --cycle-steps {R} --soup-size {m}`", ""]
+              f"{','.join(map(str, cfg.seeds))} --dense-steps {T} --cycle-steps {R} --soup-size {m}"
+              + (f" --lam {cfg.lam}" if cfg.lam else "") + "`", ""]
     (out / "table.md").write_text("\n".join(lines))
     plot(out / "sweep.png", rows, levels, methods, dense_med, title=f"{cfg.task}: accuracy vs sparsity "
          f"(median of {len(cfg.seeds)} seeds, band: min–max)")
