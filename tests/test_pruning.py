@@ -246,3 +246,7 @@ def test_cli_sweep_writes_csv_table_png(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s["median_accuracy"]) == {"l1", "imp", "soup", "random", "magnitude"}
     assert "0.9" in s["soup_vs_imp"] and "winners" in s
+    from topotorch.sweep import replot
+
+    (out / "sweep.png").unlink()
+    assert replot(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn from the csv alone

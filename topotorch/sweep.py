@@ -422,7 +422,7 @@ def plot(path: Path, rows: list[dict], levels: list[float], methods: list[str], 
     if dense:  # the unpruned reference: plain training if it ran, else the first trained base
         b, v = ("none", dense["none"]) if "none" in dense else next(iter(dense.items()))
         ax.axhline(100 * v, ls="--", lw=0.8, color="grey")
-        ax.text(xs[levels[-1]], 100 * v, f"dense ({b}) {100 * v:.1f}% ", va="bottom", ha="right", fontsize=7,
+        ax.text(xs[levels[0]], 100 * v, f" dense ({b}) {100 * v:.1f}%", va="top", ha="left", fontsize=7,
                 color="grey")
     ax.set_xticks(list(xs.values()), [f"{100 * s:g}%" for s in levels])
     ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
@@ -436,3 +436,18 @@ def plot(path: Path, rows: list[dict], levels: list[float], methods: list[str], 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def replot(folder: Path) -> Path:
+    """Redraw ``folder/sweep.png`` from its ``sweep.csv`` and ``summary.json`` (no training).
+
+    Usage: ``replot(Path("results/sparsity/digits"))``.
+    """
+    folder = Path(folder)
+    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    s = json.loads((folder / "summary.json").read_text())
+    cfg = s["config"]
+    methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
+    return plot(folder / "sweep.png", rows, [float(v) for v in cfg["sparsities"]], methods,
+                s["dense_accuracy_median"], title=f"{cfg['task']}: accuracy vs sparsity "
+                f"(median of {len(cfg['seeds'])} seeds, band: min–max)")
