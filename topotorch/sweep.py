@@ -22,7 +22,8 @@ Soups spend m·R gradient steps per cycle (the members train in parallel): their
 them all. Fine-tunes and retrains use AdamW at the task's learning rate, cosine-decayed to 0 within each
 phase, on mini-batches (the task's batch size; 128 for full-batch tasks, so that soup members differ).
 ``accuracy_pruned`` is the test metric right after pruning, before any fine-tune (for ``bimt`` and
-``l1``: the "no fine-tune" figure).
+``l1``: the "no fine-tune" figure); ``seconds`` is the wall time since the method started on that seed
+(dense training not included); ``steps`` the sequential steps and ``budget`` all gradient steps behind the row.
 
     >>> cfg = SweepConfig("digits", methods=["bimt", "imp", "soup"], sparsities=[0.5, 0.9], seeds=[0], out="runs/sw")
     >>> rows = run_sweep(cfg)           # writes sweep.csv, table.md, sweep.png, summary.json
