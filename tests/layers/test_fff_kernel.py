@@ -103,3 +103,16 @@ def test_kernel_source_compiles_to_a_cached_library(tmp_path, monkeypatch):
     lib = _cpu_kernel._build()
     assert hasattr(lib, "fff_hard_f32") and hasattr(lib, "fff_hard_f64")
     assert len(list((tmp_path / "kernels").glob("fff_cpu_*.so"))) == 1
+
+
+def test_kernel_build_falls_back_to_portable_flags(tmp_path, monkeypatch):
+    if _cpu_kernel.kernel() is None:
+        pytest.skip(f"no C compiler here ({_cpu_kernel.kernel_error()})")
+    portable = _cpu_kernel._flag_sets()[-1]
+    monkeypatch.setattr(_cpu_kernel, "_flag_sets", lambda: [portable + ["-fno-such-flag-here"], portable])
+    monkeypatch.setenv("TOPOTORCH_CACHE", str(tmp_path))
+    assert hasattr(_cpu_kernel._build(), "fff_hard_f32")
+    monkeypatch.setattr(_cpu_kernel, "_flag_sets", lambda: [portable + ["-fno-such-flag-here"]])
+    monkeypatch.setenv("TOPOTORCH_CACHE", str(tmp_path / "other"))
+    with pytest.raises(RuntimeError, match="no-such-flag"):
+        _cpu_kernel._build()

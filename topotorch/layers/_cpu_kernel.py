@@ -9,8 +9,8 @@ leaf order (a counting sort), so a leaf's weights are read from memory once per 
 and stay in cache for the other samples that chose it. Batches are split over
 ``torch.get_num_threads()`` POSIX threads.
 
-The C source is compiled with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native``)
-into ``$TOPOTORCH_CACHE`` (default ``~/.cache/topotorch``) the first time it is needed, and
+The C source is compiled with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native``,
+or plain ``-O3`` if the compiler rejects that) into ``$TOPOTORCH_CACHE`` (default ``~/.cache/topotorch``) the first time it is needed, and
 loaded with :mod:`ctypes`. Without a compiler, or with ``TOPOTORCH_NO_KERNEL=1``,
 :func:`kernel` returns None and the FFF layer uses its tensor-op paths.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["kernel", "kernel_error", "ACT_CODES"]
+__all__ = ["kernel", "kernel_error", "hard_forward", "ACT_CODES", "MAX_LEAF_WIDTH"]
 
 # Activations the kernel applies itself; any other runs in torch between the two halves.
 ACT_IDENTITY, ACT_RELU, ACT_GELU, ACT_NONE = 0, 1, 2, -1
@@ -301,21 +301,32 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def _flag_sets() -> list[list[str]]:
+    base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
+    tuned = ["-march=native"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
+    return [base + tuned, base]  # the portable set if the compiler rejects the tuned one
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
-    key = hashlib.sha256("\n".join([SOURCE, cc, " ".join(flags), _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TOPOTORCH_CACHE", Path.home() / ".cache" / "topotorch")) / "kernels"
-    so = cache / f"fff_cpu_{key}.so"
-    if not so.exists():
+    errors = []
+    for flags in _flag_sets():
+        key = hashlib.sha256("\n".join([SOURCE, cc, " ".join(flags), _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
+        so = cache / f"fff_cpu_{key}.so"
+        if so.exists():
+            break
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             src, tmp_so = Path(tmp) / "fff_cpu.c", Path(tmp) / "fff_cpu.so"
             src.write_text(SOURCE)
             r = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so), "-lm"], capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {r.stderr.strip()[:500]}")
-            os.replace(tmp_so, so)  # atomic: concurrent builders each write a whole file
+            if r.returncode == 0:
+                os.replace(tmp_so, so)  # atomic: concurrent builders each write a whole file
+                break
+            errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[:300]}")
+    else:
+        raise RuntimeError("; ".join(errors))
     lib = ctypes.CDLL(str(so))
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for s in ("f32", "f64"):
