@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from topotorch.ablation import embedding_module_ablation
+from topotorch.analysis.ablation import embedding_module_ablation
 from topotorch.training import load_run
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from topotorch.compress import compress, parameter_count
+from topotorch.compression.topographic import compress, parameter_count
 from topotorch.models import MLP, TinyGPT
 
 

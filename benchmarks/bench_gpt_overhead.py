@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from topotorch.graph_transformer import transformer_graph
+from topotorch.graph.transformer import transformer_graph
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_
 from topotorch.relocation import relocate
 from topotorch.tasks_sequence import CharLM

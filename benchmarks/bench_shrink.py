@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from topotorch.shrink import shrink, threshold_model
+from topotorch.compression.shrink import shrink, threshold_model
 from topotorch.training import TrainConfig, evaluate, train
 
 

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from topotorch.modularity import detect_communities
+from topotorch.analysis.modularity import detect_communities
 from topotorch.training import TrainConfig, load_run, train
 
 TASKS = ("independence", "modular-addition", "digits")

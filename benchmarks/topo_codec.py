@@ -2,7 +2,7 @@
 
 For each ``--configs`` entry TASK:TAU:PHI, trains the task's MLP at τ = 0 and τ = TAU (TopoLoss on
 both hidden sheets, φ = PHI, ``--steps`` steps, seed ``--seed``), stores both hidden layers through
-the *same* codec pipeline (``topotorch.codec``: direction mosaic + 8-bit norms/biases/plane ranges)
+the *same* codec pipeline (``topotorch.compression.codec``: direction mosaic + 8-bit norms/biases/plane ranges)
 at every format and quality, and reports, per model, the fewest bytes whose held-out loss stays
 within 2% of the unstored model's, and the baseline/topographic ratio. Two selections:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from topotorch.codec import available_formats, codec_roundtrip
+from topotorch.compression.codec import available_formats, codec_roundtrip
 from topotorch.training import TrainConfig, train
 
 QUALITIES = "1,3,5,8,10,12,15,20,25,30,35,40,45,50,55,60,65,70,75,80,85,90,95,100"

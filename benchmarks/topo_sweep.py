@@ -5,7 +5,7 @@ Trains the digits MLP 64-100-100-10 (method none: no wiring cost) with TopoLoss 
 layers (10x10 sheets), then for each model: held-out cross-entropy and accuracy, smoothness of the
 class-selectivity t-maps of both hidden layers (mean), effective dimensionality (participation
 ratio) of their activations, and the held-out loss after cutting the hidden sheets to a coarse grid
-(``topotorch.compress``: coarse sheet, then the reading layer refit by least squares on the
+(``topotorch.compression.topographic``: coarse sheet, then the reading layer refit by least squares on the
 training inputs). Writes maps of the last model under ``--maps``.
 
     .venv/bin/python benchmarks/topo_sweep.py --json results/topo_sweep.json
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from topotorch.compress import compress, parameter_count
-from topotorch.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+from topotorch.compression.topographic import compress, parameter_count
+from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
 from topotorch.objectives.topoloss import TopoLoss
 from topotorch.training import TrainConfig, train
 

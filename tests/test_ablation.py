@@ -1,4 +1,4 @@
-"""Knock-outs (topotorch.ablation): what changes is exactly what the knocked-out part feeds."""
+"""Knock-outs (topotorch.analysis.ablation): what changes is exactly what the knocked-out part feeds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from test_modularity import two_block_mlp
-from topotorch.ablation import ablation_table, embedding_module_ablation, knocked_out, module_groups, per_output_metric
+from topotorch.analysis.ablation import ablation_table, embedding_module_ablation, knocked_out, module_groups, per_output_metric
 from topotorch.graph import SpatialGraph
-from topotorch.modularity import detect_communities
+from topotorch.analysis.modularity import detect_communities
 from topotorch.tasks import get_task
 from topotorch.training import TrainConfig, TrainResult, train
 

@@ -1,4 +1,4 @@
-"""The compact runtime (topotorch.compact): exactness against the thresholded original, dead neurons with
+"""The compact runtime (topotorch.compression.compact): exactness against the thresholded original, dead neurons with
 biases, module splitting, every storage format, save/load, corrupt files, and the CLI report."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.compact import (FORMATS, CompactError, compact_mlp, load_compact, save_compact, thresholded_copy,
+from topotorch.compression.compact import (FORMATS, CompactError, compact_mlp, load_compact, save_compact, thresholded_copy,
                                verify)
 from topotorch.models import MLP, TokenMLP
 
@@ -167,7 +167,7 @@ def test_save_load_roundtrip(tmp_path, fmt):
 
 def test_load_needs_no_training_code(tmp_path):
     save_compact(tmp_path, compact_mlp(two_module_net(), 0.01, choose="block"))
-    code = ("import sys, torch; from topotorch.compact import load_compact; m = load_compact(sys.argv[1]); "
+    code = ("import sys, torch; from topotorch.compression.compact import load_compact; m = load_compact(sys.argv[1]); "
             "print(tuple(m(torch.zeros(3, 4, dtype=torch.float64)).shape)); "
             "print(sorted(k for k in sys.modules if k.startswith('topotorch.') and k.split('.')[1] in "
             "('training', 'tasks', 'tasks_sequence', 'models', 'cli')))")

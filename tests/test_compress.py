@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.compress import coarse_shape, compress, compress_layer, next_layer_name, parameter_count
+from topotorch.compression.topographic import coarse_shape, compress, compress_layer, next_layer_name, parameter_count
 from topotorch.models import TinyGPT
 
 
@@ -89,7 +89,7 @@ def test_cli_compress_and_reload(tmp_path):
     from typer.testing import CliRunner
 
     from topotorch.cli import app
-    from topotorch.compress import load_compressed
+    from topotorch.compression.topographic import load_compressed
     from topotorch.training import TrainConfig, evaluate, load_run, train
 
     run = tmp_path / "run"

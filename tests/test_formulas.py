@@ -1,4 +1,4 @@
-"""Symbolic formulas (topotorch.formulas): the expression equals the thresholded network."""
+"""Symbolic formulas (topotorch.analysis.formulas): the expression equals the thresholded network."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from test_modularity import two_block_mlp
-from topotorch.formulas import check_formula, network_formula
+from topotorch.analysis.formulas import check_formula, network_formula
 from topotorch.training import TrainConfig, train
 
 

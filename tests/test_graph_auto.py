@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.graph_auto import coupling_graph
-from topotorch.graph_conv import conv_graph
+from topotorch.graph.traced import coupling_graph
+from topotorch.graph.conv import conv_graph
 from topotorch.models import MLP, SmallResNet
 from topotorch.objectives.wiring import WiringConfig, wiring_cost
 from topotorch.relocation import apply_permutation, relocate

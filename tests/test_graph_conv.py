@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.graph_conv import conv_graph
+from topotorch.graph.conv import conv_graph
 from topotorch.models import SmallResNet
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
 from topotorch.relocation import apply_permutation, relocate

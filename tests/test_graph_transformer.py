@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.graph_transformer import transformer_graph
+from topotorch.graph.transformer import transformer_graph
 from topotorch.models import TinyGPT
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
 from topotorch.relocation import apply_permutation, relocate

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from topotorch.localize import ablated, find_region, localize
+from topotorch.analysis.localize import ablated, find_region, localize
 
 
 def test_find_region_picks_the_strongest_connected_blob():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.maps import (draw_maps, effective_dimensionality, layer_activations, selectivity, selectivity_maps,
+from topotorch.analysis.maps import (draw_maps, effective_dimensionality, layer_activations, selectivity, selectivity_maps,
                             smoothness)
 
 

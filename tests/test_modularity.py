@@ -1,4 +1,4 @@
-"""Community detection and modularity Q (topotorch.modularity) on networks whose modules are known."""
+"""Community detection and modularity Q (topotorch.analysis.modularity) on networks whose modules are known."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from test_analysis import block_net
 from topotorch.graph import SpatialGraph
-from topotorch.modularity import detect_communities, importance, modularity, weighted_adjacency
+from topotorch.analysis.modularity import detect_communities, importance, modularity, weighted_adjacency
 
 
 def two_block_mlp(dense: bool, seed: int = 0) -> SpatialGraph:

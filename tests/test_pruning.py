@@ -1,4 +1,4 @@
-"""Pruning baselines (topotorch.pruning) and the accuracy-vs-sparsity sweep (topotorch.sweep, sweep-sparsity)."""
+"""Pruning baselines (topotorch.compression.pruning) and the accuracy-vs-sparsity sweep (topotorch.compression.sweep, sweep-sparsity)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from topotorch import pruning
+from topotorch.compression import pruning
 from topotorch.cli import app
-from topotorch.pruning import (MaskSet, average_models, global_magnitude_masks, imp_rewind, layerwise_magnitude_masks,
+from topotorch.compression.pruning import (MaskSet, average_models, global_magnitude_masks, imp_rewind, layerwise_magnitude_masks,
                                mask_sparsity, nm_mask, prunable_weights, random_masks, semi_structured_masks,
                                sparse_soup)
-from topotorch.sweep import SweepConfig, parse_methods, parse_sparsities
+from topotorch.compression.sweep import SweepConfig, parse_methods, parse_sparsities
 from topotorch.tasks import Task, TaskData
 
 
@@ -246,7 +246,7 @@ def test_cli_sweep_writes_csv_table_png(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s["median_accuracy"]) == {"l1", "imp", "soup", "random", "magnitude"}
     assert "0.9" in s["soup_vs_imp"] and "winners" in s
-    from topotorch.sweep import replot
+    from topotorch.compression.sweep import replot
 
     (out / "sweep.png").unlink()
     assert replot(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn from the csv alone

@@ -1,12 +1,12 @@
 """topotorch: give neural networks a body in space, train brain-like structure, see it, cash it in."""
 
-from .geometry import circle, grid, line, make_layout, pairwise_distance
-from .graph import Connection, Slice, Space, SpatialGraph
-from .graph_auto import coupling_graph
-from .graph_conv import conv_graph
-from .graph_transformer import transformer_graph
-from .objectives import WiringConfig, wiring_cost
-from .relocation import apply_permutation, placement_cost, relocate
+from topotorch.geometry import circle, grid, line, make_layout, pairwise_distance
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
+from topotorch.graph.traced import coupling_graph
+from topotorch.graph.conv import conv_graph
+from topotorch.graph.transformer import transformer_graph
+from topotorch.objectives import WiringConfig, wiring_cost
+from topotorch.relocation import apply_permutation, placement_cost, relocate
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,3 @@
-from .cli import main
+from topotorch.cli import main
 
 main()

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .graph import SpatialGraph
+from topotorch.graph import SpatialGraph
 
 
 class CheckpointError(RuntimeError):

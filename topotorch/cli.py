@@ -68,7 +68,7 @@ def _fail(msg: str) -> None:
 @app.command()
 def tasks() -> None:
     """List the registered tasks and their reference settings."""
-    from .tasks import TASKS, get_task
+    from topotorch.tasks import TASKS, get_task
 
     for name in sorted(TASKS):
         t = get_task(name)
@@ -111,9 +111,9 @@ def train(
     of the global batch (DistributedDataParallel); rank 0 writes the run folder.
     ``--resume RUN`` continues RUN from its last checkpoint with RUN's own config.
     """
-    from .checkpoint import CheckpointError
-    from .training import TrainConfig, TrainingDiverged
-    from .training import train as run_training
+    from topotorch.checkpoint import CheckpointError
+    from topotorch.training import TrainConfig, TrainingDiverged
+    from topotorch.training import train as run_training
 
     overrides = dict(method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0,
                      relocation=relocation, top_k=top_k, swap_every=swap_every, threshold=threshold,
@@ -166,9 +166,9 @@ def draw(
     out: Optional[Path] = typer.Option(None, help="PNG path (default: RUN/connectivity.png)"),
 ) -> None:
     """Redraw the connectivity picture of a run from its checkpoint."""
-    from .checkpoint import CheckpointError
-    from .training import load_run
-    from .visualize import draw_connectivity
+    from topotorch.checkpoint import CheckpointError
+    from topotorch.training import load_run
+    from topotorch.visualize import draw_connectivity
 
     if threshold < 0:
         _fail(f"threshold must be >= 0, got {threshold}")
@@ -206,8 +206,8 @@ def report(
 ) -> None:
     """Write one self-contained offline HTML report of a run (graph, curves, animation, metrics, ablations,
     formula) plus graph.graphml / graph.json; for a folder of runs, every run's report and index.html."""
-    from .checkpoint import CheckpointError
-    from .report import build_index, build_report
+    from topotorch.checkpoint import CheckpointError
+    from topotorch.report import build_index, build_report
 
     if max_edges < 1:
         _fail(f"max_edges must be >= 1, got {max_edges}")
@@ -226,7 +226,7 @@ def report(
         _fail(str(e))
     typer.echo(f"wrote {path}")
     if screenshot is not None:
-        from .browser import Browser
+        from topotorch.browser import Browser
 
         try:
             with Browser() as b:
@@ -238,8 +238,8 @@ def report(
 
 
 def _load_for_topo(run: Path):
-    from .checkpoint import CheckpointError
-    from .training import load_run
+    from topotorch.checkpoint import CheckpointError
+    from topotorch.training import load_run
 
     try:
         with warnings.catch_warnings(record=True):
@@ -250,7 +250,7 @@ def _load_for_topo(run: Path):
 
 
 def _topo_pattern(r, layers: Optional[str]) -> str:
-    from .sheets import default_layers
+    from topotorch.sheets import default_layers
 
     if layers:
         return layers
@@ -258,8 +258,8 @@ def _topo_pattern(r, layers: Optional[str]) -> str:
 
 
 def _compress_compact(run: Path, threshold: Optional[float], choose: str, threads: int) -> None:
-    from .checkpoint import CheckpointError
-    from .compact import FORMATS, CompactError, compress_run
+    from topotorch.checkpoint import CheckpointError
+    from topotorch.compression.compact import FORMATS, CompactError, compress_run
 
     if choose not in ("auto", *FORMATS):
         _fail(f"unknown --choose {choose!r}; use auto, {', '.join(FORMATS)}")
@@ -309,11 +309,11 @@ def compress(
 ) -> None:
     """Compact runtime (default, or --threshold T): dead neurons removed, modules split, storage measured per
     layer; writes RUN/compact/ (compact.safetensors + compact.json + report.json; load with
-    topotorch.compact.load_compact). Topographic mode (--downsample PHI | --removed F): cut a run's
+    topotorch.compression.compact.load_compact). Topographic mode (--downsample PHI | --removed F): cut a run's
     topographic layers down to a coarser sheet (compressed.safetensors + compressed.json)."""
-    from .compress import compress as do_compress
-    from .compress import parameter_count, save_compressed
-    from .training import evaluate
+    from topotorch.compression.topographic import compress as do_compress
+    from topotorch.compression.topographic import parameter_count, save_compressed
+    from topotorch.training import evaluate
 
     if threshold is not None and (downsample is not None or removed is not None):
         _fail("--threshold (compact runtime) and --downsample/--removed (topographic downsampling) are mutually exclusive")
@@ -326,7 +326,7 @@ def compress(
     r = _load_for_topo(run)
     try:
         pattern = _topo_pattern(r, layers)
-        from .sheets import find_sheets
+        from topotorch.sheets import find_sheets
 
         names = [s.name for s in find_sheets(r.model, pattern)]
         calib = r.data.x_train[:2048] if calibrate else None
@@ -357,8 +357,8 @@ def maps(
 ) -> None:
     """Selectivity maps (Welch t, class vs rest, on held-out inputs) on each layer's cortical sheet, with
     smoothness (1 - γ(1)/γ(∞)) and effective dimensionality (participation ratio): PNGs + maps.json."""
-    from .maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
-    from .sheets import find_sheets
+    from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+    from topotorch.sheets import find_sheets
 
     if classes < 2:
         _fail(f"classes must be >= 2, got {classes}")
@@ -405,10 +405,10 @@ def localize(
     ablate it, and report bits/char on both sets (intact, region ablated, random same-size control)."""
     import torch
 
-    from .localize import char_vocab, localize as do_localize, text_windows
-    from .maps import draw_maps
-    from .sheets import find_sheets
-    from .tasks_sequence import bits_per_char
+    from topotorch.analysis.localize import char_vocab, localize as do_localize, text_windows
+    from topotorch.analysis.maps import draw_maps
+    from topotorch.sheets import find_sheets
+    from topotorch.tasks_sequence import bits_per_char
 
     r = _load_for_topo(run)
     try:
@@ -463,7 +463,7 @@ def sweep_sparsity(
 ) -> None:
     """Accuracy vs sparsity of BIMT, L1 and the pruning baselines (IMP with rewinding, sparse model soups,
     random, magnitude): writes sweep.csv, table.md (medians of the seeds), sweep.png and summary.json."""
-    from .sweep import SweepConfig, run_sweep
+    from topotorch.compression.sweep import SweepConfig, run_sweep
 
     if threads is not None:
         if threads < 1:

@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
 
     ``head_dims`` (optional) gives each head its own width (their sum is the width of q, k and v,
     which may then differ from ``d_model``) and ``scale`` fixes the score scale (default
-    ``1/sqrt(head_dim)``): a network shrunk by :func:`topotorch.shrink.shrink` keeps the scale
+    ``1/sqrt(head_dim)``): a network shrunk by :func:`topotorch.compression.shrink.shrink` keeps the scale
     of its original heads. ``n_heads = 0`` (every head removed) outputs ``proj.bias``.
     """
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .graph import Space, SpatialGraph
-from .objectives.wiring import WiringConfig
+from topotorch.graph import Space, SpatialGraph
+from topotorch.objectives.wiring import WiringConfig
 
 Method = Literal["swap", "assign"]
 

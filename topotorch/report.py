@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import analysis
-from .ablation import ablation_table, embedding_module_ablation, module_groups
-from .graph import SpatialGraph
-from .modularity import detect_communities, importance
-from .relocation import _aggregate_abs
+from topotorch.analysis import structure
+from topotorch.analysis.ablation import ablation_table, embedding_module_ablation, module_groups
+from topotorch.graph import SpatialGraph
+from topotorch.analysis.modularity import detect_communities, importance
+from topotorch.relocation import _aggregate_abs
 
 MAX_GIF_BYTES = 20_000_000
 
@@ -120,7 +120,7 @@ def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = N
         total += s.size
         nodes["space"] += [s.name] * s.size
         nodes["index"] += list(range(s.size))
-        nodes["label"] += analysis._labels(s)
+        nodes["label"] += structure._labels(s)
         nodes["x"] += np.round(layout[s.name][:, 0], 5).tolist()
         nodes["y"] += np.round(layout[s.name][:, 1], 5).tolist()
         mem = membership.get(s.name) if membership else None
@@ -190,7 +190,7 @@ def _summary_rows(summary: dict, config: dict) -> list[list[str]]:
 
 
 def _formula(result) -> dict | None:
-    from .formulas import check_formula, network_formula
+    from topotorch.analysis.formulas import check_formula, network_formula
 
     try:
         f = network_formula(result.model, result.config.threshold, result.task.input_labels, result.task.output_labels)
@@ -210,7 +210,7 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     ``FileNotFoundError``/``ValueError`` for a folder that is not a run.
     Usage: ``build_report("runs/independence-bimt-s0")``.
     """
-    from .training import load_run
+    from topotorch.training import load_run
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
@@ -233,15 +233,15 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
         "metric": r.task.metric, "test": r.summary.get(f"test_{r.task.metric}"),
         "thresholded_test": r.summary.get(f"thresholded_test_{r.task.metric}"),
         "wiring_cost": r.summary.get("wiring_cost"),
-        "active_weight_fraction": analysis.active_weights(graph, thr)["fraction"],
+        "active_weight_fraction": structure.active_weights(graph, thr)["fraction"],
         "q": comms.q, "q_all_weights": q_all, "n_communities": comms.n_communities, "backend": comms.backend,
-        "connected_modules": len(analysis.modules(graph, thr)),
+        "connected_modules": len(structure.modules(graph, thr)),
     }
     data = {
         "title": f"{r.config.task} [{r.config.method}] — {run_dir.name}",
         "figures": figures, "graph": gdata, "metrics": read_metrics(run_dir / "metrics.csv"),
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
-        "modules": comms.modules, "output_labels": analysis._labels(out_space),
+        "modules": comms.modules, "output_labels": structure._labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
     }
     if exports:

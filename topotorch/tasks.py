@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import MLP, TokenMLP
+from topotorch.models import MLP, TokenMLP
 
 
 @dataclass
@@ -283,8 +283,8 @@ def mnist1d() -> Task:
 
 @register_task
 def digits_conv() -> Task:
-    from .graph_conv import conv_graph
-    from .models import SmallResNet
+    from topotorch.graph.conv import conv_graph
+    from topotorch.models import SmallResNet
 
     labels = [str(i) for i in range(10)]
     return Task(
@@ -297,4 +297,4 @@ def digits_conv() -> Task:
     )
 
 
-from . import tasks_sequence  # noqa: E402,F401  (registers the transformer tasks)
+from topotorch import tasks_sequence  # noqa: E402,F401  (registers the transformer tasks)

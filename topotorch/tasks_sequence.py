@@ -1,7 +1,7 @@
 """Transformer tasks: in-context regression, modular addition, character-level language modelling.
 
 Each task's model is a :class:`~topotorch.models.TinyGPT` (wrapped so its output is what
-the loss expects) placed in space by :func:`~topotorch.graph_transformer.transformer_graph`.
+the loss expects) placed in space by :func:`~topotorch.graph.transformer.transformer_graph`.
 
     >>> get_task("in-context-regression")          # the paper's transformer (BRIEF §1)
     >>> get_task("text:path/to/corpus.txt")        # char-level LM on any text file
@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph_transformer import transformer_graph
-from .models import TinyGPT
-from .tasks import TASKS, Task, TaskData, register_task
+from topotorch.graph.transformer import transformer_graph
+from topotorch.models import TinyGPT
+from topotorch.tasks import TASKS, Task, TaskData, register_task
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import analysis
-from .checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
-from .graph import SpatialGraph
-from .objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
-from .relocation import apply_permutation, relocate
-from .tasks import Task, TaskData, get_task
+from topotorch.analysis import structure
+from topotorch.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from topotorch.graph import SpatialGraph
+from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
+from topotorch.relocation import apply_permutation, relocate
+from topotorch.tasks import Task, TaskData, get_task
 
 METHODS = ("none", "l1", "local", "swap", "bimt")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -302,11 +302,11 @@ def goal_met(task: Task, value: float) -> bool | None:
 def structure_summary(task: Task, model, graph: SpatialGraph, data: TaskData, threshold: float) -> dict:
     """The figures a run is judged by: test metric, cost, active weights/neurons, modules, thresholded metric."""
     metric = evaluate(task, model, data.x_test, data.y_test)
-    with analysis.thresholded(graph, threshold):
+    with structure.thresholded(graph, threshold):
         metric_thr = evaluate(task, model, data.x_test, data.y_test)
-    mods = analysis.modules(graph, threshold)
+    mods = structure.modules(graph, threshold)
     # modules below the output layer: parallel circuits that only meet at the logits
-    mods_hidden = analysis.modules(graph, threshold, exclude=tuple(s.name for s in graph.spaces if s.role == "output"))
+    mods_hidden = structure.modules(graph, threshold, exclude=tuple(s.name for s in graph.spaces if s.role == "output"))
     return {
         f"test_{task.metric}": metric,
         f"thresholded_test_{task.metric}": metric_thr,
@@ -314,8 +314,8 @@ def structure_summary(task: Task, model, graph: SpatialGraph, data: TaskData, th
         "goal_met": goal_met(task, metric),
         "thresholded_goal_met": goal_met(task, metric_thr),
         "threshold": threshold,
-        "active_weights": analysis.active_weights(graph, threshold),
-        "active_neurons": analysis.active_neurons(graph, threshold),
+        "active_weights": structure.active_weights(graph, threshold),
+        "active_neurons": structure.active_neurons(graph, threshold),
         "n_modules": len(mods),
         "modules": mods,
         "n_modules_below_output": len(mods_hidden),
@@ -464,7 +464,7 @@ def _truncate_metrics(path: Path, upto: int) -> None:
                 keep.append(line)
         except ValueError:
             continue
-    from .checkpoint import atomic_write_bytes
+    from topotorch.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(keep).encode())
 
@@ -472,7 +472,7 @@ def _truncate_metrics(path: Path, upto: int) -> None:
 def _save_snapshots_atomic(snapshots: list, path: Path) -> None:
     import os
 
-    from .visualize import save_snapshots
+    from topotorch.visualize import save_snapshots
 
     tmp = path.with_name(path.name + ".tmp")
     save_snapshots(snapshots, tmp)
@@ -511,7 +511,7 @@ def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResul
     local AdamW steps between outer syncs (DiLoCo). Rank 0 alone decides relocations and writes files.
     Usage: ``train(TrainConfig.for_task("digits", steps=500, out="runs/d"), resume=True)``.
     """
-    from .visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
+    from topotorch.visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
 
     ctx = dist_context()
     together = False  # did every rank get here the same way (finished, or the same shared divergence)?
@@ -731,7 +731,7 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     lv = loss_value.item()
                     writer.writerow([done, lam, lv + lam * penalty, lv, penalty, cc,
                                      evaluate(task, model, data.x_test, data.y_test),
-                                     analysis.active_weights(graph, config.threshold)["fraction"],
+                                     structure.active_weights(graph, config.threshold)["fraction"],
                                      round(time.perf_counter() - t0, 3)])
                 ckpt_due = done // ckpt_every > prev_sync // ckpt_every or done == config.steps
                 if run_dir is not None and ckpt_due and (synced or not H):
@@ -799,8 +799,8 @@ def _topo_loss(config: TrainConfig, model: torch.nn.Module):
     """The run's τ·TopoLoss (reference mean over layers), or None when ``topo_tau`` is 0."""
     if not config.topo_tau:
         return None
-    from .objectives.topoloss import TopoLoss
-    from .sheets import default_layers
+    from topotorch.objectives.topoloss import TopoLoss
+    from topotorch.sheets import default_layers
 
     pattern = default_layers(model) if config.topo_layers == "auto" else config.topo_layers
     return TopoLoss(model, pattern, factor=config.topo_factor, tau=config.topo_tau)

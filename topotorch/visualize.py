@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from .geometry import as_plane
-from .graph import Connection, SpatialGraph
-from .relocation import _aggregate_abs
+from topotorch.geometry import as_plane
+from topotorch.graph import Connection, SpatialGraph
+from topotorch.relocation import _aggregate_abs
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes

@@ -5,9 +5,9 @@
     >>> fffify(gpt, "blocks.*.mlp", leaf_width=8)
 """
 
-from .convert import fffify, mlp_blocks
-from .fff import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
-from .fff_regions import LeafUsage, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs, leaf_usage
+from topotorch.layers.convert import fffify, mlp_blocks
+from topotorch.layers.fff import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
+from topotorch.layers.fff_regions import LeafUsage, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs, leaf_usage
 
 __all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "fffify", "hardening_loss", "mlp_blocks",
            "LeafUsage", "class_leaf_table", "draw_regions", "format_class_leaf_table", "layer_inputs", "leaf_usage"]

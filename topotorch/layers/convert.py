@@ -20,7 +20,7 @@ from typing import Literal
 
 from torch import nn
 
-from .fff import FFF, UltraFFF
+from topotorch.layers.fff import FFF, UltraFFF
 
 __all__ = ["fffify", "mlp_blocks"]
 

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import activation as _activation_by_name
-from . import _cpu_kernel
+from topotorch.models import activation as _activation_by_name
+from topotorch.layers import _cpu_kernel
 
 __all__ = ["FFF", "UltraFFF", "hardening_loss", "fff_layers", "bernoulli_entropy"]
 

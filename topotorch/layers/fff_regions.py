@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fff import FFF
+from topotorch.layers.fff import FFF
 
 __all__ = ["LeafUsage", "leaf_usage", "class_leaf_table", "format_class_leaf_table", "layer_inputs", "draw_regions"]
 

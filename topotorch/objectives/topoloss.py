@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sheets import CorticalSheet, Side, find_sheets
+from topotorch.sheets import CorticalSheet, Side, find_sheets
 
 MODES = ("bilinear", "nearest", "area")
 Mode = Literal["bilinear", "nearest", "area"]

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from ..graph import Connection, SpatialGraph
+from topotorch.graph import Connection, SpatialGraph
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from .geometry import make_layout, pairwise_distance
+from topotorch.geometry import make_layout, pairwise_distance
 
 Role = Literal["input", "hidden", "output"]
 # How a space may be relocated: permute the parameters (hidden neurons keep their

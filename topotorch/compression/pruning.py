@@ -285,7 +285,7 @@ def finetune(task, model: nn.Module, data, masks: MaskSet | Masks | None, steps:
     (its loss is used). Returns the model (trained in place).
     Usage: ``finetune(task, model, data, MaskSet(masks), steps=1000, lr=1e-3, seed=1)``.
     """
-    from .training import task_loss
+    from topotorch.training import task_loss
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -374,7 +374,7 @@ def imp_rewind(task, trained: nn.Module, rewind_state: dict[str, torch.Tensor], 
     after each retrain. ``base_steps`` (the dense training length) and ``rewind_step`` (k) only enter
     the step/budget counts. Usage: ``for c in imp_rewind(task, model, theta_k, data, [0.5, 0.8], 1000, 1e-3): ...``.
     """
-    from .training import evaluate
+    from topotorch.training import evaluate
 
     current = copy.deepcopy(trained)
     masks: Masks | None = None
@@ -403,7 +403,7 @@ def sparse_soup(task, trained: nn.Module, data, sparsities: Iterable[float], ret
     the pruned ones (a lottery-ticket soup). ``n_models=1`` is plain IMP with fine-tuning.
     Usage: ``for c in sparse_soup(task, model, data, [0.5, 0.8, 0.9], 1000, 1e-3, n_models=3): ...``.
     """
-    from .training import evaluate
+    from topotorch.training import evaluate
 
     if n_models < 1:
         raise ValueError(f"n_models must be >= 1, got {n_models}")

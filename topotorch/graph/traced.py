@@ -11,7 +11,7 @@ Connections are the Linear/Conv/Embedding weights, from their input group to the
 What is added on top of Torch-Pruning: permutation instead of removal, spaces with
 coordinates and heights, residual streams (groups written by several layers) marked as such,
 and a clear error naming any layer whose parameters the graph cannot place.
-Attention layers (head structure) are handled by :func:`~topotorch.graph_transformer.transformer_graph`.
+Attention layers (head structure) are handled by :func:`~topotorch.graph.transformer.transformer_graph`.
 
     >>> g = coupling_graph(my_model, torch.randn(1, 64))
     >>> relocate(g, WiringConfig(wf=2, l0=0.5), "assign")   # the same function, lower wiring cost
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .geometry import make_layout
-from .graph import Connection, Slice, Space, SpatialGraph
+from topotorch.geometry import make_layout
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
 
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write_bytes
+from topotorch.checkpoint import atomic_write_bytes
 
 FORMAT_VERSION = 1
 FORMATS = ("dense", "block", "csr")
@@ -99,7 +99,7 @@ def _chain(model: nn.Module) -> tuple[torch.Tensor | None, int, list[nn.Linear],
     if not isinstance(seq, nn.Sequential):
         raise CompactError(f"compact_mlp handles nn.Sequential chains of nn.Linear with element-wise activations "
                            f"(e.g. topotorch.models.MLP / TokenMLP), not a {type(model).__name__}; "
-                           "for conv nets and transformers use topotorch.shrink")
+                           "for conv nets and transformers use topotorch.compression.shrink")
     linears: list[nn.Linear] = []
     acts: list[str] = []
     for name, m in seq.named_children():
@@ -597,9 +597,9 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
         layers.append({"format": layer.fmt, "n_in": layer.n_in, "n_out": layer.n_out,
                        "activation": layer.activation, "tensors": names})
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-    blob = save(tensors, metadata={"format": "topotorch.compact", "version": str(FORMAT_VERSION)})
+    blob = save(tensors, metadata={"format": "topotorch.compression.compact", "version": str(FORMAT_VERSION)})
     spec = {
-        "format": "topotorch.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
+        "format": "topotorch.compression.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
         "n_tokens": compact.n_tokens, "layers": layers,
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
@@ -626,7 +626,7 @@ def load_compact(path_dir: str | Path) -> CompactMLP:
             raise CompactError(f"{p} is missing (not a compact model folder written by save_compact)")
     try:
         spec = json.loads(js.read_text())
-        if not isinstance(spec, dict) or spec.get("format") != "topotorch.compact":
+        if not isinstance(spec, dict) or spec.get("format") != "topotorch.compression.compact":
             raise ValueError("not a topotorch compact description")
         if spec.get("version") != FORMAT_VERSION:
             raise ValueError(f"format version {spec.get('version')!r}, this code reads {FORMAT_VERSION}")
@@ -707,9 +707,9 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
     The report: parameters and FLOPs before/after, latency/throughput dense vs compact per batch size,
     test metric (dense, thresholded, compact) and the max output difference compact vs thresholded
     (float32 as trained, and in float64: the structural check). ``threshold`` defaults to the run's.
-    Non-MLP runs go through ``topotorch.shrink`` when it exists. Usage: ``compress_run("runs/dw")``.
+    Non-MLP runs go through ``topotorch.compression.shrink`` when it exists. Usage: ``compress_run("runs/dw")``.
     """
-    from .training import evaluate, load_run
+    from topotorch.training import evaluate, load_run
 
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -761,16 +761,16 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
 
 
 def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: str) -> dict:
-    """Conv nets and transformers: dead channels/neurons removed through the coupling graph by topotorch.shrink."""
+    """Conv nets and transformers: dead channels/neurons removed through the coupling graph by topotorch.compression.shrink."""
     try:
-        from .shrink import shrink
+        from topotorch.compression.shrink import shrink
     except ImportError:
         raise CompactError(f"compress --threshold is not yet supported for {type(r.model).__name__} runs "
-                           f"(needs topotorch.shrink): {why}") from None
+                           f"(needs topotorch.compression.shrink): {why}") from None
     from safetensors.torch import save
 
-    from .analysis import thresholded
-    from .training import evaluate
+    from topotorch.analysis import thresholded
+    from topotorch.training import evaluate
 
     model = r.model.eval()
     x_test, y_test = r.data.x_test, r.data.y_test
@@ -787,7 +787,7 @@ def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: 
     n = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
     metric = r.task.metric
     report = {
-        "run": str(r.run_dir), "task": r.config.task, "threshold": thr, "via": "topotorch.shrink",
+        "run": str(r.run_dir), "task": r.config.task, "threshold": thr, "via": "topotorch.compression.shrink",
         "threads": torch.get_num_threads(), "params_before": n(model), "params_after": n(small),
         "param_ratio": n(model) / max(n(small), 1),
         "kept": {k: int(len(v)) for k, v in getattr(res, "kept", {}).items()},

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .geometry import make_layout
-from .graph import Connection, Slice, Space, SpatialGraph
+from topotorch.geometry import make_layout
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
 
 
 def _col(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:

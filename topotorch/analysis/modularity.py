@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from scipy.sparse import coo_matrix, csr_matrix
 
-from .analysis import describe_group
-from .graph import SpatialGraph
-from .relocation import _aggregate_abs
+from topotorch.analysis import describe_group
+from topotorch.graph import SpatialGraph
+from topotorch.relocation import _aggregate_abs
 
 Backend = Literal["auto", "igraph", "networkx"]
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import analysis
-from .graph import SpatialGraph
-from .modularity import Communities, detect_communities
-from .tasks import Task
+from topotorch.analysis import structure
+from topotorch.graph import SpatialGraph
+from topotorch.analysis.modularity import Communities, detect_communities
+from topotorch.tasks import Task
 
 NeuronSet = Mapping[str, Sequence[int] | np.ndarray | torch.Tensor]
 
@@ -97,7 +97,7 @@ def ablation_table(result, groups: Mapping[str, NeuronSet], threshold: float | N
     x, y = (result.data.x_test, result.data.y_test) if split == "test" else (result.data.x_train, result.data.y_train)
     graph, model, task = result.graph, result.model, result.task
     rows = []
-    ctx = analysis.thresholded(graph, threshold) if threshold is not None else contextlib.nullcontext()
+    ctx = structure.thresholded(graph, threshold) if threshold is not None else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
@@ -140,11 +140,11 @@ def embedding_modules(graph: SpatialGraph, threshold: float, space: str = "embed
     graph split it instead. Biggest group first. Usage: ``embedding_modules(g, 0.05)``.
     """
     outputs = tuple(s.name for s in graph.spaces if s.role == "output")
-    active = analysis.neuron_activity(graph, threshold)[space].numpy()
+    active = structure.neuron_activity(graph, threshold)[space].numpy()
     comms = detect_communities(graph, threshold=threshold, exclude=outputs)
     from scipy.sparse.csgraph import connected_components
 
-    from .modularity import node_spaces, weighted_adjacency
+    from topotorch.analysis.modularity import node_spaces, weighted_adjacency
 
     _, offset, total = node_spaces(graph, outputs)
     a = weighted_adjacency(graph, threshold, outputs)

@@ -1,6 +1,6 @@
 """Accuracy vs sparsity: BIMT and L1 against the sparse-training baselines, on one task, several seeds.
 
-Methods (all prune the weights of Linear/Conv layers, see :mod:`topotorch.pruning`):
+Methods (all prune the weights of Linear/Conv layers, see :mod:`topotorch.compression.pruning`):
 
 =============  ==================================================================================
 ``magnitude``  dense training, one-shot *global* magnitude pruning, masked fine-tune
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import pruning
+from topotorch.compression import pruning
 
 METHODS = ("magnitude", "layerwise", "random", "bimt", "l1", "imp", "imp-ft", "soup", "nm24")
 DEFAULT_METHODS = ("bimt", "l1", "imp", "random", "soup", "magnitude")
@@ -122,7 +122,7 @@ class SweepConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from .tasks import get_task
+        from topotorch.tasks import get_task
 
         get_task(self.task)
         self.methods = parse_methods(self.methods)
@@ -141,14 +141,14 @@ class SweepConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.lam is not None:
-            from .training import parse_schedule
+            from topotorch.training import parse_schedule
 
             parse_schedule(self.lam)
 
 
 def _scaled_schedule(lam: Any, factor: float) -> Any:
     """A λ phase schedule with its phase starts scaled (so a shorter run keeps the task's phases)."""
-    from .training import parse_schedule
+    from topotorch.training import parse_schedule
 
     if factor == 1.0:
         return lam
@@ -158,8 +158,8 @@ def _scaled_schedule(lam: Any, factor: float) -> Any:
 
 def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step: int | None, lam: str | None = None):
     """Train with topotorch's trainer (task defaults; ``lam`` overrides λ); returns (result, state at ``rewind_step``)."""
-    from .tasks import get_task
-    from .training import TrainConfig, train
+    from topotorch.tasks import get_task
+    from topotorch.training import TrainConfig, train
 
     defaults = get_task(task_name).defaults
     task_steps = int(defaults.get("steps", steps))
@@ -194,8 +194,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     ``table.md`` (medians over seeds), ``sweep.png`` and ``summary.json`` into ``cfg.out``.
     Usage: ``run_sweep(SweepConfig("mnist1d", seeds=[0, 1, 2], out="results/sparsity/mnist1d"))``.
     """
-    from .tasks import get_task
-    from .training import evaluate
+    from topotorch.tasks import get_task
+    from topotorch.training import evaluate
 
     task = get_task(cfg.task)
     d = task.defaults
@@ -234,7 +234,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 if b == "none":
                     rewind_state = cap
                 data = res.data
-                from .analysis import active_weights
+                from topotorch.analysis import active_weights
 
                 extra["dense"].setdefault(b, {})[seed] = {
                     "accuracy": evaluate(task, res.model, data.x_test, data.y_test),

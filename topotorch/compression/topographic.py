@@ -26,8 +26,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from .objectives.topoloss import axis_operators
-from .sheets import SHEET_LAYERS, CorticalSheet, find_sheets
+from topotorch.objectives.topoloss import axis_operators
+from topotorch.sheets import SHEET_LAYERS, CorticalSheet, find_sheets
 
 PASS_THROUGH = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.LeakyReLU)
 
@@ -220,7 +220,7 @@ def load_compressed(run_dir, name: str = "compressed") -> nn.Module:
 
     from safetensors.torch import load_file
 
-    from .training import load_run
+    from topotorch.training import load_run
 
     run_dir = Path(run_dir)
     spec = json.loads((run_dir / f"{name}.json").read_text())

@@ -1,7 +1,7 @@
 """Concept localisation: which contiguous region of a cortical sheet responds to one set of inputs
 more than to another, and what ablating it does.
 
-1. t-map: Welch t per unit, target rows vs other rows (:func:`topotorch.maps.selectivity`).
+1. t-map: Welch t per unit, target rows vs other rows (:func:`topotorch.analysis.maps.selectivity`).
 2. Region: units with t above ``threshold`` (default: half the peak t, like a full width at half
    maximum, and at least 2; or the top ``top`` fraction of units), split into 4-connected components
    on the sheet; the region is the component with the largest Σt.
@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .maps import layer_activations, selectivity
-from .sheets import CorticalSheet
+from topotorch.analysis.maps import layer_activations, selectivity
+from topotorch.sheets import CorticalSheet
 
 
 def find_region(t: torch.Tensor, h: int, w: int, threshold: float | None = None, top: float | None = None) -> torch.Tensor:
@@ -106,7 +106,7 @@ def char_vocab(task_name: str) -> list[str]:
     """
     from pathlib import Path
 
-    from .tasks_sequence import SHAKESPEARE
+    from topotorch.tasks_sequence import SHAKESPEARE
 
     if task_name == "shakespeare-char":
         path = SHAKESPEARE

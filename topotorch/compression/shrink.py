@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_json
-from .graph import Connection, Slice, Space, SpatialGraph
-from .models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
+from topotorch.checkpoint import atomic_write_json
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
+from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout,

@@ -20,8 +20,8 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from .graph import SpatialGraph
-from .relocation import _aggregate_abs
+from topotorch.graph import SpatialGraph
+from topotorch.relocation import _aggregate_abs
 
 
 def _active_pairs(graph: SpatialGraph, c, threshold: float) -> torch.Tensor:

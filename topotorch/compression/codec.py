@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .sheets import CorticalSheet, find_sheets
+from topotorch.sheets import CorticalSheet, find_sheets
 
 Format = Literal["webp", "jpeg", "avif"]
 SideInfo = Literal["uint8", "float16"]

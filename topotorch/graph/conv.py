@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .geometry import make_layout
-from .graph import Connection, Slice, Space, SpatialGraph
-from .graph_transformer import _check_all_parameters_placed, _col
+from topotorch.geometry import make_layout
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
+from topotorch.graph.transformer import _check_all_parameters_placed, _col
 
 
 def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list[str] | None = None,

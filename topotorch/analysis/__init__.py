@@ -1,0 +1,11 @@
+"""What a trained network is: active structure (`structure`), communities and Q (`modularity`),
+knock-outs (`ablation`), exact formulas (`formulas`), cortical maps (`maps`), concept localisation (`localize`)."""
+
+from .structure import (  # noqa: F401  (the core API, importable from the package)
+    active_weights,
+    neuron_activity,
+    active_neurons,
+    modules,
+    describe_group,
+    thresholded,
+)
