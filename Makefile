@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_wiring_overhead.py --json runs/bench_wiring_overhead.json
 	$(PY) benchmarks/bench_runs.py --json runs/bench_runs.json
 	$(PY) benchmarks/bench_ddp.py --json runs/bench_ddp.json
+	$(PY) benchmarks/bench_compact.py --json runs/bench_compact.json
+	$(PY) benchmarks/bench_shrink.py --json runs/bench_shrink.json
 
 clean:
 	rm -rf runs .pytest_cache
