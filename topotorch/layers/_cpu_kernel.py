@@ -264,19 +264,27 @@ int fff_hard_@S@(const @T@ *x, int64_t B, int64_t in, int64_t l, int64_t out, in
     if (nthreads < 1) nthreads = 1;
     if ((int64_t)nthreads > cap) nthreads = (int)cap;
     job_@S@ jobs[64];
-    pthread_t tid[64];
-    int started[64] = {0};
     for (int t = 0; t < nthreads; t++) {
         job_@S@ J = {x, nw, nb, w1, b1, w2, b2, y, h, leaves, 0, B * t / nthreads, B * (t + 1) / nthreads,
                      in, l, out, depth, act, mode};
         jobs[t] = J;
-        if (t > 0) started[t] = pthread_create(&tid[t], 0, run_@S@, &jobs[t]) == 0;
     }
+#ifdef _OPENMP
+    /* torch's own OpenMP runtime (libgomp.so.1 is already loaded by torch, so the loader binds this
+       library to it): the chunks run on torch's worker threads, which after a torch op are still
+       spinning, instead of on fresh threads that would fight them for the cores */
+    #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+    for (int t = 0; t < nthreads; t++) run_@S@(&jobs[t]);
+#else
+    pthread_t tid[64];
+    int started[64] = {0};
+    for (int t = 1; t < nthreads; t++) started[t] = pthread_create(&tid[t], 0, run_@S@, &jobs[t]) == 0;
     run_@S@(&jobs[0]);
     for (int t = 1; t < nthreads; t++) {
         if (started[t]) pthread_join(tid[t], 0);
         else run_@S@(&jobs[t]);
     }
+#endif
     return 0;
 }
 """
@@ -304,7 +312,20 @@ def _cpu_signature() -> str:
 def _flag_sets() -> list[list[str]]:
     base = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno"]
     tuned = ["-march=native"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
-    return [base + tuned, base]  # the portable set if the compiler rejects the tuned one
+    # OpenMP first (threads shared with torch's pool), then plain POSIX threads; the portable
+    # sets if the compiler rejects the tuned ones
+    omp = ["-fopenmp"] if _torch_uses_gomp() else []
+    sets = [base + tuned + omp, base + omp, base + tuned, base] if omp else [base + tuned, base]
+    return sets
+
+
+def _torch_uses_gomp() -> bool:
+    """Does torch run its intra-op pool on the GNU OpenMP it ships (so a -fopenmp kernel, bound by
+    soname to the already-loaded libgomp.so.1, joins that same pool)?"""
+    import torch
+
+    return (sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+            and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists())
 
 
 def _build() -> ctypes.CDLL:
