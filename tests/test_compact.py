@@ -241,3 +241,22 @@ def test_cli_compress_threshold_writes_report(tmp_path):
     assert small(torch.zeros(2, 4)).shape == (2, 2)
     bad = CliRunner().invoke(app, ["compress", str(run), "--threshold", "0.05", "--removed", "0.5"])
     assert bad.exit_code == 2 and "mutually exclusive" in bad.output
+
+
+def test_compress_run_of_a_transformer_goes_through_shrink(tmp_path):
+    """A GPT run (wrapped by its task) is shrunk through its coupling graph and saved loadable."""
+    from topotorch.compression.compact import compress_run
+    from topotorch.compression.shrink import load_shrunk, shrink
+    from topotorch.training import TrainConfig, load_run, train
+
+    run = tmp_path / "mat"
+    train(TrainConfig.for_task("modular-addition-transformer", steps=30, animation=False, progress=False, out=str(run)))
+    rep = compress_run(run, threshold=0.05, batch_sizes=(1, 64), budget_s=0.05)
+    assert rep["via"] == "topotorch.compression.shrink" and rep["max_abs_diff"] <= 1e-5
+    small = load_shrunk(run / "compact")
+    r = load_run(run)
+    fresh = shrink(r.model, r.graph, 0.05).model
+    x = r.data.x_test[:32]
+    with torch.no_grad():
+        assert sum(p.numel() for p in small.parameters()) == rep["params_after"]
+        assert torch.equal(small(x), fresh(x))

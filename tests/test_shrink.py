@@ -217,3 +217,29 @@ def test_load_refuses_foreign_classes(tmp_path):
     (tmp_path / "shrunk.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="refusing"):
         load_shrunk(tmp_path)
+
+
+def test_graph_of_a_submodule_shrinks_inside_the_wrapper(tmp_path):
+    """Tasks wrap their GPT (e.g. read the last token); the graph describes the inner model."""
+
+    class LastToken(nn.Module):
+        def __init__(self, gpt):
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, x):
+            return self.gpt(x)[:, -1]
+
+    gpt = _gpt(False, torch.float32)
+    g = transformer_graph(gpt)
+    kill(g, seed=3)
+    wrapper = LastToken(gpt)
+    x = torch.randint(0, 13, (8, 12))
+    res = shrink(wrapper, g, 0.0)
+    assert isinstance(res.model, LastToken) and res.model.gpt is not gpt
+    assert sum(res.removed.values()) > 0 and n_params(res.model) < n_params(wrapper)
+    ref = threshold_model(wrapper, g, 0.0).eval()
+    with torch.no_grad():
+        assert (res.model(x) - ref(x)).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="does not describe"):
+        shrink(nn.Linear(3, 3), g, 0.0)

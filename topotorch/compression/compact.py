@@ -763,12 +763,10 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
 def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: str) -> dict:
     """Conv nets and transformers: dead channels/neurons removed through the coupling graph by topotorch.compression.shrink."""
     try:
-        from topotorch.compression.shrink import shrink
+        from topotorch.compression.shrink import save_shrunk, shrink
     except ImportError:
         raise CompactError(f"compress --threshold is not yet supported for {type(r.model).__name__} runs "
                            f"(needs topotorch.compression.shrink): {why}") from None
-    from safetensors.torch import save
-
     from topotorch.analysis import thresholded
     from topotorch.training import evaluate
 
@@ -787,7 +785,8 @@ def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: 
     n = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
     metric = r.task.metric
     report = {
-        "run": str(r.run_dir), "task": r.config.task, "threshold": thr, "via": "topotorch.compression.shrink",
+        "run": str(r.run_dir), "task": r.config.task, "method": r.config.method, "threshold": thr,
+        "via": "topotorch.compression.shrink", "removed": res.removed, "kept_why": res.kept_why,
         "threads": torch.get_num_threads(), "params_before": n(model), "params_after": n(small),
         "param_ratio": n(model) / max(n(small), 1),
         "kept": {k: int(len(v)) for k, v in getattr(res, "kept", {}).items()},
@@ -797,7 +796,6 @@ def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: 
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
     }
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / "shrunk.safetensors",
-                  save({k: v.detach().contiguous().clone() for k, v in small.state_dict().items()}))
+    save_shrunk(folder, res)  # model.safetensors + shrunk.json: rebuilt by load_shrunk, no training code
     atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     return report

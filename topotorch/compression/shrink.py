@@ -123,8 +123,23 @@ def threshold_model(model: nn.Module, graph: SpatialGraph, threshold: float) -> 
     This is the reference the shrunk model is exact against. Usage: ``ref = threshold_model(m, g, 0.05)``.
     """
     out = copy.deepcopy(model)
-    _threshold_inplace(out, graph, threshold)
+    prefix = _graph_prefix(model, graph)
+    _threshold_inplace(out.get_submodule(prefix) if prefix else out, graph, threshold)
     return out
+
+
+def _graph_prefix(model: nn.Module, graph: SpatialGraph) -> str:
+    """'' when ``graph`` describes ``model`` itself, else the name of the submodule it describes
+    (a task's wrapper around a GPT, say); a clear error when it describes neither."""
+    if graph.model is model:
+        return ""
+    prefix = next((n for n, m in model.named_modules() if m is graph.model and n), None)
+    if prefix is not None:
+        return prefix
+    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    if all(sl.name in names for s in graph.spaces for sl in s.slices):
+        return ""
+    raise ValueError("graph does not describe model (its tensors are missing from the model)")
 
 
 @torch.no_grad()
@@ -442,10 +457,10 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
     :func:`threshold_model` computes (to float rounding). See the module docstring for the rules.
     Usage: ``res = shrink(model, graph, 0.05); res.model(x); res.removed``.
     """
-    if graph.model is not model:
-        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-        if not all(sl.name in names for s in graph.spaces for sl in s.slices):
-            raise ValueError("graph does not describe model (its tensors are missing from the model)")
+    if _graph_prefix(model, graph):  # the graph describes a submodule: shrink it, copy the rest around it
+        inner = shrink(graph.model, graph, threshold, max_rounds)
+        outer = copy.deepcopy(model, memo={id(graph.model): inner.model}).eval()
+        return ShrinkResult(outer, inner.kept, inner.removed, model_spec(outer), inner.kept_why, inner.threshold)
     work = copy.deepcopy(model).eval()
     spaces = copy.deepcopy(graph.spaces)
     conns = copy.deepcopy(graph.connections)
