@@ -5,7 +5,7 @@ more than to another, and what ablating it does.
 2. Region: units with t above ``threshold`` (default: half the peak t, like a full width at half
    maximum, and at least 2; or the top ``top`` fraction of units), split into 4-connected components
    on the sheet; the region is the component with the largest Σt.
-3. Ablation: the region's outputs are zeroed (a forward hook) and the task metric is measured on
+3. Ablation: the region's outputs are zeroed (:func:`~topotorch.analysis.ablation.region_knocked_out`) and the task metric is measured on
    both sets, next to a control ablation of as many randomly chosen units.
 
     >>> res = localize(model, "gpt.blocks.0.mlp.0", x_target, x_other, metric=lambda m, x: bpc(m, x))
@@ -14,12 +14,12 @@ more than to another, and what ablating it does.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
+from topotorch.analysis.ablation import region_knocked_out
 from topotorch.analysis.maps import layer_activations, selectivity
 from topotorch.sheets import CorticalSheet
 
@@ -47,25 +47,12 @@ def find_region(t: torch.Tensor, h: int, w: int, threshold: float | None = None,
     return (lab == best).nonzero().reshape(-1)
 
 
-@contextmanager
 def ablated(model: nn.Module, layer: str, units: torch.Tensor):
-    """Within the block, the outputs ``units`` of module ``layer`` are zero. Usage: ``with ablated(m, "0", idx): ...``."""
-    module = model.get_submodule(layer)
-    idx = units.to(torch.long)
+    """Within the block, the outputs ``units`` of module ``layer`` are zero: :func:`topotorch.analysis.ablation.region_knocked_out`.
 
-    def hook(m, inp, out):
-        out = out.clone()
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            out[:, idx] = 0
-        else:
-            out[..., idx] = 0
-        return out
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    Usage: ``with ablated(m, "0", idx): ...``.
+    """
+    return region_knocked_out(model, layer, units)
 
 
 @torch.no_grad()
