@@ -260,3 +260,55 @@ def test_compress_run_of_a_transformer_goes_through_shrink(tmp_path):
     with torch.no_grad():
         assert sum(p.numel() for p in small.parameters()) == rep["params_after"]
         assert torch.equal(small(x), fresh(x))
+
+
+def test_threshold_rule_is_applied_in_the_weights_dtype():
+    """float32(0.1) > 0.1 in float64 but <= 0.1 in float32: thresholded_copy zeroes it, so must compact_mlp."""
+    m = MLP([2, 3, 1], activation="relu")
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.5], [0.1, 0.7], [0.3, 0.2]]))
+        m[2].weight.copy_(torch.tensor([[1.0, 1.0, 1.0]]))
+    x = torch.randn(16, 2)
+    small = compact_mlp(m, 0.1, choose="dense")
+    assert small.nonzeros() - int((small.layers[0].bias != 0).sum() + (small.layers[1].bias != 0).sum()) == 8
+    assert verify(thresholded_copy(m, 0.1), small, x) <= 1e-6
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_batch(fmt):
+    for m, x in ((token_net(), torch.zeros(0, 2, dtype=torch.long)), (planted(torch.float32), torch.zeros(0, 6))):
+        small = compact_mlp(m, 0.1, choose=fmt)
+        assert small(x).shape == m(x).shape
+        assert verify(thresholded_copy(m, 0.1), small, x) == 0.0
+
+
+def test_bad_example_or_batch_sizes_are_named():
+    m = MLP([6, 8, 3])
+    with pytest.raises(CompactError, match=r"example must be a non-empty \(batch, 6\)"):
+        compact_mlp(m, 0.0, example=torch.zeros(0, 6))
+    with pytest.raises(CompactError, match=r"got shape \(5, 7\)"):
+        compact_mlp(m, 0.0, example=torch.zeros(5, 7))
+    with pytest.raises(CompactError, match="batch_sizes must be positive"):
+        compact_mlp(m, 0.0, batch_sizes=(0, 4))
+
+
+def test_block_output_order_follows_the_layer_to_another_device():
+    from topotorch.compression.compact import BlockLayer
+
+    w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    layer = BlockLayer.build(w, torch.zeros(2), "identity", modules=[(torch.tensor([1]), torch.tensor([0])),
+                                                                     (torch.tensor([0]), torch.tensor([1]))])
+    assert layer._mode == "select"
+    x = torch.randn(4, 2)
+    assert torch.allclose(layer(x), x @ w.t())
+    assert layer.to("meta")._select.device.type == "meta"  # not left behind on the CPU
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", [*FORMATS, "auto"])
+def test_cuda_model_gives_a_cuda_compact_model(fmt):
+    for m, x in ((planted(torch.float32), torch.randn(20, 6)), (token_net(torch.float32), torch.randint(7, (20, 2)))):
+        m, x = m.cuda(), x.cuda()
+        small = compact_mlp(m, 0.1, choose=fmt, example=x, batch_sizes=[20], reps=1)
+        assert small(x).device.type == "cuda"
+        assert verify(thresholded_copy(m, 0.1), small, x) <= 1e-5

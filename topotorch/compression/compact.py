@@ -252,13 +252,20 @@ class BlockLayer(_Layer):
         pos = self.out_pos[real]
         self._mode = "add"
         self._select = None
-        if len(pos) == self.n_out and bool((pos.sort().values == torch.arange(self.n_out)).all()):
-            order = torch.full((self.n_out,), -1, dtype=torch.long)
+        ar = torch.arange(self.n_out, device=self.out_pos.device)
+        if len(pos) == self.n_out and bool((pos.sort().values == ar).all()):
+            order = torch.full((self.n_out,), -1, dtype=torch.long, device=self.out_pos.device)
             order[pos] = real.nonzero().flatten()
-            if bool((order == torch.arange(self.n_out)).all()) and len(self.out_pos) == self.n_out:
+            if bool((order == ar).all()) and len(self.out_pos) == self.n_out:
                 self._mode = "identity"
             else:
                 self._mode, self._select = "select", order
+
+    def _apply(self, fn, recurse=True):  # .to(device): the output order is not a buffer (not saved), move it too
+        out = super()._apply(fn, recurse)
+        if self._select is not None:
+            self._select = fn(self._select)
+        return out
 
     @classmethod
     def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, modules: list | None = None, **_) -> "BlockLayer":
@@ -319,14 +326,14 @@ class CompactMLP(nn.Module):
         self.register_buffer("embed", None if embed is None else embed.contiguous())
         self.register_buffer("out_live", out_live.to(torch.long).contiguous())
         self.register_buffer("out_const", out_const.contiguous())
-        self._all_live = len(out_live) == n_out and bool((out_live == torch.arange(n_out)).all())
+        self._all_live = len(out_live) == n_out and bool((out_live.cpu() == torch.arange(n_out)).all())
         self.description = description or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embed is not None:
             if x.ndim != 2 or x.shape[1] != self.n_tokens:
                 raise ValueError(f"expected (batch, {self.n_tokens}) token ids, got shape {tuple(x.shape)}")
-            x = F.embedding(x, self.embed).reshape(x.shape[0], -1)
+            x = F.embedding(x, self.embed).flatten(1)  # not reshape(B, -1): ambiguous for an empty batch
         elif x.ndim != 2 or x.shape[1] != self.n_in:
             raise ValueError(f"expected (batch, {self.n_in}) inputs, got shape {tuple(x.shape)}")
         for layer in self.layers:
@@ -363,13 +370,16 @@ def dense_flops(model: nn.Module) -> int:
     return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
+def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2, device: torch.device | None = None) -> float:
+    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()  # CUDA runs asynchronously: time the kernels, not their launch
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
@@ -395,17 +405,19 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     emb, n_tok, linears, acts = _chain(model)
     if not threshold >= 0:
         raise CompactError(f"threshold must be >= 0, got {threshold!r}")
-    dt = linears[0].weight.dtype
-    # bookkeeping in float64 (exact for float32 weights): folded constants are summed once, then rounded
-    ws = [lin.weight.detach().to(torch.float64, copy=True) for lin in linears]
-    bs = [lin.bias.detach().to(torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
+    dt, device = linears[0].weight.dtype, linears[0].weight.device
+    # bookkeeping on the CPU (scipy finds the modules; the result is moved to ``device`` at the end), in float64
+    # (exact for float32 weights): folded constants are summed once, then rounded. The threshold is applied
+    # in the weights' own dtype first, as thresholded_copy does (float32(0.05) <= 0.05 there, not in float64).
+    cpu = torch.device("cpu")
+    ws = [lin.weight.detach().to(cpu, copy=True) for lin in linears]
+    ws = [w.masked_fill_(w.abs() <= threshold, 0.0).to(torch.float64) for w in ws]
+    bs = [lin.bias.detach().to(cpu, torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
           for i, lin in enumerate(linears)]
-    for w in ws:
-        w.masked_fill_(w.abs() <= threshold, 0.0)
     n_in_orig, n_out = ws[0].shape[1], ws[-1].shape[0]
     if emb is not None:
-        e = emb.detach().to(dt, copy=True)
-        e.masked_fill_(e.abs() <= threshold, 0.0)
+        e = emb.detach().to(cpu, copy=True)
+        e = e.masked_fill_(e.abs() <= threshold, 0.0).to(dt)
         d = e.shape[1]
         dead_dim = (e == 0).all(0)  # a dimension that is 0 for every token feeds nothing
         ws[0][:, dead_dim.repeat(n_tok)] = 0.0
@@ -451,17 +463,19 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     x = None
     if choose == "auto" and ws:
         x = _example_input(example, emb is not None, n_in_orig, n_tok, emb.shape[0] if emb is not None else 0, dt)
-        x = F.embedding(x, embed).reshape(x.shape[0], -1) if embed is not None else x
+        x = (F.embedding(x, embed).flatten(1) if embed is not None else x).to(device)
         sizes = list(batch_sizes) if batch_sizes else [len(x)]
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise CompactError(f"batch_sizes must be positive integers, got {list(batch_sizes or [])}")
     for i, (w, b) in enumerate(zip(ws, bs)):
         kw = dict(modules=modules_per_layer[i])
         if choose == "auto":
             timings = {}
             cands = {}
             for fmt in FORMATS:
-                cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw)
+                cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw).to(device)
                 cands[fmt] = cand
-                timings[fmt] = sum(_median_seconds(lambda: cand(xb), reps) / n
+                timings[fmt] = sum(_median_seconds(lambda: cand(xb), reps, device=device) / n
                                    for n in sizes for xb in [_batch_like(x, n)])
             fmt = min(timings, key=timings.get)
             layer = cands[fmt]
@@ -486,12 +500,16 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
         "hidden_sizes_before": [lin.out_features for lin in linears[:-1]],
         "hidden_sizes_after": [w.shape[0] for w in ws[:-1]] if ws else [0] * (len(linears) - 1),
     }
-    return CompactMLP(layers, n_in_orig, n_out, out_live, out_const, embed, n_tok, desc)
+    return CompactMLP(layers, n_in_orig, n_out, out_live, out_const, embed, n_tok, desc).to(device)
 
 
 def _example_input(example, tokens: bool, n_in: int, n_tok: int, vocab: int, dt) -> torch.Tensor:
     if example is not None:
-        return example.to(dt) if not tokens else example.long()
+        want = n_tok if tokens else n_in
+        if example.ndim != 2 or example.shape[1] != want or len(example) == 0:
+            raise CompactError(f"example must be a non-empty (batch, {want}) {'token id' if tokens else 'input'} "
+                               f"tensor, got shape {tuple(example.shape)}")
+        return example.to("cpu", dt) if not tokens else example.to("cpu", torch.long)
     g = torch.Generator().manual_seed(0)
     if tokens:
         return torch.randint(vocab, (256, n_tok), generator=g)
@@ -596,7 +614,7 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
             names.append(k)
         layers.append({"format": layer.fmt, "n_in": layer.n_in, "n_out": layer.n_out,
                        "activation": layer.activation, "tensors": names})
-    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     blob = save(tensors, metadata={"format": "topotorch.compression.compact", "version": str(FORMAT_VERSION)})
     spec = {
         "format": "topotorch.compression.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
@@ -678,10 +696,13 @@ def forward_seconds(model: nn.Module, x: torch.Tensor, reps: int | None = None, 
     with torch.inference_mode():
         model(x)
         if reps is None:
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+            sync()
             t0 = time.perf_counter()
             model(x)
+            sync()
             reps = int(min(200, max(5, budget_s / max(time.perf_counter() - t0, 1e-7))))
-        return _median_seconds(lambda: model(x), reps, warmup=1)
+        return _median_seconds(lambda: model(x), reps, warmup=1, device=x.device)
 
 
 def speed_table(dense: nn.Module, compact: nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] = (1, 256, 4096),
