@@ -243,3 +243,19 @@ def test_graph_of_a_submodule_shrinks_inside_the_wrapper(tmp_path):
         assert (res.model(x) - ref(x)).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="does not describe"):
         shrink(nn.Linear(3, 3), g, 0.0)
+
+
+def test_bad_threshold_and_corrupt_description_are_named(tmp_path):
+    net = MLP([4, 6, 2])
+    g = SpatialGraph.from_chain(net)
+    for bad in (-0.1, float("nan"), "0.1x"):
+        with pytest.raises(ValueError, match="threshold must be a number >= 0"):
+            shrink(net, g, bad)
+    save_shrunk(tmp_path, shrink(net, g, 0.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "shrunk.json"]  # no temporary left
+    (tmp_path / "shrunk.json").write_text("{half a file")
+    with pytest.raises(ValueError, match="shrunk.json is corrupt"):
+        load_shrunk(tmp_path)
+    (tmp_path / "shrunk.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="shrunk.json is corrupt"):
+        load_shrunk(tmp_path)

@@ -41,14 +41,13 @@ import hashlib
 import importlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from topotorch.checkpoint import atomic_write_json
+from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
@@ -457,6 +456,12 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
     :func:`threshold_model` computes (to float rounding). See the module docstring for the rules.
     Usage: ``res = shrink(model, graph, 0.05); res.model(x); res.removed``.
     """
+    try:
+        ok = float(threshold) >= 0  # NaN too is refused
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
     if _graph_prefix(model, graph):  # the graph describes a submodule: shrink it, copy the rest around it
         inner = shrink(graph.model, graph, threshold, max_rounds)
         outer = copy.deepcopy(model, memo={id(graph.model): inner.model}).eval()
@@ -689,17 +694,13 @@ def save_shrunk(path_dir: str | Path, result: ShrinkResult) -> Path:
     Both files are written atomically (temporary file, fsync, rename); no pickle.
     Usage: ``save_shrunk("runs/x/shrunk", shrink(model, graph, 0.05))``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     d = Path(path_dir)
     d.mkdir(parents=True, exist_ok=True)
-    st = d / "model.safetensors"
-    tmp = st.with_name(st.name + ".tmp")
-    save_file(_tensors_of(result.model), str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, st)
+    blob = save(_tensors_of(result.model))
+    digest = hashlib.sha256(blob).hexdigest()
+    atomic_write_bytes(d / "model.safetensors", blob)
     meta = {
         "format": FORMAT,
         "sha256": digest,
@@ -726,7 +727,12 @@ def load_shrunk(path_dir: str | Path, allow: tuple[str, ...] = ()) -> nn.Module:
     st, js = d / "model.safetensors", d / "shrunk.json"
     if not st.exists() or not js.exists():
         raise FileNotFoundError(f"no shrunk model in {d} (expected model.safetensors and shrunk.json)")
-    meta = json.loads(js.read_text())
+    try:
+        meta = json.loads(js.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
+            raise ValueError("no model description in it")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{js} is corrupt: {e}") from None
     if hashlib.sha256(st.read_bytes()).hexdigest() != meta.get("sha256"):
         raise ValueError(f"{st} does not match {js} (checksum mismatch: corrupt or half-written)")
     return build_from_spec(meta["spec"], load_file(str(st)), allow)
