@@ -250,3 +250,30 @@ def test_cli_sweep_writes_csv_table_png(tmp_path):
 
     (out / "sweep.png").unlink()
     assert replot(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn from the csv alone
+
+
+def test_pruned_entries_are_exact_zeros_even_where_the_weight_is_not_finite():
+    m = net()
+    masks = global_magnitude_masks(m, 0.5)
+    w = m[0].weight
+    with torch.no_grad():
+        w[~masks["0.weight"]] = float("nan")  # e.g. a blown-up entry: NaN * 0 would stay NaN
+    MaskSet(masks).apply(m)
+    assert (w[~masks["0.weight"]] == 0).all()
+
+
+def test_previous_mask_of_the_wrong_shape_is_named():
+    m = net()
+    prev = global_magnitude_masks(m, 0.5)
+    prev["2.weight"] = prev["2.weight"].t()
+    with pytest.raises(ValueError, match=r"previous mask for '2.weight' has shape \(16, 8\)"):
+        global_magnitude_masks(m, 0.8, previous=prev)
+    with pytest.raises(ValueError, match="'2.weight'"):
+        layerwise_magnitude_masks(m, 0.8, previous=prev)
+
+
+def test_finetune_on_an_empty_training_set_is_named():
+    task, data = tiny_task()
+    empty = TaskData(data.x_train[:0], data.y_train[:0], data.x_test, data.y_test)
+    with pytest.raises(ValueError, match="empty training set"):
+        pruning.finetune(task, net(), empty, None, steps=3, lr=1e-3)

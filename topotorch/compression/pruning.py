@@ -85,10 +85,12 @@ def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
-def _scores(w: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+def _scores(w: torch.Tensor, previous: torch.Tensor | None, name: str = "") -> torch.Tensor:
     s = w.abs().to(torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
     if previous is not None:  # entries pruned before can never come back
-        s = torch.where(previous, s, torch.full_like(s, -1.0))
+        if previous.shape != w.shape:
+            raise ValueError(f"previous mask for {name!r} has shape {tuple(previous.shape)}, the weight {tuple(w.shape)}")
+        s = torch.where(previous.to(device=s.device, dtype=torch.bool), s, torch.full_like(s, -1.0))
     return s
 
 
@@ -103,7 +105,7 @@ def global_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsity:
     sparsity = _check_sparsity(sparsity)
     ws = _weights(model)
     names = list(ws)
-    flat = torch.cat([_scores(ws[n], previous.get(n) if previous else None).reshape(-1) for n in names])
+    flat = torch.cat([_scores(ws[n], previous.get(n) if previous else None, n).reshape(-1) for n in names])
     n_keep = _n_keep(flat.numel(), sparsity)
     if previous is not None and n_keep > int((flat >= 0).sum()):
         raise ValueError(f"cannot prune to {sparsity:g}: the previous masks already remove more "
@@ -121,7 +123,7 @@ def layerwise_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsi
     Usage: ``masks = layerwise_magnitude_masks(model, 0.8)``.
     """
     sparsity = _check_sparsity(sparsity)
-    return {n: _topk_mask(_scores(w, previous.get(n) if previous else None), _n_keep(w.numel(), sparsity))
+    return {n: _topk_mask(_scores(w, previous.get(n) if previous else None, n), _n_keep(w.numel(), sparsity))
             for n, w in _weights(model).items()}
 
 
@@ -216,14 +218,14 @@ class MaskSet:
             p = params[name]
             if p.shape != mask.shape:
                 raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(p.shape)}")
-            out.append((p, mask.to(p.device)))
+            out.append((p, ~mask.to(p.device)))  # the pruned entries
         return out
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> "MaskSet":
         """Zero every pruned weight of ``model`` in place; returns self."""
-        for p, mask in self._params(model):
-            p.mul_(mask)
+        for p, pruned in self._params(model):
+            p.masked_fill_(pruned, 0.0)  # not p * mask: inf or NaN * 0 is NaN
         return self
 
     def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module):
@@ -232,8 +234,8 @@ class MaskSet:
 
         @torch.no_grad()
         def hook(opt, args, kwargs) -> None:
-            for p, mask in pairs:
-                p.mul_(mask)
+            for p, pruned in pairs:
+                p.masked_fill_(pruned, 0.0)
 
         return optimizer.register_step_post_hook(hook)
 
@@ -289,6 +291,8 @@ def finetune(task, model: nn.Module, data, masks: MaskSet | Masks | None, steps:
 
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if steps and len(data.x_train) == 0:
+        raise ValueError("fine-tuning needs training data, got an empty training set")
     ms = masks if isinstance(masks, MaskSet) or masks is None else MaskSet(masks)
     if ms is not None:
         ms.apply(model)
