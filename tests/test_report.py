@@ -41,6 +41,9 @@ def test_report_is_one_offline_file_with_everything(runs):
     assert len(data["graph"]["nodes"]["x"]) == 4 + 20 + 20 + 2
     assert data["metrics"]["step"][-1] == 400 and "wiring_cost" in data["metrics"]
     assert data["ablation"][0]["name"] == "none" and len(data["ablation"][0]["per_output"]) == 2
+    # no TopoLoss, no attention, no FFF: no extra panels
+    assert data["maps"] is None and data["heads"] is None and data["fff"] is None
+    assert not re.search(r"<h2>(Cortical maps|Attention heads|FFF regions)</h2>", page)
     figures = json.loads((runs / "ind-bimt" / "report.json").read_text())
     assert figures["q"] is not None and figures["task"] == "independence"
 
@@ -106,3 +109,90 @@ def test_report_in_headless_chromium(runs, tmp_path):
     assert n_lines == 520 and n_nodes == 46 and curves >= 4 and bbox[0] > 100 and bbox[1] > 100 and gif_ok
     assert "scale(" in zoomed
     assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- panels that appear when the run has them: heads (transformers), cortical maps (TopoLoss), FFF regions
+
+def _data(page: str) -> dict:
+    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+
+
+def _tiny_run(tmp_path_factory, task: str, **kw) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("panel-runs") / task
+    train(TrainConfig.for_task(task, steps=20, swap_every=10, log_every=10, out=str(out), progress=False,
+                               animation=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def topo_run(tmp_path_factory) -> Path:
+    """A tiny TopoLoss digits run (64-100-100-10, τ = 1)."""
+    return _tiny_run(tmp_path_factory, "digits", topo_tau=1.0)
+
+
+@pytest.fixture(scope="module")
+def mat_run(tmp_path_factory) -> Path:
+    """A tiny modular-addition transformer run (1 layer, 4 heads)."""
+    return _tiny_run(tmp_path_factory, "modular-addition-transformer")
+
+
+def test_report_of_a_topo_run_shows_cortical_maps(topo_run):
+    import base64
+
+    page = build_report(topo_run).read_text()
+    d = _data(page)
+    assert "<h2>Cortical maps</h2>" in page and "<h2>Attention heads</h2>" not in page and d["heads"] is None
+    layers = d["maps"]["layers"]
+    assert [(m["layer"], m["sheet"]) for m in layers] == [("0", [10, 10]), ("2", [10, 10])]  # 64-100-100-10: all but the output
+    assert all(-1.0 < m["smoothness"] <= 1.0 and m["effective_dim"] >= 1.0 and len(m["classes"]) == 10 for m in layers)
+    assert all(base64.b64decode(m["png"])[:8] == b"\x89PNG\r\n\x1a\n" for m in layers)
+    assert json.loads((topo_run / "report.json").read_text())["smoothness"]["0"] == pytest.approx(layers[0]["smoothness"])
+
+
+def test_report_of_a_transformer_run_shows_the_head_table(mat_run):
+    page = build_report(mat_run).read_text()
+    d = _data(page)
+    assert "<h2>Attention heads</h2>" in page and d["maps"] is None and d["fff"] is None
+    heads = d["heads"]
+    assert [h["name"] for h in heads] == ["none"] + [f"gpt.blocks.0.attn head {k}" for k in range(4)]
+    assert all(len(h["per_output"]) == 59 and h["metric"] == "accuracy" for h in heads)
+    r = load_run(mat_run)
+    assert heads[0]["overall"] == pytest.approx(r.summary["test_accuracy"], abs=1e-9)  # intact row = the run's test accuracy
+    assert any(h["overall"] != heads[0]["overall"] for h in heads[1:])
+
+
+def test_fff_panel_leaf_usage_regions_and_knock_outs():
+    from topotorch.layers.fff import FFF
+    from topotorch.report import fff_panel
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), FFF(2, leaf_width=4, output_width=3, depth=2))
+    x = torch.randn(200, 2)
+    y = torch.randint(0, 3, (200,))
+    panel = fff_panel(net, x, y, "accuracy")
+    assert len(panel) == 1 and panel[0]["layer"] == "1" and net.training  # mode restored
+    p = panel[0]
+    assert sum(row["samples"] for row in p["leaves"]) == 200 == p["usage"]["n_samples"]
+    assert all(0 < row["purity"] <= 1 for row in p["leaves"]) and p["png"]
+    assert len(p["ablation"]) == 1 + len(p["leaves"]) and p["ablation"][1]["samples"] == p["leaves"][0]["samples"]
+    assert fff_panel(torch.nn.Linear(2, 2), x, y) is None
+
+
+def test_panels_render_in_headless_chromium(topo_run, mat_run):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM")
+    pytest.importorskip("websocket", reason="websocket-client missing: pip install -e '.[test]'")
+    from topotorch.browser import Browser
+
+    topo, mat = build_report(topo_run), build_report(mat_run)
+    with Browser(chromium) as b:
+        page = b.open(topo.resolve().as_uri())
+        maps = page.evaluate("[...document.querySelectorAll('#maps img')].filter(i => i.complete && i.naturalWidth > 0).length")
+        errors = list(page.errors)
+        page = b.open(mat.resolve().as_uri())
+        head_rows = page.evaluate("document.querySelectorAll('#heads tr').length")
+        rendered = page.evaluate("document.body.dataset.rendered")
+        errors += page.errors
+    assert errors == [] and maps == 2 and head_rows == 1 + 5 and rendered == "yes"

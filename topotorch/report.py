@@ -7,7 +7,11 @@
   wheel, hover a neuron for its importance and module, hover a connection for its weight;
   neurons coloured by module), training curves from ``metrics.csv``, the animation, the
   metrics table, module ablations per output/class, the paper's embedding-module ablation
-  for token tasks, and the exact formula when the thresholded net is small;
+  for token tasks, and the exact formula when the thresholded net is small; and, when the
+  run has them, a head-ablation table (transformers: each attention head knocked out alone,
+  metric per class), cortical maps (TopoLoss runs, ``topo_tau > 0``: class-selectivity t-maps
+  of each sheet as embedded PNGs, with smoothness and effective dimensionality) and FFF regions
+  (models with FFF layers: leaf usage, leaf purity, leaf knock-outs, the region picture for 2-D inputs);
 * ``graph.graphml`` and ``graph.json`` (networkx node-link data with a ``links`` key) — every
   connection with |w| > the run's threshold;
 * ``report.json`` — the figures the index page compares (Q, modules, metrics).
@@ -34,12 +38,15 @@ import numpy as np
 import torch
 
 from topotorch.analysis import structure
-from topotorch.analysis.ablation import ablation_table, embedding_module_ablation, module_groups
+from topotorch.analysis.ablation import (ablation_table, attention_layers, embedding_module_ablation, head_ablation_table,
+                                         leaf_ablation_table, module_groups)
 from topotorch.graph import SpatialGraph
 from topotorch.analysis.modularity import detect_communities, importance
 from topotorch.relocation import _aggregate_abs
 
 MAX_GIF_BYTES = 20_000_000
+# the extra panels (heads, maps, FFF) evaluate at most this many test samples (sequences for text)
+PANEL_SAMPLES = 2000
 
 
 def _finite(v: Any) -> Any:
@@ -202,6 +209,124 @@ def _formula(result) -> dict | None:
     return d
 
 
+def _png_b64(fig) -> str:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _panel_set(r, max_samples: int = PANEL_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = r.data.x_test, r.data.y_test
+    return x[:max_samples], y[:max_samples]
+
+
+def head_panel(r, max_samples: int = PANEL_SAMPLES) -> list[dict] | None:
+    """Each attention head knocked out alone (test metric overall and per class), or None without attention.
+
+    ``r``: a :class:`~topotorch.training.TrainResult`. Usage: ``head_panel(load_run("runs/mat"))``.
+    """
+    if not attention_layers(r.model):
+        return None
+    x, y = _panel_set(r, max_samples)
+    return head_ablation_table(r.model, x, y, r.task)
+
+
+def maps_panel(r, max_layers: int = 4, classes: int = 10, max_samples: int = PANEL_SAMPLES) -> dict | None:
+    """Cortical maps of a TopoLoss run (``config.topo_tau > 0``; else None): per sheet layer the
+    class-vs-rest Welch t-maps (at most ``classes`` classes; token models: the most frequent input
+    tokens) as a base64 PNG, smoothness and effective dimensionality, on held-out inputs.
+    Usage: ``maps_panel(load_run("runs/digits-topo"))``.
+    """
+    if not getattr(r.config, "topo_tau", 0.0) > 0:
+        return None
+    from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+    from topotorch.sheets import default_layers, find_sheets
+
+    pattern = default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
+    sheets = find_sheets(r.model, pattern)
+    out = {"pattern": pattern, "layers": [], "note": ""}
+    if len(sheets) > max_layers:
+        out["note"] = f"first {max_layers} of {len(sheets)} sheets shown"
+    x, y = _panel_set(r, max_samples)
+    if y.is_floating_point():
+        out["note"] = "a regression task has no classes: no selectivity maps"
+        return out
+    labels = y if y.ndim == 1 else x.reshape(-1)  # sequences: one row per position, labelled by its input token
+    vals, counts = labels.unique(return_counts=True)
+    chosen = vals[counts.argsort(descending=True)][:classes].sort().values.tolist()
+    names = r.task.output_labels if y.ndim == 1 and r.task.output_labels else None
+    titles = [names[c] if names and c < len(names) else str(c) for c in chosen]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, s in enumerate(sheets[:max_layers]):
+            acts = layer_activations(r.model, s.name, x)
+            if acts.shape[0] != labels.shape[0]:
+                out["layers"].append({"layer": s.name, "sheet": [s.h, s.w],
+                                      "error": f"{acts.shape[0]} activation rows for {labels.shape[0]} labels"})
+                continue
+            t = selectivity_maps(acts, labels, chosen)
+            sm, ed = smoothness(t, s.h, s.w), effective_dimensionality(acts)
+            png = draw_maps(t, s.h, s.w, Path(tmp) / f"{i}.png", titles=titles)
+            out["layers"].append({"layer": s.name, "sheet": [s.h, s.w], "smoothness": sm, "effective_dim": ed,
+                                  "classes": titles, "png": base64.b64encode(png.read_bytes()).decode()})
+    return out
+
+
+def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, metric: Any = "accuracy",
+              max_ablated: int = 16) -> list[dict] | None:
+    """Per FFF layer of ``model`` (None when there is none): leaf usage, per-leaf sample counts and
+    (class labels) majority class and purity, the ``max_ablated`` busiest leaves knocked out one at a
+    time (``metric``: a Task or "accuracy"/"mse"), and for 2-D inputs the region picture (base64 PNG).
+    Usage: ``fff_panel(model, x_test, y_test, task)``.
+    """
+    from topotorch.layers.fff import FFF, fff_layers
+    from topotorch.layers.fff_regions import draw_regions, layer_inputs, leaf_usage
+
+    layers = [(n, m) for n, m in fff_layers(model) if isinstance(m, FFF)]
+    if not layers:
+        return None
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for name, layer in layers:
+            with torch.no_grad():
+                inp = layer_inputs(model, name, x) if name else x
+                leaves = layer.route(inp).reshape(-1).cpu()
+            usage = leaf_usage(layer, inp)
+            counts = usage.counts
+            labelled = y is not None and not y.is_floating_point() and y.reshape(-1).shape[0] == leaves.shape[0]
+            used = [int(j) for j in torch.argsort(counts, descending=True, stable=True) if counts[j] > 0]
+            rows = []
+            if labelled:
+                yl = y.reshape(-1).cpu().long()
+                c = int(yl.max()) + 1
+                table = torch.bincount(leaves * c + yl, minlength=layer.n_leaves * c).view(layer.n_leaves, c)
+            for j in used:
+                row = {"leaf": j, "samples": int(counts[j]), "fraction": float(counts[j]) / max(1, usage.n_samples)}
+                if labelled:
+                    k = int(table[j].argmax())
+                    row.update(majority=k, purity=float(table[j, k]) / float(counts[j]))
+                rows.append(row)
+            d = {"layer": name or "(model)", "depth": layer.depth, "usage": usage.as_dict(), "leaves": rows,
+                 "purity": float(table.max(1).values.sum()) / max(1, usage.n_samples) if labelled else None}
+            if y is not None:
+                d["ablation"] = leaf_ablation_table(model, name, x, y, metric, leaves=used[:max_ablated])
+            if layer.input_width == 2:
+                pts = inp.reshape(-1, 2)
+                d["png"] = _png_b64(draw_regions(layer, pts, y.reshape(-1) if labelled else None))
+            out.append(d)
+    finally:
+        model.train(was)
+    return out
+
+
 def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: int = 5000,
                  resolution: float = 1.0, exports: bool = True) -> Path:
     """Write the run's self-contained ``report.html`` (plus graph exports and ``report.json``); return its path.
@@ -226,6 +351,10 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     out_space = next(s for s in graph.spaces if s.role == "output")
     emb = embedding_module_ablation(r) if any(s.name == "embed" for s in graph.spaces) else None
     formula = _formula(r)
+    heads = head_panel(r)
+    cortical = maps_panel(r)
+    fx, fy = _panel_set(r)
+    fff = fff_panel(r.model, fx, fy, r.task)
     gif = run_dir / "training.gif"
     gif_b64 = base64.b64encode(gif.read_bytes()).decode() if gif.exists() and gif.stat().st_size <= MAX_GIF_BYTES else None
     figures = {
@@ -243,11 +372,19 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
         "modules": comms.modules, "output_labels": structure._labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
+        "heads": heads, "maps": cortical, "fff": fff,
     }
+    if cortical:
+        figures["smoothness"] = {d["layer"]: d.get("smoothness") for d in cortical["layers"]}
     if exports:
         export_graph(graph, run_dir, thr, comms.membership)
     figures["seconds"] = round(time.perf_counter() - t0, 3)
     page = _PAGE.replace("__TITLE__", html.escape(data["title"]))
+    panels = "".join(sec for sec, on in (
+        ('<section class="wide"><h2>Attention heads</h2><div id="heads"></div></section>', heads),
+        ('<section class="wide"><h2>Cortical maps</h2><div id="maps"></div></section>', cortical),
+        ('<section class="wide"><h2>FFF regions</h2><div id="fff"></div></section>', fff)) if on)
+    page = page.replace("__PANELS__", panels)
     page = page.replace("__DATA__", json.dumps(_finite(data)).replace("</", "<\\/"))
     page = page.replace("__GIF__", f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">' if gif_b64
                         else "<p>No animation in this run folder (train with animation on).</p>")
@@ -346,6 +483,7 @@ _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__T
 <section><h2>Metrics</h2><div id="metrics"></div></section>
 <section class="wide"><h2>Modules and ablations</h2><div id="modules"></div><div id="ablation"></div><div id="embabl"></div></section>
 <section class="wide"><h2>Formula</h2><div id="formula"></div></section>
+__PANELS__
 </main><div id="tip"></div>
 <script type="application/json" id="data">__DATA__</script>
 <script>""" + _COMMON_JS + r"""
@@ -415,6 +553,24 @@ table(document.getElementById('metrics'),['figure','value'],D.summary_rows);
  f.outputs.forEach(o=>{const h=document.createElement('h2');h.textContent=`${o.name} — depends on {${o.free_symbols.join(', ')}}`;box.appendChild(h);
   const pre=document.createElement('pre');pre.textContent='LaTeX: '+o.latex;box.appendChild(pre);});
  const pre=document.createElement('pre');pre.textContent=f.python;box.appendChild(pre);})();
+// ---- knock-out tables of parts (heads, leaves): overall, change, per class (or the worst class)
+function partTable(box,title,rows,extra){if(!rows||!rows.length)return;const h=document.createElement('h2');h.textContent=title;box.appendChild(h);
+ const n=rows[0].per_output.length,labs=D.output_labels&&D.output_labels.length===n?D.output_labels:[...Array(n).keys()].map(String),few=n<=12,mse=rows[0].metric==='mse';
+ const worst=r=>{let b=mse?-Infinity:Infinity,j=-1;r.per_output.forEach((v,i)=>{if(v!==null&&(mse?v>b:v<b)){b=v;j=i;}});return j<0?'–':labs[j]+': '+fmt(b);};
+ table(box,['knocked out'].concat(extra.map(e=>e[0]),[rows[0].metric,'change']).concat(few?labs:['worst class']),
+  rows.map(r=>[r.name].concat(extra.map(e=>r[e[1]]===undefined?'':r[e[1]]),[r.overall,r.name==='none'?'':r.overall-rows[0].overall]).concat(few?r.per_output:[worst(r)])));}
+if(D.heads){partTable(document.getElementById('heads'),`Each attention head knocked out alone (its slice of the output projection's input zeroed): test ${D.heads[0].metric} overall and `+(D.heads[0].per_output.length<=12?'per output/class':'worst class'),D.heads,[]);}
+if(D.maps){const box=document.getElementById('maps'),M=D.maps;const p=document.createElement('p');
+ p.textContent=`Class-vs-rest selectivity (Welch t) of each unit on its cortical sheet, held-out inputs; layers ${M.pattern}. Smoothness 1 − γ(1)/γ(∞): 1 = smooth, 0 = shuffled. ${M.note||''}`;box.appendChild(p);
+ M.layers.forEach(L=>{const h=document.createElement('h2');h.textContent=L.error?`${L.layer} (${L.sheet[0]}x${L.sheet[1]}): ${L.error}`:
+  `${L.layer} (${L.sheet[0]}x${L.sheet[1]} sheet): smoothness ${fmt(L.smoothness)}, effective dimensionality ${fmt(L.effective_dim)}`;box.appendChild(h);
+  if(L.png){const im=document.createElement('img');im.alt='cortical map '+L.layer;im.src='data:image/png;base64,'+L.png;box.appendChild(im);}});}
+if(D.fff){const box=document.getElementById('fff');D.fff.forEach(Fl=>{const U=Fl.usage,h=document.createElement('h2');
+ h.textContent=`${Fl.layer}: depth ${Fl.depth}, ${U.n_used} of ${U.n_leaves} leaves used by ${U.n_samples} samples (effective ${fmt(U.effective_leaves)}, busiest ${fmt(U.max_fraction)})`+(Fl.purity===null?'':`, weighted purity ${fmt(Fl.purity)}`);box.appendChild(h);
+ if(Fl.png){const im=document.createElement('img');im.alt='FFF regions '+Fl.layer;im.src='data:image/png;base64,'+Fl.png;box.appendChild(im);}
+ const labs=D.output_labels||[];table(box,['leaf','samples','fraction'].concat(Fl.purity===null?[]:['majority class','purity']),
+  Fl.leaves.slice(0,32).map(r=>[String(r.leaf),r.samples,r.fraction].concat(Fl.purity===null?[]:[labs[r.majority]||String(r.majority),r.purity])));
+ partTable(box,'Leaves knocked out one at a time (the busiest; samples routed there output zero)',Fl.ablation,[['samples','samples']]);});}
 document.body.dataset.rendered='yes';
 </script></body></html>
 """
