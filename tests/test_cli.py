@@ -187,3 +187,12 @@ def test_python_m_topotorch_train_writes_the_full_run_folder(tmp_path):
     assert summary["steps"] == 100 and summary["method"] == "bimt"
     with open(out / "metrics.csv") as f:
         assert len(f.read().strip().splitlines()) == 2  # header + the row at step 100 (log_every=100)
+
+
+def test_compress_corrupted_checkpoint_says_it_used_the_previous_one(run_copy):
+    p = run_copy / "checkpoint.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    r = invoke("compress", run_copy, "--threshold", "0.05", "--choose", "dense")
+    assert r.exit_code == 0, r.output
+    assert "using the previous checkpoint" in r.stderr, r.stderr  # was recorded and dropped
+    assert (run_copy / "compact" / "report.json").exists()

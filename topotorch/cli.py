@@ -257,6 +257,12 @@ def _topo_pattern(r, layers: Optional[str]) -> str:
     return default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
 
 
+def _echo_warnings(caught: list) -> None:
+    """One ``warning: ...`` line on stderr per distinct UserWarning recorded (library deprecation noise left out)."""
+    for msg in dict.fromkeys(" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)):
+        typer.echo(f"warning: {msg}", err=True)
+
+
 def _compress_compact(run: Path, threshold: Optional[float], choose: str, threads: int) -> None:
     from topotorch.checkpoint import CheckpointError
     from topotorch.compression.compact import FORMATS, CompactError, compress_run
@@ -267,12 +273,15 @@ def _compress_compact(run: Path, threshold: Optional[float], choose: str, thread
         _fail(f"threshold must be >= 0, got {threshold}")
     if threads < 1:
         _fail(f"threads must be >= 1, got {threads}")
+    caught: list = []
     try:
-        with warnings.catch_warnings(record=True):
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rep = compress_run(run, threshold=threshold, choose=choose, threads=threads)
     except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
+        _echo_warnings(caught)
         _fail(str(e))
+    _echo_warnings(caught)  # e.g. "checkpoint corrupt; using the previous checkpoint": never swallowed
     m = rep["metric"]
     typer.echo(f"{rep['task']} [{rep.get('method', '')}] threshold {rep['threshold']:g}, {rep['threads']} thread(s)"
                + (f", formats {','.join(rep['formats'])}, modules {len(rep.get('modules') or [])}" if "formats" in rep else ""))
@@ -478,14 +487,15 @@ def sweep_sparsity(
                           rewind_fraction=rewind, lr=lr, batch_size=batch_size, lam=lam, progress=progress)
     except (ValueError, TypeError) as e:
         _fail(str(e))
+    caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
             run_sweep(cfg)
     except (ValueError, ImportError, OSError, FloatingPointError) as e:
+        _echo_warnings(caught)
         _fail(str(e))
-    for w in caught:
-        typer.echo(f"warning: {' '.join(str(w.message).split())}", err=True)
+    _echo_warnings(caught)
     summary = json.loads((folder / "summary.json").read_text())
     for s, winners in summary["winners"].items():
         med = summary["median_accuracy"]
