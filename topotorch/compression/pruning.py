@@ -228,7 +228,7 @@ class MaskSet:
             p.masked_fill_(pruned, 0.0)  # not p * mask: inf or NaN * 0 is NaN
         return self
 
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
         """Re-apply the masks after every step of ``optimizer``; returns the removable hook handle."""
         pairs = self._params(model)
 
@@ -241,6 +241,7 @@ class MaskSet:
 
     @property
     def sparsity(self) -> float:
+        """The fraction of masked-out entries. Usage: ``MaskSet(masks).sparsity`` → 0.9."""
         return mask_sparsity(self.masks)
 
 

@@ -313,7 +313,10 @@ def _budget_text(method: str, i: int, b: dict) -> str:
 
 
 def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, extra: dict, seconds: float) -> None:
-    """Write ``sweep.csv``, ``table.md``, ``sweep.png`` and ``summary.json`` for a finished sweep."""
+    """Write ``sweep.csv``, ``table.md``, ``sweep.png`` and ``summary.json`` for a finished sweep.
+
+    Usage: ``write_outputs(Path("runs/sw"), cfg, rows, budgets, extra, seconds)`` (``run_sweep`` calls it).
+    """
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -445,7 +448,8 @@ def replot(folder: Path) -> Path:
     Usage: ``replot(Path("results/sparsity/digits"))``.
     """
     folder = Path(folder)
-    rows = list(csv.DictReader(open(folder / "sweep.csv")))
+    with open(folder / "sweep.csv", newline="") as f:  # closed (no ResourceWarning), as csv wants
+        rows = list(csv.DictReader(f))
     s = json.loads((folder / "summary.json").read_text())
     cfg = s["config"]
     methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
