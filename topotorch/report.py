@@ -45,8 +45,10 @@ from topotorch.analysis.modularity import detect_communities, importance
 from topotorch.relocation import _aggregate_abs
 
 MAX_GIF_BYTES = 20_000_000
-# the extra panels (heads, maps, FFF) evaluate at most this many test samples (sequences for text)
+# the extra panels (heads, maps, FFF) evaluate at most this many test samples, and at most
+# PANEL_POSITIONS labelled positions (a text model's sequence of 64 characters counts 64)
 PANEL_SAMPLES = 2000
+PANEL_POSITIONS = 4096
 
 
 def _finite(v: Any) -> Any:
@@ -222,7 +224,9 @@ def _png_b64(fig) -> str:
 
 def _panel_set(r, max_samples: int = PANEL_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = r.data.x_test, r.data.y_test
-    return x[:max_samples], y[:max_samples]
+    per = y[0].numel() if y.ndim > 1 and len(y) else 1
+    n = max(1, min(max_samples, PANEL_POSITIONS // per))
+    return x[:n], y[:n]
 
 
 def head_panel(r, max_samples: int = PANEL_SAMPLES) -> list[dict] | None:
@@ -372,7 +376,7 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
         "modules": comms.modules, "output_labels": structure._labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
-        "heads": heads, "maps": cortical, "fff": fff,
+        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": int(len(fx)),
     }
     if cortical:
         figures["smoothness"] = {d["layer"]: d.get("smoothness") for d in cortical["layers"]}
@@ -559,9 +563,9 @@ function partTable(box,title,rows,extra){if(!rows||!rows.length)return;const h=d
  const worst=r=>{let b=mse?-Infinity:Infinity,j=-1;r.per_output.forEach((v,i)=>{if(v!==null&&(mse?v>b:v<b)){b=v;j=i;}});return j<0?'–':labs[j]+': '+fmt(b);};
  table(box,['knocked out'].concat(extra.map(e=>e[0]),[rows[0].metric,'change']).concat(few?labs:['worst class']),
   rows.map(r=>[r.name].concat(extra.map(e=>r[e[1]]===undefined?'':r[e[1]]),[r.overall,r.name==='none'?'':r.overall-rows[0].overall]).concat(few?r.per_output:[worst(r)])));}
-if(D.heads){partTable(document.getElementById('heads'),`Each attention head knocked out alone (its slice of the output projection's input zeroed): test ${D.heads[0].metric} overall and `+(D.heads[0].per_output.length<=12?'per output/class':'worst class'),D.heads,[]);}
+if(D.heads){partTable(document.getElementById('heads'),`Each attention head knocked out alone (its slice of the output projection's input zeroed): test ${D.heads[0].metric} on ${D.panel_samples} test samples, overall and `+(D.heads[0].per_output.length<=12?'per output/class':'worst class'),D.heads,[]);}
 if(D.maps){const box=document.getElementById('maps'),M=D.maps;const p=document.createElement('p');
- p.textContent=`Class-vs-rest selectivity (Welch t) of each unit on its cortical sheet, held-out inputs; layers ${M.pattern}. Smoothness 1 − γ(1)/γ(∞): 1 = smooth, 0 = shuffled. ${M.note||''}`;box.appendChild(p);
+ p.textContent=`Class-vs-rest selectivity (Welch t) of each unit on its cortical sheet, held-out inputs; layers ${M.pattern}. Smoothness 1 − γ(1)/γ(∞): 1 = smooth, 0 = shuffled. ${D.panel_samples} test samples. ${M.note||''}`;box.appendChild(p);
  M.layers.forEach(L=>{const h=document.createElement('h2');h.textContent=L.error?`${L.layer} (${L.sheet[0]}x${L.sheet[1]}): ${L.error}`:
   `${L.layer} (${L.sheet[0]}x${L.sheet[1]} sheet): smoothness ${fmt(L.smoothness)}, effective dimensionality ${fmt(L.effective_dim)}`;box.appendChild(h);
   if(L.png){const im=document.createElement('img');im.alt='cortical map '+L.layer;im.src='data:image/png;base64,'+L.png;box.appendChild(im);}});}
