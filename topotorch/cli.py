@@ -102,6 +102,7 @@ def train(
     topo_tau: Optional[float] = typer.Option(None, help="TopoNets: weight τ of TopoLoss (0: off)"),
     topo_layers: Optional[str] = typer.Option(None, help="layers with a cortical sheet: fnmatch pattern(s), e.g. '*.mlp.0' (default: auto)"),
     topo_factor: Optional[float] = typer.Option(None, help="TopoLoss blur factor φ (default: 3)"),
+    group_lam: Optional[float] = typer.Option(None, help="neuron group lasso weight (whole neurons die; 0: off)"),
     animation: bool = typer.Option(True, help="render training.gif / training.mp4"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -118,7 +119,8 @@ def train(
     overrides = dict(method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0,
                      relocation=relocation, top_k=top_k, swap_every=swap_every, threshold=threshold,
                      batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
-                     local_steps=local_steps, topo_tau=topo_tau, topo_layers=topo_layers, topo_factor=topo_factor)
+                     local_steps=local_steps, topo_tau=topo_tau, topo_layers=topo_layers, topo_factor=topo_factor,
+                     group_lam=group_lam)
     try:
         if resume is not None:
             given = sorted(k.replace("_", "-") for k, v in overrides.items() if v is not None)

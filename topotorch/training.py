@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from topotorch.analysis import structure
 from topotorch.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 from topotorch.graph import SpatialGraph
+from topotorch.objectives.group import neuron_group_norm
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
 from topotorch.relocation import apply_permutation, relocate
 from topotorch.tasks import Task, TaskData, get_task
@@ -52,7 +53,7 @@ _INT_MIN = {"steps": 1, "top_k": 1, "swap_every": 1, "log_every": 1, "snapshot_e
             "bias_penalty_from": 0, "seed": 0, "local_steps": 0}
 _FLOAT_RANGE = {"lr": (0.0, False), "threshold": (0.0, False), "weight_decay": (0.0, True), "l0": (0.0, True),
                 "wf": (0.0, True), "outer_lr": (0.0, False), "topo_tau": (0.0, True),
-                "topo_factor": (1.0, True)}  # (bound, bound allowed)
+                "topo_factor": (1.0, True), "group_lam": (0.0, True)}  # (bound, bound allowed)
 _CHOICES = {"method": METHODS, "dtype": tuple(DTYPES), "metric": ("l1", "l2"), "agg": ("sum", "mean"),
             "relocation": ("swap", "assign")}
 _BOOLS = ("penalize_bias", "relocate_inputs", "relocate_outputs", "animation", "progress")
@@ -186,6 +187,9 @@ class TrainConfig:
     topo_tau: float = 0.0
     topo_layers: str = "auto"
     topo_factor: float = 3.0
+    # structured sparsity: + group_lam · Σ_neurons ‖outgoing weights‖₂ (neuron_group_norm) over the
+    # graph's hidden spaces, so whole neurons/channels/head dims die and `shrink` can cut them out
+    group_lam: float = 0.0
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -707,6 +711,8 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                     # holds the same parameters, so each adds the same term once (no double averaging)
                     if topo is not None:  # after DDP's all-reduce, like the wiring term: the same on every rank
                         topo().backward()
+                    if config.group_lam:  # likewise: a function of the (identical) parameters, added once per rank
+                        (config.group_lam * neuron_group_norm(graph)).backward()
                     add_wiring_grad_(graph, step_cost_cfg, lam)
                     opt.step()
                 done = step + 1
@@ -754,6 +760,9 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         "wiring_cost": float(wiring_cost(graph, reloc_cfg).detach()),
         **structure_summary(task, model, graph, data, config.threshold),
     }
+    if config.group_lam:
+        with torch.no_grad():
+            summary["group_norm"] = round(float(neuron_group_norm(graph)), 6)
     if topo is not None:
         summary["topo_loss"] = {k: round(v.item(), 6) for k, v in topo.layerwise().items()}
     if writes:
