@@ -7,6 +7,10 @@ the test metric of the dense, thresholded and shrunk models, and forward latency
 (dense original vs shrunk; medians of repeated timings, ``torch.get_num_threads()`` threads).
 
     python benchmarks/bench_shrink.py [--conv-steps 3000] [--gpt-steps 5000] [--conv-lam S] [--gpt-lam S] [--json PATH]
+
+``--conv-group-lam 0,a,b`` / ``--gpt-group-lam 0,a,b``: one run per value with the neuron group lasso
+(``TrainConfig.group_lam``, :func:`topotorch.objectives.neuron_group_norm`) on top of BIMT;
+``--extra-thresholds 0.01,0.001`` also shrinks each trained model at those thresholds.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def run(task: str, steps: int, inner: str | None, lam: str | None = None) -> dict:
+def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_lam: float = 0.0,
+        extra_thresholds: tuple[float, ...] = ()) -> dict:
     torch.manual_seed(0)
-    cfg = TrainConfig.for_task(task, steps=steps, lam=lam, progress=False, animation=False, out=None)
+    cfg = TrainConfig.for_task(task, steps=steps, lam=lam, group_lam=group_lam, progress=False, animation=False,
+                               out=None)
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -64,7 +70,7 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None) -> dic
     xb = d.x_test[torch.arange(256) % len(d.x_test)]
     t_dense, t_small = latency(model, xb), latency(small, xb)
     out = {
-        "task": task, "steps": steps, "lam": cfg.lam, "train_seconds": round(train_s, 1), "threshold": cfg.threshold,
+        "task": task, "steps": steps, "lam": cfg.lam, "group_lam": cfg.group_lam, "train_seconds": round(train_s, 1), "threshold": cfg.threshold,
         "params_before": n_params(model), "params_after": n_params(small),
         "param_ratio": round(n_params(model) / n_params(small), 2),
         "removed": {k: v for k, v in sh.removed.items() if v},
@@ -78,6 +84,22 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None) -> dic
         "latency_b256_dense_ms": round(1e3 * t_dense, 3), "latency_b256_shrunk_ms": round(1e3 * t_small, 3),
         "speedup_b256": round(t_dense / t_small, 2),
     }
+    for thr in extra_thresholds:  # the same trained model shrunk at another threshold
+        sh2 = shrink(core, graph, thr)
+        small2, ref2 = copy.deepcopy(model), copy.deepcopy(model)
+        if inner:
+            setattr(small2, inner, sh2.model)
+            setattr(ref2, inner, threshold_model(core, graph, thr))
+        else:
+            small2, ref2 = sh2.model, threshold_model(core, graph, thr)
+        small2.eval(), ref2.eval()
+        with torch.no_grad():
+            diff2 = (small2(d.x_test) - ref2(d.x_test)).abs().max().item()
+        t2 = latency(small2, xb)
+        out.setdefault("at_threshold", {})[str(thr)] = {
+            "params_after": n_params(small2), "removed": {k: v for k, v in sh2.removed.items() if v},
+            "test_shrunk": evaluate(res.task, small2, d.x_test, d.y_test), "max_abs_diff_vs_thresholded": diff2,
+            "speedup_b256": round(t_dense / t2, 2)}
     if inner:
         out["heads_after"] = [b.attn.head_dims for b in sh.model.blocks]
     return out
@@ -89,15 +111,22 @@ def main() -> None:
     ap.add_argument("--gpt-steps", type=int, default=5000)
     ap.add_argument("--conv-lam", default=None, help="λ schedule for digits-conv (default: the task's)")
     ap.add_argument("--gpt-lam", default=None, help="λ schedule for the transformer (default: the task's)")
+    ap.add_argument("--conv-group-lam", default="0", help="comma-separated group_lam values for digits-conv")
+    ap.add_argument("--gpt-group-lam", default="0", help="comma-separated group_lam values for the transformer")
+    ap.add_argument("--extra-thresholds", default="", help="also shrink at these thresholds (comma-separated)")
+    ap.add_argument("--skip-conv", action="store_true")
     ap.add_argument("--skip-gpt", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    extra = tuple(float(t) for t in args.extra_thresholds.split(",") if t)
     results = {
         "threads": torch.get_num_threads(),
         "note": "2-core box shared with other jobs: latencies are noisy; ratios are from one run",
-        "runs": [run("digits-conv", args.conv_steps, None, args.conv_lam)]
-        + ([] if args.skip_gpt else [run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam)]),
+        "runs": ([] if args.skip_conv else [run("digits-conv", args.conv_steps, None, args.conv_lam, float(g), extra)
+                                             for g in args.conv_group_lam.split(",")])
+        + ([] if args.skip_gpt else [run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam, float(g), extra)
+                                     for g in args.gpt_group_lam.split(",")]),
     }
     print(json.dumps(results, indent=1))
     if args.json:
