@@ -312,3 +312,17 @@ def test_cuda_model_gives_a_cuda_compact_model(fmt):
         small = compact_mlp(m, 0.1, choose=fmt, example=x, batch_sizes=[20], reps=1)
         assert small(x).device.type == "cuda"
         assert verify(thresholded_copy(m, 0.1), small, x) <= 1e-5
+
+
+def test_many_modules_skip_the_block_format_but_stay_exact():
+    """One hidden layer: every hidden neuron is its own module; blocks of one neuron are not built."""
+    from topotorch.compression.compact import MAX_BLOCK_MODULES
+
+    torch.manual_seed(0)
+    net = MLP([6, 3 * MAX_BLOCK_MODULES, 4]).double()
+    x = torch.randn(50, 6, dtype=torch.float64)
+    small = compact_mlp(net, 0.0, example=x, batch_sizes=(8,))
+    assert "block" not in small.description["layers"][0]["seconds_per_sample"]
+    assert len(small.description["modules"]) == 3 * MAX_BLOCK_MODULES
+    for fmt in FORMATS:
+        assert verify(thresholded_copy(net, 0.0), compact_mlp(net, 0.0, choose=fmt), x) <= 1e-12

@@ -45,6 +45,9 @@ from topotorch.checkpoint import atomic_write_bytes
 
 FORMAT_VERSION = 1
 FORMATS = ("dense", "block", "csr")
+# above this many modules the block format is not built (blocks of a few neurons never beat one matmul,
+# and building them is a loop over modules)
+MAX_BLOCK_MODULES = 64
 Choice = Literal["auto", "dense", "block", "csr"]
 
 
@@ -473,6 +476,8 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
             timings = {}
             cands = {}
             for fmt in FORMATS:
+                if fmt == "block" and kw["modules"] is None:  # too many modules to block (see _modules)
+                    continue
                 cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw).to(device)
                 cands[fmt] = cand
                 timings[fmt] = sum(_median_seconds(lambda: cand(xb), reps, device=device) / n
@@ -487,7 +492,9 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
             info = {"choice": "forced"}
         layers.append(layer)
         layer_desc.append({"format": layer.fmt, "n_in": w.shape[1], "n_out": w.shape[0], "activation": acts[i],
-                           "nonzeros": int((w != 0).sum()), "modules": len(modules_per_layer[i]), **info})
+                           "nonzeros": int((w != 0).sum()),
+                           "modules": len(modules_per_layer[i] if modules_per_layer[i] is not None else module_sizes),
+                           **info})
     desc = {
         "threshold": threshold,
         "dtype": str(dt).replace("torch.", ""),
@@ -518,7 +525,8 @@ def _example_input(example, tokens: bool, n_in: int, n_tok: int, vocab: int, dt)
 
 def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list], list[list[int]]]:
     """In place: reorder hidden neurons module by module. Returns, per layer, the modules' (rows, cols)
-    index tensors, and each module's size per hidden space."""
+    index tensors (None for every layer when there are more than ``MAX_BLOCK_MODULES`` modules), and
+    each module's size per hidden space."""
     import numpy as np
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
@@ -550,6 +558,9 @@ def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list]
         order = torch.as_tensor(np.argsort(labels[s - 1].numpy(), kind="stable"))
         labels[s - 1] = labels[s - 1][order]
         ws[s - 1], bs[s - 1], ws[s] = ws[s - 1][order], bs[s - 1][order], ws[s][:, order]
+    module_sizes = torch.stack([torch.bincount(lab, minlength=n_mod) for lab in labels], 1).tolist()
+    if n_mod > MAX_BLOCK_MODULES:  # e.g. one hidden layer: every neuron its own module; blocks of 1 never pay
+        return [None] * n_layers, module_sizes
     per_layer: list[list] = []
     for i in range(n_layers):
         mods = []
@@ -565,7 +576,6 @@ def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list]
                 cls = (labels[i - 1] == m).nonzero().flatten()
             mods.append((rws, cls))
         per_layer.append(mods)
-    module_sizes = [[int((lab == m).sum()) for lab in labels] for m in range(n_mod)]
     return per_layer, module_sizes
 
 
