@@ -60,7 +60,8 @@ def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module
 
 def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h: float,
                hard_frac: float = 0.2, leak: float = 0.0, wd: float = 0.1, noise: float = 0.5,
-               anneal: float = 30.0, distill: float = 0.0) -> tuple[float, float, nn.Module]:
+               anneal: float = 30.0, distill: float = 0.0, shift: int = 0, kd_teacher: nn.Module | None = None,
+               kd_alpha: float = 0.0, kd_temp: float = 2.0, node_lr: float = 1.0) -> tuple[float, float, nn.Module]:
     """Train one model; returns (test accuracy of the deployed model, soft test accuracy, model).
 
     Every model: AdamW(lr, weight_decay=wd), cosine learning rate over all steps, inputs plus
@@ -68,12 +69,23 @@ def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h
     first (1 - hard_frac) of the epochs with its decisions sharpened from sigmoid(z) to
     sigmoid(anneal·z) (and ``h`` times the hardening loss), then with hard decisions
     (straight-through node gradients) for the rest, so that the leaves fit the routing they
-    are deployed with; ``distill`` > 0 mixes in KL to the soft-phase model (T = 2) there."""
+    are deployed with; ``distill`` > 0 mixes in KL to the soft-phase model (T = 2) there.
+    ``shift`` > 0 rolls each training input circularly by a random -shift..shift samples
+    (every model alike); ``kd_teacher`` (a trained model, e.g. the FF) with ``kd_alpha`` > 0
+    mixes in Hinton KL at ``kd_temp`` to its logits on the same inputs, in every phase;
+    ``node_lr`` multiplies the learning rate of an FFF's routing nodes (no weight decay on them
+    when it differs from 1)."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make_model(kind, xtr.shape[1], 10, leak)
     is_fff = isinstance(model, FFF)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    if is_fff and node_lr != 1.0:
+        nodes = [model.node_weights, model.node_biases]
+        rest = [p for p in model.parameters() if all(p is not q for q in nodes)]
+        opt = torch.optim.AdamW([{"params": rest, "mult": 1.0},
+                                 {"params": nodes, "mult": node_lr, "weight_decay": 0.0}], lr=lr, weight_decay=wd)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
     n = len(xtr)
     sigma = noise * xtr.std(0)
@@ -89,12 +101,21 @@ def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h
         model.train()
         for idx in torch.randperm(n, generator=g).split(batch):
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                group["lr"] = group.get("mult", 1.0) * lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             if is_fff and not model.train_hardened:
                 model.sharpness = anneal ** min(1.0, step / soft_steps)
             xb = xtr[idx] + sigma * torch.randn(len(idx), xtr.shape[1], generator=g) if noise else xtr[idx]
+            if shift:
+                k = torch.randint(-shift, shift + 1, (len(idx), 1), generator=g)
+                cols = (torch.arange(xtr.shape[1]) - k) % xtr.shape[1]
+                xb = xb.gather(1, cols)
             out = model(xb)
             loss = nn.functional.cross_entropy(out, ytr[idx])
+            if kd_teacher is not None and kd_alpha > 0:
+                with torch.no_grad():
+                    target = (kd_teacher(xb) / kd_temp).softmax(1)
+                loss = (1 - kd_alpha) * loss + kd_alpha * kd_temp**2 * nn.functional.kl_div(
+                    (out / kd_temp).log_softmax(1), target, reduction="batchmean")
             if h and is_fff and not model.train_hardened:
                 loss = loss + hardening_loss(model, h)
             if teacher is not None:
@@ -119,9 +140,14 @@ def _job(job: tuple) -> dict:
     torch.set_num_threads(1)
     data = _data(ds, seed if ds == "digits" else 0)
     t = time.perf_counter()
-    hard, soft, model = train_eval(kind, data, seed, args["epochs"], args["batch"], args["lr"], args["h"],
-                                   args["hard_frac"], args["leak"], args["wd"], args["noise"], args["anneal"],
-                                   args["distill"])
+    common = (data, seed, args["epochs"], args["batch"], args["lr"])
+    shared = {k: args[k] for k in ("wd", "noise", "shift")}
+    teacher = None
+    if kind != "FF" and args["kd_ff"] > 0:  # the FF of this seed, trained exactly as its own row
+        teacher = train_eval("FF", *common, 0.0, **shared)[2].eval()
+    hard, soft, model = train_eval(kind, *common, args["h"], args["hard_frac"], args["leak"], anneal=args["anneal"],
+                                   distill=args["distill"], kd_teacher=teacher, kd_alpha=args["kd_ff"],
+                                   kd_temp=args["kd_temp"], node_lr=args["node_lr"], **shared)
     out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "secs": time.perf_counter() - t}
     if ds == "digits" and kind == "FFF l=8" and seed == 0:
         usage = leaf_usage(model, data[2])
@@ -156,6 +182,13 @@ def main() -> None:
     ap.add_argument("--anneal", type=float, default=30.0, help="FFF soft-phase final sharpness (1 = no annealing)")
     ap.add_argument("--hard-frac", type=float, default=0.2, help="final share of epochs trained with hard decisions")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL to the soft-phase model in the hard phase")
+    ap.add_argument("--shift", type=int, default=0,
+                    help="random circular shift of each training input by up to ±shift samples, all models")
+    ap.add_argument("--kd-ff", type=float, default=0.0,
+                    help="FFF only: weight of KL to this seed's trained FF (teacher), soft and hard phases")
+    ap.add_argument("--kd-temp", type=float, default=2.0, help="temperature of --kd-ff")
+    ap.add_argument("--node-lr", type=float, default=1.0,
+                    help="FFF routing-node learning-rate multiplier (nodes without weight decay if != 1)")
     ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--json", default=None)
@@ -171,7 +204,7 @@ def main() -> None:
             print(f"{ds}: skipped ({e}; pip install mnist1d)")
     kinds = args.models.split(",")
     opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak", "wd", "noise", "anneal",
-                                          "distill")}
+                                          "distill", "shift", "kd_ff", "kd_temp", "node_lr")}
     jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:
