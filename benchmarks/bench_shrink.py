@@ -18,26 +18,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
 
 from topotorch.compression.shrink import shrink, threshold_model
 from topotorch.training import TrainConfig, evaluate, train
+from topotorch.timing import median_seconds
 
 
 def latency(model: torch.nn.Module, x: torch.Tensor, reps: int = 30) -> float:
     """Median seconds per forward pass of ``model`` on ``x`` (after warm-up)."""
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return median_seconds(lambda: model(x), reps, warmup=3)
 
 
 def n_params(m: torch.nn.Module) -> int:

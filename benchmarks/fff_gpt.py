@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from topotorch.layers import fff_layers, fffify, layer_inputs
 from topotorch.tasks import get_task
 from topotorch.tasks_sequence import bits_per_char
+from topotorch.timing import median_seconds
 
 
 def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, fff: bool) -> float:
@@ -48,14 +48,7 @@ def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, 
 
 def block_time(block: nn.Module, h: torch.Tensor, repeats: int) -> float:
     with torch.inference_mode():
-        for _ in range(3):
-            block(h)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            block(h)
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        return median_seconds(lambda: block(h), repeats, warmup=3)
 
 
 def main() -> None:

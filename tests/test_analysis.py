@@ -145,3 +145,13 @@ def test_thresholded_noisy_net_computes_the_clean_net():
     with torch.no_grad(), thresholded(g, THR):
         assert torch.equal(noisy(x), clean(x))
     assert not torch.equal(noisy(x), clean(x))
+
+
+def test_median_seconds_times_calls_and_refuses_zero_reps():
+    from topotorch.timing import median_seconds
+
+    calls = []
+    assert median_seconds(lambda: calls.append(1), reps=5, warmup=2) >= 0
+    assert len(calls) == 7
+    with pytest.raises(ValueError, match="reps"):
+        median_seconds(lambda: None, reps=0)

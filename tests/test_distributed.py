@@ -82,13 +82,6 @@ def launch(out: Path, world: int, record_every: int, **settings) -> list[dict]:
     return [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):

@@ -29,14 +29,6 @@ SETTINGS = dict(steps=200, dtype="float64", batch_size=64, swap_every=50, checkp
                 top_k=10, relocate_inputs=True, lam="0:0.01,120:0.1", animation=False, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def config(out: Path, **kw) -> TrainConfig:
     return TrainConfig.for_task("digits", **{**SETTINGS, **kw}, out=str(out))

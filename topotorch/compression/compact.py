@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topotorch.checkpoint import atomic_write_bytes
+from topotorch.timing import median_seconds
 
 FORMAT_VERSION = 1
 FORMATS = ("dense", "block", "csr")
@@ -373,20 +373,6 @@ def dense_flops(model: nn.Module) -> int:
     return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def _median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2, device: torch.device | None = None) -> float:
-    sync = torch.cuda.synchronize if device is not None and torch.device(device).type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()  # CUDA runs asynchronously: time the kernels, not their launch
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
     reps = -(-n // len(x))
     return x.repeat(reps, *([1] * (x.ndim - 1)))[:n].contiguous()
@@ -480,7 +466,7 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
                     continue
                 cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw).to(device)
                 cands[fmt] = cand
-                timings[fmt] = sum(_median_seconds(lambda: cand(xb), reps, device=device) / n
+                timings[fmt] = sum(median_seconds(lambda: cand(xb), reps, device=device) / n
                                    for n in sizes for xb in [_batch_like(x, n)])
             fmt = min(timings, key=timings.get)
             layer = cands[fmt]
@@ -712,7 +698,7 @@ def forward_seconds(model: nn.Module, x: torch.Tensor, reps: int | None = None, 
             model(x)
             sync()
             reps = int(min(200, max(5, budget_s / max(time.perf_counter() - t0, 1e-7))))
-        return _median_seconds(lambda: model(x), reps, warmup=1, device=x.device)
+        return median_seconds(lambda: model(x), reps, warmup=1, device=x.device)
 
 
 def speed_table(dense: nn.Module, compact: nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] = (1, 256, 4096),

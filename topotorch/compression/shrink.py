@@ -48,14 +48,13 @@ import torch
 from torch import nn
 
 from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
-from topotorch.graph import Connection, Slice, Space, SpatialGraph
+from topotorch.graph import Connection, Slice, Space, SpatialGraph, normalised_by_feature_norm
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
 ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout,
                nn.Softplus, nn.Mish, nn.Hardtanh, nn.ReLU6)
 CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-MIXING_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 # classes whose forward runs their children in registration order (so "between" is well defined)
 SEQUENTIAL_FORWARD = (nn.Sequential, ConvBlock)
 
@@ -168,20 +167,6 @@ class _Decision:
     free: torch.Tensor | None = None  # (N,) bool: removed without any fold (None: all of ``remove``)
 
 
-def _norm_mixes(model: nn.Module, space: Space) -> bool:
-    """True if a norm over features (LayerNorm, GroupNorm, RMSNorm) normalises this space's neurons."""
-    for sl in space.slices:
-        if isinstance(_module(model, _owner(sl.name)[0]), MIXING_NORMS):
-            return True
-    if space.stream:  # affine-free norms own no slice; be conservative for streams
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == space.size:
-                return True
-            if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == space.size:
-                return True
-    return False
-
-
 def _path_between(model: nn.Module, writer: str, reader: str) -> list[nn.Module] | None:
     """The modules run between ``writer`` and ``reader`` if both are children of one parent whose forward
     runs its children in order and everything between is per-neuron; otherwise None (unknown path)."""
@@ -278,7 +263,7 @@ def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
         in_alive |= _alive_along(_get(model, c.weight), c.target_slice)
     if not ins:
         in_alive[:] = True
-    if _norm_mixes(model, sp):
+    if normalised_by_feature_norm(model, sp):
         dead = (~out_alive | ~in_alive)
         if dead.any():
             why["read by a LayerNorm/GroupNorm"] = int(dead.sum())
@@ -320,7 +305,7 @@ def _stream(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
         out_alive |= _alive_along(_get(model, c.weight), c.source_slice)
     if not outs:
         out_alive[:] = True
-    if _norm_mixes(model, sp):
+    if normalised_by_feature_norm(model, sp):
         if (~out_alive).any():
             why["residual stream read by a LayerNorm"] = int((~out_alive).sum())
         return _Decision(torch.zeros(n, dtype=torch.bool), [], why)

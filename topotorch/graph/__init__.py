@@ -8,4 +8,5 @@ from .core import (  # noqa: F401  (the core API, importable from the package)
     Space,
     Connection,
     SpatialGraph,
+    normalised_by_feature_norm,
 )

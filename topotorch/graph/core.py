@@ -322,3 +322,29 @@ class SpatialGraph:
             if name not in {s.name for s in spaces}:
                 raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}")
         return cls(model, spaces, conns)
+
+
+FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def normalised_by_feature_norm(model: nn.Module, space: Space) -> bool:
+    """True if a norm over features (LayerNorm, GroupNorm, RMSNorm) normalises this space's neurons.
+
+    Such neurons cannot be removed or penalised one by one without changing the norm's statistics.
+    Affine-free norms own no slice, so for residual streams any affine-free norm of the stream's
+    width counts. Usage: ``normalised_by_feature_norm(graph.model, graph.space("resid"))``.
+    """
+    for sl in space.slices:
+        owner = sl.name.rpartition(".")[0]
+        try:
+            if isinstance(model.get_submodule(owner), FEATURE_NORMS):
+                return True
+        except AttributeError:
+            continue
+    if space.stream:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == space.size:
+                return True
+            if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == space.size:
+                return True
+    return False

@@ -26,14 +26,14 @@ from typing import Iterable
 import torch
 
 from topotorch.graph import SpatialGraph
+from topotorch.graph.core import normalised_by_feature_norm
 
 
 def group_spaces(graph: SpatialGraph) -> list[str]:
     """Names of the spaces :func:`neuron_group_norm` penalises by default (see the module docstring)."""
-    from topotorch.compression.shrink import _norm_mixes  # lazy: compression imports much more
 
     return [s.name for s in graph.spaces
-            if s.role == "hidden" and s.relocate == "weights" and not _norm_mixes(graph.model, s)
+            if s.role == "hidden" and s.relocate == "weights" and not normalised_by_feature_norm(graph.model, s)
             and any(c.source == s.name for c in graph.connections)]
 
 
