@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-from topotorch.layers import FFF, class_leaf_table, format_class_leaf_table, hardening_loss, leaf_usage
+from topotorch.layers import (FFF, class_leaf_table, format_class_leaf_table, hardening_loss, leaf_usage,
+                              merge_shared_leaves, share_leaves)
 from topotorch.tasks import get_task
 
 WIDTH = 128
@@ -61,7 +62,8 @@ def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module
 def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h: float,
                hard_frac: float = 0.2, leak: float = 0.0, wd: float = 0.1, noise: float = 0.5,
                anneal: float = 30.0, distill: float = 0.0, shift: int = 0, kd_teacher: nn.Module | None = None,
-               kd_alpha: float = 0.0, kd_temp: float = 2.0, node_lr: float = 1.0) -> tuple[float, float, nn.Module]:
+               kd_alpha: float = 0.0, kd_temp: float = 2.0, node_lr: float = 1.0, shared_leaves: bool = False
+               ) -> tuple[float, float, nn.Module]:
     """Train one model; returns (test accuracy of the deployed model, soft test accuracy, model).
 
     Every model: AdamW(lr, weight_decay=wd), cosine learning rate over all steps, inputs plus
@@ -74,11 +76,14 @@ def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h
     (every model alike); ``kd_teacher`` (a trained model, e.g. the FF) with ``kd_alpha`` > 0
     mixes in Hinton KL at ``kd_temp`` to its logits on the same inputs, in every phase;
     ``node_lr`` multiplies the learning rate of an FFF's routing nodes (no weight decay on them
-    when it differs from 1)."""
+    when it differs from 1); ``shared_leaves`` trains an FFF's leaves as path sums of per-node
+    offsets (``topotorch.layers.share_leaves``), merged back into a plain FFF before evaluation."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make_model(kind, xtr.shape[1], 10, leak)
     is_fff = isinstance(model, FFF)
+    if is_fff and shared_leaves:
+        share_leaves(model)
     if is_fff and node_lr != 1.0:
         nodes = [model.node_weights, model.node_biases]
         rest = [p for p in model.parameters() if all(p is not q for q in nodes)]
@@ -129,6 +134,7 @@ def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h
             step += 1
     if is_fff:
         model.train_hardened = False
+        merge_shared_leaves(model)  # deployed as a plain FFF
     with torch.no_grad():
         soft = (model.train()(xte).argmax(1) == yte).float().mean().item()
         hard = (model.eval()(xte).argmax(1) == yte).float().mean().item()
@@ -147,7 +153,8 @@ def _job(job: tuple) -> dict:
         teacher = train_eval("FF", *common, 0.0, **shared)[2].eval()
     hard, soft, model = train_eval(kind, *common, args["h"], args["hard_frac"], args["leak"], anneal=args["anneal"],
                                    distill=args["distill"], kd_teacher=teacher, kd_alpha=args["kd_ff"],
-                                   kd_temp=args["kd_temp"], node_lr=args["node_lr"], **shared)
+                                   kd_temp=args["kd_temp"], node_lr=args["node_lr"],
+                                   shared_leaves=args["share_leaves"], **shared)
     out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "secs": time.perf_counter() - t}
     if ds == "digits" and kind == "FFF l=8" and seed == 0:
         usage = leaf_usage(model, data[2])
@@ -189,6 +196,8 @@ def main() -> None:
     ap.add_argument("--kd-temp", type=float, default=2.0, help="temperature of --kd-ff")
     ap.add_argument("--node-lr", type=float, default=1.0,
                     help="FFF routing-node learning-rate multiplier (nodes without weight decay if != 1)")
+    ap.add_argument("--share-leaves", action="store_true",
+                    help="FFF only: train leaves as path sums of per-node offsets (topotorch.layers.share_leaves)")
     ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--json", default=None)
@@ -204,7 +213,8 @@ def main() -> None:
             print(f"{ds}: skipped ({e}; pip install mnist1d)")
     kinds = args.models.split(",")
     opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak", "wd", "noise", "anneal",
-                                          "distill", "shift", "kd_ff", "kd_temp", "node_lr")}
+                                          "distill", "shift", "kd_ff", "kd_temp", "node_lr",
+                                          "share_leaves")}
     jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:

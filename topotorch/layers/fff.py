@@ -56,6 +56,9 @@ ROUTE_DENSE_LEVELS = 4
 BATCH1_TOP_LEVELS = 6
 
 
+_WEIGHT_NAMES = ("node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s")
+
+
 def _make_activation(activation: str | nn.Module) -> nn.Module:
     return _activation_by_name(activation) if isinstance(activation, str) else activation
 
@@ -372,8 +375,8 @@ class FFF(nn.Module):
         return _cpu_kernel.kernel() is not None
 
     def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
-        ps = self._parameters
-        ws = (ps["node_weights"], ps["node_biases"], ps["w1s"], ps["b1s"], ps["w2s"], ps["b2s"])
+        ps = self._parameters  # direct dict reads keep batch-1 calls cheap; parametrised weights are computed
+        ws = tuple(ps[n] if n in ps else getattr(self, n) for n in _WEIGHT_NAMES)
         if all(w.is_contiguous() for w in ws):  # the kernel only reads them through data_ptr()
             return ws
         return tuple(w.detach().contiguous() for w in ws)
