@@ -8,12 +8,13 @@ rate, minibatches of --batch, the same --epochs, and Gaussian input noise of --n
 each input feature's training-set std (augmentation). An FFF trains soft for the first
 (1 - --hard-frac) of the epochs while its decisions are sharpened from sigmoid(z) to
 sigmoid(--anneal · z) (geometric schedule), then with hard decisions (straight-through node
-gradients), so that its leaves fit the routing they are deployed with; --h adds the entropy
-hardening loss during the soft phase, --distill the soft-phase model as a teacher
-(Hinton-style KL at T = 2) in the hard phase.
-Datasets: scikit-learn digits (8x8, split by seed) and MNIST-1D (``mnist1d.data.make_dataset``
-with its default arguments, generated offline; skipped with a message if ``mnist1d`` is not
-installed). Median of --seeds seeds; two worker processes with one thread each.
+gradients), so that its leaves fit the routing they are deployed with; by default its leaves
+train as path sums of per-node offsets (``share_leaves``, merged into a plain FFF before
+evaluation; --no-share-leaves turns it off); --h adds the entropy hardening loss during the
+soft phase, --distill the soft-phase model as a teacher (Hinton-style KL at T = 2) in the hard
+phase. Datasets: scikit-learn digits (8x8, split by seed) and MNIST-1D
+(``mnist1d.data.make_dataset`` with its default arguments or --mnist1d-samples, generated
+offline; skipped with a message if ``mnist1d`` is not installed). Median of --seeds seeds; two worker processes with one thread each.
 
     python benchmarks/fff_accuracy.py [--seeds 5] [--json out.json] [--leaf-table docs/fff_digits_leaves.md]
 """
@@ -37,14 +38,17 @@ from topotorch.tasks import get_task
 WIDTH = 128
 
 
-def load(name: str, seed: int):
+def load(name: str, seed: int, mnist1d_samples: int | None = None):
     if name == "digits":
         d = get_task("digits").make_data(seed, torch.float32)
         return d.x_train, d.y_train, d.x_test, d.y_test
     if name == "mnist1d":
         from mnist1d.data import get_dataset_args, make_dataset
 
-        ds = make_dataset(get_dataset_args())  # default args, generated (no download)
+        spec = get_dataset_args()  # default args (5,000 samples, 80% train), generated (no download)
+        if mnist1d_samples:
+            spec.num_samples = mnist1d_samples
+        ds = make_dataset(spec)
         xtr, xte = torch.as_tensor(ds["x"], dtype=torch.float32), torch.as_tensor(ds["x_test"], dtype=torch.float32)
         mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
         return (xtr - mu) / sd, torch.as_tensor(ds["y"]).long(), (xte - mu) / sd, torch.as_tensor(ds["y_test"]).long()
@@ -144,7 +148,7 @@ def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h
 def _job(job: tuple) -> dict:
     ds, kind, seed, args = job
     torch.set_num_threads(1)
-    data = _data(ds, seed if ds == "digits" else 0)
+    data = _data(ds, seed if ds == "digits" else 0, args["mnist1d_samples"])
     t = time.perf_counter()
     common = (data, seed, args["epochs"], args["batch"], args["lr"])
     shared = {k: args[k] for k in ("wd", "noise", "shift")}
@@ -155,7 +159,10 @@ def _job(job: tuple) -> dict:
                                    distill=args["distill"], kd_teacher=teacher, kd_alpha=args["kd_ff"],
                                    kd_temp=args["kd_temp"], node_lr=args["node_lr"],
                                    shared_leaves=args["share_leaves"], **shared)
-    out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "secs": time.perf_counter() - t}
+    with torch.no_grad():  # clean training data through the deployed model: does it fit?
+        train_acc = (model.eval()(data[0]).argmax(1) == data[1]).float().mean().item()
+    out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "train": train_acc,
+           "secs": time.perf_counter() - t}
     if ds == "digits" and kind == "FFF l=8" and seed == 0:
         usage = leaf_usage(model, data[2])
         out["leaf_table"] = (f"Digits test set through FFF ℓ=8 d=4 (seed 0, test accuracy {100 * hard:.1f}): "
@@ -168,10 +175,10 @@ def _job(job: tuple) -> dict:
 _CACHE: dict = {}
 
 
-def _data(ds: str, seed: int):
-    if (ds, seed) not in _CACHE:
-        _CACHE[(ds, seed)] = load(ds, seed)
-    return _CACHE[(ds, seed)]
+def _data(ds: str, seed: int, mnist1d_samples: int | None = None):
+    if (ds, seed, mnist1d_samples) not in _CACHE:
+        _CACHE[(ds, seed, mnist1d_samples)] = load(ds, seed, mnist1d_samples)
+    return _CACHE[(ds, seed, mnist1d_samples)]
 
 
 def main() -> None:
@@ -187,7 +194,7 @@ def main() -> None:
     ap.add_argument("--h", type=float, default=0.0,
                     help="hardening coefficient (h=3 from the start collapsed digits onto one leaf in our runs)")
     ap.add_argument("--anneal", type=float, default=30.0, help="FFF soft-phase final sharpness (1 = no annealing)")
-    ap.add_argument("--hard-frac", type=float, default=0.2, help="final share of epochs trained with hard decisions")
+    ap.add_argument("--hard-frac", type=float, default=0.5, help="final share of epochs trained with hard decisions")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL to the soft-phase model in the hard phase")
     ap.add_argument("--shift", type=int, default=0,
                     help="random circular shift of each training input by up to ±shift samples, all models")
@@ -196,8 +203,10 @@ def main() -> None:
     ap.add_argument("--kd-temp", type=float, default=2.0, help="temperature of --kd-ff")
     ap.add_argument("--node-lr", type=float, default=1.0,
                     help="FFF routing-node learning-rate multiplier (nodes without weight decay if != 1)")
-    ap.add_argument("--share-leaves", action="store_true",
+    ap.add_argument("--share-leaves", action=argparse.BooleanOptionalAction, default=True,
                     help="FFF only: train leaves as path sums of per-node offsets (topotorch.layers.share_leaves)")
+    ap.add_argument("--mnist1d-samples", type=int, default=None,
+                    help="generate MNIST-1D with this many samples (80%% train) instead of the default 5,000")
     ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--json", default=None)
@@ -214,7 +223,7 @@ def main() -> None:
     kinds = args.models.split(",")
     opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak", "wd", "noise", "anneal",
                                           "distill", "shift", "kd_ff", "kd_temp", "node_lr",
-                                          "share_leaves")}
+                                          "share_leaves", "mnist1d_samples")}
     jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:
@@ -231,10 +240,12 @@ def main() -> None:
             hard = [r["hard"] for r in rs]
             results.append({"dataset": ds, "model": kind, "test_acc": statistics.median(hard),
                             "soft_test_acc": statistics.median(r["soft"] for r in rs) if kind != "FF" else None,
-                            "all_test_acc": hard, "train_s": statistics.median(r["secs"] for r in rs)})
+                            "all_test_acc": hard, "train_acc": statistics.median(r["train"] for r in rs),
+                            "train_s": statistics.median(r["secs"] for r in rs)})
             soft_acc = "-" if kind == "FF" else f"{100 * results[-1]['soft_test_acc']:.1f}"
             print(f"{ds:8s} {kind:9s} test acc {100 * results[-1]['test_acc']:5.1f}  "
-                  f"(seeds {' '.join(f'{100 * a:.1f}' for a in hard)}; soft forward {soft_acc})")
+                  f"(seeds {' '.join(f'{100 * a:.1f}' for a in hard)}; soft forward {soft_acc}; "
+                  f"train acc {100 * results[-1]['train_acc']:.1f})")
     print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; median of {args.seeds} seeds, "
           f"test accuracy of the deployed (hard) model")
     print("| dataset | FF (width 128) | FFF ℓ=8, d=4 | FFF ℓ=1, d=7 | FF − FFF ℓ=8 |")

@@ -3,7 +3,8 @@
 Both models start from the same seed and train the same number of steps (Adam, minibatches
 of windows). The FFF model is ``fffify(model, "*.mlp", leaf_width=ℓ)`` with training width =
 the dense MLP's (4·d_model). It trains soft for the first half of the steps and with hard
-decisions for the second half, and is evaluated with the hard forward. Prints test bits/char
+decisions for the second half, and is evaluated with the hard forward (--share-leaves: its
+leaves train as path sums of per-node offsets, merged back before evaluation). Prints test bits/char
 of both, the fraction of MLP neurons one token uses (leaf neurons + node neurons on its path,
 over all MLP neurons), and the MLP-block inference speed-up (one block on the test set's
 hidden states, dense vs hard FFF, median of repeats).
@@ -21,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from topotorch.layers import fff_layers, fffify, layer_inputs
+from topotorch.layers import fff_layers, fffify, layer_inputs, merge_shared_leaves, share_leaves
 from topotorch.tasks import get_task
 from topotorch.tasks_sequence import bits_per_char
 from topotorch.timing import median_seconds
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--share-leaves", action="store_true", help="train FFF leaves as path sums (share_leaves)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,16 +71,21 @@ def main() -> None:
     dense = task.make_model()
     fff = copy.deepcopy(dense)
     names = fffify(fff, "*.mlp", leaf_width=args.leaf)
-    layer = fff.get_submodule(names[0])
+    if args.share_leaves:
+        for name in names:
+            share_leaves(fff.get_submodule(name))
     t_dense = train(dense, data, args.steps, args.batch, args.lr, args.seed, fff=False)
     t_fff = train(fff, data, args.steps, args.batch, args.lr, args.seed, fff=True)
+    for name in names:
+        merge_shared_leaves(fff.get_submodule(name))  # deployed as plain FFF layers
+    layer = fff.get_submodule(names[0])
     bpc_dense = bits_per_char(dense.eval(), data.x_test, data.y_test)
     bpc_fff = bits_per_char(fff.eval(), data.x_test, data.y_test)
     used = (layer.leaf_width + layer.depth) / (layer.training_width + layer.n_nodes)
     h = layer_inputs(fff.eval(), names[0], data.x_test).reshape(-1, layer.input_width)
     dense_block = dense.get_submodule(names[0]).eval()
     td, tf = block_time(dense_block, h, args.repeats), block_time(layer.eval(), h, args.repeats)
-    row = {"steps": args.steps, "bpc_dense": bpc_dense, "bpc_fff": bpc_fff, "mlp_width": layer.training_width,
+    row = {"steps": args.steps, "share_leaves": args.share_leaves, "bpc_dense": bpc_dense, "bpc_fff": bpc_fff, "mlp_width": layer.training_width,
            "leaf": layer.leaf_width, "depth": layer.depth, "neurons_used_fraction": used,
            "mlp_block_tokens": len(h), "mlp_block_dense_ms": td * 1e3, "mlp_block_fff_ms": tf * 1e3,
            "mlp_block_speedup": td / tf, "train_s_dense": t_dense, "train_s_fff": t_fff}
