@@ -1,5 +1,7 @@
 """Path-shared leaves: exact function preservation, path sums, gradients, merging back."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils import parametrize
@@ -89,3 +91,13 @@ def test_merged_layer_uses_the_kernel_path_again_and_bad_calls_are_clear():
         merge_shared_leaves(layer)
         torch.testing.assert_close(layer(x), shared_out, rtol=0, atol=1e-6)
     assert merge_shared_leaves(layer) is layer  # no-op on a plain layer
+
+
+def test_a_trained_shared_layer_deepcopies():
+    layer = share_leaves(FFF(6, 2, 3, depth=2)).train()
+    x = torch.randn(5, 6)
+    layer(x).sum().backward()  # leaves an autograd graph in last_entropies
+    twin = copy.deepcopy(layer)
+    assert twin.last_entropies is None and parametrize.is_parametrized(twin, "w1s")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x))

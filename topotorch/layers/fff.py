@@ -33,6 +33,7 @@ the neurons on the path; K parallel trees).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -174,6 +175,14 @@ class FFF(nn.Module):
         state = self.__dict__.copy()
         state["last_entropies"] = None
         return state
+
+    def __deepcopy__(self, memo: dict) -> "FFF":
+        # Explicit (not via __getstate__) so that it also serves parametrised layers
+        # (share_leaves), whose injected class refuses __getstate__.
+        replica = self.__new__(type(self))
+        memo[id(self)] = replica
+        replica.__dict__ = copy.deepcopy(FFF.__getstate__(self), memo)
+        return replica
 
     def reset_parameters(self) -> None:
         """The peer's initialisation: U(±1/√in) for nodes and first layers, U(±1/√ℓ) for second layers."""
