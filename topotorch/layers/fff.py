@@ -46,7 +46,7 @@ from topotorch.layers import _cpu_kernel
 
 __all__ = ["FFF", "UltraFFF", "hardening_loss", "fff_layers", "bernoulli_entropy"]
 
-HardImpl = Literal["auto", "kernel", "gather", "grouped"]
+HardImpl = Literal["auto", "kernel", "triton", "gather", "grouped"]
 
 # Hard path policy. Below this many samples per leaf (on average) each sample reads its
 # leaf's rows in place (embedding_bag); above it, samples are grouped by leaf for bmm.
@@ -147,8 +147,8 @@ class FFF(nn.Module):
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         if not 0.0 <= region_leak <= 1.0:
             raise ValueError(f"region_leak must be in [0, 1], got {region_leak}")
-        if hard_impl not in ("auto", "kernel", "gather", "grouped"):
-            raise ValueError(f"hard_impl must be 'auto', 'kernel', 'gather' or 'grouped', got {hard_impl!r}")
+        if hard_impl not in ("auto", "kernel", "triton", "gather", "grouped"):
+            raise ValueError(f"hard_impl must be 'auto', 'kernel', 'triton', 'gather' or 'grouped', got {hard_impl!r}")
         self.input_width, self.leaf_width, self.output_width = int(input_width), int(leaf_width), int(output_width)
         self.depth = int(depth)
         self.n_leaves = 2**self.depth
@@ -334,6 +334,11 @@ class FFF(nn.Module):
         if impl == "kernel":
             return _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
                                             self._kernel_activation(), activation=self.activation)[0]
+        if impl == "triton":
+            from topotorch.layers import _triton_kernel  # imports triton: only when a GPU path runs
+
+            return _triton_kernel.hard_forward(x, *self._kernel_weights(), self.depth, self._kernel_activation(),
+                                               activation=self.activation)[0]
         if impl == "batch1":
             j = self._route_one(x[0])
             a = self.activation(torch.addmm(self.b1s[j], x, self.w1s[j]))
@@ -343,15 +348,19 @@ class FFF(nn.Module):
 
     def hard_impl_used(self, x: torch.Tensor) -> str:
         """Which hard path a batch ``x`` (B, in) takes now: ``"kernel"`` (compiled C, see
-        :mod:`topotorch.layers._cpu_kernel`), ``"batch1"`` (host walk), ``"gather"`` or ``"grouped"``.
+        :mod:`topotorch.layers._cpu_kernel`), ``"triton"`` (GPU, :mod:`topotorch.layers._triton_kernel`),
+        ``"batch1"`` (host walk), ``"gather"`` or ``"grouped"``.
 
-        Under ``hard_impl="auto"`` the kernel runs for float32/float64 CPU inputs when no
-        gradient is wanted; otherwise batch 1 walks on the host, batches with at least
-        GROUPED_MIN_SAMPLES_PER_LEAF samples per leaf go grouped, the rest gather.
+        Under ``hard_impl="auto"`` the kernel runs for float32/float64 CPU inputs and the Triton
+        kernels for CUDA inputs (when ``triton`` imports), both only when no gradient is wanted;
+        otherwise batch 1 walks on the host, batches with at least GROUPED_MIN_SAMPLES_PER_LEAF
+        samples per leaf go grouped, the rest gather.
         Usage: ``layer.hard_impl_used(x)``.
         """
         if self._kernel_ok(x):
             return "kernel"
+        if self._triton_ok(x):
+            return "triton"
         if self.hard_impl in ("gather", "grouped"):
             return self.hard_impl
         if x.shape[0] == 1:
@@ -382,6 +391,27 @@ class FFF(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         return _cpu_kernel.kernel() is not None
+
+    def _triton_ok(self, x: torch.Tensor) -> bool:
+        """Whether the hard forward of ``x`` runs in the Triton kernels (:mod:`._triton_kernel`).
+
+        ``hard_impl="triton"`` insists (and raises if triton or a CUDA device is missing;
+        ``TRITON_INTERPRET=1`` also runs them on CPU tensors); ``"auto"`` uses them for CUDA
+        inputs when no gradient is wanted and ``triton`` imports.
+        """
+        if self.hard_impl not in ("auto", "triton") or (self.hard_impl == "auto" and x.device.type != "cuda"):
+            return False
+        from topotorch.layers import _triton_kernel
+
+        if self.hard_impl == "triton":
+            if not _triton_kernel.available(x.device):
+                raise RuntimeError("hard_impl='triton' needs the triton package and a CUDA input "
+                                   f"(or TRITON_INTERPRET=1); got a {x.device.type} input, "
+                                   f"triton {'present' if _triton_kernel.triton is not None else 'missing'}")
+            return True
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return _triton_kernel.available(x.device)
 
     def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
         ps = self._parameters  # direct dict reads keep batch-1 calls cheap; parametrised weights are computed
