@@ -3,7 +3,9 @@
 One hidden layer of training width 128 between inputs and 10 classes: a dense FF
 (in -> 128 -> 10, ReLU) against FFFs with ℓ=8 (depth 4) and ℓ=1 (depth 7), each trained the
 same way and evaluated as deployed: FFF accuracy is that of the hard (eval) forward, one
-leaf per sample. The recipe is shared by every model: AdamW (--lr, --wd), cosine learning
+leaf per sample. Training is the library's (``topotorch.training_fff.fit_classifier`` with an
+``FFFRecipe`` built from the options; ``topotorch fff TASK`` trains one such model). The recipe
+is shared by every model: AdamW (--lr, --wd), cosine learning
 rate, minibatches of --batch, the same --epochs, and Gaussian input noise of --noise times
 each input feature's training-set std (augmentation). An FFF trains soft for the first
 (1 - --hard-frac) of the epochs while its decisions are sharpened from sigmoid(z) to
@@ -22,20 +24,22 @@ offline; skipped with a message if ``mnist1d`` is not installed). Median of --se
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from topotorch.layers import (FFF, class_leaf_table, format_class_leaf_table, hardening_loss, leaf_usage,
-                              merge_shared_leaves, share_leaves)
+from topotorch.layers import class_leaf_table, format_class_leaf_table, leaf_usage
+from topotorch.training_fff import FFFRecipe, accuracy, fit_classifier, make_classifier
 from topotorch.tasks import get_task
 
 WIDTH = 128
+# command-line option -> FFFRecipe field
+RECIPE_ARGS = {"epochs": "epochs", "batch": "batch_size", "lr": "lr", "wd": "weight_decay", "noise": "noise",
+               "shift": "shift", "hard_frac": "hard_frac", "anneal": "final_sharpness", "share_leaves": "share_leaves",
+               "h": "hardening", "node_lr": "node_lr", "distill": "distill", "kd_ff": "kd_alpha", "kd_temp": "kd_temp"}
 
 
 def load(name: str, seed: int, mnist1d_samples: int | None = None):
@@ -56,93 +60,21 @@ def load(name: str, seed: int, mnist1d_samples: int | None = None):
 
 
 def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module:
+    """"FF" or "FFF l=<leaf width>" at training width 128."""
     if kind == "FF":
-        return nn.Sequential(nn.Linear(n_in, WIDTH), nn.ReLU(), nn.Linear(WIDTH, n_out))
-    leaf = int(kind.split("l=")[1])
-    depth = (WIDTH // leaf).bit_length() - 1
-    return FFF(n_in, leaf, n_out, depth, activation="relu", region_leak=leak)
+        return make_classifier("ff", n_in, n_out, WIDTH)
+    return make_classifier("fff", n_in, n_out, WIDTH, leaf_width=int(kind.split("l=")[1]), region_leak=leak)
 
 
-def train_eval(kind: str, data, seed: int, epochs: int, batch: int, lr: float, h: float,
-               hard_frac: float = 0.2, leak: float = 0.0, wd: float = 0.1, noise: float = 0.5,
-               anneal: float = 30.0, distill: float = 0.0, shift: int = 0, kd_teacher: nn.Module | None = None,
-               kd_alpha: float = 0.0, kd_temp: float = 2.0, node_lr: float = 1.0, shared_leaves: bool = False
-               ) -> tuple[float, float, nn.Module]:
-    """Train one model; returns (test accuracy of the deployed model, soft test accuracy, model).
-
-    Every model: AdamW(lr, weight_decay=wd), cosine learning rate over all steps, inputs plus
-    Gaussian noise of ``noise`` times each feature's training std. An FFF trains soft for the
-    first (1 - hard_frac) of the epochs with its decisions sharpened from sigmoid(z) to
-    sigmoid(anneal·z) (and ``h`` times the hardening loss), then with hard decisions
-    (straight-through node gradients) for the rest, so that the leaves fit the routing they
-    are deployed with; ``distill`` > 0 mixes in KL to the soft-phase model (T = 2) there.
-    ``shift`` > 0 rolls each training input circularly by a random -shift..shift samples
-    (every model alike); ``kd_teacher`` (a trained model, e.g. the FF) with ``kd_alpha`` > 0
-    mixes in Hinton KL at ``kd_temp`` to its logits on the same inputs, in every phase;
-    ``node_lr`` multiplies the learning rate of an FFF's routing nodes (no weight decay on them
-    when it differs from 1); ``shared_leaves`` trains an FFF's leaves as path sums of per-node
-    offsets (``topotorch.layers.share_leaves``), merged back into a plain FFF before evaluation."""
+def train_eval(kind: str, data, seed: int, recipe: FFFRecipe, leak: float = 0.0,
+               kd_teacher: nn.Module | None = None) -> tuple[float, float, nn.Module]:
+    """Train one model with the library's recipe (``topotorch.training_fff.fit_classifier``);
+    returns (test accuracy of the deployed model, soft test accuracy, model)."""
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
     model = make_model(kind, xtr.shape[1], 10, leak)
-    is_fff = isinstance(model, FFF)
-    if is_fff and shared_leaves:
-        share_leaves(model)
-    if is_fff and node_lr != 1.0:
-        nodes = [model.node_weights, model.node_biases]
-        rest = [p for p in model.parameters() if all(p is not q for q in nodes)]
-        opt = torch.optim.AdamW([{"params": rest, "mult": 1.0},
-                                 {"params": nodes, "mult": node_lr, "weight_decay": 0.0}], lr=lr, weight_decay=wd)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
-    g = torch.Generator().manual_seed(seed)
-    n = len(xtr)
-    sigma = noise * xtr.std(0)
-    steps, step = epochs * math.ceil(n / batch), 0
-    soft_steps = max(1, round(epochs * (1 - hard_frac)) * math.ceil(n / batch))
-    teacher = None
-    for epoch in range(epochs):
-        if is_fff:
-            hard = epoch >= round(epochs * (1 - hard_frac))
-            if hard and not model.train_hardened and distill > 0:
-                teacher = copy.deepcopy(model).train()
-            model.train_hardened = hard
-        model.train()
-        for idx in torch.randperm(n, generator=g).split(batch):
-            for group in opt.param_groups:
-                group["lr"] = group.get("mult", 1.0) * lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            if is_fff and not model.train_hardened:
-                model.sharpness = anneal ** min(1.0, step / soft_steps)
-            xb = xtr[idx] + sigma * torch.randn(len(idx), xtr.shape[1], generator=g) if noise else xtr[idx]
-            if shift:
-                k = torch.randint(-shift, shift + 1, (len(idx), 1), generator=g)
-                cols = (torch.arange(xtr.shape[1]) - k) % xtr.shape[1]
-                xb = xb.gather(1, cols)
-            out = model(xb)
-            loss = nn.functional.cross_entropy(out, ytr[idx])
-            if kd_teacher is not None and kd_alpha > 0:
-                with torch.no_grad():
-                    target = (kd_teacher(xb) / kd_temp).softmax(1)
-                loss = (1 - kd_alpha) * loss + kd_alpha * kd_temp**2 * nn.functional.kl_div(
-                    (out / kd_temp).log_softmax(1), target, reduction="batchmean")
-            if h and is_fff and not model.train_hardened:
-                loss = loss + hardening_loss(model, h)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = (teacher(xb) / 2).softmax(1)
-                loss = (1 - distill) * loss + distill * 4 * nn.functional.kl_div(
-                    (out / 2).log_softmax(1), target, reduction="batchmean")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    if is_fff:
-        model.train_hardened = False
-        merge_shared_leaves(model)  # deployed as a plain FFF
-    with torch.no_grad():
-        soft = (model.train()(xte).argmax(1) == yte).float().mean().item()
-        hard = (model.eval()(xte).argmax(1) == yte).float().mean().item()
-    return hard, soft, model
+    fit_classifier(model, xtr, ytr, recipe, seed=seed, teacher=kd_teacher)
+    return accuracy(model.eval(), xte, yte), accuracy(model.train(), xte, yte), model
 
 
 def _job(job: tuple) -> dict:
@@ -150,15 +82,11 @@ def _job(job: tuple) -> dict:
     torch.set_num_threads(1)
     data = _data(ds, seed if ds == "digits" else 0, args["mnist1d_samples"])
     t = time.perf_counter()
-    common = (data, seed, args["epochs"], args["batch"], args["lr"])
-    shared = {k: args[k] for k in ("wd", "noise", "shift")}
+    recipe = FFFRecipe(**{field: args[opt] for opt, field in RECIPE_ARGS.items()})
     teacher = None
-    if kind != "FF" and args["kd_ff"] > 0:  # the FF of this seed, trained exactly as its own row
-        teacher = train_eval("FF", *common, 0.0, **shared)[2].eval()
-    hard, soft, model = train_eval(kind, *common, args["h"], args["hard_frac"], args["leak"], anneal=args["anneal"],
-                                   distill=args["distill"], kd_teacher=teacher, kd_alpha=args["kd_ff"],
-                                   kd_temp=args["kd_temp"], node_lr=args["node_lr"],
-                                   shared_leaves=args["share_leaves"], **shared)
+    if kind != "FF" and recipe.kd_alpha > 0:  # the FF of this seed, trained exactly as its own row
+        teacher = train_eval("FF", data, seed, recipe)[2].eval()
+    hard, soft, model = train_eval(kind, data, seed, recipe, args["leak"], kd_teacher=teacher)
     with torch.no_grad():  # clean training data through the deployed model: does it fit?
         train_acc = (model.eval()(data[0]).argmax(1) == data[1]).float().mean().item()
     out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "train": train_acc,

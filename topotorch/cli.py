@@ -3,6 +3,7 @@
     topotorch tasks
     topotorch train independence --method bimt --out runs/ind
     topotorch draw runs/ind
+    topotorch fff digits --leaf-width 8 --out runs/digits-fff
 
 Bad input (unknown task or method, bad numbers, a missing or corrupt run folder) prints one
 line naming the problem and exits with code 2.
@@ -185,6 +186,45 @@ def draw(
     path = out or run / "connectivity.png"
     draw_connectivity(r.graph, path=path, threshold=threshold, title=f"{r.config.task} [{r.config.method}]")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def fff(
+    task: str = typer.Argument("digits", help="a classification task with vector inputs (digits, two-moons, mnist1d, ...)"),
+    model: str = typer.Option("fff", help="fff, or ff for the dense baseline of the same width"),
+    leaf_width: int = typer.Option(8, help="FFF leaf width ℓ"),
+    training_width: int = typer.Option(128, help="hidden neurons in all leaves (2^depth · ℓ) / of the FF"),
+    epochs: int = typer.Option(100),
+    batch_size: int = typer.Option(64),
+    lr: float = typer.Option(1e-2, help="peak learning rate (cosine schedule, AdamW)"),
+    weight_decay: float = typer.Option(0.1),
+    noise: float = typer.Option(0.5, help="input noise, in training stds per feature"),
+    hard_frac: float = typer.Option(0.5, help="FFF: final share of steps trained with hard decisions"),
+    final_sharpness: float = typer.Option(30.0, help="FFF: soft decisions sharpen to sigmoid(s·z)"),
+    share_leaves: bool = typer.Option(True, help="FFF: train leaves as path sums of per-node offsets"),
+    seed: int = typer.Option(0),
+    out: Optional[Path] = typer.Option(None, help="run folder (default runs/<task>-<model>)"),
+    progress: bool = typer.Option(True, help="progress bar"),
+) -> None:
+    """Train an FFF (or same-width FF) classifier; writes summary.json, model.safetensors, leaves.md (and regions.png for 2-D inputs)."""
+    from topotorch.training_fff import FFFRecipe, FFFRunConfig, train_fff_run
+
+    try:
+        recipe = FFFRecipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, noise=noise,
+                           hard_frac=hard_frac, final_sharpness=final_sharpness, share_leaves=share_leaves)
+        config = FFFRunConfig(task=task, model=model, training_width=training_width, leaf_width=leaf_width,  # type: ignore[arg-type]
+                              seed=seed, recipe=recipe, progress=progress,
+                              out=str(out or Path("runs") / f"{task}-{model}"))
+        result = train_fff_run(config)
+    except (ValueError, ImportError, FloatingPointError) as e:
+        _fail(str(e))
+    s = result.summary
+    line = f"{model} on {task}: test accuracy {100 * s['test_accuracy']:.1f}% (train {100 * s['train_accuracy']:.1f}%)"
+    if model == "fff":
+        line += (f", soft {100 * s['soft_test_accuracy']:.1f}%; {s['leaves_used']} of {2 ** s['depth']} leaves used, "
+                 f"{s['neurons_per_sample']} neurons per sample")
+    typer.echo(line)
+    typer.echo(f"wrote {result.run_dir}")
 
 
 @app.command()

@@ -217,6 +217,10 @@ class TrainConfig:
             raise ValueError(f"{path} is corrupt: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if {"recipe", "leaf_width"} <= set(data):
+            raise ValueError(f"{Path(path).parent} is a `topotorch fff` run (FFF classifier), not a `topotorch train` "
+                             "run: its figures are in summary.json, leaves.md and regions.png; load it with "
+                             "topotorch.training_fff.load_fff_run")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:

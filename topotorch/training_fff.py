@@ -1,0 +1,317 @@
+"""Training FFF (and same-width FF) classifiers: the recipe behind the FFF accuracy table, and a run folder.
+
+The recipe (:class:`FFFRecipe`, shared by the FF baseline so comparisons are fair): AdamW, a
+cosine learning rate, minibatches, Gaussian input noise of ``noise`` × each feature's training
+std; an FFF trains soft while its decisions sharpen, then with hard decisions
+(:class:`~topotorch.layers.fff_schedule.SoftToHard`), with its leaves as path sums of offsets
+(:func:`~topotorch.layers.share_leaves`, merged back at the end).
+
+    >>> model = make_classifier("fff", n_in=64, n_out=10, training_width=128, leaf_width=8)
+    >>> fit_classifier(model, x_train, y_train, FFFRecipe(epochs=100))
+    >>> result = train_fff_run(FFFRunConfig(task="digits", out="runs/digits-fff"))   # `topotorch fff digits`
+
+A run folder holds ``config.json``, ``model.safetensors`` (the deployed model, written
+atomically), ``summary.json`` (hard and soft test accuracy, train accuracy, leaf usage,
+time), ``leaves.md`` (which classes land in which leaf) and, for 2-D inputs, ``regions.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from topotorch.layers.fff import FFF, hardening_loss
+from topotorch.layers.fff_schedule import SoftToHard
+from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
+
+__all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run"]
+
+
+@dataclass
+class FFFRecipe:
+    """How a classifier is trained (every field applies to the FF too unless marked FFF).
+
+    Usage: ``FFFRecipe(epochs=200, hard_frac=0.5)``.
+    """
+
+    epochs: int = 100
+    batch_size: int = 64
+    lr: float = 1e-2  # peak of the cosine schedule
+    weight_decay: float = 0.1  # AdamW
+    noise: float = 0.5  # input noise, in training stds per feature
+    shift: int = 0  # random circular shift of each input by up to ±shift positions (1-D signals)
+    hard_frac: float = 0.5  # FFF: final share of steps with hard decisions
+    final_sharpness: float = 30.0  # FFF: soft decisions end as sigmoid(final_sharpness · z)
+    share_leaves: bool = True  # FFF: leaves as path sums of per-node offsets
+    hardening: float = 0.0  # FFF: h of the entropy hardening loss in the soft phase
+    node_lr: float = 1.0  # FFF: routing-node learning-rate multiplier (no weight decay on them if != 1)
+    distill: float = 0.0  # FFF: weight of KL (T = 2) to the soft-phase model during the hard phase
+    kd_alpha: float = 0.0  # weight of KL to a teacher model's logits (fit_classifier's teacher)
+    kd_temp: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lr", "kd_temp", "node_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "noise", "hardening", "shift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("hard_frac", "distill", "kd_alpha"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.final_sharpness < 1.0:
+            raise ValueError(f"final_sharpness must be >= 1, got {self.final_sharpness!r}")
+
+
+def make_classifier(kind: Literal["ff", "fff"], n_in: int, n_out: int, training_width: int = 128,
+                    leaf_width: int = 8, region_leak: float = 0.0) -> nn.Module:
+    """One hidden layer of ``training_width`` ReLU neurons: a dense FF, or an FFF with leaves of
+    ``leaf_width`` (depth log2(training_width / leaf_width)). Usage: ``make_classifier("fff", 64, 10)``."""
+    if kind == "ff":
+        return nn.Sequential(nn.Linear(n_in, training_width), nn.ReLU(), nn.Linear(training_width, n_out))
+    if kind != "fff":
+        raise ValueError(f"kind must be 'ff' or 'fff', got {kind!r}")
+    leaves = training_width // leaf_width
+    if leaf_width < 1 or leaves * leaf_width != training_width or leaves & (leaves - 1):
+        raise ValueError(f"training_width ({training_width}) must be leaf_width ({leaf_width}) times a power of two")
+    return FFF(n_in, leaf_width, n_out, leaves.bit_length() - 1, activation="relu", region_leak=region_leak)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of ``x`` whose argmax logit is ``y``, in the model's current mode. Usage: ``accuracy(m.eval(), x, y)``."""
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean().item() if len(x) else float("nan")
+
+
+def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: FFFRecipe, seed: int = 0,
+                   teacher: nn.Module | None = None, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+    """Train ``model`` (FF or a model with one FFF) on ``x`` (N, in), labels ``y`` (N,) with ``recipe``.
+
+    Every FFF is trained soft-then-hard; with ``recipe.share_leaves`` its leaves train as path
+    sums and are merged back before returning, so the result is a plain model. ``teacher``
+    (with ``recipe.kd_alpha`` > 0) adds Hinton KL to its logits. ``on_epoch(epoch, loss)`` is
+    called after each epoch (progress bars). Returns ``model``. Raises ``FloatingPointError``
+    on a non-finite loss. Usage: ``fit_classifier(model, x_train, y_train, FFFRecipe())``.
+    """
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"fit_classifier expects x (N, in) and y (N,) with N > 0, got {tuple(x.shape)} and {tuple(y.shape)}")
+    r = recipe
+    ffs = [m for m in model.modules() if isinstance(m, FFF)]
+    if r.share_leaves:
+        for layer in ffs:
+            share_leaves(layer)
+    node_params = [p for layer in ffs for p in (layer.node_weights, layer.node_biases)]
+    if ffs and r.node_lr != 1.0:
+        rest = [p for p in model.parameters() if all(p is not q for q in node_params)]
+        opt = torch.optim.AdamW([{"params": rest, "mult": 1.0},
+                                 {"params": node_params, "mult": r.node_lr, "weight_decay": 0.0}],
+                                lr=r.lr, weight_decay=r.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    n, width = x.shape
+    sigma = r.noise * x.std(0) if n > 1 else torch.zeros(width)
+    steps = r.epochs * math.ceil(n / r.batch_size)
+    schedule = SoftToHard(model, steps, r.hard_frac, r.final_sharpness) if ffs else None
+    soft_teacher, step = None, 0
+    for epoch in range(r.epochs):
+        model.train()
+        total = 0.0
+        for idx in torch.randperm(n, generator=g).split(r.batch_size):
+            for group in opt.param_groups:
+                group["lr"] = group.get("mult", 1.0) * r.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            if schedule is not None:
+                if r.distill > 0 and soft_teacher is None and schedule.phase(step) == "hard":
+                    soft_teacher = copy.deepcopy(model).train()  # the soft-phase model, before hardening
+                schedule.step(step)
+            xb = x[idx] + sigma * torch.randn(len(idx), width, generator=g) if r.noise else x[idx]
+            if r.shift:
+                k = torch.randint(-r.shift, r.shift + 1, (len(idx), 1), generator=g)
+                xb = xb.gather(1, (torch.arange(width) - k) % width)
+            out = model(xb)
+            loss = nn.functional.cross_entropy(out, y[idx])
+            if teacher is not None and r.kd_alpha > 0:
+                loss = (1 - r.kd_alpha) * loss + r.kd_alpha * _kl(out, teacher, xb, r.kd_temp)
+            if r.hardening and ffs and not ffs[0].train_hardened:
+                loss = loss + hardening_loss(model, r.hardening)
+            if soft_teacher is not None:
+                loss = (1 - r.distill) * loss + r.distill * _kl(out, soft_teacher, xb, 2.0)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
+                                         f"lower the learning rate ({r.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            step += 1
+        if on_epoch is not None:
+            on_epoch(epoch, total / n)
+    if schedule is not None:
+        schedule.finish()
+    for layer in ffs:
+        merge_shared_leaves(layer)  # deployed as a plain FFF
+    return model
+
+
+def _kl(out: torch.Tensor, teacher: nn.Module, xb: torch.Tensor, temp: float) -> torch.Tensor:
+    with torch.no_grad():
+        target = (teacher(xb) / temp).softmax(-1)
+    return temp**2 * nn.functional.kl_div((out / temp).log_softmax(-1), target, reduction="batchmean")
+
+
+@dataclass
+class FFFRunConfig:
+    """A `topotorch fff` run: a classification task, the model, the recipe, the output folder.
+
+    Usage: ``FFFRunConfig(task="digits", model="fff", leaf_width=8, out="runs/digits-fff")``.
+    """
+
+    task: str = "digits"
+    model: Literal["ff", "fff"] = "fff"
+    training_width: int = 128
+    leaf_width: int = 8
+    seed: int = 0
+    recipe: FFFRecipe = field(default_factory=FFFRecipe)
+    progress: bool = True
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.recipe, dict):
+            self.recipe = FFFRecipe(**self.recipe)
+        if self.model not in ("ff", "fff"):
+            raise ValueError(f"model must be 'ff' or 'fff', got {self.model!r}")
+        from topotorch.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(sorted(TASKS))}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FFFRunConfig":
+        """Rebuild from ``to_dict`` output (config.json); unknown keys are an error naming them."""
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown FFF run config field(s): {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FFFRunResult:
+    model: nn.Module
+    summary: dict[str, Any]
+    run_dir: Path | None
+
+
+def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
+    """Train one FF or FFF classifier on a task's data and (with ``config.out``) write its run folder.
+
+    Usage: ``train_fff_run(FFFRunConfig(task="two-moons", leaf_width=1, training_width=16))``.
+    """
+    from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
+    from topotorch.layers.fff_regions import class_leaf_table, draw_regions, format_class_leaf_table, leaf_usage
+    from topotorch.tasks import get_task
+
+    task = get_task(config.task)
+    if task.loss != "ce":
+        raise ValueError(f"topotorch fff trains classifiers; task {config.task!r} has loss {task.loss!r}")
+    data = task.make_data(config.seed, torch.float32)
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
+    if xtr.ndim != 2 or not torch.is_floating_point(xtr):
+        raise ValueError(f"task {config.task!r} has inputs of shape {tuple(xtr.shape)} ({xtr.dtype}); "
+                         "topotorch fff needs vector inputs (N, features)")
+    n_out = int(max(ytr.max(), yte.max())) + 1
+    torch.manual_seed(config.seed)
+    model = make_classifier(config.model, xtr.shape[1], n_out, config.training_width, config.leaf_width)
+    run_dir = Path(config.out) if config.out else None
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+    t0 = time.perf_counter()
+    with _progress(config) as bar:
+        job = bar.add_task(f"{config.model} on {config.task}", total=config.recipe.epochs) if bar else None
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            if bar is not None:
+                bar.update(job, advance=1, description=f"{config.model} on {config.task} loss {loss:.3f}")
+
+        fit_classifier(model, xtr, ytr, config.recipe, seed=config.seed, on_epoch=on_epoch)
+    seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "task": config.task, "model": config.model, "training_width": config.training_width,
+        "test_accuracy": accuracy(model.eval(), xte, yte), "train_accuracy": accuracy(model.eval(), xtr, ytr),
+        "train_seconds": round(seconds, 2),
+    }
+    if isinstance(model, FFF):
+        usage = leaf_usage(model, xte)
+        summary.update(leaf_width=model.leaf_width, depth=model.depth,
+                       soft_test_accuracy=accuracy(model.train(), xte, yte),
+                       leaves_used=usage.n_used, effective_leaves=round(usage.effective_leaves, 3),
+                       busiest_leaf_fraction=round(usage.max_fraction, 4),
+                       neurons_per_sample=model.leaf_width + model.depth)
+        model.eval()
+    if run_dir is not None:
+        from safetensors.torch import save
+
+        atomic_write_bytes(run_dir / "model.safetensors",
+                           save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+        if isinstance(model, FFF):
+            (run_dir / "leaves.md").write_text(format_class_leaf_table(class_leaf_table(model, xte, yte, n_out)) + "\n")
+            if xtr.shape[1] == 2:
+                import matplotlib.pyplot as plt
+
+                fig = draw_regions(model, xte, yte, path=run_dir / "regions.png",
+                                   title=f"{config.task}: FFF d={model.depth}, ℓ={model.leaf_width}")
+                plt.close(fig)
+        atomic_write_json(run_dir / "summary.json", summary)
+    return FFFRunResult(model, summary, run_dir)
+
+
+def _progress(config: FFFRunConfig):
+    import contextlib
+
+    if not config.progress:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def load_fff_run(run_dir: str | Path) -> FFFRunResult:
+    """Rebuild a finished run's model and summary from its folder (config.json + model.safetensors).
+
+    Usage: ``load_fff_run("runs/digits-fff").model``.
+    """
+    from safetensors.torch import load_file
+
+    from topotorch.tasks import get_task
+
+    run_dir = Path(run_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir} is not a finished `topotorch fff` run: {name} is missing")
+    try:
+        config = FFFRunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        state = load_file(str(run_dir / "model.safetensors"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{run_dir}: corrupt run folder ({e})") from None
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"{run_dir}/model.safetensors is corrupt: {e}") from None
+    data = get_task(config.task).make_data(config.seed, torch.float32)
+    n_out = int(max(data.y_train.max(), data.y_test.max())) + 1
+    model = make_classifier(config.model, data.x_train.shape[1], n_out, config.training_width, config.leaf_width)
+    model.load_state_dict(state)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    return FFFRunResult(model.eval(), summary, run_dir)
