@@ -22,7 +22,7 @@ import time
 import torch
 from torch import nn
 
-from topotorch.layers import fff_layers, fffify, layer_inputs, merge_shared_leaves, share_leaves
+from topotorch.layers import SoftToHard, fffify, layer_inputs, merge_shared_leaves, share_leaves
 from topotorch.tasks import get_task
 from topotorch.tasks_sequence import bits_per_char
 from topotorch.timing import median_seconds
@@ -32,18 +32,18 @@ def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0 = time.perf_counter()
+    schedule = SoftToHard(model, steps, hard_frac=0.5, final_sharpness=1.0) if fff else None  # no sharpening
     for step in range(steps):
-        if fff:
-            for _, layer in fff_layers(model):
-                layer.train_hardened = step >= steps // 2
+        if schedule is not None:
+            schedule.step(step)
         idx = torch.randint(0, len(data.x_train), (batch,), generator=g)
         logits = model.train()(data.x_train[idx])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), data.y_train[idx].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for _, layer in fff_layers(model):
-        layer.train_hardened = False
+    if schedule is not None:
+        schedule.finish()
     return time.perf_counter() - t0
 
 
