@@ -25,7 +25,9 @@ devices, no compiler) it routes with one gather-dot per level and evaluates the 
 with ``embedding_bag`` (rows of the leaf weights summed with the input as per-sample weights:
 no copy of the gathered weights), a direct weight view at batch 1, or, for batches much
 larger than the number of leaves, samples sorted by leaf and cut into equal chunks that go
-through ``bmm`` with each chunk's leaf weights. ``layer.hard_impl_used(x)`` says which.
+through ``bmm`` with each chunk's leaf weights. CUDA inputs without gradients go through two
+Triton kernels (:mod:`._triton_kernel`) when ``triton`` imports. ``layer.hard_impl_used(x)``
+says which.
 
 Also: :class:`UltraFFF`, the UltraFastBERT variant (each node one neuron; the output sums
 the neurons on the path; K parallel trees).
