@@ -61,6 +61,15 @@ def test_the_hard_phase_trains_with_rounded_decisions(moons):
     assert seen == [False, False, True, True]  # 4 epochs of one batch: two soft, two hard
 
 
+def test_a_failed_fit_returns_a_plain_model_that_trains_again(moons):
+    xtr, ytr, _, _ = moons
+    model = make_classifier("fff", 2, 2, 16, 2)
+    with pytest.raises(FloatingPointError):
+        fit_classifier(model, torch.full_like(xtr, float("nan")), ytr, FFFRecipe(epochs=1))
+    assert not parametrize.is_parametrized(model) and not model.train_hardened
+    fit_classifier(model, xtr, ytr, FFFRecipe(epochs=1))
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="x \\(N, in\\) and y \\(N,\\)"):
         fit_classifier(make_classifier("ff", 2, 2, 8), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long), QUICK)
@@ -89,6 +98,7 @@ def test_run_folder_round_trips_and_corruption_is_named(tmp_path):
     loaded = load_fff_run(out)
     data = get_task("two-moons").make_data(0, torch.float32)
     assert accuracy(loaded.model, data.x_test, data.y_test) == summary["test_accuracy"] == result.summary["test_accuracy"]
+    assert accuracy(loaded.model.train(), data.x_test, data.y_test) == summary["soft_test_accuracy"]
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         load_fff_run(out)

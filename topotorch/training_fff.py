@@ -121,46 +121,49 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: F
         opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     g = torch.Generator().manual_seed(seed)
     n, width = x.shape
-    sigma = r.noise * x.std(0) if n > 1 else torch.zeros(width)
+    sigma = r.noise * x.std(0) if n > 1 else torch.zeros(width, device=x.device, dtype=x.dtype)
     steps = r.epochs * math.ceil(n / r.batch_size)
     schedule = SoftToHard(model, steps, r.hard_frac, r.final_sharpness) if ffs else None
     soft_teacher, step = None, 0
-    for epoch in range(r.epochs):
-        model.train()
-        total = 0.0
-        for idx in torch.randperm(n, generator=g).split(r.batch_size):
-            for group in opt.param_groups:
-                group["lr"] = group.get("mult", 1.0) * r.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            if schedule is not None:
-                if r.distill > 0 and soft_teacher is None and schedule.phase(step) == "hard":
-                    soft_teacher = copy.deepcopy(model).train()  # the soft-phase model, before hardening
-                schedule.step(step)
-            xb = x[idx] + sigma * torch.randn(len(idx), width, generator=g) if r.noise else x[idx]
-            if r.shift:
-                k = torch.randint(-r.shift, r.shift + 1, (len(idx), 1), generator=g)
-                xb = xb.gather(1, (torch.arange(width) - k) % width)
-            out = model(xb)
-            loss = nn.functional.cross_entropy(out, y[idx])
-            if teacher is not None and r.kd_alpha > 0:
-                loss = (1 - r.kd_alpha) * loss + r.kd_alpha * _kl(out, teacher, xb, r.kd_temp)
-            if r.hardening and ffs and not ffs[0].train_hardened:
-                loss = loss + hardening_loss(model, r.hardening)
-            if soft_teacher is not None:
-                loss = (1 - r.distill) * loss + r.distill * _kl(out, soft_teacher, xb, 2.0)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
-                                         f"lower the learning rate ({r.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-            step += 1
-        if on_epoch is not None:
-            on_epoch(epoch, total / n)
-    if schedule is not None:
-        schedule.finish()
-    for layer in ffs:
-        merge_shared_leaves(layer)  # deployed as a plain FFF
+    try:
+        for epoch in range(r.epochs):
+            model.train()
+            total = 0.0
+            for idx in torch.randperm(n, generator=g).to(x.device).split(r.batch_size):
+                for group in opt.param_groups:
+                    group["lr"] = group.get("mult", 1.0) * r.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                if schedule is not None:
+                    if r.distill > 0 and soft_teacher is None and schedule.phase(step) == "hard":
+                        soft_teacher = copy.deepcopy(model).train()  # the soft-phase model, before hardening
+                    schedule.step(step)
+                # random numbers from a CPU generator (reproducible on any device), then moved
+                xb = x[idx] + sigma * torch.randn(len(idx), width, generator=g).to(x) if r.noise else x[idx]
+                if r.shift:
+                    k = torch.randint(-r.shift, r.shift + 1, (len(idx), 1), generator=g).to(x.device)
+                    xb = xb.gather(1, (torch.arange(width, device=x.device) - k) % width)
+                out = model(xb)
+                loss = nn.functional.cross_entropy(out, y[idx])
+                if teacher is not None and r.kd_alpha > 0:
+                    loss = (1 - r.kd_alpha) * loss + r.kd_alpha * _kl(out, teacher, xb, r.kd_temp)
+                if r.hardening and ffs and not ffs[0].train_hardened:
+                    loss = loss + hardening_loss(model, r.hardening)
+                if soft_teacher is not None:
+                    loss = (1 - r.distill) * loss + r.distill * _kl(out, soft_teacher, xb, 2.0)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
+                                             f"lower the learning rate ({r.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                step += 1
+            if on_epoch is not None:
+                on_epoch(epoch, total / n)
+    finally:  # also on errors: the caller gets a plain model back, never a half-parametrised one
+        if schedule is not None:
+            schedule.finish()
+        for layer in ffs:
+            merge_shared_leaves(layer)  # deployed as a plain FFF
     return model
 
 
@@ -313,5 +316,7 @@ def load_fff_run(run_dir: str | Path) -> FFFRunResult:
     n_out = int(max(data.y_train.max(), data.y_test.max())) + 1
     model = make_classifier(config.model, data.x_train.shape[1], n_out, config.training_width, config.leaf_width)
     model.load_state_dict(state)
+    if isinstance(model, FFF):  # not in the state dict: the decision temperature it was trained to
+        model.sharpness = config.recipe.final_sharpness
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     return FFFRunResult(model.eval(), summary, run_dir)

@@ -18,14 +18,16 @@ def test_phases_and_sharpness_follow_the_schedule():
     schedule.step(30)
     assert all(math.isclose(m.sharpness, 16.0 ** (30 / 75)) for m in schedule.layers)
     assert schedule.step(74) == "soft" and schedule.step(75) == "hard"
-    assert all(m.train_hardened for m in schedule.layers)
+    assert all(m.train_hardened and m.sharpness == 16.0 for m in schedule.layers)
     schedule.finish()
     assert not any(m.train_hardened for m in schedule.layers)
+    assert all(m.sharpness == 16.0 for m in schedule.layers)  # the temperature it was trained to
 
 
 def test_hard_frac_extremes():
     layer = FFF(3, 2, 2, 2)
-    assert SoftToHard(layer, 10, hard_frac=1.0).step(0) == "hard"
+    assert SoftToHard(layer, 10, hard_frac=1.0, final_sharpness=5.0).step(0) == "hard"
+    assert layer.sharpness == 5.0  # a run that starts (or resumes) in the hard phase: same gradients
     assert SoftToHard(layer, 10, hard_frac=0.0).step(9) == "soft"
 
 

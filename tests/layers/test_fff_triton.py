@@ -24,6 +24,7 @@ CHECK = textwrap.dedent("""
         (3, 8, "relu", torch.float32, 41, 1e-5), (5, 5, "gelu", torch.float64, 33, 1e-12),
         (4, 1, "tanh", torch.float32, 17, 1e-5), (2, 16, "identity", torch.float64, 20, 1e-12),
         (6, 8, "gelu", torch.float32, 70, 1e-5), (3, 4, "relu", torch.bfloat16, 9, 3e-2),
+        (2, 100, "relu", torch.float32, 19, 1e-5), (2, 5, torch.nn.PReLU(dtype=torch.bfloat16), torch.bfloat16, 9, 3e-2),
     ]
     for depth, lw, act, dtype, batch, tol in cases:
         layer = FFF(37, lw, 70, depth, activation=act, dtype=dtype).eval()
@@ -35,7 +36,7 @@ CHECK = textwrap.dedent("""
             got = layer(x.view(batch, 1, 37)).view(batch, 70)
         err = (got.double() - ref.double()).abs().max().item()
         assert err <= tol * max(1.0, ref.double().abs().max().item()), (depth, lw, act, dtype, err)
-        print("ok", depth, lw, act, dtype, err)
+        print("ok", depth, lw, dtype, err)
     with torch.no_grad():
         assert layer(torch.zeros(0, 37, dtype=torch.bfloat16)).shape == (0, 70)
 """)
@@ -46,7 +47,7 @@ def test_triton_kernels_match_the_tensor_path_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == 8
+    assert proc.stdout.count("ok ") == 10
 
 
 def test_forcing_triton_without_a_gpu_is_a_clear_error():

@@ -38,6 +38,7 @@ __all__ = ["available", "interpreting", "hard_forward", "ACT_NONE", "ACT_IDENTIT
 BLOCK_M = 16  # samples per program
 BLOCK_N = 64  # outputs per program of the second launch
 TILE_ELEMENTS = 8192  # BM × BK × ℓ elements of the gathered first-layer tile
+MAX_LEAF_WIDTH = 256  # wider leaves would need tiles past TILE_ELEMENTS: the layer uses tensor ops instead
 
 
 def interpreting() -> bool:
@@ -133,7 +134,9 @@ def hard_forward(x: torch.Tensor, node_weights: torch.Tensor, node_biases: torch
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     acc = tl.float64 if acc_torch == torch.float64 else tl.float32
     LP = triton.next_power_of_2(LW)
-    BK = max(8, min(64, triton.next_power_of_2(max(1, TILE_ELEMENTS // (BLOCK_M * LP)))))
+    if LW > MAX_LEAF_WIDTH:
+        raise ValueError(f"the Triton FFF kernel takes leaf widths up to {MAX_LEAF_WIDTH}, got {LW}")
+    BK = max(1, min(64, TILE_ELEMENTS // (BLOCK_M * LP)))  # powers of two: BM·BK·LP <= TILE_ELEMENTS
     args = [t.contiguous() for t in (x, node_weights, node_biases, w1s, b1s, w2s, b2s)]
     h = torch.empty(M, LP, dtype=acc_torch, device=x.device)
     leaf = torch.empty(M, dtype=torch.int64, device=x.device)
@@ -143,8 +146,8 @@ def hard_forward(x: torch.Tensor, node_weights: torch.Tensor, node_biases: torch
     fused = act if act != ACT_NONE else ACT_IDENTITY
     _route_hidden[(triton.cdiv(M, BLOCK_M),)](args[0], args[1], args[2], args[3], args[4], h, leaf, M, IN, LW,
                                               DEPTH=depth, ACT=fused, ACC=acc, BM=BLOCK_M, BK=BK, LP=LP)
-    if act == ACT_NONE:
-        h[:, :LW] = activation(h[:, :LW])
+    if act == ACT_NONE:  # in the layer's dtype, as the torch path does (parametrised activations too)
+        h[:, :LW] = activation(h[:, :LW].to(x.dtype)).to(h.dtype)
     _leaf_output[(triton.cdiv(M, BLOCK_M), triton.cdiv(OUT, BLOCK_N))](h, leaf, args[5], args[6], y, M, OUT, LW,
                                                                         ACC=acc, BM=BLOCK_M, BN=BLOCK_N, LP=LP)
     return y, leaf

@@ -405,6 +405,10 @@ class FFF(nn.Module):
             return False
         from topotorch.layers import _triton_kernel
 
+        if self.leaf_width > _triton_kernel.MAX_LEAF_WIDTH:
+            if self.hard_impl == "triton":
+                raise ValueError(f"hard_impl='triton' takes leaf_width <= {_triton_kernel.MAX_LEAF_WIDTH}")
+            return False
         if self.hard_impl == "triton":
             if not _triton_kernel.available(x.device):
                 raise RuntimeError("hard_impl='triton' needs the triton package and a CUDA input "

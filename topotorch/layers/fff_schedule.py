@@ -25,9 +25,10 @@ __all__ = ["SoftToHard"]
 class SoftToHard:
     """Drive ``sharpness`` and ``train_hardened`` of every :class:`FFF` in ``model`` by step.
 
-    ``step(s)`` for s < soft_steps (= round(total_steps · (1 - hard_frac))): soft, sharpness
-    ``final_sharpness ** (s / soft_steps)``; from soft_steps on: hard decisions. Returns the
-    phase name. Usage: ``SoftToHard(model, total_steps=1000, hard_frac=0.5).step(0)``.
+    ``step(s)`` sets sharpness ``final_sharpness ** min(1, s / soft_steps)`` (soft_steps =
+    round(total_steps · (1 - hard_frac))); before soft_steps the decisions are soft, from then on
+    hard (whose straight-through node gradients scale with the sharpness, so a run resumed
+    inside the hard phase behaves like an uninterrupted one). Returns the phase name. Usage: ``SoftToHard(model, total_steps=1000, hard_frac=0.5).step(0)``.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, hard_frac: float = 0.5, final_sharpness: float = 30.0):
@@ -50,14 +51,15 @@ class SoftToHard:
     def step(self, step: int) -> str:
         """Set every FFF layer for training step ``step``; returns its phase."""
         phase = self.phase(step)
-        sharpness = self.final_sharpness ** min(1.0, step / max(1, self.soft_steps))
+        sharpness = self.final_sharpness ** (min(1.0, step / self.soft_steps) if self.soft_steps else 1.0)
         for layer in self.layers:
             layer.train_hardened = phase == "hard"
-            if phase == "soft":
-                layer.sharpness = sharpness
+            layer.sharpness = sharpness
         return phase
 
     def finish(self) -> None:
-        """Leave the layers in plain training mode (soft, unhardened); ``eval()`` routes hard regardless."""
+        """End of training: soft (unhardened) training mode at the final sharpness, the decision
+        temperature the model was trained to (``eval()`` routes hard regardless)."""
         for layer in self.layers:
             layer.train_hardened = False
+            layer.sharpness = self.final_sharpness

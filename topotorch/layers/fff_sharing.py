@@ -74,7 +74,9 @@ def share_leaves(layer: FFF, parameters: Iterable[str] = LEAF_PARAMETERS) -> FFF
     """Reparametrise ``layer``'s leaf weights as path sums of per-position offsets (in place).
 
     The layer's output is unchanged. Build the optimiser *after* this call: the trainable
-    tensors become ``layer.parametrizations.<name>.original``. Returns ``layer``.
+    tensors become ``layer.parametrizations.<name>.original``. Returns ``layer``. (A deep copy
+    shares torch's injected parametrised class with the original: merge the copy, not only the
+    original, before using it on its own.)
     Usage: ``share_leaves(model.fff); opt = torch.optim.AdamW(model.parameters())``.
     """
     if not isinstance(layer, FFF):
