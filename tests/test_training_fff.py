@@ -99,6 +99,12 @@ def test_run_folder_round_trips_and_corruption_is_named(tmp_path):
     data = get_task("two-moons").make_data(0, torch.float32)
     assert accuracy(loaded.model, data.x_test, data.y_test) == summary["test_accuracy"] == result.summary["test_accuracy"]
     assert accuracy(loaded.model.train(), data.x_test, data.y_test) == summary["soft_test_accuracy"]
+    from topotorch.report import build_report
+
+    page = build_report(out).read_text()  # a `topotorch fff` folder gets the FFF page
+    assert "FFF regions" in page and "accuracy with the leaf knocked out" in page and "data:image/png;base64," in page
+    assert f"{summary['leaves_used']} of 16 leaves used" in page
+    assert json.loads((out / "report.json").read_text())["test_accuracy"] == summary["test_accuracy"]
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         load_fff_run(out)

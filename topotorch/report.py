@@ -331,16 +331,77 @@ def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
     return out
 
 
+def is_fff_run(run_dir: Path | str) -> bool:
+    """Whether ``run_dir`` was written by ``topotorch fff`` (its config has a recipe and a leaf width)."""
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"recipe", "leaf_width"} <= set(config)
+
+
+def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
+    """Write ``report.html`` for a ``topotorch fff`` run: its summary, and for an FFF the leaf
+    usage, classes per leaf, each leaf knocked out (test accuracy) and, for 2-D inputs, the
+    region picture; plus ``report.json``. Usage: ``build_fff_report("runs/digits-fff")``.
+    """
+    from topotorch.tasks import get_task
+    from topotorch.training_fff import load_fff_run
+
+    t0 = time.perf_counter()
+    run_dir = Path(run_dir)
+    r = load_fff_run(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    data = get_task(config["task"]).make_data(config["seed"], torch.float32)
+    panel = fff_panel(r.model, data.x_test, data.y_test, "accuracy") or []
+    title = f"{config['task']} [{config['model']}] — {run_dir.name}"
+    esc = html.escape
+    def cell(v: Any) -> str:
+        return esc(f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in sorted(r.summary.items()))
+    rows += "".join(f"<tr><td>recipe.{esc(k)}</td><td>{cell(v)}</td></tr>" for k, v in config["recipe"].items())
+    body = [f"<h1>{esc(title)}</h1>", "<section><h2>Summary</h2><table>", rows, "</table></section>"]
+    for layer in panel:
+        knocked = {row.get("leaf"): row["overall"] for row in layer.get("ablation", []) if "leaf" in row}
+        intact = next((row["overall"] for row in layer.get("ablation", []) if row.get("name") == "none"), None)
+        u = layer["usage"]
+        body.append(f"<section class='wide'><h2>FFF regions: {esc(layer['layer'])} (depth {layer['depth']})</h2>"
+                    f"<p>{u['n_used']} of {u['n_leaves']} leaves used by {u['n_samples']} test samples; effective "
+                    f"{u['effective_leaves']:.1f} leaves; busiest {100 * u['max_fraction']:.0f}%; weighted purity "
+                    f"{layer['purity']:.2f}; intact test accuracy {100 * (intact or float('nan')):.1f}%</p>")
+        if layer.get("png"):
+            body.append(f"<img alt='leaf regions' src='data:image/png;base64,{layer['png']}'>")
+        body.append("<table><tr><th>leaf</th><th>samples</th><th>share</th><th>majority class</th><th>purity</th>"
+                    "<th>accuracy with the leaf knocked out</th></tr>")
+        for row in layer["leaves"]:
+            ko = knocked.get(row["leaf"])
+            body.append(f"<tr><td>{row['leaf']}</td><td>{row['samples']}</td><td>{100 * row['fraction']:.1f}%</td>"
+                        f"<td>{row.get('majority', '')}</td><td>{row.get('purity', float('nan')):.2f}</td>"
+                        f"<td>{'' if ko is None else f'{100 * ko:.1f}%'}</td></tr>")
+        body.append("</table></section>")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><main>{''.join(body)}</main></body></html>")
+    path = Path(out) if out is not None else run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    figures = {"run": run_dir.name, "task": config["task"], "model": config["model"], **r.summary,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
+    return path
+
+
 def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: int = 5000,
                  resolution: float = 1.0, exports: bool = True) -> Path:
     """Write the run's self-contained ``report.html`` (plus graph exports and ``report.json``); return its path.
 
-    ``max_edges``: draw at most this many connections (the strongest). Raises
-    ``FileNotFoundError``/``ValueError`` for a folder that is not a run.
-    Usage: ``build_report("runs/independence-bimt-s0")``.
+    ``max_edges``: draw at most this many connections (the strongest). A ``topotorch fff`` run
+    gets :func:`build_fff_report`. Raises ``FileNotFoundError``/``ValueError`` for a folder that
+    is not a run. Usage: ``build_report("runs/independence-bimt-s0")``.
     """
     from topotorch.training import load_run
 
+    if is_fff_run(run_dir):
+        return build_fff_report(run_dir, out)
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     if not isinstance(max_edges, int) or max_edges < 1:
