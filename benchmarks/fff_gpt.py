@@ -2,8 +2,8 @@
 
 Both models start from the same seed and train the same number of steps (Adam, minibatches
 of windows). The FFF model is ``fffify(model, "*.mlp", leaf_width=ℓ)`` with training width =
-the dense MLP's (4·d_model). It trains soft for the first half of the steps and with hard
-decisions for the second half, and is evaluated with the hard forward (--share-leaves: its
+the dense MLP's (4·d_model). It trains soft for the first half of the steps (--sharpness: its decisions
+sharpen towards sigmoid(s·z) meanwhile) and with hard decisions for the second half, and is evaluated with the hard forward (--share-leaves: its
 leaves train as path sums of per-node offsets, merged back before evaluation). Prints test bits/char
 of both, the fraction of MLP neurons one token uses (leaf neurons + node neurons on its path,
 over all MLP neurons), and the MLP-block inference speed-up (one block on the test set's
@@ -28,11 +28,12 @@ from topotorch.tasks_sequence import bits_per_char
 from topotorch.timing import median_seconds
 
 
-def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, fff: bool) -> float:
+def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, fff: bool,
+          sharpness: float = 1.0) -> float:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0 = time.perf_counter()
-    schedule = SoftToHard(model, steps, hard_frac=0.5, final_sharpness=1.0) if fff else None  # no sharpening
+    schedule = SoftToHard(model, steps, hard_frac=0.5, final_sharpness=sharpness) if fff else None
     for step in range(steps):
         if schedule is not None:
             schedule.step(step)
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sharpness", type=float, default=1.0,
+                    help="FFF soft phase: decisions sharpen to sigmoid(s·z) (1 = no sharpening)")
     ap.add_argument("--share-leaves", action="store_true", help="train FFF leaves as path sums (share_leaves)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -75,7 +78,7 @@ def main() -> None:
         for name in names:
             share_leaves(fff.get_submodule(name))
     t_dense = train(dense, data, args.steps, args.batch, args.lr, args.seed, fff=False)
-    t_fff = train(fff, data, args.steps, args.batch, args.lr, args.seed, fff=True)
+    t_fff = train(fff, data, args.steps, args.batch, args.lr, args.seed, fff=True, sharpness=args.sharpness)
     for name in names:
         merge_shared_leaves(fff.get_submodule(name))  # deployed as plain FFF layers
     layer = fff.get_submodule(names[0])
@@ -85,7 +88,7 @@ def main() -> None:
     h = layer_inputs(fff.eval(), names[0], data.x_test).reshape(-1, layer.input_width)
     dense_block = dense.get_submodule(names[0]).eval()
     td, tf = block_time(dense_block, h, args.repeats), block_time(layer.eval(), h, args.repeats)
-    row = {"steps": args.steps, "share_leaves": args.share_leaves, "bpc_dense": bpc_dense, "bpc_fff": bpc_fff, "mlp_width": layer.training_width,
+    row = {"steps": args.steps, "share_leaves": args.share_leaves, "sharpness": args.sharpness, "bpc_dense": bpc_dense, "bpc_fff": bpc_fff, "mlp_width": layer.training_width,
            "leaf": layer.leaf_width, "depth": layer.depth, "neurons_used_fraction": used,
            "mlp_block_tokens": len(h), "mlp_block_dense_ms": td * 1e3, "mlp_block_fff_ms": tf * 1e3,
            "mlp_block_speedup": td / tf, "train_s_dense": t_dense, "train_s_fff": t_fff}
