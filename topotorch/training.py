@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from topotorch.analysis import structure
 from topotorch.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 from topotorch.graph import SpatialGraph
+from topotorch.progress import progress_bar
 from topotorch.objectives.group import neuron_group_norm
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
 from topotorch.relocation import apply_permutation, relocate
@@ -665,7 +666,7 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
 
     topo = _topo_loss(config, model)
     t0 = time.perf_counter() - elapsed0
-    progress = _progress(config) if ctx.main else _progress(dataclasses.replace(config, progress=False))
+    progress = progress_bar(config.progress and ctx.main)
     diverged = None  # (step, value) of a local non-finite loss awaiting the next outer sync (DiLoCo)
     try:
         with progress as bar:
@@ -839,14 +840,3 @@ def load_run(run_dir: Path) -> TrainResult:
     data = task.make_data(config.seed, DTYPES[config.dtype])
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     return TrainResult(model, graph, task, data, config, summary, [], run_dir)
-
-
-def _progress(config: TrainConfig):
-    import contextlib
-
-    if not config.progress:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)

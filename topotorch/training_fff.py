@@ -31,6 +31,7 @@ from torch import nn
 from topotorch.layers.fff import FFF, hardening_loss
 from topotorch.layers.fff_schedule import SoftToHard
 from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
+from topotorch.progress import progress_bar
 
 __all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run"]
 
@@ -243,7 +244,7 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", config.to_dict())
     t0 = time.perf_counter()
-    with _progress(config) as bar:
+    with progress_bar(config.progress) as bar:
         job = bar.add_task(f"{config.model} on {config.task}", total=config.recipe.epochs) if bar else None
 
         def on_epoch(epoch: int, loss: float) -> None:
@@ -280,16 +281,6 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
                 plt.close(fig)
         atomic_write_json(run_dir / "summary.json", summary)
     return FFFRunResult(model, summary, run_dir)
-
-
-def _progress(config: FFFRunConfig):
-    import contextlib
-
-    if not config.progress:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def load_fff_run(run_dir: str | Path) -> FFFRunResult:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from topotorch.compression import pruning
+from topotorch.progress import progress_bar
 
 METHODS = ("magnitude", "layerwise", "random", "bimt", "l1", "imp", "imp-ft", "soup", "nm24")
 DEFAULT_METHODS = ("bimt", "l1", "imp", "random", "soup", "magnitude")
@@ -218,7 +219,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     rows: list[dict] = []
     extra: dict[str, Any] = {"dense": {}, "soup_members": {}}
     t_start = time.perf_counter()
-    with _progress(cfg.progress) as bar:
+    with progress_bar(cfg.progress, description_width=34) as bar:
         job = bar.add_task(f"{cfg.task} sweep", total=per_seed * len(cfg.seeds)) if bar else None
 
         def advance(n: int, what: str) -> None:
@@ -284,17 +285,6 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     if cfg.out:
         write_outputs(Path(cfg.out), cfg, rows, budgets, extra, seconds)
     return rows
-
-
-def _progress(enabled: bool):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
 
 
 def medians(rows: list[dict], key: str = "accuracy") -> dict[str, dict[float, float]]:
