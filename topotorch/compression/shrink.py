@@ -155,6 +155,15 @@ def _alive_along(w: torch.Tensor, sl: Slice) -> torch.Tensor:
     return nz[sl.index.to(nz.device)].any(1).cpu()
 
 
+def _alive_through(model: torch.nn.Module, connections: list, side: str, n: int) -> torch.Tensor:
+    """(n,) bool: units with a nonzero weight in any of ``connections`` on their ``side``
+    ("source_slice" for outgoing, "target_slice" for incoming connections)."""
+    alive = torch.zeros(n, dtype=torch.bool)
+    for c in connections:
+        alive |= _alive_along(_get(model, c.weight), getattr(c, side))
+    return alive
+
+
 # ------------------------------------------------------------------------------------------------
 # per-space decisions
 # ------------------------------------------------------------------------------------------------
@@ -255,12 +264,8 @@ def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     n = sp.size
     if not outs:
         return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
-    out_alive = torch.zeros(n, dtype=torch.bool)
-    for c in outs:
-        out_alive |= _alive_along(_get(model, c.weight), c.source_slice)
-    in_alive = torch.zeros(n, dtype=torch.bool)
-    for c in ins:
-        in_alive |= _alive_along(_get(model, c.weight), c.target_slice)
+    out_alive = _alive_through(model, outs, "source_slice", n)
+    in_alive = _alive_through(model, ins, "target_slice", n)
     if not ins:
         in_alive[:] = True
     if normalised_by_feature_norm(model, sp):
@@ -300,9 +305,7 @@ def _stream(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     outs = graph.outgoing(sp.name)
     n = sp.size
     why: dict[str, int] = {}
-    out_alive = torch.zeros(n, dtype=torch.bool)
-    for c in outs:
-        out_alive |= _alive_along(_get(model, c.weight), c.source_slice)
+    out_alive = _alive_through(model, outs, "source_slice", n)
     if not outs:
         out_alive[:] = True
     if normalised_by_feature_norm(model, sp):
