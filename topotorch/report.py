@@ -331,15 +331,6 @@ def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
     return out
 
 
-def is_fff_run(run_dir: Path | str) -> bool:
-    """Whether ``run_dir`` was written by ``topotorch fff`` (its config has a recipe and a leaf width)."""
-    try:
-        config = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and {"recipe", "leaf_width"} <= set(config)
-
-
 def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
     """Write ``report.html`` for a ``topotorch fff`` run: its summary, and for an FFF the leaf
     usage, classes per leaf, each leaf knocked out (test accuracy) and, for 2-D inputs, the
@@ -399,6 +390,7 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     is not a run. Usage: ``build_report("runs/independence-bimt-s0")``.
     """
     from topotorch.training import load_run
+    from topotorch.training_fff import is_fff_run
 
     if is_fff_run(run_dir):
         return build_fff_report(run_dir, out)

@@ -218,7 +218,9 @@ class TrainConfig:
             raise ValueError(f"{path} is corrupt: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        if {"recipe", "leaf_width"} <= set(data):
+        from topotorch.training_fff import is_fff_config
+
+        if is_fff_config(data):
             raise ValueError(f"{Path(path).parent} is a `topotorch fff` run (FFF classifier), not a `topotorch train` "
                              "run: its figures are in summary.json, leaves.md and regions.png; load it with "
                              "topotorch.training_fff.load_fff_run")

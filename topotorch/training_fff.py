@@ -33,7 +33,8 @@ from topotorch.layers.fff_schedule import SoftToHard
 from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
 from topotorch.progress import progress_bar
 
-__all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run"]
+__all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run", "load_fff_run",
+           "is_fff_run", "is_fff_config"]
 
 
 @dataclass
@@ -281,6 +282,19 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
                 plt.close(fig)
         atomic_write_json(run_dir / "summary.json", summary)
     return FFFRunResult(model, summary, run_dir)
+
+
+def is_fff_config(config: Any) -> bool:
+    """Whether a parsed ``config.json`` was written by ``topotorch fff`` (a recipe and a leaf width)."""
+    return isinstance(config, dict) and {"recipe", "leaf_width"} <= set(config)
+
+
+def is_fff_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a ``topotorch fff`` run. Usage: ``is_fff_run("runs/digits-fff")``."""
+    try:
+        return is_fff_config(json.loads((Path(run_dir) / "config.json").read_text()))
+    except (OSError, ValueError):
+        return False
 
 
 def load_fff_run(run_dir: str | Path) -> FFFRunResult:
