@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -259,3 +261,136 @@ def test_bad_threshold_and_corrupt_description_are_named(tmp_path):
     (tmp_path / "shrunk.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="shrunk.json is corrupt"):
         load_shrunk(tmp_path)
+
+
+# --- models from Hugging Face transformers and torch.nn's transformer: saved and reloaded without pickle ---
+
+def _tiny_hf(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50,
+                                                                 n_positions=16))
+    elif kind == "bert":
+        m = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                           intermediate_size=64, vocab_size=50,
+                                                           max_position_embeddings=16))
+    else:
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=50, max_position_embeddings=16))
+    return m.double().eval()
+
+
+def _out(y):
+    return y if torch.is_tensor(y) else y[0]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert", "llama"])
+def test_hf_models_save_and_reload_without_pickle(tmp_path, kind):
+    from topotorch.compression.shrink import ShrinkResult, model_spec
+
+    model = _tiny_hf(kind)
+    save_shrunk(tmp_path, ShrinkResult(model, {}, {}, model_spec(model)))
+    text = (tmp_path / "shrunk.json").read_text()
+    assert "pickle" not in text and type(model.config).__name__ in text  # the config is JSON + its class name
+    back = load_shrunk(tmp_path)
+    assert type(back) is type(model) and back.config.to_dict() == model.config.to_dict()
+    inner = back.transformer if kind == "gpt2" else back.encoder if kind == "bert" else back.model
+    assert inner.config is back.config  # one shared config object, as built
+    x = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        assert (_out(back(x)) - _out(model(x))).abs().max().item() <= 1e-10
+
+
+def test_shrunk_bert_saves_and_reloads_equal(tmp_path):
+    bert = _tiny_hf("bert")
+    x = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():  # some intermediate neurons dead (zero outgoing weights)
+        for layer in bert.encoder.layer:
+            layer.output.dense.weight[:, ::3] = 0
+    res = shrink(bert, coupling_graph(bert, x), 0.0)
+    assert sum(res.removed.values()) > 0 and n_params(res.model) < n_params(bert)
+    save_shrunk(tmp_path, res)
+    back = load_shrunk(tmp_path)
+    with torch.no_grad():
+        ref = _out(bert(x))
+        assert (_out(res.model(x)) - ref).abs().max().item() <= 1e-10
+        assert (_out(back(x)) - _out(res.model(x))).abs().max().item() <= 1e-12
+
+
+def test_transformer_encoder_with_function_activation_roundtrips(tmp_path):
+    from topotorch.compression.shrink import ShrinkResult, model_spec
+
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                enable_nested_tensor=False).double().eval()  # activation = F.relu, a function
+    save_shrunk(tmp_path, ShrinkResult(enc, {}, {}, model_spec(enc)))
+    back = load_shrunk(tmp_path)
+    assert back.layers[0].activation is nn.functional.relu
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert (back(x) - enc(x)).abs().max().item() <= 1e-10
+
+
+def _with_class(tmp_path, qual: str, where: str = "tree") -> None:
+    net = MLP([4, 6, 2])
+    save_shrunk(tmp_path, shrink(net, SpatialGraph.from_chain(net), 0.0))
+    meta = json.loads((tmp_path / "shrunk.json").read_text())
+    meta["spec"]["tree"]["class"] = qual
+    (tmp_path / "shrunk.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("qual", [
+    "torch.nn:modules.module.torch.fx.GraphModule",     # module part allowed, the class outside it
+    "torch.nn.modules.module:torch.fx.GraphModule",     # walks through an imported module
+    "topotorch.__main__:X",                             # importing it would run the command line
+    "topotorch.__main__:main",
+    "topotorch.cli:main",                               # a function, not a class
+    "torch.nn.modules.linear:Tensor",                   # imported into an allowed module, defined elsewhere
+    "topotorch.compression.shrink:ShrinkResult",        # not an nn.Module
+    "topotorchx.models:MLP",                            # a lookalike package
+    "topotorch.layers.nothere:FFF",
+    "builtins:object",
+    "os:system",
+])
+def test_load_refuses_classes_outside_the_allow_list(tmp_path, qual):
+    _with_class(tmp_path, qual)
+    with pytest.raises(ValueError, match=f"refusing to load class '{re.escape(qual)}'"):
+        load_shrunk(tmp_path)
+    assert "topotorch.__main__" not in sys.modules
+
+
+def test_allow_adds_exact_classes_or_packages(tmp_path):
+    _with_class(tmp_path, "topotorch.models:MLP")  # the saved class itself: allowed by default
+    assert isinstance(load_shrunk(tmp_path), MLP)
+    _with_class(tmp_path, f"{__name__}:_Mine")
+    with pytest.raises(ValueError, match="not an allowed source"):
+        load_shrunk(tmp_path)
+    assert isinstance(load_shrunk(tmp_path, allow=(f"{__name__}:_Mine",)), _Mine)
+    assert isinstance(load_shrunk(tmp_path, allow=(__name__ + ".",)), _Mine)
+
+
+def test_load_refuses_hostile_functions_and_configs(tmp_path):
+    from topotorch.compression.shrink import ShrinkResult, model_spec
+
+    enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    save_shrunk(tmp_path, ShrinkResult(enc, {}, {}, model_spec(enc)))
+    meta = json.loads((tmp_path / "shrunk.json").read_text())
+    assert meta["spec"]["tree"]["attrs"]["activation"] == {"__function__": "torch.nn.functional:relu"}
+    for bad in ("builtins:eval", "torch:load", "os:system", "torch.nn.functional:_add_docstr"):
+        meta["spec"]["tree"]["attrs"]["activation"] = {"__function__": bad}
+        (tmp_path / "shrunk.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match=f"refusing to load function '{re.escape(bad)}'"):
+            load_shrunk(tmp_path)
+    bert = _tiny_hf("bert")
+    save_shrunk(tmp_path, ShrinkResult(bert, {}, {}, model_spec(bert)))
+    meta = json.loads((tmp_path / "shrunk.json").read_text())
+    meta["spec"]["objects"]["config0"]["class"] = "transformers.models.bert.modeling_bert:BertModel"
+    (tmp_path / "shrunk.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refusing to load config class 'transformers.models.bert.modeling_bert:Bert"):
+        load_shrunk(tmp_path)
+
+
+class _Mine(MLP):
+    pass

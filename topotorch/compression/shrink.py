@@ -37,10 +37,14 @@ Exactness rules (each violated case keeps the neuron and is listed in ``ShrinkRe
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -535,44 +539,175 @@ def dead_neurons(graph: SpatialGraph, threshold: float) -> dict[str, torch.Tenso
 # ------------------------------------------------------------------------------------------------
 
 _BASE_KEYS = set(nn.Module().__dict__) | {"training"}
-ALLOWED_PREFIXES = ("torch.nn.", "topotorch.")
+
+# Where saved classes may come from, matched on the whole qualified name "module:Class". Each rule is
+# (module-name pattern, whether load_shrunk may import that module when it is not imported yet). Only
+# library modules that define classes are ever imported (never a ``__main__`` or any other dunder
+# module); the class found must be defined exactly there (its ``__module__`` and ``__qualname__``
+# equal the saved name) and be an ``nn.Module`` subclass. ``load_shrunk(..., allow=...)`` adds
+# packages ("my_pkg.") or exact classes ("my_pkg.models:Net").
+MODEL_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
+    (r"torch\.nn\.modules\.\w+", False),  # imported by ``import torch``
+    (r"topotorch\.models", True),
+    (r"topotorch\.layers(\.\w+)?", True),
+    (r"topotorch(\.\w+)+", False),  # other topotorch modules: only when already imported
+    (r"transformers\.models\.\w+\.modeling_\w+", True),
+    (r"transformers\.(activations|pytorch_utils|modeling_utils|modeling_layers)", True),
+)
+# Hugging Face configuration objects (a model's ``config``, ``generation_config``): saved as JSON
+# (``to_json_string``) plus the class name, rebuilt with ``cls.from_dict``. Same rules as above.
+CONFIG_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
+    (r"transformers\.models\.\w+\.configuration_\w+", True),
+    (r"transformers\.(configuration_utils|generation\.configuration_utils)", True),
+)
+_CONFIG_BASES = (("transformers.configuration_utils", "PretrainedConfig"),
+                 ("transformers.generation.configuration_utils", "GenerationConfig"))
+# Plain functions stored as attributes (``nn.TransformerEncoderLayer.activation = F.relu``, HF's
+# ``GELUActivation.act``, ``functools.partial(F.gelu, approximate="tanh")``): saved by name, looked up
+# (never imported): any public function of torch.nn.functional, or one of these elementwise torch ones.
+FUNCTION_SOURCES = ("torch.nn.functional", "torch")
+_TORCH_FUNCTIONS = frozenset({"tanh", "sigmoid", "relu", "exp", "erf", "sin", "cos", "abs", "square", "sqrt", "log",
+                              "softmax", "log_softmax"})
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _encode(v, where: str):
-    if v is None or isinstance(v, (bool, int, float, str)):
+def _config_bases() -> tuple[type, ...]:
+    """The HF config base classes, if transformers is already imported (otherwise nothing is a config)."""
+    out = []
+    for mod, name in _CONFIG_BASES:
+        m = sys.modules.get(mod)
+        base = vars(m).get(name) if m is not None else None
+        if isinstance(base, type):
+            out.append(base)
+    return tuple(out)
+
+
+def _function_name(v) -> str | None:
+    if isinstance(v, type) or not callable(v) or not isinstance(getattr(v, "__name__", None), str):
+        return None
+    name = v.__name__
+    if name.startswith("_") or not _IDENT.match(name):
+        return None
+    if getattr(sys.modules.get("torch.nn.functional"), name, None) is v:
+        return f"torch.nn.functional:{name}"
+    if name in _TORCH_FUNCTIONS and getattr(torch, name, None) is v:
+        return f"torch:{name}"
+    return None
+
+
+class _Encoder:
+    """Attributes to JSON; HF configs (shared by many modules) go once into ``objects``."""
+
+    def __init__(self):
+        self.objects: dict[str, dict] = {}
+        self._keys: dict[int, str] = {}
+        self._bases = _config_bases()
+
+    def __call__(self, v, where: str):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, tuple):
+            return {"__tuple__": [self(x, where) for x in v]}
+        if isinstance(v, list):
+            return [self(x, where) for x in v]
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            return {"__dict__": {k: self(x, where) for k, x in v.items()}}
+        if isinstance(v, (set, frozenset)):
+            items = sorted((self(x, where) for x in v), key=lambda e: json.dumps(e, sort_keys=True))
+            return {"__frozenset__" if isinstance(v, frozenset) else "__set__": items}
+        if isinstance(v, torch.dtype):
+            return {"__dtype__": str(v).removeprefix("torch.")}
+        if self._bases and isinstance(v, self._bases):
+            return {"__object__": self._config(v)}
+        name = _function_name(v)
+        if name is not None:
+            return {"__function__": name}
+        if isinstance(v, functools.partial) and _function_name(v.func) is not None:
+            return {"__partial__": {"func": _function_name(v.func), "args": [self(x, where) for x in v.args],
+                                    "kwargs": {k: self(x, where) for k, x in v.keywords.items()}}}
+        raise ValueError(f"cannot describe attribute {where} of type {type(v).__name__} without pickle")
+
+    def _config(self, cfg) -> str:
+        key = self._keys.get(id(cfg))
+        if key is None:
+            key = self._keys[id(cfg)] = f"config{len(self.objects)}"
+            data = json.loads(cfg.to_json_string(use_diff=False))
+            # runtime settings outside to_dict (e.g. _attn_implementation_internal): kept when plain
+            extra = {k: x for k, x in vars(cfg).items()
+                     if k.startswith("_") and k not in data and (x is None or isinstance(x, (bool, int, float, str)))}
+            cls = type(cfg)
+            self.objects[key] = {"class": f"{cls.__module__}:{cls.__qualname__}", "data": data, "extra": extra}
+        return key
+
+
+def _decoder(objects: dict, allow: tuple[str, ...]):
+    made: dict[str, object] = {}
+
+    def config(key: str):
+        if key not in made:
+            entry = objects.get(key) if isinstance(objects, dict) else None
+            if not isinstance(entry, dict) or not isinstance(entry.get("data"), dict):
+                raise ValueError(f"the saved description refers to an unknown object {key!r}")
+            bases = _config_bases()
+            cls = _resolve(entry.get("class"), CONFIG_CLASS_SOURCES, allow, bases or (type(None),), "config class")
+            cfg = cls.from_dict(dict(entry["data"]))
+            for k, x in (entry.get("extra") or {}).items():
+                if isinstance(k, str) and k.startswith("_") and (x is None or isinstance(x, (bool, int, float, str))):
+                    cfg.__dict__[k] = x
+            made[key] = cfg
+        return made[key]
+
+    def function(qual: str):
+        mod, _, name = qual.partition(":") if isinstance(qual, str) else ("", "", "")
+        f = getattr(sys.modules.get(mod), name, None) if mod in FUNCTION_SOURCES and _IDENT.match(name) else None
+        if f is None or _function_name(f) != qual:
+            raise ValueError(f"refusing to load function {qual!r}: only public functions of torch.nn.functional "
+                             f"and torch.{{{', '.join(sorted(_TORCH_FUNCTIONS))}}} are restored")
+        return f
+
+    def decode(v):
+        if isinstance(v, list):
+            return [decode(x) for x in v]
+        if isinstance(v, dict):
+            if "__tuple__" in v:
+                return tuple(decode(x) for x in v["__tuple__"])
+            if "__dict__" in v:
+                return {k: decode(x) for k, x in v["__dict__"].items()}
+            if "__set__" in v:
+                return {decode(x) for x in v["__set__"]}
+            if "__frozenset__" in v:
+                return frozenset(decode(x) for x in v["__frozenset__"])
+            if "__dtype__" in v:
+                dt = getattr(torch, str(v["__dtype__"]), None)
+                if not isinstance(dt, torch.dtype):
+                    raise ValueError(f"unknown dtype {v['__dtype__']!r} in the saved description")
+                return dt
+            if "__object__" in v:
+                return config(v["__object__"])
+            if "__function__" in v:
+                return function(v["__function__"])
+            if "__partial__" in v:
+                p = v["__partial__"]
+                if not isinstance(p, dict) or not isinstance(p.get("kwargs", {}), dict):
+                    raise ValueError("corrupt function description in the saved model")
+                return functools.partial(function(p.get("func")), *decode(p.get("args", [])),
+                                         **{str(k): decode(x) for k, x in p.get("kwargs", {}).items()})
         return v
-    if isinstance(v, tuple):
-        return {"__tuple__": [_encode(x, where) for x in v]}
-    if isinstance(v, list):
-        return [_encode(x, where) for x in v]
-    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
-        return {"__dict__": {k: _encode(x, where) for k, x in v.items()}}
-    if isinstance(v, torch.dtype):
-        return {"__dtype__": str(v).removeprefix("torch.")}
-    raise ValueError(f"cannot describe attribute {where} of type {type(v).__name__} without pickle")
 
-
-def _decode(v):
-    if isinstance(v, list):
-        return [_decode(x) for x in v]
-    if isinstance(v, dict):
-        if "__tuple__" in v:
-            return tuple(_decode(x) for x in v["__tuple__"])
-        if "__dict__" in v:
-            return {k: _decode(x) for k, x in v["__dict__"].items()}
-        if "__dtype__" in v:
-            return getattr(torch, v["__dtype__"])
-    return v
+    return decode
 
 
 def model_spec(model: nn.Module) -> dict:
     """JSON-able module tree (class, plain attributes, parameter/buffer names, children, tied tensors).
 
-    Together with the tensors it rebuilds the model (:func:`build_from_spec`) without pickle.
-    Usage: ``json.dumps(model_spec(model))``.
+    Attributes may be plain data (numbers, strings, lists, tuples, dicts, sets, dtypes), functions of
+    ``torch`` / ``torch.nn.functional`` (by name) and Hugging Face config objects (as JSON, once
+    each, shared again on load). Together with the tensors it rebuilds the model
+    (:func:`build_from_spec`) without pickle. Usage: ``json.dumps(model_spec(model))``.
     """
     first_name: dict[int, str] = {}
     tied: dict[str, str] = {}
+    encode = _Encoder()
 
     def walk(m: nn.Module, prefix: str) -> dict:
         cls = type(m)
@@ -580,7 +715,7 @@ def model_spec(model: nn.Module) -> dict:
         for k, v in vars(m).items():
             if k in _BASE_KEYS:
                 continue
-            node["attrs"][k] = _encode(v, f"{prefix}{k}")
+            node["attrs"][k] = encode(v, f"{prefix}{k}")
         for k, p in m._parameters.items():
             full = f"{prefix}{k}"
             if p is None:
@@ -598,7 +733,10 @@ def model_spec(model: nn.Module) -> dict:
         return node
 
     tree = walk(model, "")
-    return {"format": FORMAT, "tree": tree, "tied": tied}
+    out = {"format": FORMAT, "tree": tree, "tied": tied}
+    if encode.objects:
+        out["objects"] = encode.objects
+    return out
 
 
 def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -614,36 +752,88 @@ def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _resolve(qual: str, allowed: tuple[str, ...]) -> type:
-    mod_name, _, qualname = qual.partition(":")
-    if not any(mod_name.startswith(p) or mod_name == p.rstrip(".") for p in allowed):
-        raise ValueError(f"refusing to import {mod_name!r}: not under an allowed prefix {allowed} "
-                         "(pass allow=(...) to load_shrunk)")
-    obj = importlib.import_module(mod_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
-        raise ValueError(f"{qual} is not an nn.Module class")
+def _source_rule(mod_name: str, qual: str, sources: tuple[tuple[str, bool], ...],
+                 allow: tuple[str, ...]) -> bool | None:
+    """None: not an allowed source; else whether the module may be imported if not imported yet."""
+    for entry in allow:
+        if ":" in entry:
+            if qual == entry:
+                return True
+        else:
+            pkg = entry.rstrip(".")
+            if pkg and (mod_name == pkg or mod_name.startswith(pkg + ".")):
+                return True
+    may_import = None
+    for pattern, importable in sources:
+        if re.fullmatch(pattern, mod_name):
+            may_import = bool(may_import) or importable
+    return may_import
+
+
+def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...], bases: tuple[type, ...],
+             what: str = "class") -> type:
+    """The class named ``qual`` ("module:Qualname") if it is exactly an allowed entry, else ValueError.
+
+    Nothing outside the allowed sources is imported, no dunder module (``__main__``) ever, and the
+    qualified name may only walk through classes (not attributes of the module that are modules).
+    """
+    mod_name, sep, qualname = qual.partition(":") if isinstance(qual, str) else ("", "", "")
+    mparts, qparts = mod_name.split("."), qualname.split(".")
+    if not sep or not all(_IDENT.match(p) and not p.startswith("__") for p in mparts + qparts):
+        raise ValueError(f"refusing to load {what} {qual!r}: not a plain 'package.module:Class' name "
+                         "(no dunder parts such as __main__)")
+    may_import = _source_rule(mod_name, qual, sources, allow)
+    if may_import is None:
+        raise ValueError(f"refusing to load {what} {qual!r}: {mod_name!r} is not an allowed source of saved "
+                         "classes (torch.nn, topotorch models and layers, transformers models; pass allow=(...) "
+                         "to load_shrunk to add a package or an exact 'module:Class')")
+    mod = sys.modules.get(mod_name)
+    if mod is None:
+        if not may_import:
+            raise ValueError(f"refusing to load {what} {qual!r}: module {mod_name!r} is not imported and is not "
+                             "one load_shrunk imports")
+        try:
+            found = importlib.util.find_spec(mod_name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ValueError(f"refusing to load {what} {qual!r}: no module {mod_name!r} is installed")
+        mod = importlib.import_module(mod_name)
+    obj = mod
+    for part in qparts:
+        obj = vars(obj).get(part)
+        if not isinstance(obj, type):
+            raise ValueError(f"refusing to load {what} {qual!r}: {part!r} is not a class defined in {mod_name}")
+    if obj.__module__ != mod_name or obj.__qualname__ != qualname:
+        raise ValueError(f"refusing to load {what} {qual!r}: it is {obj.__module__}:{obj.__qualname__}, "
+                         "defined outside the name saved")
+    if not issubclass(obj, bases):
+        raise ValueError(f"refusing to load {what} {qual!r}: not a subclass of "
+                         f"{' / '.join(b.__qualname__ for b in bases)}")
     return obj
 
 
 def build_from_spec(spec: dict, tensors: dict[str, torch.Tensor], allow: tuple[str, ...] = ()) -> nn.Module:
-    """Rebuild a model from :func:`model_spec` and its tensors; classes only from ``torch.nn``, ``topotorch``
-    and the ``allow`` prefixes (their ``__init__`` is not called: attributes are restored as saved).
+    """Rebuild a model from :func:`model_spec` and its tensors (their ``__init__`` is not called:
+    attributes are restored as saved).
 
+    Classes are accepted only by whole qualified name from :data:`MODEL_CLASS_SOURCES` (``torch.nn``,
+    ``topotorch`` models and layers, ``transformers`` model classes) and ``allow`` (packages such as
+    ``"my_pkg."`` or exact ``"my_pkg.models:Net"`` names); anything else is a ValueError naming it.
     Usage: ``build_from_spec(json.load(f)["spec"], load_file("model.safetensors"))``.
     """
     if spec.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} spec (format {spec.get('format')!r})")
-    allowed = ALLOWED_PREFIXES + tuple(allow)
+    allow = (allow,) if isinstance(allow, str) else tuple(allow)
+    decode = _decoder(spec.get("objects") or {}, allow)
     made: dict[str, nn.Parameter] = {}
 
     def build(node: dict, prefix: str) -> nn.Module:
-        cls = _resolve(node["class"], allowed)
+        cls = _resolve(node["class"], MODEL_CLASS_SOURCES, allow, (nn.Module,), "class")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         for k, v in node["attrs"].items():
-            m.__dict__[k] = _decode(v)
+            m.__dict__[k] = decode(v)
         for k, p in node["params"].items():
             full = f"{prefix}{k}"
             if p is None:
@@ -706,7 +896,8 @@ def save_shrunk(path_dir: str | Path, result: ShrinkResult) -> Path:
 def load_shrunk(path_dir: str | Path, allow: tuple[str, ...] = ()) -> nn.Module:
     """Load a model written by :func:`save_shrunk` (checksum verified, no pickle), in eval mode.
 
-    Model classes must come from ``torch.nn`` or ``topotorch`` (or the ``allow`` prefixes).
+    Model classes must be whole qualified names from ``torch.nn``, ``topotorch`` models/layers or
+    ``transformers`` models (see :func:`build_from_spec`), or from ``allow``; nothing else is imported.
     Usage: ``small = load_shrunk("runs/x/shrunk")``.
     """
     from safetensors.torch import load_file
