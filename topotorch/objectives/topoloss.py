@@ -124,6 +124,203 @@ def sheet_loss(sheets: torch.Tensor, factor: float | Sequence[float] = 4.0, mode
     return 1 - cos.mean(-1)
 
 
+# ---- the fused loss: a few-tap stencil per axis, streamed over row bands -------------------------------------------
+#
+# For one sheet S (h, w, E) with down/up matrices D_h, U_h, D_w, U_w (few non-zeros per row: 2 for bilinear):
+#     T  = D_h S            (h', w, E)   rows of S that the down step samples
+#     T2 = U_w D_w T        (h', w, E)   both w-steps on the small tensor
+#     B  = U_h T2           (h,  w, E)   built band by band, never stored whole
+#     cos_i = <S_i, B_i> / (|S_i| |B_i|),  L = 1 - mean_i cos_i
+# and, with g = -c/N the upstream weight of each cos_i,
+#     dL/dS_i = g (B_i/(|S||B|) - cos S_i/|S|²)  +  [D_hᵀ (D_wᵀ U_wᵀ (U_hᵀ G_B)) ]_i,
+#     G_B_i   = g (S_i/(|S||B|) - cos B_i/|B|²).
+# Pass 1 over row bands reduces <S,B>, |S|², |B|² and accumulates U_hᵀ G_B (small); pass 2 writes the gradient band by
+# band. A band is a few sheet rows (~0.5 MB), so its temporaries live in cache and are reused by the allocator
+# instead of faulting fresh pages, and the layer (≤ a few MB) is still in the last-level cache for pass 2: from memory,
+# each weight is read about once and each gradient written once. The gradient is computed with the value (when one is
+# wanted) and handed back by backward, so forward + backward is these two passes.
+
+_BAND_BYTES = 1 << 20
+_STACK_BYTES = 1 << 22  # groups of sheets smaller than this are stacked and done in one go
+
+
+def _span(m: torch.Tensor) -> list[tuple[int, int]]:
+    """Per row of a (rows, cols) matrix: the [first, last+1) range of its non-zero columns."""
+    nz = m != 0
+    any_ = nz.any(1)
+    first = torch.where(any_, nz.float().argmax(1), torch.zeros_like(any_, dtype=torch.long))
+    last = torch.where(any_, m.shape[1] - nz.flip(1).float().argmax(1), torch.ones_like(any_, dtype=torch.long))
+    return list(zip(first.tolist(), last.tolist()))
+
+
+class _Plan:
+    """The operators of one (h, w, E) sheet shape, its bands, and the non-zero spans each band touches."""
+
+    def __init__(self, h: int, w: int, e: int, factor: tuple[float, float], mode: str, dtype: torch.dtype,
+                 device: torch.device, itemsize: int = 4):
+        d64 = _axis_operators(h, w, factor[0], factor[1], mode, None)
+        dh, uh, dw, uw = (o.to(dtype=dtype, device=device) for o in d64)
+        self.h, self.w, self.e = h, w, e
+        self.dh, self.dw, self.uw = dh, dw, uw
+        self.dwT, self.uwT = dw.T.contiguous(), uw.T.contiguous()
+        self.hp = dh.shape[0]
+        self.down_rows = _span(d64[0])  # per row of D_h: the sheet rows it reads
+        rows = max(1, min(h, _BAND_BYTES // max(1, w * e * itemsize)))
+        self.bands = []
+        up_span, down_span = _span(d64[1]), _span(d64[0].T.contiguous())  # U_h rows; D_hᵀ rows (= D_h columns)
+        for r0 in range(0, h, rows):
+            r1 = min(h, r0 + rows)
+            p0, p1 = min(s[0] for s in up_span[r0:r1]), max(s[1] for s in up_span[r0:r1])
+            q0, q1 = min(s[0] for s in down_span[r0:r1]), max(s[1] for s in down_span[r0:r1])
+            self.bands.append((r0, r1, uh[r0:r1, p0:p1].contiguous(), p0, p1,
+                               uh[r0:r1, p0:p1].T.contiguous(), dh[q0:q1, r0:r1].T.contiguous(), q0, q1))
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(h, w, e, factor, mode, dtype, device) -> _Plan:
+    return _Plan(h, w, e, factor, mode, dtype, device)
+
+
+def _compute_dtype(dt: torch.dtype) -> torch.dtype:
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with ``torch.mm`` for 2-D ``b`` (faster than the batched path for one sheet)."""
+    if b.dim() == 2:
+        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
+    return torch.matmul(a, b, out=out) if out is not None else torch.matmul(a, b)
+
+
+def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.Tensor | None,
+           eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(L,) losses of a stack of sheets ``s`` (L, h, w, E) and, if ``coef`` (L,) is given, d(Σ coef·L)/ds."""
+    n_l, h, w, e = s.shape
+    cd = _compute_dtype(s.dtype)
+    p = _plan(h, w, e, factor, mode, cd, s.device)
+    n, we = h * w, w * e
+    one = n_l == 1
+    s3 = s.reshape(h, we) if one else s.reshape(n_l, h, we)   # one sheet: 2-D, so every product is a plain mm
+    native = s.dtype == cd
+    row = (lambda a, b: s3[a:b]) if one else (lambda a, b: s3[:, a:b])
+    # T = D_h S, reading only the rows the down step samples (a few taps per output row)
+    if one:
+        x = torch.empty(p.hp, we, dtype=cd, device=s.device)
+        for q, (j0, j1) in enumerate(p.down_rows):
+            src = s3[j0:j1] if native else s3[j0:j1].to(cd)
+            torch.mm(p.dh[q:q + 1, j0:j1], src, out=x[q:q + 1])
+    else:
+        x = torch.matmul(p.dh, s3 if native else s3.to(cd))                     # (L, h', w*E)
+    hp = p.hp
+    t2 = torch.matmul(p.uw, torch.matmul(p.dw, x.view(n_l * hp, w, e)))       # (L*h', w, E): both w-steps, small
+    t2 = t2.view(hp, we) if one else t2.view(n_l, hp, we)
+    dot = torch.empty(n_l, n, dtype=cd, device=s.device)
+    ss, bb = torch.empty_like(dot), torch.empty_like(dot)
+
+    def band(r0, r1, uhb, p0, p1):
+        sb = row(r0, r1) if native else row(r0, r1).to(cd)
+        bb_ = _mm(uhb, t2[p0:p1] if one else t2[:, p0:p1])                      # B rows r0..r1
+        return sb.reshape(n_l, -1, e), bb_.view(n_l, -1, e)
+
+    want = coef is not None
+    g1 = torch.zeros((hp, we) if one else (n_l, hp, we), dtype=cd, device=s.device) if want else None
+    g = (-coef.to(cd) / n)[:, None] if want else None
+    coefs = []
+    for r0, r1, uhb, p0, p1, uhbT, _dhbT, _q0, _q1 in p.bands:
+        sb, bbd = band(r0, r1, uhb, p0, p1)
+        u0, u1 = r0 * w, r1 * w
+        d_, s_, b_ = dot[:, u0:u1], ss[:, u0:u1], bb[:, u0:u1]
+        torch.linalg.vecdot(sb, bbd, out=d_)
+        torch.linalg.vecdot(sb, sb, out=s_)
+        torch.linalg.vecdot(bbd, bbd, out=b_)
+        if want:
+            ns, nb = s_.sqrt().clamp_min_(eps), b_.sqrt().clamp_min_(eps)
+            inv = g / (ns * nb)                                    # g/(|S||B|)
+            cg = d_ * inv                                          # g·cos
+            gb = torch.mul(bbd, (-cg / (nb * nb)).unsqueeze(-1)).addcmul_(sb, inv.unsqueeze(-1))   # G_B
+            gbv = gb.view(r1 - r0, we) if one else gb.view(n_l, r1 - r0, we)
+            if one:
+                g1[p0:p1].addmm_(uhbT, gbv)
+            else:
+                g1[:, p0:p1] += torch.matmul(uhbT, gbv)
+            coefs.append((inv.unsqueeze(-1), (-cg / (ns * ns)).unsqueeze(-1)))   # direct: inv·B + delta·S
+    cos = dot / (ss.sqrt().clamp_min(eps) * bb.sqrt().clamp_min(eps))
+    vals = 1 - cos.mean(-1)
+    if not want:
+        return vals, None
+    g2 = torch.matmul(p.dwT, torch.matmul(p.uwT, g1.view(n_l * hp, w, e)))
+    g2 = g2.view(hp, we) if one else g2.view(n_l, hp, we)
+    grad = torch.empty((h, we) if one else (n_l, h, we), dtype=s.dtype, device=s.device)
+    for (r0, r1, uhb, p0, p1, _uhbT, dhbT, q0, q1), (inv, delta) in zip(p.bands, coefs):
+        sb, bbd = band(r0, r1, uhb, p0, p1)
+        if native and one:
+            out = grad[r0:r1]
+            torch.mm(dhbT, g2[q0:q1], out=out)
+            out.view(n_l, -1, e).addcmul_(bbd, inv).addcmul_(sb, delta)
+        else:
+            acc = _mm(dhbT, g2[q0:q1] if one else g2[:, q0:q1]).view(n_l, -1, e)
+            acc.addcmul_(bbd, inv).addcmul_(sb, delta)
+            (grad[r0:r1] if one else grad[:, r0:r1]).copy_(acc.view(grad[r0:r1].shape if one else (n_l, r1 - r0, we)))
+    return vals, grad.view(n_l, h, w, e)
+
+
+class _TopoFn(torch.autograd.Function):
+    """Σ_l coef_l L_l and the (L,) values over sheets ``feats`` (each (h, w, E)), gradient computed with the value."""
+
+    @staticmethod
+    def forward(ctx, plan, coef, *feats):
+        factor, mode, groups = plan
+        want = any(ctx.needs_input_grad[2:])
+        vals = torch.empty(len(feats), dtype=_compute_dtype(feats[0].dtype), device=feats[0].device)
+        grads: list[torch.Tensor | None] = [None] * len(feats)
+        base = [c if c != 0 else 1.0 for c in coef]  # a τ = 0 layer still gets a gradient for layerwise() users
+        base_t = torch.tensor(base, dtype=vals.dtype, device=vals.device)
+        for idx in groups:
+            f = [feats[i] for i in idx]
+            small = len(f) > 1 and f[0].numel() * f[0].element_size() * len(f) <= _STACK_BYTES
+            if small:
+                v, g = _fused(torch.stack(f), factor, mode, base_t[idx] if want else None)
+                vals[idx] = v.to(vals.dtype)
+                for j, i in enumerate(idx):
+                    grads[i] = None if g is None else g[j]
+            else:
+                for i in idx:
+                    v, g = _fused(feats[i].unsqueeze(0), factor, mode, base_t[i:i + 1] if want else None)
+                    vals[i] = v[0].to(vals.dtype)
+                    grads[i] = None if g is None else g[0]
+        ctx.grads, ctx.base, ctx.coef, ctx.plan = grads, base, coef, plan
+        ctx.save_for_backward(*feats)
+        total = (torch.tensor(coef, dtype=vals.dtype, device=vals.device) * vals).sum()
+        dt = feats[0].dtype
+        return total.to(dt), vals.to(dt)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_total, g_vals):
+        gt = 0.0 if g_total is None else float(g_total)
+        gv = [0.0] * len(ctx.coef) if g_vals is None else g_vals.double().cpu().tolist()
+        k = [c * gt + v for c, v in zip(ctx.coef, gv)]
+        grads, base = ctx.grads, ctx.base
+        if grads is None:  # a second backward through the same graph (retain_graph=True): compute again
+            factor, mode, groups = ctx.plan
+            feats = ctx.saved_tensors
+            grads = [None] * len(feats)
+            for i, f in enumerate(feats):
+                if ctx.needs_input_grad[2 + i]:
+                    grads[i] = _fused(f.unsqueeze(0), factor, mode, f.new_tensor([base[i]], dtype=_compute_dtype(f.dtype)))[1][0]
+        ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
+        out = []
+        for i, g in enumerate(grads):
+            if g is None or not ctx.needs_input_grad[2 + i]:
+                out.append(None)
+                continue
+            f = k[i] / base[i]
+            if f != 1.0:
+                g = g.mul_(f) if f != 0.0 else torch.zeros_like(g)
+            out.append(g)
+        return (None, None, *out)
+
+
 @dataclass
 class TauSchedule:
     """τ over training: ``constant``, ``linear`` or ``cosine`` from ``start`` to ``end`` over ``steps``, then held.
@@ -200,30 +397,20 @@ class TopoLoss(nn.Module):
         self.taus = w
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(self.sheets):
-            groups.setdefault((s.h, s.w, s.feature_dim), []).append(i)
+            groups.setdefault((s.h, s.w, s.feature_dim, s.module.weight.dtype), []).append(i)
         self._groups = list(groups.values())
 
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sheets]
 
+    def _run(self, coef: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = [s.features() for s in self.sheets]
+        return _TopoFn.apply((self.factor, self.mode, self._groups), coef, *feats)
+
     def layer_losses(self) -> torch.Tensor:
         """(n_layers,) unscaled L_layer values, in the order of ``names``."""
-        parts: list[tuple[list[int], torch.Tensor]] = []
-        for idx in self._groups:
-            feats = [self.sheets[i].features() for i in idx]
-            stack = feats[0].unsqueeze(0) if len(feats) == 1 else torch.stack(feats)
-            parts.append((idx, sheet_loss(stack, self.factor, self.mode)))
-        if len(parts) == 1:
-            order = parts[0][0]
-            vals = parts[0][1]
-            if order == list(range(len(order))):
-                return vals
-        flat_idx = [i for idx, _ in parts for i in idx]
-        vals = torch.cat([v.to(parts[0][1].dtype) for _, v in parts])
-        inv = torch.empty(len(flat_idx), dtype=torch.long)
-        inv[torch.tensor(flat_idx)] = torch.arange(len(flat_idx))
-        return vals[inv.to(vals.device)]
+        return self._run([0.0] * len(self.sheets))[1]
 
     def layerwise(self) -> dict[str, torch.Tensor]:
         """{layer name: unscaled L_layer}. Usage: ``{k: float(v) for k, v in loss.layerwise().items()}``."""
@@ -231,11 +418,7 @@ class TopoLoss(nn.Module):
 
     def forward(self, step: int | None = None) -> torch.Tensor:
         """Σ τ_l L_l, divided by the number of layers under ``reduction="mean"``."""
-        vals = self.layer_losses()
-        taus = torch.tensor(self.taus, dtype=vals.dtype, device=vals.device)
-        total = (taus * vals).sum()
-        if self.reduction == "mean":
-            total = total / len(self.sheets)
+        scale = 1.0 / len(self.sheets) if self.reduction == "mean" else 1.0
         if self.schedule is not None:
-            total = total * self.schedule(step or 0)
-        return total
+            scale *= self.schedule(step or 0)
+        return self._run([t * scale for t in self.taus])[0]
