@@ -394,3 +394,34 @@ def test_load_refuses_hostile_functions_and_configs(tmp_path):
 
 class _Mine(MLP):
     pass
+
+
+def test_fffified_hf_model_reloads_in_a_fresh_process(tmp_path):
+    """The FFF's cache (last_entropies, a tensor with a graph) is left out like pickle would; a fresh
+    interpreter imports only the library modules the saved classes name (transformers' GPT-2, topotorch's FFF)."""
+    import subprocess
+
+    from topotorch.compression.shrink import ShrinkResult, model_spec
+    from topotorch.layers import fffify
+
+    model = _tiny_hf("gpt2")
+    fffify(model, "transformer.h.*.mlp", leaf_width=8)
+    x = torch.randint(0, 50, (2, 7))
+    model.train()
+    model(x).logits.sum().backward()  # leaves last_entropies on the FFF layers
+    model.eval()
+    save_shrunk(tmp_path, ShrinkResult(model, {}, {}, model_spec(model)))
+    with torch.no_grad():
+        torch.save({"x": x, "y": model(x).logits}, tmp_path / "ref.pt")
+    code = (
+        "import sys, torch\n"
+        "from topotorch.compression.shrink import load_shrunk\n"
+        "assert 'transformers' not in sys.modules and 'topotorch.layers.fff' not in sys.modules\n"
+        f"m = load_shrunk({str(tmp_path)!r}); ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "with torch.no_grad(): d = (m(ref['x']).logits - ref['y']).abs().max().item()\n"
+        "print(type(m.transformer.h[0].mlp.c_fc).__name__, d)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name, diff = done.stdout.split()[-2:]
+    assert name == "FFF" and float(diff) == 0.0

@@ -548,8 +548,8 @@ _BASE_KEYS = set(nn.Module().__dict__) | {"training"}
 # packages ("my_pkg.") or exact classes ("my_pkg.models:Net").
 MODEL_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
     (r"torch\.nn\.modules\.\w+", False),  # imported by ``import torch``
-    (r"topotorch\.models", True),
-    (r"topotorch\.layers(\.\w+)?", True),
+    (r"topotorch\.(models|tasks|tasks_sequence)", True),  # the modules of topotorch that define model classes
+    (r"topotorch\.(layers|compression|objectives)\.\w+", True),
     (r"topotorch(\.\w+)+", False),  # other topotorch modules: only when already imported
     (r"transformers\.models\.\w+\.modeling_\w+", True),
     (r"transformers\.(activations|pytorch_utils|modeling_utils|modeling_layers)", True),
@@ -712,7 +712,13 @@ def model_spec(model: nn.Module) -> dict:
     def walk(m: nn.Module, prefix: str) -> dict:
         cls = type(m)
         node = {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
-        for k, v in vars(m).items():
+        state = vars(m)
+        if type(m).__getstate__ is not nn.Module.__getstate__:  # a class that leaves caches out of its state
+            try:
+                state = m.__getstate__()
+            except Exception:  # e.g. a parametrised module refusing it: its plain attributes then
+                state = vars(m)
+        for k, v in state.items():
             if k in _BASE_KEYS:
                 continue
             node["attrs"][k] = encode(v, f"{prefix}{k}")
