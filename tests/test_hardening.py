@@ -26,7 +26,7 @@ FAKE_SUMMARY = {
 }
 
 
-def fake_train(cfg, on_step=None, resume=False):
+def fake_train(cfg, on_step=None, resume=False, overwrite=None):
     """Stands in for training (the property is about argument handling): validates like the real one."""
     assert isinstance(cfg, TrainConfig)
     if cfg.lr > 1:

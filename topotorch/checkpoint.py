@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +27,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated, corrupted or does not fit the model."""
 
 
+class FallbackWarning(UserWarning):
+    """A file was unusable and an older copy (or nothing) was used instead; every command reports it."""
+
+
+_UMASK: int | None = None
+
+
+def file_mode() -> int:
+    """The mode every file topotorch writes gets: 0666 minus the process umask (0644 under umask 022)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)  # read the umask (the only portable way), then put it back
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def set_file_mode(path: Path) -> None:
+    """Give ``path`` the common mode (:func:`file_mode`): files from tempfile or safetensors come out 0600."""
+    os.chmod(path, file_mode())
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and rename (never a half-written file)."""
     path = Path(path)
@@ -35,6 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    set_file_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -97,6 +119,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    set_file_mode(tmp)  # safetensors writes 0600; every run file gets the same mode
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     meta = {
         "step": int(step),
@@ -150,10 +173,14 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     graph: SpatialGraph | None = None,
     fallback: bool = True,
+    check_meta: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Load model (and optimizer, coordinates) from ``base``; on corruption fall back to ``base.prev``.
+    """Load model (and optimizer, coordinates) from ``base``; on corruption fall back to ``base.prev``
+    (warning with :class:`FallbackWarning`, naming the broken file and the one used).
 
-    Returns the checkpoint's metadata (``step``, ``extra``...). Usage: ``load_checkpoint(run / "checkpoint", model)``.
+    ``check_meta(meta)`` runs on the chosen checkpoint's metadata before anything is loaded into the
+    model (e.g. to refuse a checkpoint of another config). Returns the checkpoint's metadata
+    (``step``, ``extra``...). Usage: ``load_checkpoint(run / "checkpoint", model)``.
     """
     base = Path(base)
     try:
@@ -172,7 +199,9 @@ def load_checkpoint(
                 raise CheckpointError(f"{err}, and the previous checkpoint is unusable too: {prev_err}") from None
         import warnings
 
-        warnings.warn(f"{err}; using the previous checkpoint {prev_st}", stacklevel=2)
+        warnings.warn(f"{err}; using the previous checkpoint {prev_st}", FallbackWarning, stacklevel=2)
+    if check_meta is not None:
+        check_meta(meta)
     state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     # check before loading: load_state_dict copies the tensors that fit before it raises (half-loaded model)
     own = model.state_dict()
@@ -208,3 +237,53 @@ def load_checkpoint(
         graph.version += 1
     meta["extra_tensors"] = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta
+
+
+# -- run folders -------------------------------------------------------------------------------
+
+# what marks a folder as holding a run (`topotorch train` or `topotorch fff`)
+RUN_FILES = ("config.json", "summary.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json",
+             "checkpoint.prev.safetensors", "checkpoint.prev.json", "snapshots.safetensors", "model.safetensors",
+             "model.json")
+
+
+class RunFolderExists(ValueError):
+    """``--out`` names a folder that already holds a run (and ``--overwrite`` was not given)."""
+
+
+def run_files(folder: Path) -> list[str]:
+    """The run files (:data:`RUN_FILES`) present in ``folder``; [] for a missing or empty folder."""
+    folder = Path(folder)
+    return [n for n in RUN_FILES if (folder / n).exists()] if folder.is_dir() else []
+
+
+def prepare_run_folder(folder: Path, overwrite: bool | None, resume_hint: bool = True) -> Path | None:
+    """Make ``folder`` ready for a new run; never mix two runs in one folder.
+
+    A folder holding a run (:func:`run_files`) is refused with :class:`RunFolderExists` when
+    ``overwrite`` is False; otherwise it is moved aside whole, with one atomic rename, to
+    ``FOLDER.old-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... if taken), and that path is returned
+    (with a warning naming it). Returns None when nothing was there.
+    Usage: ``prepare_run_folder(Path("runs/x"), overwrite=False)``.
+    """
+    import time
+
+    folder = Path(folder)
+    found = run_files(folder)
+    if not found:
+        return None
+    if overwrite is False:
+        also = f", or --resume {folder} to continue it" if resume_hint else ""
+        raise RunFolderExists(f"{folder} already holds a run ({', '.join(found[:3])}"
+                              f"{', ...' if len(found) > 3 else ''}); pass --overwrite to move it aside to "
+                              f"{folder.name}.old-<time>{also}, or choose another --out")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest, k = folder.with_name(f"{folder.name}.old-{stamp}"), 1
+    while dest.exists():
+        k += 1
+        dest = folder.with_name(f"{folder.name}.old-{stamp}-{k}")
+    os.rename(folder, dest)  # one atomic step: the old run is whole either here or there
+    import warnings
+
+    warnings.warn(f"{folder} held a run; moved it to {dest}", UserWarning, stacklevel=3)
+    return dest

@@ -11,7 +11,9 @@ line naming the problem and exits with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -66,6 +68,24 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """The one way every command reports what the library warned about (a corrupt checkpoint and the
+    previous one used, an unreadable summary.json or metrics.csv, an old run moved aside...): one
+    ``warning: ...`` line each on stderr, also when the command then fails. Never swallowed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield caught
+        finally:
+            _echo_warnings(caught)
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        _fail(f"threads must be >= 1, got {threads}")
+
+
 @app.command()
 def tasks() -> None:
     """List the registered tasks and their reference settings."""
@@ -104,14 +124,17 @@ def train(
     topo_layers: Optional[str] = typer.Option(None, help="layers with a cortical sheet: fnmatch pattern(s), e.g. '*.mlp.0' (default: auto)"),
     topo_factor: Optional[float] = typer.Option(None, help="TopoLoss blur factor φ (default: 3)"),
     group_lam: Optional[float] = typer.Option(None, help="neuron group lasso weight (whole neurons die; 0: off)"),
-    animation: bool = typer.Option(True, help="render training.gif / training.mp4"),
+    animation: bool = typer.Option(True, help="render training.gif / training.mp4 (after summary.json is written)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: 1 for small models, measured rule)"),
 ) -> None:
-    """Train TASK and write config, metrics.csv, checkpoint, connectivity.png, animation, summary.json.
+    """Train TASK and write config, metrics.csv, checkpoint, summary.json, connectivity.png, animation.
 
     Under torchrun (``torchrun --nproc_per_node 2 -m topotorch train digits``) every process trains a share
     of the global batch (DistributedDataParallel); rank 0 writes the run folder.
-    ``--resume RUN`` continues RUN from its last checkpoint with RUN's own config.
+    ``--resume RUN`` continues RUN from its last checkpoint with RUN's own config. An --out folder that
+    already holds a run is refused unless ``--overwrite`` (the old run is moved aside, never mixed).
     """
     from topotorch.checkpoint import CheckpointError
     from topotorch.training import TrainConfig, TrainingDiverged
@@ -122,8 +145,11 @@ def train(
                      batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
                      local_steps=local_steps, topo_tau=topo_tau, topo_layers=topo_layers, topo_factor=topo_factor,
                      group_lam=group_lam)
+    _check_threads(threads)
     try:
         if resume is not None:
+            if overwrite:
+                _fail("--overwrite starts a new run; --resume continues one: give one of them")
             given = sorted(k.replace("_", "-") for k, v in overrides.items() if v is not None)
             if task is not None or out is not None or given:
                 _fail("--resume takes the run's own config; drop " +
@@ -131,23 +157,20 @@ def train(
             if not (resume / "config.json").is_file():
                 _fail(f"{resume} is not a run folder (no config.json)")
             cfg = TrainConfig.from_json(resume / "config.json")
-            cfg.out, cfg.animation, cfg.progress = str(resume), animation, progress
+            cfg.out, cfg.animation, cfg.progress, cfg.threads = str(resume), animation, progress, threads
         else:
             if task is None:
                 _fail("missing TASK (see `topotorch tasks`), or --resume RUN")
             name = f"{task}-{method or 'bimt'}-s{seed or 0}"
-            cfg = TrainConfig.for_task(task, **overrides, animation=animation, progress=progress,
+            cfg = TrainConfig.for_task(task, **overrides, animation=animation, progress=progress, threads=threads,
                                        out=str(out if out is not None else Path("runs") / name))
     except (ValueError, TypeError, OSError) as e:
         _fail(str(e))
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            result = run_training(cfg, resume=resume is not None)
-    except (TrainingDiverged, CheckpointError, ValueError, OSError) as e:
-        _fail(str(e))
-    for w in caught:
-        typer.echo(f"warning: {' '.join(str(w.message).split())}", err=True)
+    with _warnings_to_stderr():
+        try:
+            result = run_training(cfg, resume=resume is not None, overwrite=overwrite if resume is None else None)
+        except (TrainingDiverged, CheckpointError, ValueError, OSError) as e:
+            _fail(str(e))
     task = cfg.task
     method = cfg.method
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 speaks for the job
@@ -173,18 +196,19 @@ def draw(
     from topotorch.training import load_run
     from topotorch.visualize import draw_connectivity
 
-    if threshold < 0:
-        _fail(f"threshold must be >= 0, got {threshold}")
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # e.g. "using the previous checkpoint": one line each
-            warnings.simplefilter("always")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        _fail(f"threshold must be >= 0 and finite, got {threshold}")
+    with _warnings_to_stderr():  # e.g. "using the previous checkpoint": one line each
+        try:
             r = load_run(run)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
-        _fail(str(e))
-    for w in caught:
-        typer.echo(f"warning: {w.message}", err=True)
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
+            _fail(str(e))
     path = out or run / "connectivity.png"
-    draw_connectivity(r.graph, path=path, threshold=threshold, title=f"{r.config.task} [{r.config.method}]")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_connectivity(r.graph, path=path, threshold=threshold, title=f"{r.config.task} [{r.config.method}]")
+    except (OSError, ValueError) as e:
+        _fail(f"cannot write {path}: {e}")
     typer.echo(f"wrote {path}")
 
 
@@ -205,19 +229,23 @@ def fff(
     seed: int = typer.Option(0),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/<task>-<model>)"),
     progress: bool = typer.Option(True, help="progress bar"),
+    overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: 1 for small models, measured rule)"),
 ) -> None:
     """Train an FFF (or same-width FF) classifier; writes summary.json, model.safetensors, leaves.md (and regions.png for 2-D inputs)."""
     from topotorch.training_fff import FFFRecipe, FFFRunConfig, train_fff_run
 
-    try:
-        recipe = FFFRecipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, noise=noise,
-                           hard_frac=hard_frac, final_sharpness=final_sharpness, share_leaves=share_leaves)
-        config = FFFRunConfig(task=task, model=model, training_width=training_width, leaf_width=leaf_width,  # type: ignore[arg-type]
-                              seed=seed, recipe=recipe, progress=progress,
-                              out=str(out or Path("runs") / f"{task}-{model}"))
-        result = train_fff_run(config)
-    except (ValueError, ImportError, FloatingPointError) as e:
-        _fail(str(e))
+    _check_threads(threads)
+    with _warnings_to_stderr():
+        try:
+            recipe = FFFRecipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, noise=noise,
+                               hard_frac=hard_frac, final_sharpness=final_sharpness, share_leaves=share_leaves)
+            config = FFFRunConfig(task=task, model=model, training_width=training_width, leaf_width=leaf_width,  # type: ignore[arg-type]
+                                  seed=seed, recipe=recipe, progress=progress, threads=threads,
+                                  out=str(out or Path("runs") / f"{task}-{model}"))
+            result = train_fff_run(config, overwrite=overwrite)
+        except (ValueError, ImportError, FloatingPointError, OSError) as e:
+            _fail(str(e))
     s = result.summary
     line = f"{model} on {task}: test accuracy {100 * s['test_accuracy']:.1f}% (train {100 * s['train_accuracy']:.1f}%)"
     if model == "fff":
@@ -234,8 +262,8 @@ def summary(run: Path = typer.Argument(..., help="run folder")) -> None:
     if not p.exists():
         _fail(f"{run} has no summary.json (not a finished run folder)")
     try:
-        typer.echo(json.dumps(json.loads(p.read_text()), indent=2))
-    except json.JSONDecodeError as e:
+        typer.echo(json.dumps(json.loads(p.read_text(encoding="utf-8")), indent=2))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         _fail(f"{p} is corrupt: {e}")
 
 
@@ -255,17 +283,18 @@ def report(
         _fail(f"max_edges must be >= 1, got {max_edges}")
     if not run.is_dir():
         _fail(f"{run} is not a folder")
-    try:
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
+    if (run / "config.json").exists() and out is not None and not out.parent.is_dir():
+        _fail(f"cannot write {out}: folder {out.parent} does not exist")
+    with _warnings_to_stderr():  # a fallback checkpoint, an unreadable metrics.csv: said here and on the page
+        try:
             if (run / "config.json").exists():
                 path = build_report(run, out=out, max_edges=max_edges)
             elif out is not None:
                 _fail("--out applies to a single run folder, not a folder of runs")
             else:
                 path = build_index(run, max_edges=max_edges)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
-        _fail(str(e))
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
+            _fail(str(e))
     typer.echo(f"wrote {path}")
     if screenshot is not None:
         from topotorch.browser import Browser
@@ -283,12 +312,11 @@ def _load_for_topo(run: Path):
     from topotorch.checkpoint import CheckpointError
     from topotorch.training import load_run
 
-    try:
-        with warnings.catch_warnings(record=True):
-            warnings.simplefilter("always")
+    with _warnings_to_stderr():
+        try:
             return load_run(run)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
-        _fail(str(e))
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
+            _fail(str(e))
 
 
 def _topo_pattern(r, layers: Optional[str]) -> str:
@@ -315,15 +343,11 @@ def _compress_compact(run: Path, threshold: Optional[float], choose: str, thread
         _fail(f"threshold must be >= 0, got {threshold}")
     if threads < 1:
         _fail(f"threads must be >= 1, got {threads}")
-    caught: list = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    with _warnings_to_stderr():  # e.g. "checkpoint corrupt; using the previous checkpoint": never swallowed
+        try:
             rep = compress_run(run, threshold=threshold, choose=choose, threads=threads)
-    except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
-        _echo_warnings(caught)
-        _fail(str(e))
-    _echo_warnings(caught)  # e.g. "checkpoint corrupt; using the previous checkpoint": never swallowed
+        except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
+            _fail(str(e))
     m = rep["metric"]
     typer.echo(f"{rep['task']} [{rep.get('method', '')}] threshold {rep['threshold']:g}, {rep['threads']} thread(s)"
                + (f", formats {','.join(rep['formats'])}, modules {len(rep.get('modules') or [])}" if "formats" in rep else ""))
@@ -529,15 +553,11 @@ def sweep_sparsity(
                           rewind_fraction=rewind, lr=lr, batch_size=batch_size, lam=lam, progress=progress)
     except (ValueError, TypeError) as e:
         _fail(str(e))
-    caught: list = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
+    with _warnings_to_stderr():
+        try:
             run_sweep(cfg)
-    except (ValueError, ImportError, OSError, FloatingPointError) as e:
-        _echo_warnings(caught)
-        _fail(str(e))
-    _echo_warnings(caught)
+        except (ValueError, ImportError, OSError, FloatingPointError) as e:
+            _fail(str(e))
     summary = json.loads((folder / "summary.json").read_text())
     for s, winners in summary["winners"].items():
         med = summary["median_accuracy"]

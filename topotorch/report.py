@@ -31,6 +31,7 @@ import html
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from topotorch.analysis.ablation import (ablation_table, attention_layers, embed
                                          leaf_ablation_table, module_groups)
 from topotorch.graph import SpatialGraph
 from topotorch.analysis.modularity import detect_communities, importance
+from topotorch.checkpoint import FallbackWarning
 from topotorch.relocation import _aggregate_abs
 
 MAX_GIF_BYTES = 20_000_000
@@ -65,17 +67,64 @@ def _finite(v: Any) -> Any:
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:
-    """metrics.csv as columns of floats ({} when the file is missing). Usage: ``read_metrics(run / "metrics.csv")``."""
+    """metrics.csv as columns of floats ({} when the file is missing); a damaged file raises ``ValueError``
+    naming it and the problem. Usage: ``read_metrics(run / "metrics.csv")``."""
     path = Path(path)
     if not path.exists():
         return {}
-    with path.open() as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
-        return {}
-    header, body = rows[0], np.array([[float(x) if x not in ("", "nan") else np.nan for x in r] for r in rows[1:]
-                                      if len(r) == len(rows[0])], dtype=np.float64)
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.reader(f))
+        if len(rows) < 2:
+            return {}
+        header, body = rows[0], np.array([[float(x) if x not in ("", "nan") else np.nan for x in r] for r in rows[1:]
+                                          if len(r) == len(rows[0])], dtype=np.float64)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:
+        raise ValueError(f"{path} is unreadable: {' '.join(str(e).split())[:200]}") from None
     return {h: body[:, i].tolist() for i, h in enumerate(header)} if body.size else {}
+
+
+def _metrics_or_notice(path: Path, notices: list[str]) -> dict[str, list[float]]:
+    """:func:`read_metrics`, or {} plus a notice (and a FallbackWarning) naming the file when it is damaged."""
+    try:
+        return read_metrics(path)
+    except ValueError as e:
+        msg = f"{e}; training curves left out"
+        notices.append(msg)
+        warnings.warn(msg, FallbackWarning, stacklevel=2)
+        return {}
+
+
+def _noting(notices: list[str], fn, *args, **kwargs):
+    """Run ``fn`` recording its UserWarnings (a fallback checkpoint, an unreadable summary.json) as page
+    notices; each is warned again so the command line reports it too."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = fn(*args, **kwargs)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            notices.append(" ".join(str(w.message).split()))
+    for w in caught:  # outside the recording block: reaches the caller's filters / the CLI
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Replace every ``__KEY__`` of ``template`` in one pass: text put in is never scanned again (a run
+    named ``__DATA__`` stays a name)."""
+    import re
+
+    return re.sub(r"__(TITLE|GIF|PANELS|DATA|NOTICES)__", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON for a ``<script type="application/json">`` block: no ``<``, ``>`` or ``&`` left raw, so no label,
+    task name or config string can close the block or open a tag (JSON.parse reads the escapes back)."""
+    return json.dumps(_finite(obj)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _notices_html(notices: list[str]) -> str:
+    return "".join(f'<p class="notice">{html.escape(n)}</p>' for n in notices)
 
 
 def graph_layout(graph: SpatialGraph) -> dict[str, np.ndarray]:
@@ -341,8 +390,9 @@ def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    r = load_fff_run(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    notices: list[str] = []
+    r = _noting(notices, load_fff_run, run_dir)
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     data = get_task(config["task"]).make_data(config["seed"], torch.float32)
     panel = fff_panel(r.model, data.x_test, data.y_test, "accuracy") or []
     title = f"{config['task']} [{config['model']}] — {run_dir.name}"
@@ -352,7 +402,8 @@ def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path
 
     rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in sorted(r.summary.items()))
     rows += "".join(f"<tr><td>recipe.{esc(k)}</td><td>{cell(v)}</td></tr>" for k, v in config["recipe"].items())
-    body = [f"<h1>{esc(title)}</h1>", "<section><h2>Summary</h2><table>", rows, "</table></section>"]
+    body = [f"<h1>{esc(title)}</h1>", _notices_html(notices), "<section><h2>Summary</h2><table>", rows,
+            "</table></section>"]
     for layer in panel:
         knocked = {row.get("leaf"): row["overall"] for row in layer.get("ablation", []) if "leaf" in row}
         intact = next((row["overall"] for row in layer.get("ablation", []) if row.get("name") == "none"), None)
@@ -376,7 +427,7 @@ def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     figures = {"run": run_dir.name, "task": config["task"], "model": config["model"], **r.summary,
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "notices": notices, "seconds": round(time.perf_counter() - t0, 3)}
     (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
     return path
 
@@ -398,7 +449,8 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     run_dir = Path(run_dir)
     if not isinstance(max_edges, int) or max_edges < 1:
         raise ValueError(f"max_edges must be a positive integer, got {max_edges!r}")
-    r = load_run(run_dir)
+    notices: list[str] = []  # what was unusable and left out (or replaced by an older copy): shown on the page
+    r = _noting(notices, load_run, run_dir)
     graph, thr = r.graph, r.config.threshold
     comms = detect_communities(graph, threshold=thr, resolution=resolution)
     q_all = detect_communities(graph, threshold=0.0).q
@@ -425,26 +477,28 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     }
     data = {
         "title": f"{r.config.task} [{r.config.method}] — {run_dir.name}",
-        "figures": figures, "graph": gdata, "metrics": read_metrics(run_dir / "metrics.csv"),
+        "figures": figures, "graph": gdata, "metrics": _metrics_or_notice(run_dir / "metrics.csv", notices),
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
         "modules": comms.modules, "output_labels": structure._labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
-        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": int(len(fx)),
+        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": int(len(fx)), "notices": notices,
     }
+    figures["notices"] = notices
     if cortical:
         figures["smoothness"] = {d["layer"]: d.get("smoothness") for d in cortical["layers"]}
     if exports:
         export_graph(graph, run_dir, thr, comms.membership)
     figures["seconds"] = round(time.perf_counter() - t0, 3)
-    page = _PAGE.replace("__TITLE__", html.escape(data["title"]))
     panels = "".join(sec for sec, on in (
         ('<section class="wide"><h2>Attention heads</h2><div id="heads"></div></section>', heads),
         ('<section class="wide"><h2>Cortical maps</h2><div id="maps"></div></section>', cortical),
         ('<section class="wide"><h2>FFF regions</h2><div id="fff"></div></section>', fff)) if on)
-    page = page.replace("__PANELS__", panels)
-    page = page.replace("__DATA__", json.dumps(_finite(data)).replace("</", "<\\/"))
-    page = page.replace("__GIF__", f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">' if gif_b64
-                        else "<p>No animation in this run folder (train with animation on).</p>")
+    # data reaches the page as text only: escaped here, JSON with no raw < > &, and textContent in the script
+    page = _fill(_PAGE, {
+        "TITLE": html.escape(data["title"]), "PANELS": panels, "DATA": _json_for_script(data),
+        "NOTICES": _notices_html(notices),
+        "GIF": f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">' if gif_b64
+        else "<p>No animation in this run folder (train with animation on).</p>"})
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
@@ -474,13 +528,13 @@ def build_index(runs_dir: Path | str, max_edges: int = 5000, rebuild: bool = Fal
         rep, fig = run / "report.html", run / "report.json"
         if rebuild or not rep.exists() or not fig.exists() or rep.stat().st_mtime < (run / "config.json").stat().st_mtime:
             build_report(run, max_edges=max_edges)
-        f = json.loads(fig.read_text())
-        f["href"] = rep.relative_to(root).as_posix()
+        f = json.loads(fig.read_text(encoding="utf-8"))
+        f["href"] = "./" + rep.relative_to(root).as_posix()  # "./": a run named "javascript:..." stays a path
         png = run / "connectivity.png"
         f["thumb"] = base64.b64encode(png.read_bytes()).decode() if png.exists() else None
-        f["metrics"] = read_metrics(run / "metrics.csv")
+        f["metrics"] = _metrics_or_notice(run / "metrics.csv", f.setdefault("notices", []))
         cards.append(f)
-    page = _INDEX.replace("__DATA__", json.dumps(_finite(cards)).replace("</", "<\\/"))
+    page = _fill(_INDEX, {"DATA": _json_for_script(cards)})
     path = root / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
@@ -501,6 +555,7 @@ td:first-child,th:first-child{text-align:left}.muted{color:#777;font-size:12px}
 border-radius:4px;display:none;box-shadow:0 1px 4px #0003;z-index:9}
 svg text{font-size:10px;fill:#444}pre{font-size:11px;white-space:pre-wrap;word-break:break-all;background:#f4f4f4;padding:6px}
 img{max-width:100%}.cards{display:flex;flex-wrap:wrap;gap:12px}.card{width:330px}
+.notice{background:#fff4d6;border:1px solid #e0b44c;border-radius:4px;padding:6px 10px;margin:8px 18px;font-size:13px}
 """
 
 _COMMON_JS = r"""
@@ -532,6 +587,7 @@ function table(parent,head,rows){const t=document.createElement('table');const t
 
 _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <style>""" + _STYLE + """</style></head><body><header><h1>__TITLE__</h1><div id="sub" class="muted" style="color:#ccd"></div></header>
+<div id="notices">__NOTICES__</div>
 <main>
 <section><h2>Connectivity (wheel: zoom, drag: pan, hover: details; colour = module)</h2>
 <div id="graphinfo" class="muted"></div><svg id="graph" width="100%" height="560" style="background:#fff;cursor:grab"></svg></section>
@@ -548,7 +604,11 @@ const D=JSON.parse(document.getElementById('data').textContent);
 const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf','#bcbd22','#7f7f7f','#393b79','#637939'];
 const mcol=m=>m<0?'#bbb':PAL[m%PAL.length];
 const tip=document.getElementById('tip');
-function showTip(ev,text){tip.style.display='block';tip.innerHTML=text;tip.style.left=(ev.clientX+12)+'px';tip.style.top=(ev.clientY+12)+'px';}
+// lines: strings, or [bold, rest] pairs; built from text nodes only (labels are data, never markup)
+function showTip(ev,lines){tip.replaceChildren();lines.forEach((ln,i)=>{if(i)tip.appendChild(document.createElement('br'));
+ if(Array.isArray(ln)){const b=document.createElement('b');b.textContent=ln[0];tip.appendChild(b);tip.appendChild(document.createTextNode(ln[1]));}
+ else tip.appendChild(document.createTextNode(ln));});
+ tip.style.display='block';tip.style.left=(ev.clientX+12)+'px';tip.style.top=(ev.clientY+12)+'px';}
 function hideTip(){tip.style.display='none';}
 const F=D.figures;
 document.getElementById('sub').textContent=`${F.metric}: ${fmt(F.test)} (thresholded ${fmt(F.thresholded_test)}) · wiring cost ${fmt(F.wiring_cost)} · modularity Q ${fmt(F.q)} (all weights ${fmt(F.q_all_weights)}) · ${F.n_communities} communities (${F.backend})`;
@@ -563,11 +623,11 @@ document.getElementById('sub').textContent=`${F.metric}: ${fmt(F.test)} (thresho
  for(let k=0;k<m;k++){const s=E.source[k],t=E.target[k],w=E.weight[k],r=Math.abs(w)/(wmax||1);
   const ln=el('line',{x1:sx(N.x[s]).toFixed(1),y1:sy(N.y[s]).toFixed(1),x2:sx(N.x[t]).toFixed(1),y2:sy(N.y[t]).toFixed(1),
    stroke:w>=0?'#1f4fd6':'#d62020','stroke-opacity':(0.08+0.9*r).toFixed(3),'stroke-width':(0.3+3*r).toFixed(2),'vector-effect':'non-scaling-stroke'},ge);
-  ln.addEventListener('mousemove',ev=>showTip(ev,`${N.label[s]} → ${N.label[t]}<br>weight ${fmt(w)}`));ln.addEventListener('mouseleave',hideTip);}
+  ln.addEventListener('mousemove',ev=>showTip(ev,[`${N.label[s]} → ${N.label[t]}`,`weight ${fmt(w)}`]));ln.addEventListener('mouseleave',hideTip);}
  let imax=0;for(let i=0;i<n;i++)imax=Math.max(imax,N.importance[i]);
  for(let i=0;i<n;i++){const c=el('circle',{cx:sx(N.x[i]).toFixed(1),cy:sy(N.y[i]).toFixed(1),r:(1.5+4.5*Math.sqrt(N.importance[i]/(imax||1))).toFixed(2),
    fill:mcol(N.module[i]),stroke:'#333','stroke-width':0.4},gn);
-  c.addEventListener('mousemove',ev=>showTip(ev,`<b>${N.label[i]}</b> (${N.space[i]}[${N.index[i]}])<br>importance Σ|w| ${fmt(N.importance[i])}<br>module ${N.module[i]<0?'none':N.module[i]+1}`));
+  c.addEventListener('mousemove',ev=>showTip(ev,[[N.label[i],` (${N.space[i]}[${N.index[i]}])`],`importance Σ|w| ${fmt(N.importance[i])}`,`module ${N.module[i]<0?'none':N.module[i]+1}`]));
   c.addEventListener('mouseleave',hideTip);}
  const role={};G.spaces.forEach(s=>role[s.name]=s.role);
  for(let i=0;i<n;i++){if(role[N.space[i]]==='hidden'||n>400)continue;
@@ -582,7 +642,7 @@ document.getElementById('sub').textContent=`${F.metric}: ${fmt(F.test)} (thresho
  window.addEventListener('mousemove',ev=>{if(!drag)return;const [px,py]=pt(ev);tx=drag[2]+px-drag[0];ty=drag[3]+py-drag[1];apply();});
  svg.addEventListener('dblclick',()=>{k=1;tx=ty=0;apply();});})();
 // ---- curves
-(function(){const M=D.metrics,box=document.getElementById('curves');if(!M.step){box.textContent='metrics.csv not found';return;}
+(function(){const M=D.metrics,box=document.getElementById('curves');if(!M.step){box.textContent='no training curves: metrics.csv is missing or unreadable (see the notice above)';return;}
  const xs=M.step,met=Object.keys(M).find(c=>c.startsWith('test_'));
  lineChart(box,'task loss (log)',xs,[{xs,ys:M.task_loss}],{log:true});
  lineChart(box,'wiring cost',xs,[{xs,ys:M.wiring_cost,color:'#7a3dbf'}],{});
@@ -651,6 +711,7 @@ R.forEach(r=>{const c=document.createElement('div');c.className='card';const a=d
  a.textContent=`${r.run} (${r.task}, ${r.method})`;c.appendChild(a);
  if(r.thumb){const im=document.createElement('img');im.src='data:image/png;base64,'+r.thumb;c.appendChild(im);}
  const p=document.createElement('div');p.className='muted';p.textContent=`${r.metric} ${fmt(r.test)} · Q ${fmt(r.q)} · active ${fmt(r.active_weight_fraction)}`;c.appendChild(p);
+ (r.notices||[]).forEach(n=>{const q=document.createElement('p');q.className='notice';q.textContent=n;c.appendChild(q);});
  document.getElementById('cards').appendChild(c);});
 document.body.dataset.rendered='yes';
 </script></body></html>

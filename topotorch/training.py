@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from topotorch.analysis import structure
-from topotorch.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from topotorch.checkpoint import (CheckpointError, FallbackWarning, atomic_write_json, load_checkpoint, prepare_run_folder,
+                                  save_checkpoint, set_file_mode)
 from topotorch.graph import SpatialGraph
 from topotorch.progress import progress_bar
 from topotorch.objectives.group import neuron_group_norm
@@ -103,6 +104,9 @@ def _validate_config(c: "TrainConfig") -> None:
         raise ValueError(f"topo_layers must be 'auto' or a layer-name pattern like '*.mlp.0', got {c.topo_layers!r}")
     if c.out is not None and (not isinstance(c.out, str) or not c.out.strip() or "\0" in c.out):
         raise ValueError(f"out must be a folder path, got {c.out!r}")
+    if c.threads is not None and (not isinstance(c.threads, int) or isinstance(c.threads, bool)
+                                  or not 1 <= c.threads <= 4096):
+        raise ValueError(f"threads must be a positive integer or None (automatic), got {c.threads!r}")
 
 
 def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
@@ -178,6 +182,7 @@ class TrainConfig:
     animation: bool = True
     progress: bool = True
     out: str | None = None
+    threads: int | None = None  # torch threads; None: choose_threads' measured rule (runtime, like out)
     # DiLoCo-style local updates: 0 = every step synchronised (DDP); H > 0 = H inner AdamW steps per
     # replica, then an outer Nesterov-SGD step on the averaged pseudo-gradient (θ_outer − θ_local)
     local_steps: int = 0
@@ -442,7 +447,82 @@ def _restore_rng(meta: dict, tensors: dict[str, torch.Tensor], batch_gen: torch.
     batch_gen.set_state(tensors["rng/batch"])
 
 
-_RUNTIME_FIELDS = ("out", "progress", "animation")  # may differ between a run and its resumption
+_RUNTIME_FIELDS = ("out", "progress", "animation", "threads")  # may differ between a run and its resumption
+
+
+def _run_config(config: "TrainConfig | dict") -> dict:
+    """The fields that define a run (runtime fields left out), JSON round-tripped so saved and live compare."""
+    d = config.to_dict() if isinstance(config, TrainConfig) else dict(config)
+    return json.loads(json.dumps({k: v for k, v in d.items() if k not in _RUNTIME_FIELDS}))
+
+
+def config_mismatch(saved: dict, config: "TrainConfig | dict") -> list[str]:
+    """``key=saved (vs ours)`` for every run-defining field where ``saved`` (a checkpoint's copy) and ``config`` differ."""
+    a, b = _run_config(saved), _run_config(config)
+    return [f"{k}={a.get(k)!r} (config.json: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_checkpoint_config(base: Path, config: "TrainConfig"):
+    """A ``check_meta`` for :func:`load_checkpoint`: refuse a checkpoint written under another config
+    (checkpoints before this check carry none and pass)."""
+
+    def check(meta: dict) -> None:
+        saved = (meta.get("extra") or {}).get("config")
+        if saved is None:
+            return
+        diff = config_mismatch(saved, config)
+        if diff:
+            more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+            raise CheckpointError(f"{base.parent}: the checkpoint was written by another run than "
+                                  f"{base.parent / 'config.json'} describes; checkpoint has {', '.join(diff[:4])}{more}. "
+                                  "The folder mixes two runs: train afresh with --overwrite")
+
+    return check
+
+
+# -- threads -----------------------------------------------------------------------------------
+
+# Below this many multiply-adds per step (parameters x samples x positions in a batch) a run uses one
+# torch thread. Measured on the 2-core box (MLP 64-w-w-10, forward + backward + AdamW, best of 3 x 30
+# steps; /tmp/tt/threads_bench.py in the session that set it): with the box otherwise quiet, 2 threads
+# gained nothing below ~2e7 (0.84x the 1-thread time at 2.2e7, 0.73x at 8.7e7, 0.41-0.56x at 3e8-1e9);
+# with other work on the cores (load 1.5-3.7) 2 threads were 3-10x SLOWER at every size up to 1e9
+# (9.8x at 2.3e6, 5.2x at 1.8e7, 3.4x at 3.1e8, 2.6x at 1.2e9). So: 1 thread below 1e8 (losing at most
+# ~1.4x when idle), and above it torch's thread count capped by the cores the load average leaves free.
+ONE_THREAD_WORK = 1e8
+# frames of training.gif / training.mp4: drawing a frame costs ~0.1 s on the 2-core box and the GIF
+# encoder as much again, so 50 frames (of the ~100 snapshots) keep `make demo`'s pictures to ~5-8 s
+ANIMATION_FRAMES = 50
+
+
+def step_work(model: torch.nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Rough multiply-adds of one training step's forward: parameters x batch x positions per sample
+    (token sequences: their length; images: their pixels). Usage: ``step_work(model, data.x_train, 64)``."""
+    params = sum(p.numel() for p in model.parameters())
+    if x.ndim <= 1:
+        positions = 1
+    elif not x.is_floating_point():
+        positions = x[0].numel()  # token ids: one position each
+    else:
+        positions = 1 if x.ndim == 2 else (x.shape[1] if x.ndim == 3 else int(np.prod(x.shape[2:])))
+    return float(params) * batch * positions
+
+
+def choose_threads(work: float, cores: int | None = None, load: float | None = None) -> int:
+    """Torch threads for a run whose step costs ``work`` multiply-adds (:func:`step_work`): 1 below
+    :data:`ONE_THREAD_WORK`, else torch's current count capped by the cores the 1-minute load average
+    leaves free (at least 1). Usage: ``torch.set_num_threads(choose_threads(step_work(m, x, 64)))``."""
+    import os
+
+    if work < ONE_THREAD_WORK:
+        return 1
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (OSError, AttributeError):
+            load = 0.0
+    return max(1, min(torch.get_num_threads(), cores, round(cores - load)))
 
 
 def _check_resumable(run_dir: Path, config: TrainConfig) -> None:
@@ -487,6 +567,7 @@ def _save_snapshots_atomic(snapshots: list, path: Path) -> None:
 
     tmp = path.with_name(path.name + ".tmp")
     save_snapshots(snapshots, tmp)
+    set_file_mode(tmp)  # safetensors writes 0600; every run file gets the same mode
     os.replace(tmp, path)
 
 
@@ -509,7 +590,7 @@ def _has_checkpoint(base: Path) -> bool:
 
 # -- training ----------------------------------------------------------------------------------
 
-def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, on_step=None, resume: bool = False, overwrite: bool | None = None) -> TrainResult:
     """Train ``config.task`` with ``config.method``; write the run folder if ``config.out`` is set.
 
     ``on_step(step, model, graph)`` is an optional hook (e.g. for tests). Raises
@@ -520,21 +601,29 @@ def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResul
     it starts afresh. Under ``torchrun`` (``WORLD_SIZE`` > 1) the global batch is split across ranks and
     gradients are averaged by DistributedDataParallel, or, with ``local_steps`` H > 0, replicas take H
     local AdamW steps between outer syncs (DiLoCo). Rank 0 alone decides relocations and writes files.
+
+    A fresh run never mixes with an old one: if ``config.out`` already holds a run it is refused
+    (``overwrite=False``, what ``topotorch train`` does without ``--overwrite``) or moved aside whole to
+    ``OUT.old-<time>`` (``overwrite=True``; the default None also warns). A resumed run's checkpoint
+    must have been written under the same config. Threads: ``config.threads``, else
+    :func:`choose_threads` (a resumed run keeps its own); torch's setting is restored afterwards.
     Usage: ``train(TrainConfig.for_task("digits", steps=500, out="runs/d"), resume=True)``.
     """
     from topotorch.visualize import draw_connectivity, load_snapshots, render_animation, take_snapshot
 
     ctx = dist_context()
     together = False  # did every rank get here the same way (finished, or the same shared divergence)?
+    threads_before = torch.get_num_threads()
     try:
         result = _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation,
-                        take_snapshot)
+                        take_snapshot, overwrite)
         together = True
         return result
     except TrainingDiverged:
         together = True  # the divergence decision is global (all-reduced loss or DiLoCo flag)
         raise
     finally:
+        torch.set_num_threads(threads_before)
         if ctx.created:
             import torch.distributed as dist
 
@@ -543,9 +632,18 @@ def train(config: TrainConfig, on_step=None, resume: bool = False) -> TrainResul
             dist.destroy_process_group()
 
 
-def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot):
+def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, render_animation, take_snapshot,
+           overwrite=None):
     import torch.distributed as dist
 
+    run_dir = Path(config.out) if config.out else None
+    if run_dir is not None and not resume:
+        if overwrite is False:
+            prepare_run_folder(run_dir, False)  # a run there: refused (every rank sees the same folder and stops)
+        if ctx.world > 1:
+            dist.barrier()  # every rank has looked before rank 0 moves anything
+        if ctx.main and overwrite is not False:
+            prepare_run_folder(run_dir, overwrite)  # a run there: moved aside whole (atomic rename)
     _set_seeds(config.seed)
     task, model, graph = build(config)
     dtype = DTYPES[config.dtype]
@@ -562,6 +660,9 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
     global_batch = config.batch_size if config.batch_size and config.batch_size < n_train else n_train
     if global_batch < world:
         raise ValueError(f"the global batch ({global_batch}) is smaller than the number of processes ({world})")
+    work = step_work(model, data.x_train, max(1, global_batch // world))
+    threads = config.threads or choose_threads(work)
+    threads_by = "--threads" if config.threads else f"rule: {work:.2g} multiply-adds per step"
 
     # DiLoCo: the outer (global) parameters live in a shadow copy with its own graph, so relocation
     # permutes them and the outer optimizer's momentum exactly like the replicas
@@ -574,7 +675,6 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         outer_opt = torch.optim.SGD(shadow.parameters(), lr=config.outer_lr, momentum=config.outer_momentum,
                                     nesterov=config.outer_momentum > 0)
 
-    run_dir = Path(config.out) if config.out else None
     writes = run_dir is not None and ctx.main
     batch_gen = torch.Generator().manual_seed(config.seed + 1)
     start, elapsed0 = 0, 0.0
@@ -586,9 +686,12 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
             raise ValueError("resume needs the run folder (config.out)")
         _check_resumable(run_dir, config)
         if _has_checkpoint(run_dir / "checkpoint"):
-            meta = load_checkpoint(run_dir / "checkpoint", model, opt, graph)
+            meta = load_checkpoint(run_dir / "checkpoint", model, opt, graph,
+                                   check_meta=_check_checkpoint_config(run_dir / "checkpoint", config))
             start = int(meta["step"])
             extra, tensors = meta.get("extra", {}), meta.get("extra_tensors", {})
+            if not config.threads and extra.get("threads"):  # the run's own choice: the same numerics as before
+                threads, threads_by = int(extra["threads"]), "the resumed run's"
             if "rng" not in extra:
                 raise CheckpointError(f"{run_dir}/checkpoint has no RNG state (written by an older version); "
                                       "cannot resume exactly")
@@ -663,9 +766,11 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
                 if buf is not None:
                     rng_tensors[f"outer/{n}"] = buf
         save_checkpoint(run_dir / "checkpoint", model, opt, graph, step=done,
-                        extra={"rng": rng_meta, "seconds": round(time.perf_counter() - t0, 3), "world": world},
+                        extra={"rng": rng_meta, "seconds": round(time.perf_counter() - t0, 3), "world": world,
+                               "threads": threads, "config": _run_config(config)},
                         extra_tensors=rng_tensors)
 
+    torch.set_num_threads(threads)
     topo = _topo_loss(config, model)
     t0 = time.perf_counter() - elapsed0
     progress = progress_bar(config.progress and ctx.main)
@@ -763,6 +868,7 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         "task": config.task, "method": config.method, "steps": config.steps, "seed": config.seed,
         "dtype": config.dtype, "train_seconds": round(train_seconds, 3),
         "world_size": world, "local_steps": H, "resumed_from_step": start if resume else None,
+        "threads": threads, "threads_chosen_by": threads_by,
         "comm_bytes_per_step": round(ctx.comm_bytes / max(1, config.steps - start), 1),
         "wiring_cost": float(wiring_cost(graph, reloc_cfg).detach()),
         **structure_summary(task, model, graph, data, config.threshold),
@@ -774,11 +880,21 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         summary["topo_loss"] = {k: round(v.item(), 6) for k, v in topo.layerwise().items()}
     if writes:
         _save_snapshots_atomic(snapshots, run_dir / "snapshots.safetensors")
+        # the run is finished and said so before any picture is drawn: Ctrl-C while rendering loses only pictures
+        atomic_write_json(run_dir / "summary.json", summary)
         t1 = time.perf_counter()
         draw_connectivity(graph, path=run_dir / "connectivity.png", threshold=0.0,
                           title=f"{config.task} [{config.method}] step {config.steps}")
         if config.animation:
-            render_animation(graph, snapshots, gif_path=run_dir / "training.gif", mp4_path=run_dir / "training.mp4")
+            with progress_bar(config.progress) as bar:
+                job = bar.add_task("rendering training.gif/.mp4", total=None) if bar else None
+
+                def on_frame(done: int, total: int) -> None:
+                    if bar is not None:
+                        bar.update(job, completed=done, total=total)
+
+                render_animation(graph, snapshots, gif_path=run_dir / "training.gif", mp4_path=run_dir / "training.mp4",
+                                 max_frames=ANIMATION_FRAMES, on_frame=on_frame)
         summary["render_seconds"] = round(time.perf_counter() - t1, 3)
         atomic_write_json(run_dir / "summary.json", summary)
     return TrainResult(model, graph, task, data, config, summary, snapshots, run_dir)
@@ -838,7 +954,30 @@ def load_run(run_dir: Path) -> TrainResult:
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path} is corrupt: {e}") from None
     task, model, graph = build(config)
-    load_checkpoint(run_dir / "checkpoint", model, None, graph)
+    load_checkpoint(run_dir / "checkpoint", model, None, graph,
+                    check_meta=_check_checkpoint_config(run_dir / "checkpoint", config))
     data = task.make_data(config.seed, DTYPES[config.dtype])
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    return TrainResult(model, graph, task, data, config, summary, [], run_dir)
+    return TrainResult(model, graph, task, data, config, read_summary(run_dir), [], run_dir)
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's ``summary.json`` as a dict; {} when missing, and {} with a :class:`FallbackWarning`
+    naming the file and the problem when it is unreadable (the run itself stays usable)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        import warnings
+
+        warnings.warn(f"{path} is unreadable ({' '.join(str(e).split())}); its figures are left out", FallbackWarning,
+                      stacklevel=2)
+        return {}
+    if not isinstance(data, dict):
+        import warnings
+
+        warnings.warn(f"{path} is not a JSON object (got {type(data).__name__}); its figures are left out",
+                      FallbackWarning, stacklevel=2)
+        return {}
+    return data

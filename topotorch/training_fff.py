@@ -10,8 +10,9 @@ std; an FFF trains soft while its decisions sharpen, then with hard decisions
     >>> fit_classifier(model, x_train, y_train, FFFRecipe(epochs=100))
     >>> result = train_fff_run(FFFRunConfig(task="digits", out="runs/digits-fff"))   # `topotorch fff digits`
 
-A run folder holds ``config.json``, ``model.safetensors`` (the deployed model, written
-atomically), ``summary.json`` (hard and soft test accuracy, train accuracy, leaf usage,
+A run folder holds ``config.json``, ``model.safetensors`` + ``model.json`` (the deployed model,
+written atomically by :func:`~topotorch.checkpoint.save_checkpoint`, its SHA-256 in ``model.json``
+and checked on every load), ``summary.json`` (hard and soft test accuracy, train accuracy, leaf usage,
 time), ``leaves.md`` (which classes land in which leaf) and, for 2-D inputs, ``regions.png``.
 """
 
@@ -190,10 +191,14 @@ class FFFRunConfig:
     recipe: FFFRecipe = field(default_factory=FFFRecipe)
     progress: bool = True
     out: str | None = None
+    threads: int | None = None  # torch threads; None: topotorch.training.choose_threads' rule
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
             self.recipe = FFFRecipe(**self.recipe)
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer or None (automatic), got {self.threads!r}")
         if self.model not in ("ff", "fff"):
             raise ValueError(f"model must be 'ff' or 'fff', got {self.model!r}")
         from topotorch.tasks import TASKS
@@ -220,12 +225,24 @@ class FFFRunResult:
     run_dir: Path | None
 
 
-def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
+def train_fff_run(config: FFFRunConfig, overwrite: bool | None = None) -> FFFRunResult:
     """Train one FF or FFF classifier on a task's data and (with ``config.out``) write its run folder.
 
+    A folder that already holds a run is refused (``overwrite=False``, the CLI's default) or moved
+    aside whole to ``OUT.old-<time>`` (True; the library default None does the same). Threads:
+    ``config.threads``, else :func:`topotorch.training.choose_threads`; torch's setting is restored after.
     Usage: ``train_fff_run(FFFRunConfig(task="two-moons", leaf_width=1, training_width=16))``.
     """
-    from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
+    before = torch.get_num_threads()
+    try:
+        return _train_fff_run(config, overwrite)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult:
+    from topotorch.checkpoint import atomic_write_bytes, atomic_write_json, prepare_run_folder, save_checkpoint
+    from topotorch.training import choose_threads, step_work
     from topotorch.layers.fff_regions import class_leaf_table, draw_regions, format_class_leaf_table, leaf_usage
     from topotorch.tasks import get_task
 
@@ -242,8 +259,11 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
     model = make_classifier(config.model, xtr.shape[1], n_out, config.training_width, config.leaf_width)
     run_dir = Path(config.out) if config.out else None
     if run_dir is not None:
+        prepare_run_folder(run_dir, overwrite, resume_hint=False)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", config.to_dict())
+    threads = config.threads or choose_threads(step_work(model, xtr, config.recipe.batch_size))
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     with progress_bar(config.progress) as bar:
         job = bar.add_task(f"{config.model} on {config.task}", total=config.recipe.epochs) if bar else None
@@ -257,7 +277,7 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
     summary: dict[str, Any] = {
         "task": config.task, "model": config.model, "training_width": config.training_width,
         "test_accuracy": accuracy(model.eval(), xte, yte), "train_accuracy": accuracy(model.eval(), xtr, ytr),
-        "train_seconds": round(seconds, 2),
+        "train_seconds": round(seconds, 2), "threads": threads,
     }
     if isinstance(model, FFF):
         usage = leaf_usage(model, xte)
@@ -268,12 +288,9 @@ def train_fff_run(config: FFFRunConfig) -> FFFRunResult:
                        neurons_per_sample=model.leaf_width + model.depth)
         model.eval()
     if run_dir is not None:
-        from safetensors.torch import save
-
-        atomic_write_bytes(run_dir / "model.safetensors",
-                           save({k: v.detach().contiguous() for k, v in model.state_dict().items()}))
+        save_checkpoint(run_dir / "model", model)  # model.safetensors + model.json (its SHA-256), atomic
         if isinstance(model, FFF):
-            (run_dir / "leaves.md").write_text(format_class_leaf_table(class_leaf_table(model, xte, yte, n_out)) + "\n")
+            atomic_write_bytes(run_dir / "leaves.md", (format_class_leaf_table(class_leaf_table(model, xte, yte, n_out)) + "\n").encode())
             if xtr.shape[1] == 2:
                 import matplotlib.pyplot as plt
 
@@ -304,24 +321,37 @@ def load_fff_run(run_dir: str | Path) -> FFFRunResult:
     """
     from safetensors.torch import load_file
 
+    from topotorch.checkpoint import CheckpointError, FallbackWarning, load_checkpoint
     from topotorch.tasks import get_task
+    from topotorch.training import read_summary
 
     run_dir = Path(run_dir)
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).exists():
             raise FileNotFoundError(f"{run_dir} is not a finished `topotorch fff` run: {name} is missing")
+    cfg_path = run_dir / "config.json"
     try:
-        config = FFFRunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-        state = load_file(str(run_dir / "model.safetensors"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"{run_dir}: corrupt run folder ({e})") from None
-    except Exception as e:  # safetensors raises its own error types on a damaged file
-        raise ValueError(f"{run_dir}/model.safetensors is corrupt: {e}") from None
+        config = FFFRunConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt: {e}") from None
     data = get_task(config.task).make_data(config.seed, torch.float32)
     n_out = int(max(data.y_train.max(), data.y_test.max())) + 1
     model = make_classifier(config.model, data.x_train.shape[1], n_out, config.training_width, config.leaf_width)
-    model.load_state_dict(state)
+    if (run_dir / "model.json").exists():  # checksummed (save_checkpoint): verified before use
+        try:
+            load_checkpoint(run_dir / "model", model, fallback=False)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+    else:  # written before model.json existed: readable, but nothing can vouch for its bytes
+        import warnings
+
+        try:
+            state = load_file(str(run_dir / "model.safetensors"))
+            model.load_state_dict(state)
+        except Exception as e:  # safetensors raises its own error types on a damaged file
+            raise ValueError(f"{run_dir / 'model.safetensors'} is corrupt: {' '.join(str(e).split())}") from None
+        warnings.warn(f"{run_dir / 'model.safetensors'} has no checksum (no model.json: written by an older "
+                      "version); loaded unverified", FallbackWarning, stacklevel=2)
     if isinstance(model, FFF):  # not in the state dict: the decision temperature it was trained to
         model.sharpness = config.recipe.final_sharpness
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    return FFFRunResult(model.eval(), summary, run_dir)
+    return FFFRunResult(model.eval(), read_summary(run_dir), run_dir)

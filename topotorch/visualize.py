@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -414,11 +414,14 @@ def render_animation(
     linewidth: float = 2.0,
     figsize: tuple[float, float] = (8.0, 6.0),
     dpi: float = 80,
+    on_frame: "Callable[[int, int], None] | None" = None,
 ) -> int:
     """Draw each snapshot (evenly subsampled to at most ``max_frames``) into a GIF and/or MP4.
 
     Call after training. One figure is reused for every frame. The MP4 is H.264 (libx264,
-    yuv420p) through imageio-ffmpeg. Returns the number of frames written.
+    yuv420p) through imageio-ffmpeg. Both files are written under temporary names and renamed
+    when complete, so an interruption (Ctrl-C) leaves no half-written animation. ``on_frame(done,
+    total)`` is called after each frame (progress bars). Returns the number of frames written.
     Usage: ``render_animation(g, snaps, gif_path="bimt.gif", mp4_path="bimt.mp4", fps=10)``.
     """
     if gif_path is None and mp4_path is None:
@@ -430,20 +433,27 @@ def render_animation(
     import imageio
     import imageio.v3 as iio
 
+    import os
+
+    from topotorch.checkpoint import set_file_mode
+
     chosen = [snapshots[i] for i in _frame_indices(len(snapshots), max_frames)]
     three_d = any(_needs_3d(_positions(graph, s)) for s in chosen)
     fig = _new_figure(figsize, dpi)
     writer = None
+    tmp_gif = Path(gif_path).with_name(Path(gif_path).stem + ".part.gif") if gif_path is not None else None
+    tmp_mp4 = Path(mp4_path).with_name(Path(mp4_path).stem + ".part.mp4") if mp4_path is not None else None
     if mp4_path is not None:
         if not ffmpeg_available():
             raise RuntimeError("MP4 output needs imageio-ffmpeg with an ffmpeg binary (pip install imageio-ffmpeg)")
         writer = imageio.get_writer(
-            str(mp4_path), format="FFMPEG", mode="I", fps=fps, codec="libx264",
+            str(tmp_mp4), format="FFMPEG", mode="I", fps=fps, codec="libx264",
             pixelformat="yuv420p", macro_block_size=1, quality=8,
         )
     frames = []
+    done = False
     try:
-        for snap in chosen:
+        for k, snap in enumerate(chosen):
             fig.clear()
             ax = _add_axes(fig, three_d)
             _draw(ax, graph, snap, threshold, None, max_edges, linewidth, 64, three_d)
@@ -453,9 +463,26 @@ def render_animation(
                 writer.append_data(frame)
             if gif_path is not None:
                 frames.append(frame)
-    finally:
+            if on_frame is not None:
+                on_frame(k + 1, len(chosen))
         if writer is not None:
             writer.close()
-    if gif_path is not None:
-        iio.imwrite(str(gif_path), np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+            writer = None
+        if gif_path is not None:
+            iio.imwrite(str(tmp_gif), np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+        for tmp, final in ((tmp_mp4, mp4_path), (tmp_gif, gif_path)):
+            if tmp is not None:
+                set_file_mode(tmp)
+                os.replace(tmp, final)
+        done = True
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - already failing; the partial file is removed below
+                pass
+        if not done:
+            for tmp in (tmp_gif, tmp_mp4):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
     return len(chosen)
