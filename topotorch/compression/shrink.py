@@ -644,8 +644,8 @@ def _decoder(objects: dict, allow: tuple[str, ...]):
     made: dict[str, object] = {}
 
     def config(key: str):
-        if key not in made:
-            entry = objects.get(key) if isinstance(objects, dict) else None
+        if not isinstance(key, str) or key not in made:
+            entry = objects.get(key) if isinstance(objects, dict) and isinstance(key, str) else None
             if not isinstance(entry, dict) or not isinstance(entry.get("data"), dict):
                 raise ValueError(f"the saved description refers to an unknown object {key!r}")
             bases = _config_bases()
@@ -804,7 +804,10 @@ def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...]
             found = None
         if found is None:
             raise ValueError(f"refusing to load {what} {qual!r}: no module {mod_name!r} is installed")
-        mod = importlib.import_module(mod_name)
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise ValueError(f"cannot load {what} {qual!r}: importing {mod_name} failed ({e})") from None
     obj = mod
     for part in qparts:
         obj = vars(obj).get(part)
