@@ -193,3 +193,42 @@ def test_dense_init_and_errors():
         fffify(gpt2(), leaf_width=8, training_width=64, init="dense")
     with pytest.raises(ValueError, match="init must be"):
         fffify(gpt2(), init="copy")
+
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+FAMILIES = {  # models built from the same pieces: the rule registry and the reading check cover them
+    "roberta": (lambda: transformers.RobertaModel(transformers.RobertaConfig(**SMALL, vocab_size=50,
+                                                                             max_position_embeddings=20)),
+                ["encoder.layer.0", "encoder.layer.1"]),
+    "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(**SMALL, image_size=8, patch_size=4)), None),
+    "clip-text": (lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**SMALL, vocab_size=50,
+                                                                                 max_position_embeddings=16)),
+                  ["encoder.layers.0.mlp", "encoder.layers.1.mlp"]),
+    "opt": (lambda: transformers.OPTModel(transformers.OPTConfig(hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=2, ffn_dim=64, vocab_size=50,
+                                                                 max_position_embeddings=16, word_embed_proj_dim=32)),
+            ["decoder.layers.0", "decoder.layers.1"]),
+    "distilbert": (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
+        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=50, max_position_embeddings=16)),
+                   ["transformer.layer.0.ffn", "transformer.layer.1.ffn"]),
+    "gpt-neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**SMALL, vocab_size=50,
+                                                                              max_position_embeddings=16)),
+                 ["layers.0.mlp", "layers.1.mlp"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_more_hf_families_convert_exactly_at_depth_0(kind):
+    build, names = FAMILIES[kind]
+    torch.manual_seed(0)
+    model = build().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64) if kind == "vit" else TOKENS
+    with torch.no_grad():
+        ref = out(model(x))
+    found = fffify(model, depth=0, leaf_width=64, init="dense")
+    assert len(found) == 2 and (names is None or found == names) and len(fff_layers(model)) == 2
+    with torch.no_grad():
+        assert rel(out(model(x)), ref) <= 1e-10
+    model.train()
+    out(model(x)).square().mean().backward()
+    assert all(layer.w1s.grad is not None for _, layer in fff_layers(model))

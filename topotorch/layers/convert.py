@@ -20,7 +20,9 @@ An MLP block is found by one rule of :data:`MLP_PATTERNS` (first match wins):
   ``output.dense``; the block is the layer holding both, e.g. ``encoder.layer.0``),
   ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer`` (``linear1``,
   ``activation``, ``dropout``, ``linear2``; torch's fused inference fast path is switched off
-  for converted layers, since it reads ``linear1.weight``).
+  for converted layers, since it reads ``linear1.weight``), HF ``fc1``/``activation_fn``/``fc2``
+  (CLIP, ViT, OPT, ...), DistilBERT (``lin1``/``activation``/``lin2``) and GPT-NeoX
+  (``dense_h_to_4h``/``act``/``dense_4h_to_h``).
 * gated MLPs (``gate_proj``/``up_proj``/``down_proj`` as in Llama, Mistral, Qwen;
   ``wi_0``/``wi_1``/``wo`` as in T5 v1.1) are refused with a ValueError naming the block: an
   FFF leaf is ``Linear–activation–Linear`` and has no multiplicative gate, so no FFF computes
@@ -246,6 +248,9 @@ MLP_PATTERNS: list = [
     SequentialPattern(),
     MLPPattern("hf-gpt2", "c_fc", "act", "c_proj"),
     MLPPattern("bert", "intermediate.dense", "intermediate.intermediate_act_fn", "output.dense"),
+    MLPPattern("fc1/fc2", "fc1", "activation_fn", "fc2"),  # HF CLIP, ViT, OPT, Whisper, ...
+    MLPPattern("distilbert", "lin1", "activation", "lin2"),
+    MLPPattern("gpt-neox", "dense_h_to_4h", "act", "dense_4h_to_h"),
     MLPPattern("torch-transformer-layer", "linear1", "activation", "linear2", dropout="dropout",
                after=_torch_transformer_layer_after, call=_torch_transformer_layer_call),
     GatedMLPPattern("gated (llama)", "gate_proj", "up_proj", "down_proj"),
@@ -386,8 +391,8 @@ def fffify(
         raise ValueError("; ".join(f"{name or 'the model'} ({type(m).__name__}) is {f.refusal}" for name, m, f in refused))
     if not blocks:
         found = mlp_blocks(model, "*")
-        raise ValueError(f"no MLP block (Sequential of Linear, activation, Linear; HF GPT-2 / BERT MLP; "
-                         f"nn.TransformerEncoderLayer) matches {include!r}; MLP blocks in this model: {found or 'none'}")
+        kinds = ", ".join(r.name for r in MLP_PATTERNS if not isinstance(r, GatedMLPPattern))
+        raise ValueError(f"no MLP block ({kinds}) matches {include!r}; MLP blocks in this model: {found or 'none'}")
     if check:
         for name, m, f in blocks:
             _check(model, name, m, f)
