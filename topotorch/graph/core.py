@@ -54,12 +54,16 @@ class Slice:
     dim: int
     index: torch.Tensor
 
-    def neuron_of(self, size: int) -> torch.Tensor:
-        """For each of the ``size`` indices of the dimension, the neuron that owns it."""
+    def neuron_of(self, size: int, partial: bool = False) -> torch.Tensor:
+        """For each of the ``size`` indices of the dimension, the neuron that owns it.
+
+        ``partial=True`` allows indices owned by no neuron (-1): a connection that covers part of
+        a weight, e.g. the columns of a layer reading ``torch.cat`` of two spaces.
+        """
         owner = torch.full((size,), -1, dtype=torch.long)
         n, k = self.index.shape
         owner[self.index.reshape(-1)] = torch.arange(n).repeat_interleave(k)
-        if (owner < 0).any():
+        if not partial and (owner < 0).any():
             raise ValueError(f"dimension {self.dim} of {self.name!r} has indices that belong to no neuron")
         return owner
 
@@ -83,6 +87,8 @@ class Space:
     # a residual stream: read and written by many layers; drawn once per layer boundary
     # (just below each reader, just above each writer) with the skip connections between copies
     stream: bool = False
+    # why a space is fixed, when a builder found it cannot move (e.g. "an unknown op"); None otherwise
+    reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions.shape[0] != self.size:
@@ -164,7 +170,7 @@ class SpatialGraph:
         A space without coordinates (e.g. the token side of an embedding) is at distance 0, so
         such a connection costs only ``l0 * |W|``.
         """
-        key = ("dist", conn.weight, metric, like.device, like.dtype, self.version)
+        key = ("dist", conn.weight, conn.target, conn.source, metric, like.device, like.dtype, self.version)
         if key not in self._cache:
             t, s = self.space(conn.target), self.space(conn.source)
             if t.positions is None or s.positions is None:
@@ -206,8 +212,8 @@ class SpatialGraph:
             w = tensors.get(c.weight)
             if w is None:
                 raise ValueError(f"connection refers to unknown weight {c.weight!r}")
-            c.target_slice.neuron_of(w.shape[c.target_slice.dim])
-            c.source_slice.neuron_of(w.shape[c.source_slice.dim])
+            c.target_slice.neuron_of(w.shape[c.target_slice.dim], partial=True)
+            c.source_slice.neuron_of(w.shape[c.source_slice.dim], partial=True)
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{s.name}[{s.size}]" for s in self.spaces)

@@ -54,13 +54,15 @@ def cost_weights(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, like:
     Built from the (target, source) neuron distance matrix by expanding each neuron to the
     indices it owns; cached on the graph until coordinates change.
     """
-    key = ("factor", conn.weight, cfg.wf, cfg.l0, cfg.metric, like.device, like.dtype, graph.version)
+    key = ("factor", conn.weight, conn.target, conn.source, cfg.wf, cfg.l0, cfg.metric, like.device, like.dtype, graph.version)
     cache = graph._cache
     if key not in cache:
         d = graph.distances(conn, cfg.metric, like)
-        t_of = conn.target_slice.neuron_of(like.shape[conn.target_slice.dim]).to(like.device)
-        s_of = conn.source_slice.neuron_of(like.shape[conn.source_slice.dim]).to(like.device)
-        full = cfg.wf * d[t_of][:, s_of] + cfg.l0  # (S_target, S_source)
+        t_of = conn.target_slice.neuron_of(like.shape[conn.target_slice.dim], partial=True).to(like.device)
+        s_of = conn.source_slice.neuron_of(like.shape[conn.source_slice.dim], partial=True).to(like.device)
+        full = cfg.wf * d[t_of.clamp(min=0)][:, s_of.clamp(min=0)] + cfg.l0  # (S_target, S_source)
+        if bool((t_of < 0).any() or (s_of < 0).any()):  # entries another connection of this weight covers
+            full = full * ((t_of >= 0).unsqueeze(1) & (s_of >= 0).unsqueeze(0)).to(full.dtype)
         td, sd = conn.target_slice.dim, conn.source_slice.dim
         if td > sd:
             full = full.T
@@ -86,7 +88,10 @@ def connection_costs(graph: SpatialGraph, cfg: WiringConfig | None = None) -> di
             b = graph.tensor(conn.bias)
             cb = b.abs().sum() * cfg.l0
             c = c + (cb / b.numel() if cfg.agg == "mean" else cb)
-        out[conn.weight] = c
+        if conn.weight in out:  # one weight split between several connections (torch.cat)
+            out[conn.weight] = out[conn.weight] + c
+        else:
+            out[conn.weight] = c
     return out
 
 
