@@ -20,9 +20,17 @@ batched matmul chain: B = U_h · D_h · S · D_wᵀ · U_wᵀ — no per-layer P
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -264,6 +272,295 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
     return vals, grad.view(n_l, h, w, e)
 
 
+# ---- the same two passes as one compiled CPU kernel (float32 and bfloat16) ------------------------------------------
+#
+# In tensor ops every band still costs a dozen passes through the cache and a dozen thread-pool round trips, which
+# on a busy 2-core machine is most of the time. The kernel below does, per sheet: T = D_h S D_wᵀ (reading only the
+# sampled rows), then one pass over the units (B from T by the few up-taps, <S,B>, |S|, |B>, and U_hᵀ G_B U_w
+# accumulated per thread), then one pass writing the gradient. Built with the system C compiler on first use
+# (cached in $TOPOTORCH_CACHE or ~/.cache/topotorch), OpenMP on torch's own libgomp when torch uses GNU OpenMP;
+# without a compiler, or with TOPOTORCH_NO_KERNEL=1, the tensor-op path above is used.
+
+_KERNEL_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define omp_get_thread_num_safe() omp_get_thread_num()
+#else
+#define omp_get_thread_num_safe() 0
+#endif
+
+static inline float bf2f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* row i of S (E values) as float: a pointer into S (float32) or a conversion into buf (bfloat16) */
+static inline const float *row_of(const void *S, int bf, int64_t i, int64_t E, float *buf) {
+    if (!bf) return (const float *)S + i * E;
+    const uint16_t *p = (const uint16_t *)S + i * E;
+    #pragma omp simd
+    for (int64_t k = 0; k < E; k++) buf[k] = bf2f(p[k]);
+    return buf;
+}
+
+/* B of unit (r, c) = sum_p sum_q Uh[r,p] Uw[c,q] T[p,q,:] */
+static inline void blur_unit(float *restrict out, const float *restrict T, int64_t r, int64_t c, int64_t E, int64_t hp,
+                             int64_t wp, const float *Uh, const int32_t *Uh_s, const int32_t *Uh_e,
+                             const float *Uw, const int32_t *Uw_s, const int32_t *Uw_e) {
+    for (int64_t k = 0; k < E; k++) out[k] = 0.f;
+    for (int32_t p = Uh_s[r]; p < Uh_e[r]; p++) {
+        float a = Uh[r * hp + p];
+        if (a == 0.f) continue;
+        for (int32_t q = Uw_s[c]; q < Uw_e[c]; q++) {
+            float wgt = a * Uw[c * wp + q];
+            if (wgt == 0.f) continue;
+            const float *restrict t = T + (p * wp + q) * E;
+            #pragma omp simd
+            for (int64_t k = 0; k < E; k++) out[k] += wgt * t[k];
+        }
+    }
+}
+
+/* One sheet S (h, w, E) of float32 (bf = 0) or bfloat16 (bf = 1). Returns the loss 1 - mean cos in *loss;
+   if grad != NULL writes d(coef * loss)/dS there (same dtype as S). Operators are dense row-major with the
+   [start, end) span of non-zero columns of every row; DhT/DwT spans index the columns of Dh/Dw. */
+int topo_sheet(const void *S, int bf, int64_t h, int64_t w, int64_t E, int64_t hp, int64_t wp,
+               const float *Dh, const int32_t *Dh_s, const int32_t *Dh_e,
+               const float *Dw, const int32_t *Dw_s, const int32_t *Dw_e,
+               const float *Uh, const int32_t *Uh_s, const int32_t *Uh_e,
+               const float *Uw, const int32_t *Uw_s, const int32_t *Uw_e,
+               const int32_t *DhT_s, const int32_t *DhT_e, const int32_t *DwT_s, const int32_t *DwT_e,
+               double coef, float eps, void *grad, double *loss, int nthreads) {
+    int64_t N = h * w, small = hp * wp * E;
+    if (nthreads < 1) nthreads = 1;
+    float *T = (float *)malloc(sizeof(float) * small);
+    double *cosv = (double *)malloc(sizeof(double) * N);
+    float *coefs = grad ? (float *)malloc(sizeof(float) * 2 * N) : NULL;
+    float *G = grad ? (float *)calloc((size_t)small * nthreads, sizeof(float)) : NULL;
+    float *bufs = (float *)malloc(sizeof(float) * 3 * E * nthreads);
+    if (!T || !cosv || !bufs || (grad && (!coefs || !G))) { free(T); free(cosv); free(coefs); free(G); free(bufs); return 1; }
+    float g = (float)(-coef / (double)N);
+
+    /* 1. T = Dh S Dw^T (h' x w' x E), reading only the rows and columns the down step samples */
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t pq = 0; pq < hp * wp; pq++) {
+        int64_t p = pq / wp, q = pq % wp;
+        float *restrict t = T + pq * E;
+        float *buf = bufs + 3 * E * omp_get_thread_num_safe();
+        for (int64_t k = 0; k < E; k++) t[k] = 0.f;
+        for (int32_t j = Dh_s[p]; j < Dh_e[p]; j++) {
+            float a = Dh[p * h + j];
+            if (a == 0.f) continue;
+            for (int32_t c = Dw_s[q]; c < Dw_e[q]; c++) {
+                float wgt = a * Dw[q * w + c];
+                if (wgt == 0.f) continue;
+                const float *restrict s = row_of(S, bf, j * w + c, E, buf);
+                #pragma omp simd
+                for (int64_t k = 0; k < E; k++) t[k] += wgt * s[k];
+            }
+        }
+    }
+
+    /* 2. per unit: <S,B>, |S|, |B| -> cos; with a gradient, G += Uh^T (inv S + beta B) Uw per thread */
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int tid = omp_get_thread_num_safe();
+        float *sbuf = bufs + 3 * E * tid, *b = sbuf + E;
+        float *Gt = G ? G + small * tid : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t u = 0; u < N; u++) {
+            int64_t r = u / w, c = u % w;
+            const float *restrict s = row_of(S, bf, u, E, sbuf);
+            blur_unit(b, T, r, c, E, hp, wp, Uh, Uh_s, Uh_e, Uw, Uw_s, Uw_e);
+            float d = 0.f, ss = 0.f, bb = 0.f;
+            #pragma omp simd reduction(+:d, ss, bb)
+            for (int64_t k = 0; k < E; k++) { d += s[k] * b[k]; ss += s[k] * s[k]; bb += b[k] * b[k]; }
+            float ns = fmaxf(sqrtf(ss), eps), nb = fmaxf(sqrtf(bb), eps);
+            float cs = d / (ns * nb);
+            cosv[u] = cs;
+            if (Gt) {
+                float inv = g / (ns * nb), cg = g * cs, beta = -cg / (nb * nb);
+                coefs[2 * u] = inv;
+                coefs[2 * u + 1] = -cg / (ns * ns);
+                for (int64_t k = 0; k < E; k++) b[k] = inv * s[k] + beta * b[k];   /* b now holds G_B */
+                for (int32_t p = Uh_s[r]; p < Uh_e[r]; p++) {
+                    float a = Uh[r * hp + p];
+                    if (a == 0.f) continue;
+                    for (int32_t q = Uw_s[c]; q < Uw_e[c]; q++) {
+                        float wgt = a * Uw[c * wp + q];
+                        if (wgt == 0.f) continue;
+                        float *restrict gt = Gt + (p * wp + q) * E;
+                        #pragma omp simd
+                        for (int64_t k = 0; k < E; k++) gt[k] += wgt * b[k];
+                    }
+                }
+            }
+        }
+    }
+    double tot = 0;
+    for (int64_t u = 0; u < N; u++) tot += cosv[u];
+    *loss = 1.0 - tot / (double)N;
+
+    if (grad) {
+        /* sum the per-thread G's into the first */
+        #pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t i = 0; i < small; i++) {
+            float acc = G[i];
+            for (int t = 1; t < nthreads; t++) acc += G[small * t + i];
+            G[i] = acc;
+        }
+        /* 3. per unit: dS = inv B + delta S + sum Dh[p,r] Dw[q,c] G[p,q] */
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int tid = omp_get_thread_num_safe();
+            float *sbuf = bufs + 3 * E * tid, *b = sbuf + E, *o = b + E;
+            #pragma omp for schedule(static)
+            for (int64_t u = 0; u < N; u++) {
+                int64_t r = u / w, c = u % w;
+                const float *restrict s = row_of(S, bf, u, E, sbuf);
+                blur_unit(b, T, r, c, E, hp, wp, Uh, Uh_s, Uh_e, Uw, Uw_s, Uw_e);
+                float inv = coefs[2 * u], delta = coefs[2 * u + 1];
+                float *restrict out = bf ? o : (float *)grad + u * E;
+                #pragma omp simd
+                for (int64_t k = 0; k < E; k++) out[k] = inv * b[k] + delta * s[k];
+                for (int32_t p = DhT_s[r]; p < DhT_e[r]; p++) {
+                    float a = Dh[p * h + r];
+                    if (a == 0.f) continue;
+                    for (int32_t q = DwT_s[c]; q < DwT_e[c]; q++) {
+                        float wgt = a * Dw[q * w + c];
+                        if (wgt == 0.f) continue;
+                        const float *restrict gt = G + (p * wp + q) * E;
+                        #pragma omp simd
+                        for (int64_t k = 0; k < E; k++) out[k] += wgt * gt[k];
+                    }
+                }
+                if (bf) {
+                    uint16_t *dst = (uint16_t *)grad + u * E;
+                    for (int64_t k = 0; k < E; k++) dst[k] = f2bf(o[k]);
+                }
+            }
+        }
+    }
+    free(T); free(cosv); free(coefs); free(G); free(bufs);
+    return 0;
+}
+"""
+
+_klock = threading.Lock()
+_klib: ctypes.CDLL | None = None
+_ktried = False
+_kerror: str | None = None
+
+
+def _kernel_flags() -> list[list[str]]:
+    base = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
+    import platform as _pf
+
+    gomp = (sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
+            and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists())
+    omp = ["-fopenmp"] if gomp else ["-fopenmp-simd"]
+    tuned = ["-march=native"] if _pf.machine() in ("x86_64", "AMD64", "aarch64", "arm64") else []
+    return [base + tuned + omp, base + omp, base + tuned, base]
+
+
+def _topo_kernel() -> ctypes.CDLL | None:
+    """The compiled TopoLoss kernel, or None (no compiler, not POSIX, or ``TOPOTORCH_NO_KERNEL=1``)."""
+    global _klib, _ktried, _kerror
+    if os.environ.get("TOPOTORCH_NO_KERNEL", "0") not in ("", "0"):
+        return None
+    if _ktried:
+        return _klib
+    with _klock:
+        if _ktried:
+            return _klib
+        try:
+            if os.name != "posix":
+                raise RuntimeError("the TopoLoss CPU kernel needs a POSIX system")
+            cc = os.environ.get("CC", "cc")
+            cache = Path(os.environ.get("TOPOTORCH_CACHE", Path.home() / ".cache" / "topotorch")) / "kernels"
+            errors, so = [], None
+            for flags in _kernel_flags():
+                key = hashlib.sha256("\n".join([_KERNEL_SOURCE, cc, " ".join(flags), sys.platform]).encode()).hexdigest()[:16]
+                cand = cache / f"topoloss_{key}.so"
+                if cand.exists():
+                    so = cand
+                    break
+                cache.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    c_file, tmp_so = Path(tmp) / "topoloss.c", Path(tmp) / "topoloss.so"
+                    c_file.write_text(_KERNEL_SOURCE)
+                    r = subprocess.run([cc, *flags, str(c_file), "-o", str(tmp_so), "-lm"], capture_output=True,
+                                       text=True, timeout=120)
+                    if r.returncode == 0:
+                        os.replace(tmp_so, cand)
+                        so = cand
+                        break
+                    errors.append(f"{cc} {' '.join(flags)}: {r.stderr.strip()[:300]}")
+            if so is None:
+                raise RuntimeError("; ".join(errors))
+            lib = ctypes.CDLL(str(so))
+            p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.topo_sheet.restype = c_int
+            lib.topo_sheet.argtypes = ([p, c_int, i64, i64, i64, i64, i64] + [p] * 16
+                                       + [ctypes.c_double, ctypes.c_float, p, p, c_int])
+            _klib = lib
+        except Exception as e:  # noqa: BLE001 - any failure means: use the tensor-op path
+            _klib, _kerror = None, f"{type(e).__name__}: {e}"
+        _ktried = True
+    return _klib
+
+
+class _KPlan:
+    """float32 operators and int32 spans of one sheet shape, in the layout the kernel reads."""
+
+    def __init__(self, h: int, w: int, factor: tuple[float, float], mode: str):
+        dh, uh, dw, uw = _axis_operators(h, w, factor[0], factor[1], mode, None)
+        self.hp, self.wp = dh.shape[0], dw.shape[0]
+
+        def spans(m):
+            s = _span(m)
+            return (torch.tensor([a for a, _ in s], dtype=torch.int32), torch.tensor([b for _, b in s], dtype=torch.int32))
+        self.keep = []
+        for m in (dh, dw, uh, uw):
+            self.keep += [m.float().contiguous(), *spans(m)]
+        self.keep += [*spans(dh.T.contiguous()), *spans(dw.T.contiguous())]
+        self.ptrs = [t.data_ptr() for t in self.keep]
+
+
+@functools.lru_cache(maxsize=64)
+def _kplan(h: int, w: int, factor: tuple[float, float], mode: str) -> _KPlan:
+    return _KPlan(h, w, factor, mode)
+
+
+def _kernel_ok(f: torch.Tensor) -> bool:
+    return f.device.type == "cpu" and f.dtype in (torch.float32, torch.bfloat16) and _topo_kernel() is not None
+
+
+def _kernel_sheet(f: torch.Tensor, factor: tuple[float, float], mode: str, coef: float | None,
+                  eps: float = 1e-8) -> tuple[float, torch.Tensor | None]:
+    """(loss, d(coef·loss)/df or None) of one (h, w, E) CPU float32/bfloat16 sheet with the kernel."""
+    lib = _topo_kernel()
+    h, w, e = f.shape
+    f = f.contiguous()
+    kp = _kplan(h, w, factor, mode)
+    grad = torch.empty_like(f) if coef is not None else None
+    out = ctypes.c_double()
+    rc = lib.topo_sheet(f.data_ptr(), int(f.dtype == torch.bfloat16), h, w, e, kp.hp, kp.wp, *kp.ptrs,
+                        float(coef or 0.0), eps, None if grad is None else grad.data_ptr(), ctypes.byref(out),
+                        torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("TopoLoss kernel: out of memory")
+    return out.value, grad
+
+
+
 class _TopoFn(torch.autograd.Function):
     """Σ_l coef_l L_l and the (L,) values over sheets ``feats`` (each (h, w, E)), gradient computed with the value."""
 
@@ -277,6 +574,12 @@ class _TopoFn(torch.autograd.Function):
         base_t = torch.tensor(base, dtype=vals.dtype, device=vals.device)
         for idx in groups:
             f = [feats[i] for i in idx]
+            if _kernel_ok(f[0]):
+                for i in idx:
+                    v, g = _kernel_sheet(feats[i], factor, mode, base[i] if want else None)
+                    vals[i] = v
+                    grads[i] = g
+                continue
             small = len(f) > 1 and f[0].numel() * f[0].element_size() * len(f) <= _STACK_BYTES
             if small:
                 v, g = _fused(torch.stack(f), factor, mode, base_t[idx] if want else None)
