@@ -72,3 +72,35 @@ def test_find_sheets_by_pattern():
         CorticalSheet.of(gpt.blocks[0].ln1)
     with pytest.raises(ValueError, match="no bias"):
         CorticalSheet.of(nn.Linear(3, 4, bias=False), bias=True)
+
+
+def test_hf_style_conv1d_is_a_sheet_of_its_output_units():
+    """A class named Conv1D with ``nf`` and a (nx, nf) weight (Hugging Face GPT-2's) is found by patterns and
+    laid out by its output dimension, dim 1 of the weight; a look-alike without ``nf`` is not."""
+    from topotorch.sheets import find_sheets, is_hf_conv1d
+
+    class Conv1D(nn.Module):
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = Conv1D(64, 12)
+
+    m = nn.ModuleDict({"h": nn.ModuleList([Block(), Block()])})
+    sheets = find_sheets(m, "h.*.c_fc")
+    assert [s.name for s in sheets] == ["h.0.c_fc", "h.1.c_fc"]
+    s = sheets[0]
+    assert (s.h, s.w, s.feature_dim) == (8, 8, 12)
+    w = s.module.weight
+    torch.testing.assert_close(s.features(), w.T.reshape(8, 8, 12))
+    inp = CorticalSheet.of(s.module, side="input")
+    assert inp.units == 12 and inp.feature_dim == 64
+    torch.testing.assert_close(CorticalSheet.of(s.module, bias=True).features()[..., -1], s.module.bias.reshape(8, 8))
+    fake = Conv1D(64, 12)
+    del fake.nf
+    assert is_hf_conv1d(s.module) and not is_hf_conv1d(fake)

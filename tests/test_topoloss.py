@@ -194,3 +194,76 @@ def test_readme_toponets_example_runs(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "{'0': 0.019}" in proc.stdout and "Linear(in_features=16, out_features=10" in proc.stdout
+
+
+def test_kernel_and_tensor_paths_agree_on_values_and_gradients():
+    """The compiled CPU kernel and the tensor-op fallback give the same values and gradients (float32, bfloat16)."""
+    from topotorch.objectives import topoloss as tl
+
+    if tl._topo_kernel() is None:
+        pytest.skip(f"no C compiler for the TopoLoss kernel: {tl._kerror}")
+    torch.manual_seed(0)
+    for shape, factor, mode in [((48, 64, 40), (4.0, 4.0), "bilinear"), ((48, 64, 40), (3.0, 3.0), "bilinear"),
+                                ((6, 8, 27), (2.0, 2.0), "bilinear"), ((10, 12, 5), (3.0, 2.0), "nearest"),
+                                ((12, 16, 7), (4.0, 4.0), "area"), ((7, 9, 3), (1.5, 1.5), "bilinear")]:
+        s = torch.randn(*shape)
+        v_t, g_t = tl._fused(s.unsqueeze(0), factor, mode, torch.tensor([0.7]))
+        v_k, g_k = tl._kernel_sheet(s, factor, mode, 0.7)
+        assert abs(v_k - float(v_t[0])) < 1e-6, (shape, factor, mode)
+        torch.testing.assert_close(g_k, g_t[0], atol=1e-8, rtol=1e-4)
+        v_b, g_b = tl._kernel_sheet(s.bfloat16(), factor, mode, 0.7)
+        v_tb, g_tb = tl._fused(s.bfloat16().unsqueeze(0), factor, mode, torch.tensor([0.7]))
+        assert g_b.dtype == torch.bfloat16 and abs(v_b - float(v_tb[0])) < 1e-5
+        torch.testing.assert_close(g_b.float(), g_tb[0].float(), atol=1e-6, rtol=2e-2)
+
+
+def test_gradient_scaling_layerwise_and_retain_graph():
+    """The gradient made with the value is rescaled for any upstream weight; layerwise values backprop too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 96), nn.Linear(96, 64))
+    loss = TopoLoss(net, "0,1", factor=2.0, tau={"0": 2.0, "1": 0.0}, reduction="sum")
+    w0, w1 = net[0].weight, net[1].weight
+
+    def ref(w, f=2.0):
+        return reference_loss(w.reshape(8, 12, -1) if w.shape[0] == 96 else w.reshape(8, 8, -1), f, "bilinear")
+    g_ref0 = torch.autograd.grad(ref(w0), w0)[0]
+    g_ref1 = torch.autograd.grad(ref(w1), w1)[0]
+    out = loss()
+    g0, g1 = torch.autograd.grad(3.0 * out, [w0, w1], retain_graph=True)
+    torch.testing.assert_close(g0, 6.0 * g_ref0, atol=1e-7, rtol=1e-4)
+    assert g1.abs().max() == 0  # τ = 0: no gradient
+    g0b = torch.autograd.grad(out, w0)[0]  # second backward through the same graph
+    torch.testing.assert_close(g0b, 2.0 * g_ref0, atol=1e-7, rtol=1e-4)
+    lw = loss.layerwise()
+    g1 = torch.autograd.grad(lw["1"], w1)[0]
+    torch.testing.assert_close(g1, g_ref1, atol=1e-7, rtol=1e-4)
+    with torch.no_grad():
+        assert loss().requires_grad is False
+
+
+def test_hf_gpt2_conv1d_layers_match_a_transposed_linear():
+    """Issue 14: `transformer.h.*.mlp.c_fc` of a Hugging Face GPT-2 (Conv1D, weight (in, out)) is a sheet of its
+    output units, and the loss equals TopoLoss on an nn.Linear holding the transposed weight."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+    gpt = transformers.GPT2LMHeadModel(cfg)
+    loss = TopoLoss(gpt, "transformer.h.*.mlp.c_fc", factor=2.0)
+    assert loss.names == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert [(s.h, s.w, s.feature_dim) for s in loss.sheets] == [(8, 16, 32)] * 2  # 128 output units, 32 inputs
+    lins = nn.ModuleList()
+    for i in range(2):
+        conv = gpt.transformer.h[i].mlp.c_fc
+        lin = nn.Linear(32, 128)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.T)
+        lins.append(lin)
+    ref = TopoLoss(lins, "0,1", factor=2.0)
+    value = loss()
+    assert abs(value.item() - ref().item()) < 1e-6
+    value.backward()
+    ref().backward()
+    for i in range(2):
+        torch.testing.assert_close(gpt.transformer.h[i].mlp.c_fc.weight.grad, lins[i].weight.grad.T)
+    from topotorch.sheets import default_layers
+    assert default_layers(gpt) == "*.c_fc"

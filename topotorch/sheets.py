@@ -27,6 +27,22 @@ SHEET_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 Side = Literal["output", "input"]
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: a transposed Linear, weight (nx, nf) = (in, out), ``y = x @ W + b``.
+
+    Recognised by class name, its ``nf`` attribute and the weight's shape, without importing transformers.
+    """
+    w = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(nf, int) and isinstance(w, torch.Tensor)
+            and w.dim() == 2 and w.shape[1] == nf)
+
+
+def is_sheet_layer(module: nn.Module) -> bool:
+    """A layer that can carry a cortical sheet: nn.Linear, nn.Conv1d, nn.Conv2d or HF ``Conv1D``."""
+    return isinstance(module, SHEET_LAYERS) or is_hf_conv1d(module)
+
+
 class DegenerateSheetWarning(UserWarning):
     """A unit count with no divisor between 2 and sqrt(count) gives a 1 x N sheet: no 2-D topography."""
 
@@ -85,16 +101,17 @@ class CorticalSheet:
     def of(cls, module: nn.Module, name: str = "", shape: tuple[int, int] | str | None = None,
            side: Side = "output", bias: bool = False) -> "CorticalSheet":
         """The sheet of one Linear/Conv1d/Conv2d module. Usage: ``CorticalSheet.of(conv, shape="4x8")``."""
-        if not isinstance(module, SHEET_LAYERS):
+        if not is_sheet_layer(module):
             raise TypeError(f"layer {name or type(module).__name__!r} is a {type(module).__name__}; "
-                            "cortical sheets need nn.Linear, nn.Conv1d or nn.Conv2d")
+                            "cortical sheets need nn.Linear, nn.Conv1d, nn.Conv2d or Hugging Face Conv1D")
         if side not in ("output", "input"):
             raise ValueError(f"side must be 'output' or 'input', got {side!r}")
         if bias and side == "input":
             raise ValueError("bias=True is for output sheets (a bias belongs to an output unit)")
         if bias and getattr(module, "bias", None) is None:
             raise ValueError(f"layer {name!r} has no bias")
-        n = module.weight.shape[0] if side == "output" else module.weight.shape[1]
+        out_dim = 1 if is_hf_conv1d(module) else 0  # HF Conv1D keeps its weight as (in, out)
+        n = module.weight.shape[out_dim] if side == "output" else module.weight.shape[1 - out_dim]
         h, w = sheet_shape(int(n), shape)
         return cls(name, module, h, w, side, bias)
 
@@ -102,15 +119,20 @@ class CorticalSheet:
     def units(self) -> int:
         return self.h * self.w
 
+    def _weight(self) -> torch.Tensor:
+        """The weight as (out, in, ...): HF Conv1D's (in, out) weight is seen transposed."""
+        wt = self.module.weight
+        return wt.t() if is_hf_conv1d(self.module) else wt
+
     @property
     def feature_dim(self) -> int:
-        wt = self.module.weight
+        wt = self._weight()
         per = wt[0].numel() if self.side == "output" else wt.shape[0] * wt[0, 0].numel()
         return per + int(self.bias)
 
     def features(self) -> torch.Tensor:
         """(h, w, E) feature vectors of the units, a differentiable function of the layer's weights."""
-        wt = self.module.weight
+        wt = self._weight()
         if self.side == "output":
             f = wt.reshape(wt.shape[0], -1)
             if self.bias:
@@ -127,7 +149,7 @@ class CorticalSheet:
 
 def find_sheets(model: nn.Module, pattern: str = "*", shape: tuple[int, int] | str | None = None,
                 side: Side = "output", bias: bool = False) -> list[CorticalSheet]:
-    """The sheets of every Linear/Conv1d/Conv2d whose module name matches ``pattern`` (fnmatch).
+    """The sheets of every Linear/Conv1d/Conv2d (or HF GPT-2 ``Conv1D``) whose module name matches ``pattern``.
 
     Several patterns may be given comma-separated (``"*.mlp.0,*.conv1"``). A pattern that matches
     no such layer raises ``ValueError`` listing the layers there are. Modules shared under two
@@ -136,7 +158,7 @@ def find_sheets(model: nn.Module, pattern: str = "*", shape: tuple[int, int] | s
     if not isinstance(pattern, str):
         raise ValueError(f"layer pattern must be a string like '*.mlp.0', got {pattern!r}")
     pats = [p.strip() for p in pattern.split(",") if p.strip()] or [""]  # "": the model itself
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SHEET_LAYERS)]
+    layers = [(n, m) for n, m in model.named_modules() if is_sheet_layer(m)]
     out, seen = [], set()
     for p in pats:
         hits = [(n, m) for n, m in layers if fnmatch.fnmatchcase(n, p)]
@@ -157,7 +179,7 @@ def default_layers(model: nn.Module) -> str:
 
     Usage: ``find_sheets(model, default_layers(model))``.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, SHEET_LAYERS)]
+    names = [n for n, m in model.named_modules() if is_sheet_layer(m)]
     for pats in (("*.mlp.0", "*.c_fc"), ("*blocks.*.conv*",)):
         hit = [p for p in pats if any(fnmatch.fnmatchcase(n, p) for n in names)]
         if hit:
