@@ -10,6 +10,10 @@ exact per-layer assignment sweeps — and prints the wiring cost each reaches.
 ``--run DIR`` uses a trained run's network (e.g. ``topotorch train modular-addition
 --method local --out DIR``: trained with the wiring cost but never relocated).
 
+All three are timed side by side (:func:`topotorch.timing.compare`: a warm-up, then the three
+interleaved with the same number of repeats, each on a fresh copy of the same network made
+untimed before the call), reported as medians with their spread, threads and load average.
+
     python benchmarks/bench_relocation.py [--top-k 30] [--repeats 5] [--run DIR] [--json out.json]
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
+import sys
 
 import torch
 
@@ -26,6 +30,7 @@ from topotorch.graph import SpatialGraph
 from topotorch.models import TokenMLP
 from topotorch.objectives.wiring import WiringConfig, wiring_cost
 from topotorch.relocation import apply_permutation, neuron_scores, relocate
+from topotorch.timing import compare
 
 
 @torch.no_grad()
@@ -80,29 +85,29 @@ def relocate_until_converged(graph: SpatialGraph, cfg: WiringConfig, method: str
     return float(wiring_cost(graph, cfg).detach()), rounds
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--top-k", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--run", type=str, default=None, help="compare swap vs assign on this trained run's network")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = WiringConfig(wf=2.0, l0=0.5, agg="mean")
 
     g_paper, g_ours, g_assign = make_net(), make_net(), make_net()
-    t_paper = timed(lambda: paper_relocation(copy.deepcopy(g_paper), cfg, args.top_k), max(1, args.repeats // 3))
-    t_ours = timed(lambda: relocate(copy.deepcopy(g_ours), cfg, "swap", top_k=args.top_k), args.repeats)
-    t_assign = timed(lambda: relocate(copy.deepcopy(g_assign), cfg, "assign"), args.repeats)
+    fresh = {}
+    base = {"paper": g_paper, "closed_form": g_ours, "assignment": g_assign}
+
+    def setup(name):
+        fresh[name] = copy.deepcopy(base[name])  # untimed: every call relocates the same network
+    c = compare({"paper": lambda: paper_relocation(fresh["paper"], cfg, args.top_k),
+                 "closed_form": lambda: relocate(fresh["closed_form"], cfg, "swap", top_k=args.top_k),
+                 "assignment": lambda: relocate(fresh["assignment"], cfg, "assign")},
+                reps=args.repeats, warmup=1, setup=setup)
+    t_paper, t_ours, t_assign = c.median("paper"), c.median("closed_form"), c.median("assignment")
     d_paper = paper_relocation(g_paper, cfg, args.top_k)
     d_ours = relocate(g_ours, cfg, "swap", top_k=args.top_k).total_delta
     d_assign = relocate(g_assign, cfg, "assign").total_delta
@@ -117,6 +122,10 @@ def main() -> None:
         "cost_delta_paper": d_paper,
         "cost_delta_closed_form": d_ours,
         "cost_delta_assignment": d_assign,
+        "speedup_closed_form_iqr": list(c.ratio_range("paper", "closed_form")),
+        "speedup_assignment_iqr": list(c.ratio_range("paper", "assignment")),
+        "timing": c.as_dict(),
+        "command": "python benchmarks/bench_relocation.py " + " ".join(sys.argv[1:]),
     }
     if args.run:
         from topotorch.training import load_run
@@ -130,7 +139,9 @@ def main() -> None:
     res["cost_before"] = float(wiring_cost(net_a, conv_cfg).detach())
     res["cost_swaps_converged"], res["swap_rounds"] = relocate_until_converged(net_a, conv_cfg, "swap", args.top_k)
     res["cost_assign_converged"], res["assign_rounds"] = relocate_until_converged(net_b, conv_cfg, "assign", args.top_k)
-    print(f"one relocation, top_k={args.top_k} ({res['network']})")
+    print(f"one relocation, top_k={args.top_k} ({res['network']}); medians of {c.reps} interleaved repeats, "
+          f"{c.threads} threads, load {c.load_before} -> {c.load_after}")
+    print("  " + c.summary())
     print(f"  paper brute force : {t_paper * 1e3:9.1f} ms   cost change {d_paper:+.6f}")
     print(f"  closed form swaps : {t_ours * 1e3:9.1f} ms   cost change {d_ours:+.6f}   {res['speedup_closed_form_vs_paper']:.0f}x faster")
     print(f"  exact assignment  : {t_assign * 1e3:9.1f} ms   cost change {d_assign:+.6f}   {res['speedup_assignment_vs_paper']:.0f}x faster")
