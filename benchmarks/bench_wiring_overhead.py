@@ -16,6 +16,7 @@ import time
 import torch
 
 from topotorch.objectives.wiring import add_wiring_grad_, wiring_cost
+from topotorch.timing import compare
 from topotorch.training import DTYPES, TrainConfig, build, task_loss
 
 
@@ -41,17 +42,16 @@ def measure(task_name: str, rounds: int, n: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     wcfg = cfg.wiring(train=True)
     x, y = data.x_train, data.y_train
-    times: dict[str, list[float]] = {"plain": [], "closed": [], "autograd": []}
-    for mode in times:  # warm up (builds the cached distance factors)
-        step_time(task, model, opt, x, y, graph, wcfg, mode, n=10)
-    for _ in range(rounds):
-        for mode in times:
-            times[mode].append(step_time(task, model, opt, x, y, graph, wcfg, mode, n=n))
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    # warm-up, then the three step kinds interleaved, n steps per sample (timing.compare)
+    c = compare({mode: (lambda m=mode: step_time(task, model, opt, x, y, graph, wcfg, m, n=n))
+                 for mode in ("plain", "closed", "autograd")}, reps=rounds, warmup=1)
+    med = {k: c.median(k) / n for k in c.sides}
     return {"task": task_name, "batch": len(x), "dtype": cfg.dtype,
             "plain_step_ms": med["plain"] * 1e3, "wiring_step_ms": med["closed"] * 1e3,
             "autograd_wiring_step_ms": med["autograd"] * 1e3,
-            "overhead": med["closed"] / med["plain"] - 1.0, "autograd_overhead": med["autograd"] / med["plain"] - 1.0}
+            "overhead": med["closed"] / med["plain"] - 1.0, "autograd_overhead": med["autograd"] / med["plain"] - 1.0,
+            "overhead_iqr": [v - 1.0 for v in c.ratio_range("closed", "plain")], "timing": c.as_dict(),
+            "note": "timing medians are per sample of `steps` steps"}
 
 
 def main() -> None:
