@@ -1,6 +1,8 @@
 """The README's promises: its API example runs as written, and CI runs its test command."""
 
 import re
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,18 @@ def test_readme_any_architecture_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("SpatialGraph(input[1], 6[10], 3[8], 0[8]")
+    assert lines[0].startswith("SpatialGraph(input[1], 0[8], 3[8], output[10]")
     change = float(lines[1].split("output change ")[1])
     assert float(lines[1].split("cost change ")[1].split(",")[0]) < 0 and change < 1e-6
+
+
+def test_readme_hugging_face_graph_example_runs(tmp_path):
+    pytest.importorskip("transformers")
+    section = README.split("## Any architecture", 1)[1].split("\n## ", 1)[0]
+    first, hf = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
+    script = tmp_path / "hf_example.py"
+    script.write_text("import torch\nfrom topotorch import coupling_graph\n" + hf +
+                      "\ng = graph.space('transformer.h.0.attn.c_attn').groups\nprint(len(g), len(g.unique()))\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["64", "4"]

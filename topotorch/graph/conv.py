@@ -24,10 +24,12 @@ from topotorch.graph.transformer import _check_all_parameters_placed, _col
 
 
 def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list[str] | None = None,
-               output_labels: list[str] | None = None) -> SpatialGraph:
+               output_labels: list[str] | None = None, example_inputs=None, verify: bool = True) -> SpatialGraph:
     """Spaces ``input`` → ``resid`` ⇄ ``blocks.{l}.hidden`` → ``output``. Usage: ``conv_graph(resnet)``.
 
-    Raises ``ValueError`` naming any layer it cannot place.
+    Raises ``ValueError`` naming any layer it cannot place. The graph is checked to keep the
+    model's function (on ``example_inputs`` or random square images of the head's size). Any
+    other conv net: :func:`~topotorch.graph.flow.flow_graph`.
     """
     layouts = dict(layouts or {})
     for part in ("stem", "blocks", "head"):
@@ -91,4 +93,11 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
                             Slice("head.weight", 1, flat), hb))
     spaces.append(out)
     _check_all_parameters_placed(model, spaces)
-    return SpatialGraph(model, spaces, conns)
+    from topotorch.graph.verify import checked
+
+    side = getattr(model, "image_size", None) or round(per_channel ** 0.5)
+
+    def example():
+        return torch.randn(2, n_in, side, side, dtype=stem.weight.dtype, device=stem.weight.device)
+
+    return checked(SpatialGraph(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)

@@ -229,6 +229,8 @@ class SpatialGraph:
         relocate_outputs: bool = True,
         input_labels: list[str] | None = None,
         output_labels: list[str] | None = None,
+        example_inputs=None,
+        verify: bool = True,
     ) -> "SpatialGraph":
         """Spatial graph of a chain of ``nn.Linear`` layers, optionally fed by ``nn.Embedding`` tables.
 
@@ -238,6 +240,9 @@ class SpatialGraph:
         Spaces are named ``input`` (or ``embed``), ``hidden1``, ..., ``output``; ``layouts`` maps
         those names to layout specs (``"line"``, ``"grid:8x8"``, ``"circle"``, coordinates).
 
+        The graph is checked to keep the model's function under relocation
+        (:func:`~topotorch.graph.verify.check_graph`) on ``example_inputs``, or on a random input
+        of the chain's shape; ``verify=False`` skips the check.
         Usage: ``SpatialGraph.from_chain(mlp, layouts={"input": "grid:8x8", "output": "circle"})``.
         """
         layouts = dict(layouts or {})
@@ -327,7 +332,17 @@ class SpatialGraph:
         for name in layouts:
             if name not in {s.name for s in spaces}:
                 raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}")
-        return cls(model, spaces, conns)
+        from topotorch.graph.verify import checked
+
+        like = linears[0][1].weight
+
+        def example():
+            if embeds:
+                vocab = min(m.num_embeddings for _, m in embeds)
+                return torch.randint(0, vocab, (3, reps), device=like.device)
+            return torch.randn(3, linears[0][1].in_features, dtype=like.dtype, device=like.device)
+
+        return checked(cls(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
 FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())

@@ -75,12 +75,16 @@ def _norm_slices(prefix: str, norm: nn.Module, d: int) -> list[Slice]:
 
 
 def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labels: list[str] | None = None,
-                      relocate_outputs: bool = True, input_labels: list[str] | None = None) -> SpatialGraph:
+                      relocate_outputs: bool = True, input_labels: list[str] | None = None,
+                      example_inputs=None, verify: bool = True) -> SpatialGraph:
     """Spaces: ``input``/``tokens`` → ``resid`` ⇄ ``blocks.{l}.attn``, ``blocks.{l}.mlp`` → ``output``.
 
     Heights follow the forward pass (embedding 0, block l's attention 2l+1 and MLP 2l+2, the
     output on top); the residual stream is drawn at height 0.5 and shared by all blocks.
-    Raises ``ValueError`` naming any part it cannot place. Usage: ``transformer_graph(gpt)``.
+    Raises ``ValueError`` naming any part it cannot place. The graph is checked to keep the
+    model's function (:func:`~topotorch.graph.verify.check_graph`, on ``example_inputs`` or a
+    short random sequence). Any other transformer: :func:`~topotorch.graph.flow.flow_graph`.
+    Usage: ``transformer_graph(gpt)``.
     """
     layouts = dict(layouts or {})
     for part in ("embed", "blocks", "head"):
@@ -185,7 +189,17 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         if name not in known:
             raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(sorted(known))}")
     _check_all_parameters_placed(model, spaces)
-    return SpatialGraph(model, spaces, conns)
+    from topotorch.graph.verify import checked
+
+    w = embed.weight
+    t = min(5, getattr(model, "block_size", 5))
+
+    def example():
+        if isinstance(embed, nn.Embedding):
+            return torch.randint(0, n_in, (2, t), device=w.device)
+        return torch.randn(2, t, n_in, dtype=w.dtype, device=w.device)
+
+    return checked(SpatialGraph(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
 def _check_all_parameters_placed(model: nn.Module, spaces: list[Space]) -> None:

@@ -148,3 +148,26 @@ def refusal(graph: SpatialGraph, failed: dict[str, float]) -> str:
     return ("refusing a graph whose relocation would change the model's function: " + "; ".join(parts) +
             ". The layers hide structure the graph builder does not understand (e.g. a head reshape); "
             "keep them out of the graph or give them a coupling rule")
+
+
+def checked(graph: SpatialGraph, example_inputs, verify: bool = True) -> SpatialGraph:
+    """``graph`` after :func:`check_graph` on ``example_inputs`` (a tensor, tuple or dict, or a callable
+    making one). A builder that cannot make an example for a model it does not know warns instead of
+    failing; pass ``example_inputs`` to check it. Usage: ``return checked(SpatialGraph(...), x)``."""
+    if not verify:
+        return graph
+    if callable(example_inputs):
+        try:
+            example_inputs = example_inputs()
+            from topotorch.graph.flow import run_model
+
+            with torch.no_grad():
+                run_model(graph.model, example_inputs)
+        except Exception as e:  # noqa: BLE001 - the model's forward does not take the builder's guess
+            import warnings
+
+            warnings.warn(f"graph of {type(graph.model).__name__} not checked for function preservation: could not "
+                          f"make an example input ({type(e).__name__}: {e}); pass example_inputs=", stacklevel=3)
+            return graph
+    check_graph(graph, example_inputs)
+    return graph
