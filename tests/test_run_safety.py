@@ -98,6 +98,24 @@ def test_resume_refuses_a_checkpoint_of_another_config(copy):
 
 # ---- no damaged file accepted silently; every fallback said -----------------------------------
 
+def test_resume_says_when_the_snapshot_log_is_unreadable(tmp_path):
+    out = tmp_path / "S"
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, model, graph):
+        if done == 30:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(TrainConfig.for_task("independence", **TINY, out=str(out)), on_step=stop)
+    (out / "snapshots.safetensors").write_bytes(b"garbage")
+    r = invoke("train", "--resume", out, "--no-progress", "--no-animation")
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.stderr and "snapshots.safetensors is unreadable" in r.stderr, r.stderr
+
+
 def test_fff_model_is_checksummed(tmp_path):
     out = tmp_path / "F"
     assert invoke("fff", "two-moons", "--epochs", "2", "--training-width", "16", "--leaf-width", "4",

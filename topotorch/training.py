@@ -725,7 +725,11 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
             if snap_path.exists():
                 try:
                     snapshots = [s for s in load_snapshots(snap_path) if s.step <= start]
-                except Exception:  # a broken picture log must not block training
+                except Exception as e:  # a broken picture log must not block training, but it is said
+                    import warnings
+
+                    warnings.warn(f"{snap_path} is unreadable ({' '.join(str(e).split())[:200]}); the animation "
+                                  f"will start at step {start}", FallbackWarning, stacklevel=2)
                     snapshots = None
     if snapshots is None:
         snapshots = [take_snapshot(graph, 0)] if start == 0 else []
