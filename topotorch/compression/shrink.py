@@ -52,7 +52,9 @@ import torch
 from torch import nn
 
 from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
-from topotorch.graph import Connection, Slice, Space, SpatialGraph, normalised_by_feature_norm
+from topotorch.compression.resize import apply_cut, attention_spec, check_cut, class_key
+from topotorch.graph import Connection, Slice, Space, SpatialGraph
+from topotorch.graph.core import FEATURE_NORMS
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
@@ -178,6 +180,7 @@ class _Decision:
     folds: list[tuple[str, torch.Tensor]]  # (bias tensor name, vector to add) — applied before removal
     kept_why: dict[str, int]
     free: torch.Tensor | None = None  # (N,) bool: removed without any fold (None: all of ``remove``)
+    units: torch.Tensor | None = None  # (N,) unit (head) of each neuron: removed as wholes (None: neurons)
 
 
 def _path_between(model: nn.Module, writer: str, reader: str) -> list[nn.Module] | None:
@@ -272,7 +275,7 @@ def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     in_alive = _alive_through(model, ins, "target_slice", n)
     if not ins:
         in_alive[:] = True
-    if normalised_by_feature_norm(model, sp):
+    if _norm_blocks(model, sp):
         dead = (~out_alive | ~in_alive)
         if dead.any():
             why["read by a LayerNorm/GroupNorm"] = int(dead.sum())
@@ -312,7 +315,7 @@ def _stream(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     out_alive = _alive_through(model, outs, "source_slice", n)
     if not outs:
         out_alive[:] = True
-    if normalised_by_feature_norm(model, sp):
+    if _norm_blocks(model, sp):
         if (~out_alive).any():
             why["residual stream read by a LayerNorm"] = int((~out_alive).sum())
         return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
@@ -370,6 +373,131 @@ def _attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention
     return _Decision(remove, folds, why, free=remove & ~fold)
 
 
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _attention_adapter(model: nn.Module, graph: SpatialGraph, sp: Space):
+    """(prefix, module, spec) when ``sp``'s incoming weights belong to an attention module with a
+    :data:`~topotorch.compression.resize.ATTENTION` entry whose value projection writes ``sp``."""
+    for c in graph.incoming(sp.name):
+        parts = c.weight.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            prefix = ".".join(parts[:i])
+            m = _module(model, prefix) if prefix else model
+            spec = attention_spec(m) if m is not None else None
+            if spec is None:
+                continue
+            vname = f"{prefix}.{spec.value_weight}" if prefix else spec.value_weight
+            if any(x.weight == vname for x in graph.incoming(sp.name)):
+                return prefix, m, spec
+            break
+    return None
+
+
+@torch.no_grad()
+def _heads(model: nn.Module, graph: SpatialGraph, sp: Space, prefix: str, module: nn.Module, spec) -> _Decision:
+    """Whole heads of an attention module (grouped (head, dim) space, or a space whose neurons are heads).
+
+    A neuron's value term is gone if its output-projection column is zero, or its value row is zero
+    (v = its bias, and a convex combination of a constant is that constant: ``W_o b_v`` is folded into
+    the output bias). A head goes when the value term of every neuron of it is gone (the module's
+    heads keep one width, so partly dead heads stay whole).
+    """
+    n = sp.size
+    why: dict[str, int] = {}
+    units = sp.groups.unique(return_inverse=True)[1] if sp.groups is not None else torch.arange(n)
+    ins, outs = graph.incoming(sp.name), graph.outgoing(sp.name)
+    vname = f"{prefix}.{spec.value_weight}" if prefix else spec.value_weight
+    vsl = next(c for c in ins if c.weight == vname).target_slice
+    w = _get(model, vname)
+    vidx = vsl.index
+    if spec.fused:
+        mask = vidx >= 2 * (w.shape[vsl.dim] // 3)
+        if not bool((mask.sum(1) == mask.sum(1)[0]).all()) or int(mask.sum(1)[0]) == 0:
+            return _Decision(torch.zeros(n, dtype=torch.bool), [], {"fused q/k/v slice without a value part": n})
+        vidx = vidx[mask].view(n, -1)
+    v_dead = ~_alive_along(w, Slice(vname, vsl.dim, vidx))
+    out_dead = ~_alive_through(model, outs, "source_slice", n) if outs else torch.ones(n, dtype=torch.bool)
+    bias = None
+    if spec.value_bias is not None:
+        try:
+            bias = _get(model, f"{prefix}.{spec.value_bias}" if prefix else spec.value_bias)
+        except (KeyError, AttributeError):
+            bias = None
+    bv = bias[vidx.to(bias.device)] if bias is not None else None  # (n, Kv)
+    need = v_dead & ~out_dead
+    if bv is not None:
+        need &= (bv != 0).any(1).cpu()
+    else:
+        need[:] = False
+    foldable = torch.ones(n, dtype=torch.bool)
+    o = outs[0] if len(outs) == 1 else None
+    if need.any():
+        wo = _get(model, o.weight) if o is not None else None
+        ko = o.source_slice.index.shape[1] if o is not None else 0
+        if wo is None or wo.dim() != 2 or ko % vidx.shape[1] or o.bias is None:
+            foldable = ~need
+    removable = out_dead | (v_dead & foldable)
+    n_units = int(units.max()) + 1
+    unit_ok = torch.ones(n_units, dtype=torch.long).scatter_reduce(0, units, removable.long(), "amin").bool()
+    remove = unit_ok[units]
+    folds: list[tuple[str, torch.Tensor]] = []
+    fold = need & remove
+    if fold.any():
+        wo = _get(model, o.weight)
+        sd = o.source_slice.dim
+        ocol = o.source_slice.index
+        per_entry = wo.new_zeros(wo.shape[sd])
+        reps = ocol.shape[1] // vidx.shape[1]
+        for j in fold.nonzero().view(-1).tolist():
+            per_entry[ocol[j].to(wo.device)] = bv[j].to(wo.dtype).repeat(reps)
+        folds.append((o.bias, torch.tensordot(wo, per_entry, dims=([sd], [0]))))
+    dead = (out_dead | v_dead) & ~remove
+    if dead.any():
+        what = "dims of heads that are not wholly dead" if sp.groups is not None else "heads"
+        why[f"attention {what} ({type(module).__name__} heads keep one width; a value folded needs an "
+            "output bias)"] = int(dead.sum())
+    return _Decision(remove, folds, why, free=remove & ~fold, units=units)
+
+
+def _gn_aligned(m: nn.GroupNorm, sl: Slice) -> bool:
+    """Each neuron owns whole groups of the GroupNorm (removing one leaves the others' statistics)."""
+    per = m.num_channels // m.num_groups
+    if sl.dim != 0 or sl.index.shape[1] % per:
+        return False
+    grp = sl.index // per
+    return all(bool((torch.bincount(r, minlength=m.num_groups)[r] == per).all()) for r in grp)
+
+
+def _norm_blocks(model: nn.Module, sp: Space) -> bool:
+    """True if a norm over features mixes this space's neurons (removing one changes its statistics);
+    a GroupNorm whose groups are whole neurons does not."""
+    aligned = False
+    for sl in sp.slices:
+        m = _module(model, _owner(sl.name)[0])
+        if isinstance(m, FEATURE_NORMS):
+            if isinstance(m, nn.GroupNorm) and _gn_aligned(m, sl):
+                aligned = True
+                continue
+            return True
+    if sp.normalised and not aligned:
+        return True
+    if sp.stream:
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == sp.size:
+                return True
+            if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == sp.size:
+                return True
+    return False
+
+
 # ------------------------------------------------------------------------------------------------
 # removal
 # ------------------------------------------------------------------------------------------------
@@ -385,25 +513,76 @@ def _all_slices(graph_spaces: list[Space], conns: list[Connection]) -> list[Slic
     return list(seen.values())
 
 
+class _CannotCut(Exception):
+    """A removal that would leave a slice irregular or a module unresizable: the neurons stay."""
+
+
+def _owned_slices(sp: Space, conns: list[Connection]) -> list[Slice]:
+    """Every slice indexed by ``sp``'s neurons: its own and its connections' sides."""
+    own = {id(sl): sl for sl in sp.slices}
+    for c in conns:
+        if c.target == sp.name:
+            own[id(c.target_slice)] = c.target_slice
+        if c.source == sp.name:
+            own[id(c.source_slice)] = c.source_slice
+    return list(own.values())
+
+
+def _plan_cut(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space,
+              keep: torch.Tensor) -> tuple[dict, dict[int, torch.Tensor]]:
+    """What keeping neurons ``keep`` of ``sp`` cuts: ``{(tensor, dim): (old size, kept entries)}`` and the
+    new index of every slice over those dimensions (other spaces' slices lose the cut entries: a
+    concatenation's other part, a factored dimension). Raises _CannotCut when a slice would be irregular."""
+    drop = torch.ones(sp.size, dtype=torch.bool)
+    drop[keep] = False
+    mine = _owned_slices(sp, conns)
+    mine_ids = {id(sl) for sl in mine}
+    removed: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for sl in mine:
+        if sl.index.shape[0] != sp.size:
+            raise _CannotCut(f"slice of {sl.name!r} dim {sl.dim} does not match space {sp.name!r}")
+        removed.setdefault((sl.name, sl.dim), []).append(sl.index[drop].reshape(-1))
+    cuts: dict = {}
+    newpos: dict[tuple[str, int], torch.Tensor] = {}
+    for (name, dim), parts in removed.items():
+        size = _get(model, name).shape[dim]
+        gone = torch.zeros(size, dtype=torch.bool)
+        gone[torch.cat(parts)] = True
+        kept = (~gone).nonzero().view(-1)
+        pos = torch.full((size,), -1, dtype=torch.long)
+        pos[kept] = torch.arange(len(kept))
+        cuts[(name, dim)] = (size, kept)
+        newpos[(name, dim)] = pos
+    new_index: dict[int, torch.Tensor] = {}
+    for sl in _all_slices(spaces, conns):
+        pos = newpos.get((sl.name, sl.dim))
+        if pos is None:
+            continue
+        if id(sl) in mine_ids:
+            new_index[id(sl)] = pos[sl.index[keep]]
+            continue
+        mapped = pos[sl.index]
+        alive = mapped >= 0
+        per_row = alive.sum(1)
+        if not bool((per_row == per_row[0]).all()) or int(per_row[0]) == 0:
+            raise _CannotCut(f"{sl.name!r} dim {sl.dim} is shared with another space whose neurons would "
+                             "keep unequal shares")
+        new_index[id(sl)] = mapped[alive].view(sl.index.shape[0], -1)
+    return cuts, new_index
+
+
 @torch.no_grad()
-def _remove(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space, keep: torch.Tensor) -> None:
-    """Keep neurons ``keep`` (sorted indices) of ``sp``: one index_select per (tensor, dim) it owns."""
-    slices = _all_slices(spaces, conns)
-    dims: dict[tuple[str, int], list[Slice]] = {}
-    for sl in sp.slices:
-        dims.setdefault((sl.name, sl.dim), []).append(sl)
-    for (name, dim), own in dims.items():
+def _remove(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space, keep: torch.Tensor,
+            cuts: dict, new_index: dict[int, torch.Tensor]) -> None:
+    """Keep neurons ``keep`` (sorted indices) of ``sp``: one index_select per (tensor, dim) cut, then the
+    attributes of every touched module (:mod:`topotorch.compression.resize`)."""
+    for (name, dim), (_, kept) in cuts.items():
         t = _get(model, name)
-        size = t.shape[dim]
-        entries = torch.cat([sl.index[keep].reshape(-1) for sl in own]).unique(sorted=True)
-        newpos = torch.full((size,), -1, dtype=torch.long)
-        newpos[entries] = torch.arange(len(entries))
-        _replace(model, name, t.index_select(dim, entries.to(t.device)).contiguous())
-        for sl in slices:  # every slice (space or connection) over this dimension belongs to sp's neurons
-            if sl.name == name and sl.dim == dim:
-                if sl.index.shape[0] != sp.size:
-                    raise ValueError(f"slice of {name!r} dim {dim} does not match space {sp.name!r}")
-                sl.index = newpos[sl.index[keep]]
+        _replace(model, name, t.index_select(dim, kept.to(t.device)).contiguous())
+    for sl in _all_slices(spaces, conns):
+        if id(sl) in new_index:
+            sl.index = new_index[id(sl)]
+    apply_cut(model, cuts)
     sp.size = len(keep)
     if sp.positions is not None:
         sp.positions = sp.positions[keep]
@@ -413,21 +592,8 @@ def _remove(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: 
         sp.labels = [sp.labels[i] for i in keep.tolist()]
 
 
-def _fix_attributes(model: nn.Module, spaces: list[Space]) -> None:
-    """Make module attributes agree with the new tensor shapes."""
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
-        elif isinstance(m, CHANNEL_NORMS):
-            t = m.weight if m.weight is not None else m.running_mean
-            if t is not None:
-                m.num_features = t.shape[0]
-        elif isinstance(m, nn.Embedding):
-            m.num_embeddings, m.embedding_dim = m.weight.shape
-        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-            m.normalized_shape = tuple(m.weight.shape)
+def _fix_attributes(model: nn.Module) -> None:
+    """Attributes derived from several modules (module shapes themselves are set by the resize rules)."""
     for m in model.modules():
         if isinstance(m, MLP):
             lins = [c for c in m if isinstance(c, nn.Linear)]
@@ -474,38 +640,54 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
         for sp in spaces:
             if sp.role != "hidden" or sp.relocate == "positions" or sp.size <= 1:
                 continue
-            if sp.groups is not None:
-                found = _attention_module(work, sp)
-                if found is None:
-                    why_all[sp.name] = {"grouped space of an unsupported module": sp.size}
-                    continue
+            found = _attention_module(work, sp) if sp.groups is not None else None
+            adapter = None if found is not None else _attention_adapter(work, view, sp)
+            if found is not None:
                 dec = _attention(work, sp, *found)
+            elif adapter is not None:
+                dec = _heads(work, view, sp, *adapter)
+            elif sp.groups is not None:
+                owner = _common_prefix([sl.name for sl in sp.slices])
+                m = _module(work, owner)
+                what = class_key(type(m)) if m is not None and owner else "an unknown module"
+                why_all[sp.name] = {f"attention heads of {what}: no rule says where its values are": sp.size}
+                continue
             elif sp.stream:
                 dec = _stream(work, view, sp)
             else:
                 dec = _plain(work, view, sp)
             if dec.kept_why:
-                why_all[sp.name] = dec.kept_why
+                why_all[sp.name] = dict(dec.kept_why)
             remove = dec.remove.clone()
-            if remove.all():  # never empty a space: keep one neuron whose removal needed no fold (exact)
+            units = dec.units if dec.units is not None else torch.arange(sp.size)
+            if remove.all():  # never empty a space: keep one unit whose removal needed no fold (exact)
                 free = dec.free if dec.free is not None else remove
-                if not free.any():
+                ok_units = [u for u in units.unique().tolist() if bool(free[units == u].all())]
+                if not ok_units:
                     continue
-                remove[int(free.nonzero()[0])] = False
+                remove[units == ok_units[0]] = False
             if not remove.any():
+                continue
+            keep = (~remove).nonzero().view(-1)
+            try:
+                cuts, new_index = _plan_cut(work, spaces, conns, sp, keep)
+                reason = check_cut(work, cuts)
+            except _CannotCut as e:
+                reason = str(e)
+            if reason:
+                why_all.setdefault(sp.name, {})[reason] = int(remove.sum())
                 continue
             for bname, delta in dec.folds:
                 b = _get(work, bname)
                 b.add_(delta.to(b.dtype))
-            keep = (~remove).nonzero().view(-1)
-            _remove(work, spaces, conns, sp, keep)
+            _remove(work, spaces, conns, sp, keep, cuts, new_index)
             orig[sp.name] = orig[sp.name][keep]
-            if sp.groups is not None:
+            if found is not None:
                 _update_attention(work, sp, *_attention_module(work, sp))
             changed = True
         if not changed:
             break
-    _fix_attributes(work, spaces)
+    _fix_attributes(work)
     kept = {s.name: orig[s.name] for s in spaces}
     removed = {s.name: int(graph.space(s.name).size - s.size) for s in spaces}
     return ShrinkResult(work, kept, removed, model_spec(work), why_all, float(threshold))
@@ -719,7 +901,7 @@ def model_spec(model: nn.Module) -> dict:
             except Exception:  # e.g. a parametrised module refusing it: its plain attributes then
                 state = vars(m)
         for k, v in state.items():
-            if k in _BASE_KEYS:
+            if k in _BASE_KEYS or (k == "_flat_weights" and isinstance(m, nn.RNNBase)):  # rebuilt on load
                 continue
             node["attrs"][k] = encode(v, f"{prefix}{k}")
         for k, p in m._parameters.items():
@@ -866,6 +1048,8 @@ def build_from_spec(spec: dict, tensors: dict[str, torch.Tensor], allow: tuple[s
                     m._non_persistent_buffers_set.add(k)
         for k, c in node["children"].items():
             m._modules[k] = None if c is None else build(c, f"{prefix}{k}.")
+        if isinstance(m, nn.RNNBase):  # its list of references to its own weights
+            m._init_flat_weights()
         return m
 
     model = build(spec["tree"], "")
