@@ -457,9 +457,10 @@ def _run_config(config: "TrainConfig | dict") -> dict:
 
 
 def config_mismatch(saved: dict, config: "TrainConfig | dict") -> list[str]:
-    """``key=saved (vs ours)`` for every run-defining field where ``saved`` (a checkpoint's copy) and ``config`` differ."""
+    """``key=saved (config.json: ours)`` for every run-defining field where ``saved`` (a checkpoint's copy) and
+    ``config`` differ; a field only one side knows (another version of TrainConfig) is not compared."""
     a, b = _run_config(saved), _run_config(config)
-    return [f"{k}={a.get(k)!r} (config.json: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}={a[k]!r} (config.json: {b[k]!r})" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
 
 
 def _check_checkpoint_config(base: Path, config: "TrainConfig"):
@@ -483,12 +484,15 @@ def _check_checkpoint_config(base: Path, config: "TrainConfig"):
 # -- threads -----------------------------------------------------------------------------------
 
 # Below this many multiply-adds per step (parameters x samples x positions in a batch) a run uses one
-# torch thread. Measured on the 2-core box (MLP 64-w-w-10, forward + backward + AdamW, best of 3 x 30
-# steps; /tmp/tt/threads_bench.py in the session that set it): with the box otherwise quiet, 2 threads
-# gained nothing below ~2e7 (0.84x the 1-thread time at 2.2e7, 0.73x at 8.7e7, 0.41-0.56x at 3e8-1e9);
-# with other work on the cores (load 1.5-3.7) 2 threads were 3-10x SLOWER at every size up to 1e9
-# (9.8x at 2.3e6, 5.2x at 1.8e7, 3.4x at 3.1e8, 2.6x at 1.2e9). So: 1 thread below 1e8 (losing at most
-# ~1.4x when idle), and above it torch's thread count capped by the cores the load average leaves free.
+# torch thread. Measured on the 2-core box shared with other sessions (MLP 64-w-w-10 with SiLU,
+# cross-entropy, forward + backward + AdamW step, widths 20-1024, batches 100-4096, best of 3 x 30
+# steps after 5 warm-up steps, 1 thread against 2 in the same process). In the quietest moments
+# (load ~2.4) 2 threads took 0.84x the 1-thread time at 2.2e7 and 0.73x at 8.7e7 (0.41-0.56x at
+# 3e8-1e9); with other work on the cores they were always SLOWER: load 1.5-3.7: 3.1x at 1.9e6, 9.8x at
+# 2.3e6, 5.2x at 1.8e7, 3.4x at 3.1e8, 2.6x at 1.2e9; load 4.5: 3.7x at 1.9e5, 7.1x at 2.3e6, 19x at
+# 2.7e7, 4.8x at 8.7e7, 6.0x at 3.1e8. So: 1 thread below 1e8 (at most ~1.4x lost on a quiet box,
+# up to 19x saved on a busy one), and above it torch's thread count capped by the cores the 1-minute
+# load average leaves free.
 ONE_THREAD_WORK = 1e8
 # frames of training.gif / training.mp4: drawing a frame costs ~0.1 s on the 2-core box and the GIF
 # encoder as much again, so 50 frames (of the ~100 snapshots) keep `make demo`'s pictures to ~5-8 s
