@@ -45,10 +45,14 @@ def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+# spaces averaged by a GroupNorm whose groups are their neurons: whole groups may go
+GROUPNORM_GROUPS = {"pw"}
+
+
 def killable(g: SpatialGraph):
-    """Hidden spaces a shrink may cut: movable, not a residual stream, not averaged by a norm."""
+    """Hidden spaces a shrink may cut: movable, not a residual stream, not averaged by a norm across neurons."""
     return [s for s in g.spaces if s.role == "hidden" and s.relocate == "weights" and s.size > 1
-            and not s.stream and not s.normalised]
+            and not s.stream and (not s.normalised or s.name in GROUPNORM_GROUPS)]
 
 
 @torch.no_grad()
