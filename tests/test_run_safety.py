@@ -321,3 +321,27 @@ def test_an_interrupted_render_leaves_no_partial_animation_and_reports_progress(
     with pytest.raises(KeyboardInterrupt):
         visualize.render_animation(r.graph, snaps, gif_path=tmp_path / "b.gif", mp4_path=tmp_path / "b.mp4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.mp4"]  # no b.*, no *.part.*
+
+
+def test_a_real_ctrl_c_while_rendering_leaves_a_run_summary_accepts(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "C"
+    p = subprocess.Popen([sys.executable, "-m", "topotorch", "train", "independence", "--steps", "300", "--out", str(out),
+                          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[1],
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    deadline = time.time() + 120
+    while not (out / "summary.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # in the middle of drawing (~50 frames)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("rendering finished before the interrupt arrived")
+    assert p.returncode == 130 and "the run is finished and saved" in err, err
+    assert not list(out.glob("*.part.*")) and not (out / "training.gif").exists()
+    r = invoke("summary", out)
+    assert r.exit_code == 0 and json.loads(r.stdout)["steps"] == 300

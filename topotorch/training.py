@@ -891,18 +891,26 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
         # the run is finished and said so before any picture is drawn: Ctrl-C while rendering loses only pictures
         atomic_write_json(run_dir / "summary.json", summary)
         t1 = time.perf_counter()
-        draw_connectivity(graph, path=run_dir / "connectivity.png", threshold=0.0,
-                          title=f"{config.task} [{config.method}] step {config.steps}")
-        if config.animation:
-            with progress_bar(config.progress) as bar:
-                job = bar.add_task("rendering training.gif/.mp4", total=None) if bar else None
+        try:
+            draw_connectivity(graph, path=run_dir / "connectivity.png", threshold=0.0,
+                              title=f"{config.task} [{config.method}] step {config.steps}")
+            if config.animation:
+                with progress_bar(config.progress) as bar:
+                    job = bar.add_task("rendering training.gif/.mp4", total=None) if bar else None
 
-                def on_frame(done: int, total: int) -> None:
-                    if bar is not None:
-                        bar.update(job, completed=done, total=total)
+                    def on_frame(done: int, total: int) -> None:
+                        if bar is not None:
+                            bar.update(job, completed=done, total=total)
 
-                render_animation(graph, snapshots, gif_path=run_dir / "training.gif", mp4_path=run_dir / "training.mp4",
-                                 max_frames=ANIMATION_FRAMES, on_frame=on_frame)
+                    render_animation(graph, snapshots, gif_path=run_dir / "training.gif",
+                                     mp4_path=run_dir / "training.mp4", max_frames=ANIMATION_FRAMES, on_frame=on_frame)
+        except KeyboardInterrupt:
+            import warnings
+
+            warnings.warn(f"interrupted while drawing: the run is finished and saved ({run_dir / 'summary.json'}); "
+                          f"its pictures are incomplete (`topotorch draw {run_dir}` redraws connectivity.png)",
+                          FallbackWarning, stacklevel=2)
+            raise
         summary["render_seconds"] = round(time.perf_counter() - t1, 3)
         atomic_write_json(run_dir / "summary.json", summary)
     return TrainResult(model, graph, task, data, config, summary, snapshots, run_dir)
