@@ -52,30 +52,43 @@ def _aggregate_abs(w: torch.Tensor, conn, n_target: int, n_source: int) -> torch
     return a
 
 
-def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig) -> torch.Tensor:
+def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
     """M[i, p]: wiring cost of the connections touching ``space`` if neuron i sat at slot p.
 
     Slots are the space's current coordinates in index order, so the current cost is
     ``M.diagonal().sum()`` (plus terms that do not depend on this space). Computed on the
-    weights' device and dtype. Usage: ``M = placement_cost(g, "hidden1", cfg)``.
+    weights' device and dtype. ``index``: only these neurons and their slots (a block of a large
+    space), an ``(len(index), len(index))`` matrix. A connection to a space without coordinates
+    (tokens) costs the same in every slot, so it is left out: it cannot change a decision or a delta.
+    Usage: ``M = placement_cost(g, "hidden1", cfg)``.
     """
     sp = graph.space(space) if isinstance(space, str) else space
-    m = None
+    m, touched = None, False
     for conn in graph.incoming(sp.name) + graph.outgoing(sp.name):
         if cfg.excluded(conn.weight):
             continue
         if conn.target == conn.source:
             raise ValueError(f"connection {conn.weight!r} links space {sp.name!r} to itself; not supported")
-        w = graph.tensor(conn.weight)
+        touched = True
         t, s = graph.space(conn.target), graph.space(conn.source)
+        if t.positions is None or s.positions is None:
+            continue
+        w = graph.tensor(conn.weight)
         a = _aggregate_abs(w, conn, t.size, s.size)
         c = cfg.wf * graph.distances(conn, cfg.metric, w) + cfg.l0  # (N_target, N_source), by slot
-        term = a @ c.T if conn.target == sp.name else a.T @ c  # both (N_space, N_slots)
+        if conn.target == sp.name:  # both (N_space, N_slots)
+            term = a @ c.T if index is None else a[index] @ c[index].T
+        else:
+            term = a.T @ c if index is None else a[:, index].T @ c[:, index]
         if cfg.agg == "mean":
             term = term / w.numel()
         m = term if m is None else m + term
-    if m is None:
+    if not touched:
         raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
+    if m is None:
+        n = sp.size if index is None else len(index)
+        return torch.zeros(n, n, dtype=torch.float64)
     return m
 
 
@@ -150,6 +163,28 @@ def assignment_permutation(m: torch.Tensor, groups: torch.Tensor | None = None) 
     if delta > 0:  # numerical noise only; never make things worse
         return torch.arange(m.shape[0], device=m.device), 0.0
     return torch.as_tensor(perm, device=m.device), delta
+
+
+def blocked_assignment_permutation(graph: SpatialGraph, space: Space, cfg: WiringConfig, block: int,
+                                   offset: int = 0) -> tuple[torch.Tensor, float]:
+    """Exact assignment within blocks of ``block`` consecutive slots (from ``offset``), for large spaces.
+
+    Only each block's part of the placement-cost matrix is computed, so memory is
+    O(block²) instead of O(N²). Returns ``(perm, delta)`` like :func:`assignment_permutation`.
+    Usage: ``blocked_assignment_permutation(g, g.space("mlp"), cfg, 512)``.
+    """
+    n = space.size
+    cuts = [0] + list(range(offset % block or block, n, block)) + [n]
+    perm = torch.arange(n)
+    total = 0.0
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi - lo < 2:
+            continue
+        idx = torch.arange(lo, hi)
+        local, d = assignment_permutation(placement_cost(graph, space, cfg, idx))
+        perm[lo:hi] = idx[local.cpu()]
+        total += d
+    return perm, total
 
 
 def _permutation_index(slice_index: torch.Tensor, perm: torch.Tensor, size: int) -> torch.Tensor:
@@ -265,13 +300,17 @@ def relocate(
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     spaces: Iterable[str] | None = None,
     sweeps: int = 1,
+    max_assign: int = 512,
 ) -> RelocationStats:
     """Sweep over the movable spaces, relocating each given its neighbours.
 
     ``method="swap"``: the paper's greedy swaps for the ``top_k`` neurons with the largest
     Σ|in|+Σ|out|; ``"assign"``: the exact best permutation of each space (linear assignment;
     for grouped spaces such as attention, whole heads are matched first, then each head's dims),
-    repeated ``sweeps`` times. Never increases the wiring cost; never changes the function.
+    repeated ``sweeps`` times. A space of more than ``max_assign`` neurons (an MLP of 3072 units, a
+    vocabulary) is solved exactly within blocks of ``max_assign`` consecutive slots (linear assignment
+    is cubic); odd sweeps shift the blocks by half a block so neurons can cross block borders.
+    Never increases the wiring cost; never changes the function.
     Usage: ``relocate(g, WiringConfig(wf=1, l0=0.1), "swap", top_k=5, optimizer=opt)``.
     """
     cfg = cfg or WiringConfig()
@@ -283,7 +322,7 @@ def relocate(
     delta: dict[str, float] = {}
     moved: dict[str, int] = {}
     applied: list[tuple[str, torch.Tensor]] = []
-    for _ in range(max(1, sweeps)):
+    for sweep in range(max(1, sweeps)):
         for name in names:
             sp = graph.space(name)
             if sp.relocate == "fixed" or sp.positions is None or sp.size < 2:
@@ -294,6 +333,8 @@ def relocate(
                 cand = torch.topk(neuron_scores(graph, sp, cfg), k).indices
                 groups = sp.groups.to(m.device) if sp.groups is not None else None
                 perm, d = greedy_swap_permutation(m, cand, groups=groups)
+            elif sp.groups is None and sp.size > max_assign:  # exact within blocks of consecutive slots
+                perm, d = blocked_assignment_permutation(graph, sp, cfg, max_assign, offset=(sweep % 2) * max_assign // 2)
             else:
                 if sp.groups is not None and len(sp.groups.unique()) > 1:
                     # whole groups (heads) first, then the best arrangement within each group

@@ -35,7 +35,7 @@ _ids = itertools.count()
 class Axis:
     """One index set (a node of the union-find forest); see the module docstring."""
 
-    __slots__ = ("size", "parent", "factors", "parts", "pinned", "uniform", "roles", "id")
+    __slots__ = ("size", "parent", "factors", "parts", "pinned", "uniform", "roles", "id", "averaged")
 
     def __init__(self, size: int, pinned: str | None = None, uniform: bool = False):
         self.size = int(size)
@@ -45,6 +45,7 @@ class Axis:
         self.pinned = pinned
         self.uniform = uniform
         self.roles: set[str] = set()
+        self.averaged = False  # a mean/variance/norm runs over it: its size enters the statistics
         self.id = next(_ids)
 
     def __repr__(self) -> str:
@@ -88,6 +89,7 @@ def unify(a: Axis, b: Axis) -> None:
         return
     b.parent = a
     a.roles |= b.roles
+    a.averaged = a.averaged or b.averaged
     reason = a.pinned or b.pinned
     fa, fb, pa, pb = a.factors, b.factors, a.parts, b.parts
     if fa and fb:

@@ -89,6 +89,9 @@ class Space:
     stream: bool = False
     # why a space is fixed, when a builder found it cannot move (e.g. "an unknown op"); None otherwise
     reason: str | None = None
+    # a mean, variance or norm runs over these neurons (LayerNorm, RMSNorm, GroupNorm...): removing or
+    # penalising one alone changes the statistic. Set by the data-flow builder; see normalised_by_feature_norm
+    normalised: bool = False
 
     def __post_init__(self) -> None:
         if self.positions is not None and self.positions.shape[0] != self.size:
@@ -355,6 +358,8 @@ def normalised_by_feature_norm(model: nn.Module, space: Space) -> bool:
     Affine-free norms own no slice, so for residual streams any affine-free norm of the stream's
     width counts. Usage: ``normalised_by_feature_norm(graph.model, graph.space("resid"))``.
     """
+    if space.normalised:
+        return True
     for sl in space.slices:
         owner = sl.name.rpartition(".")[0]
         try:

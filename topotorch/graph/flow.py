@@ -291,6 +291,25 @@ class _Plan:
     lookup: bool = False  # rows of a table looked up by index: tokens, position tables
 
 
+def _averaged(roots) -> set[int]:
+    """Ids of the axes a mean/variance/norm runs over, directly or through an axis they are part of."""
+    out: set[int] = set()
+    seen: set[tuple[int, bool]] = set()
+    stack = [(find(r), False) for r in roots]
+    while stack:
+        a, inherited = stack.pop()
+        if (a.id, inherited) in seen:
+            continue
+        seen.add((a.id, inherited))
+        flag = inherited or a.averaged
+        if flag:
+            if a.id in out:
+                continue
+            out.add(a.id)
+        stack += [(find(c), flag) for c in (a.factors or []) + (a.parts or [])]
+    return out
+
+
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     out = []
@@ -372,16 +391,17 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
     occurrences = {k: find(a) for k, a in flow.tensor_axes.items()}
     ambiguous: set[int] = set()
     coords = {k: _coords(a, ambiguous) for k, a in occurrences.items()}
-    uses, seen = [], set()
-    for u in flow.uses:  # a tied or shared weight is one connection (its first use)
-        if u.param not in seen and (u.param, u.target_dim) in occurrences and (u.param, u.source_dim) in occurrences:
-            seen.add(u.param)
-            uses.append(u)
+    last = {}  # a tied or shared weight is one connection: its last use (a tied table: the output head)
+    for u in flow.uses:
+        if (u.param, u.target_dim) in occurrences and (u.param, u.source_dim) in occurrences:
+            last[u.param] = u
+    valid = [u for u in flow.uses if (u.param, u.target_dim) in occurrences and (u.param, u.source_dim) in occurrences]
+    uses = [u for u in valid if last.get(u.param) is u]
     plans: dict[int, _Plan] = {}
     writers: dict[int, list[str]] = {}
     readers: dict[int, list[str]] = {}
     order: list[int] = []
-    for u in uses:
+    for u in valid:
         for dim, is_target in ((u.source_dim, False), (u.target_dim, True)):
             for p in _primaries(occurrences[(u.param, dim)]):
                 if p.id not in plans:
@@ -407,7 +427,12 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             base = "output" if n_out == 1 else (writers.get(i, ["output"])[0])
         elif "input" in ax.roles or not writers.get(i):
             lookup = ax.pinned and not ax.roles  # rows of a table looked up by index (tokens, positions)
-            base = ("tokens" if "tokens" not in taken else _table_of(ax, occurrences, coords)) if lookup else "input"
+            if lookup:
+                base = "tokens" if "tokens" not in taken else _table_of(ax, occurrences, coords)
+            elif ax.roles or ax.size == 1:
+                base = "input"
+            else:  # read but never written as a whole: e.g. the per-group dims a grouped conv reads
+                base = _table_of(ax, occurrences, coords) + ".dims"
             plan.lookup = bool(lookup)
         else:
             mods = list(dict.fromkeys(writers[i]))
@@ -427,6 +452,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             raise ValueError(f"cannot place the neurons written by {writers[i][0]!r}: {plan.reason}, so moving them "
                              "could change what the model computes (pass unknown_ops='fix' to keep them in place)")
 
+    averaged = _averaged(occurrences.values())
     spaces: dict[int, Space] = {}
     slices: dict[tuple[int, str, int], Slice] = {}
     for i in order:
@@ -471,7 +497,8 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             labels = [f"h{j // g}.{j % g}" for j in range(n)]
         stream = len(writers.get(i, [])) > 1 and len(readers.get(i, [])) > 1  # a residual stream
         spaces[i] = Space(plan.name, n, positions, 0.0, role, relocate, sp_slices, labels,
-                          groups=torch.arange(n) // g if g else None, stream=stream, reason=plan.reason)
+                          groups=torch.arange(n) // g if g else None, stream=stream, reason=plan.reason,
+                          normalised=ax.id in averaged)
 
     conns: list[Connection] = []
     height: dict[int, float] = {}
@@ -492,7 +519,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
     top = max(list(height.values()) + [1.0])
     for i, sp in spaces.items():
         sp.height = top if sp.role == "output" and n_out == 1 else height.get(i, 0.0)
-        if sp.name not in connected and sp.relocate == "weights":
+        if sp.name not in connected and sp.relocate != "fixed":
             sp.relocate = "fixed"
             sp.reason = "it has no connections"
     known = {sp.name for sp in spaces.values()}

@@ -231,10 +231,18 @@ def _no_tensor(ctx: Context, node):
 
 
 # -- reductions ------------------------------------------------------------------------------------
+_AVERAGING = {"aten.mean", "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.linalg_vector_norm",
+              "aten.norm"}
+
+
 def _reduce(ctx: Context, node, dims, keepdim: bool, pin_reason: str | None = None):
     lab = ctx.label(node.args[0])
     n = len(lab)
     dims = list(range(n)) if dims is None or dims == [] else [_norm_dim(d, n) for d in dims]
+    if op_name(node.target) in _AVERAGING:  # e.g. RMSNorm: removing a neuron would change the statistic
+        for d in dims:
+            for a in lab[d]:
+                find(a).averaged = True
     if pin_reason:
         for d in dims:
             for a in lab[d]:
@@ -666,6 +674,9 @@ def _layer_norm(ctx: Context, node):
     lx = list(ctx.label(x))
     k = len(shape)
     xs = ctx.shape(x)
+    for d in lx[len(lx) - k:]:
+        for a in d:
+            find(a).averaged = True
     for p in (w, b):
         if p is not None and ctx.is_tensor(p):
             lp = ctx.label(p)
@@ -699,6 +710,8 @@ def _group_norm(ctx: Context, node):
     groups = node.args[6] if op_name(node.target) == "aten.native_group_norm" else node.args[1]
     if 1 < groups < c:  # statistics per group: channels move within their group, groups as wholes
         ensure_factors(dim_axis(lx[1], c), [groups, c // groups])
+    for a in lx[1]:
+        find(a).averaged = True
     params = node.args[1:3] if op_name(node.target) == "aten.native_group_norm" else node.args[2:4]
     for p in params:
         if ctx.is_tensor(p):
