@@ -31,25 +31,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from topotorch.graph import Space, SpatialGraph
+from topotorch.graph.core import aggregate
 from topotorch.objectives.wiring import WiringConfig
 
 Method = Literal["swap", "assign"]
 
 
 def _aggregate_abs(w: torch.Tensor, conn, n_target: int, n_source: int) -> torch.Tensor:
-    """|W| summed per (target neuron, source neuron) pair: an (n_target, n_source) matrix."""
-    td, sd = conn.target_slice.dim, conn.source_slice.dim
-    a = w.detach().abs().movedim((td, sd), (0, 1))
-    a = a.reshape(a.shape[0], a.shape[1], -1).sum(-1)
-    t_of = conn.target_slice.neuron_of(a.shape[0], partial=True).to(a.device)
-    s_of = conn.source_slice.neuron_of(a.shape[1], partial=True).to(a.device)
-    if a.shape[0] != n_target or not torch.equal(t_of, torch.arange(n_target, device=a.device)):
-        keep = t_of >= 0  # a connection may cover part of a weight (torch.cat): the rest is not its
-        a = a.new_zeros(n_target, a.shape[1]).index_add_(0, t_of[keep], a[keep])
-    if a.shape[1] != n_source or not torch.equal(s_of, torch.arange(n_source, device=a.device)):
-        keep = s_of >= 0
-        a = a.new_zeros(n_target, n_source).index_add_(1, s_of[keep], a[:, keep])
-    return a
+    """|W| summed per (target neuron, source neuron): an (n_target, n_source) matrix (see ``graph.core.aggregate``)."""
+    return aggregate(w, conn, n_target, n_source)
 
 
 def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,

@@ -34,6 +34,7 @@ import torch
 
 from topotorch.geometry import as_plane
 from topotorch.graph import Connection, SpatialGraph
+from topotorch.graph.core import aggregate
 from topotorch.relocation import _aggregate_abs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,13 +139,7 @@ def load_snapshots(path: str | Path) -> list[Snapshot]:
 # ---------------------------------------------------------------------------------------------
 def _aggregate_signed(w: torch.Tensor, conn: Connection, n_target: int, n_source: int) -> torch.Tensor:
     """Signed sibling of :func:`topotorch.relocation._aggregate_abs`: W summed per neuron pair."""
-    td, sd = conn.target_slice.dim, conn.source_slice.dim
-    a = w.detach().movedim((td, sd), (0, 1))
-    a = a.reshape(a.shape[0], a.shape[1], -1).sum(-1)
-    t_of = conn.target_slice.neuron_of(a.shape[0])
-    s_of = conn.source_slice.neuron_of(a.shape[1])
-    a = a.new_zeros(n_target, a.shape[1]).index_add_(0, t_of, a)
-    return a.new_zeros(n_target, n_source).index_add_(1, s_of, a)
+    return aggregate(w, conn, n_target, n_source, absolute=False)
 
 
 def connection_matrices(

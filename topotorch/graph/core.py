@@ -348,6 +348,28 @@ class SpatialGraph:
         return checked(cls(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
+def aggregate(w: torch.Tensor, conn: Connection, n_target: int, n_source: int, absolute: bool = True) -> torch.Tensor:
+    """A connection's weights summed per (target neuron, source neuron): an (n_target, n_source) matrix.
+
+    ``absolute``: sum |W| (the wiring cost's view) or W (signed, for drawings). Indices a partial
+    connection does not cover (another part of a concatenation) are left out.
+    Usage: ``aggregate(graph.tensor(c.weight), c, graph.space(c.target).size, graph.space(c.source).size)``.
+    """
+    td, sd = conn.target_slice.dim, conn.source_slice.dim
+    a = w.detach()
+    a = (a.abs() if absolute else a).movedim((td, sd), (0, 1))
+    a = a.reshape(a.shape[0], a.shape[1], -1).sum(-1)
+    t_of = conn.target_slice.neuron_of(a.shape[0], partial=True).to(a.device)
+    s_of = conn.source_slice.neuron_of(a.shape[1], partial=True).to(a.device)
+    if a.shape[0] != n_target or not torch.equal(t_of, torch.arange(n_target, device=a.device)):
+        keep = t_of >= 0
+        a = a.new_zeros(n_target, a.shape[1]).index_add_(0, t_of[keep], a[keep])
+    if a.shape[1] != n_source or not torch.equal(s_of, torch.arange(n_source, device=a.device)):
+        keep = s_of >= 0
+        a = a.new_zeros(n_target, n_source).index_add_(1, s_of[keep], a[:, keep])
+    return a
+
+
 FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 

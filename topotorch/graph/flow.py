@@ -310,6 +310,26 @@ def _averaged(roots) -> set[int]:
     return out
 
 
+def _heights(uses, occurrences, spaces: dict[int, Space]) -> dict[int, float]:
+    """Drawing heights in forward order: a space sits one above the highest space it reads; a residual
+    stream is read at the height of its latest writer (and drawn at 0.5, copied at each layer boundary)."""
+    height: dict[int, float] = {}
+    stream_level: dict[int, float] = {}
+    for u in uses:
+        targets = [p.id for p in _primaries(occurrences[(u.param, u.target_dim)]) if p.id in spaces]
+        sources = [p.id for p in _primaries(occurrences[(u.param, u.source_dim)]) if p.id in spaces]
+        level = max([stream_level.get(s, 0.0) if spaces[s].stream else height.get(s, 0.0) for s in sources] + [0.0])
+        for t in targets:
+            if t in sources:
+                continue
+            if spaces[t].stream:
+                stream_level[t] = max(stream_level.get(t, 0.0), level)
+                height[t] = 0.5
+            else:
+                height[t] = max(height.get(t, 0.0), level + 1.0)
+    return height
+
+
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") for n in names]
     out = []
@@ -501,7 +521,6 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
                           normalised=ax.id in averaged)
 
     conns: list[Connection] = []
-    height: dict[int, float] = {}
     for u in uses:
         targets = list(dict.fromkeys(p.id for p in _primaries(occurrences[(u.param, u.target_dim)])))
         sources = list(dict.fromkeys(p.id for p in _primaries(occurrences[(u.param, u.source_dim)])))
@@ -513,8 +532,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
                 conns.append(Connection(u.param, spaces[t].name, spaces[s].name, slices[(t, u.param, u.target_dim)],
                                         slices[(s, u.param, u.source_dim)], bias))
                 bias = None
-                if t not in height:
-                    height[t] = height.get(s, 0.0) + 1.0
+    height = _heights(valid, occurrences, spaces)
     connected = {c.target for c in conns} | {c.source for c in conns}
     top = max(list(height.values()) + [1.0])
     for i, sp in spaces.items():

@@ -62,8 +62,12 @@ def output_tensors_of(out) -> list[torch.Tensor]:
 
 
 def _jitter_(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random offsets for every small parameter (norm weights, biases) and every constant one (a zero-initialised
+    projection); large random-initialised weights are generic already, and jittering 100M entries costs seconds."""
     with torch.no_grad():
         for p in model.parameters():
+            if p.numel() > 1 << 16 and bool(p.min() != p.max()):
+                continue
             scale = 0.1 * (float(p.abs().mean()) + 0.05)
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
         for name, b in model.named_buffers():
