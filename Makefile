@@ -26,7 +26,7 @@ browser:
 	else echo "note: chromium not found and cannot install it (needs root and apt-get); the browser test will be skipped"; fi
 
 demo: $(STAMP)
-	$(VENV)/bin/topotorch train independence --out runs/demo
+	$(VENV)/bin/topotorch train independence --out runs/demo --overwrite
 
 test: setup
 	$(PY) -m pytest -q -n 2

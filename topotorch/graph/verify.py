@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from topotorch.graph.core import Space, SpatialGraph
 
@@ -37,14 +37,17 @@ def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor
     return perm
 
 
-class _DtypeSpy(TorchDispatchMode):
-    """Records the lowest floating precision any op of a forward pass produced."""
+class _DtypeSpy(TorchFunctionMode):
+    """Records the lowest floating precision any torch call of a forward pass produced.
+
+    A function mode, not a dispatch mode: entering a dispatch mode imports torch._dynamo (seconds),
+    and every builder runs this check."""
 
     def __init__(self):
         super().__init__()
         self.lowest: torch.dtype | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in output_tensors_of(out):
             if t.is_floating_point() and t.dtype != torch.float64:
