@@ -515,3 +515,38 @@ def test_relocate_mid_training_keeps_the_loss_curve(name, method):
         _train(g, opt, x, y, 15, losses)
         curves.append(losses)
     assert max(abs(a - b) for a, b in zip(*curves)) <= 1e-12
+
+
+def test_factored_placement_matches_the_full_matrix():
+    """Blocks, rows, columns and entries of the factored M equal the dense matrix (large spaces never build it)."""
+    from topotorch.relocation import Placement
+
+    g = make_mlp_graph(3, widths=(6, 40, 30, 5))
+    cfg = WiringConfig(wf=1.5, l0=0.3, agg="mean")
+    for space in ("input", "hidden1", "hidden2", "output"):
+        p = Placement(g, space, cfg)
+        m = p.full()
+        idx = torch.tensor([3, 1, 4, 2])
+        torch.testing.assert_close(p.block(idx), m[idx][:, idx], rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.row(4), m[4], rtol=1e-12, atol=0)
+        torch.testing.assert_close(p.col(2), m[:, 2], rtol=1e-12, atol=0)
+        perm = torch.randperm(m.shape[0])
+        torch.testing.assert_close(p.at(perm, torch.arange(m.shape[0])), m[perm, torch.arange(m.shape[0])],
+                                   rtol=1e-12, atol=0)
+        cand = torch.arange(min(5, m.shape[0]))
+        lazy, d_lazy = greedy_swap_permutation(p, cand)
+        dense, d_dense = greedy_swap_permutation(m, cand)
+        assert torch.equal(lazy, dense) and abs(d_lazy - d_dense) < 1e-12
+
+
+def test_blocked_assignment_keeps_the_function_and_stays_in_blocks():
+    g = make_mlp_graph(4, widths=(6, 40, 30, 5))
+    cfg = WiringConfig(wf=2.0, l0=0.1)
+    x = torch.randn(20, 6, dtype=F64)
+    before, c0 = g.model(x), float(wiring_cost(g, cfg).detach())
+    stats = relocate(g, cfg, "assign", max_assign=8)
+    assert float(wiring_cost(g, cfg).detach()) <= c0 + 1e-12 and sum(stats.moved.values()) > 0
+    torch.testing.assert_close(g.model(x), before, rtol=0, atol=1e-12)
+    for name, perm in stats.applied:
+        if g.space(name).size > 8:
+            assert torch.equal(perm // 8, torch.arange(len(perm)) // 8), name  # neurons stayed in their block

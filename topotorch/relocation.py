@@ -35,11 +35,72 @@ from topotorch.graph.core import aggregate
 from topotorch.objectives.wiring import WiringConfig
 
 Method = Literal["swap", "assign"]
+# spaces up to this many neurons get their whole placement-cost matrix (8 MB in float64); larger ones are
+# multiplied out row by row (swaps) or block by block (assignment)
+DENSE_LIMIT = 1024
 
 
 def _aggregate_abs(w: torch.Tensor, conn, n_target: int, n_source: int) -> torch.Tensor:
     """|W| summed per (target neuron, source neuron): an (n_target, n_source) matrix (see ``graph.core.aggregate``)."""
     return aggregate(w, conn, n_target, n_source)
+
+
+class Placement:
+    """The placement-cost matrix of one space in factored form: ``M = Σ_c A_c · C_cᵀ``.
+
+    For each connection, ``A`` (N_neurons, K) holds the aggregated |W| of every neuron to the K
+    neurons on the other side and ``C`` (N_slots, K) the cost factor (wf·d + l0) from each slot to
+    them. Only what is asked for is multiplied out: the whole matrix (:meth:`full`), a block of
+    neurons with their slots (:meth:`block`), one neuron's row, one slot's column, or the cost of
+    given neurons at given slots — so a vocabulary of 50k outputs never needs a 50k × 50k matrix.
+    Usage: ``P = Placement(graph, "hidden1", cfg); M = P.full()``.
+    """
+
+    def __init__(self, graph: SpatialGraph, space: str | Space, cfg: WiringConfig):
+        sp = graph.space(space) if isinstance(space, str) else space
+        self.size = sp.size
+        self.terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        touched = False
+        for conn in graph.incoming(sp.name) + graph.outgoing(sp.name):
+            if cfg.excluded(conn.weight):
+                continue
+            if conn.target == conn.source:
+                raise ValueError(f"connection {conn.weight!r} links space {sp.name!r} to itself; not supported")
+            touched = True
+            t, s = graph.space(conn.target), graph.space(conn.source)
+            if t.positions is None or s.positions is None:  # the same cost in every slot: cannot matter
+                continue
+            w = graph.tensor(conn.weight)
+            a = _aggregate_abs(w, conn, t.size, s.size)
+            c = cfg.wf * graph.distances(conn, cfg.metric, w) + cfg.l0  # (N_target, N_source), by slot
+            if cfg.agg == "mean":
+                a = a / w.numel()
+            self.terms.append((a, c) if conn.target == sp.name else (a.T, c.T))
+        if not touched:
+            raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
+
+    def _sum(self, parts, shape) -> torch.Tensor:
+        out = None
+        for p in parts:
+            out = p if out is None else out + p
+        return out if out is not None else torch.zeros(shape, dtype=torch.float64)
+
+    def full(self) -> torch.Tensor:
+        return self._sum((a @ c.T for a, c in self.terms), (self.size, self.size))
+
+    def block(self, index: torch.Tensor) -> torch.Tensor:
+        """M restricted to the neurons ``index`` and the slots with the same indices."""
+        return self._sum((a[index] @ c[index].T for a, c in self.terms), (len(index), len(index)))
+
+    def row(self, neuron: int) -> torch.Tensor:
+        return self._sum((c @ a[neuron] for a, c in self.terms), (self.size,))
+
+    def col(self, slot: int) -> torch.Tensor:
+        return self._sum((a @ c[slot] for a, c in self.terms), (self.size,))
+
+    def at(self, neurons: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """M[neurons[k], slots[k]] for every k."""
+        return self._sum(((a[neurons] * c[slots]).sum(-1) for a, c in self.terms), (len(neurons),))
 
 
 def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,
@@ -53,33 +114,8 @@ def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,
     (tokens) costs the same in every slot, so it is left out: it cannot change a decision or a delta.
     Usage: ``M = placement_cost(g, "hidden1", cfg)``.
     """
-    sp = graph.space(space) if isinstance(space, str) else space
-    m, touched = None, False
-    for conn in graph.incoming(sp.name) + graph.outgoing(sp.name):
-        if cfg.excluded(conn.weight):
-            continue
-        if conn.target == conn.source:
-            raise ValueError(f"connection {conn.weight!r} links space {sp.name!r} to itself; not supported")
-        touched = True
-        t, s = graph.space(conn.target), graph.space(conn.source)
-        if t.positions is None or s.positions is None:
-            continue
-        w = graph.tensor(conn.weight)
-        a = _aggregate_abs(w, conn, t.size, s.size)
-        c = cfg.wf * graph.distances(conn, cfg.metric, w) + cfg.l0  # (N_target, N_source), by slot
-        if conn.target == sp.name:  # both (N_space, N_slots)
-            term = a @ c.T if index is None else a[index] @ c[index].T
-        else:
-            term = a.T @ c if index is None else a[:, index].T @ c[:, index]
-        if cfg.agg == "mean":
-            term = term / w.numel()
-        m = term if m is None else m + term
-    if not touched:
-        raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
-    if m is None:
-        n = sp.size if index is None else len(index)
-        return torch.zeros(n, n, dtype=torch.float64)
-    return m
+    p = Placement(graph, space, cfg)
+    return p.full() if index is None else p.block(index)
 
 
 def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | None = None) -> torch.Tensor:
@@ -101,7 +137,7 @@ def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | N
     return score
 
 
-def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: float = 0.0,
+def greedy_swap_permutation(m: "torch.Tensor | Placement", candidates: torch.Tensor, tol: float = 0.0,
                             groups: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The paper's greedy swaps, scored in closed form from the placement-cost matrix.
 
@@ -110,16 +146,23 @@ def greedy_swap_permutation(m: torch.Tensor, candidates: torch.Tensor, tol: floa
     now holds old neuron ``perm[q]``; ``delta`` is the total cost change (<= 0).
     M is indexed by neuron identity, so it never needs recomputing within a space.
     With ``groups`` (one id per slot), a neuron only swaps with neurons of its own group.
+    ``m`` may be a :class:`Placement`, which multiplies out only the rows and columns needed.
     """
-    n = m.shape[0]
-    slots = torch.arange(n, device=m.device)
+    if isinstance(m, Placement):
+        n, device = m.size, (m.terms[0][0].device if m.terms else torch.device("cpu"))
+        row, col, at = m.row, m.col, m.at
+    else:
+        n, device = m.shape[0], m.device
+        row, col, at = (lambda i: m[i]), (lambda p: m[:, p]), (lambda ns, ss: m[ns, ss])
+    slots = torch.arange(n, device=device)
     neuron_at = slots.clone()  # neuron at each slot
     slot_of = slots.clone()  # slot of each neuron
     total = 0.0
     for i in candidates.tolist():  # sequential by nature: each swap changes the next one's options
         p = int(slot_of[i])
         # cost change of swapping neuron i (at p) with the neuron at every slot q, all at once
-        delta = m[i] + m[neuron_at, p] - m[i, p] - m[neuron_at, slots]
+        r = row(i)
+        delta = r + col(p)[neuron_at] - r[p] - at(neuron_at, slots)
         delta[p] = 0.0
         if groups is not None:
             delta = delta.masked_fill(groups != groups[p], float("inf"))
@@ -164,6 +207,7 @@ def blocked_assignment_permutation(graph: SpatialGraph, space: Space, cfg: Wirin
     Usage: ``blocked_assignment_permutation(g, g.space("mlp"), cfg, 512)``.
     """
     n = space.size
+    placement = Placement(graph, space, cfg)
     cuts = [0] + list(range(offset % block or block, n, block)) + [n]
     perm = torch.arange(n)
     total = 0.0
@@ -171,7 +215,7 @@ def blocked_assignment_permutation(graph: SpatialGraph, space: Space, cfg: Wirin
         if hi - lo < 2:
             continue
         idx = torch.arange(lo, hi)
-        local, d = assignment_permutation(placement_cost(graph, space, cfg, idx))
+        local, d = assignment_permutation(placement.block(idx))
         perm[lo:hi] = idx[local.cpu()]
         total += d
     return perm, total
@@ -317,15 +361,17 @@ def relocate(
             sp = graph.space(name)
             if sp.relocate == "fixed" or sp.positions is None or sp.size < 2:
                 continue
-            m = placement_cost(graph, sp, cfg)
             if method == "swap":
                 k = min(top_k, sp.size)
                 cand = torch.topk(neuron_scores(graph, sp, cfg), k).indices
-                groups = sp.groups.to(m.device) if sp.groups is not None else None
+                placement = Placement(graph, sp, cfg)
+                m = placement.full() if sp.size <= DENSE_LIMIT else placement  # a vocabulary: rows on demand
+                groups = sp.groups.to(cand.device) if sp.groups is not None else None
                 perm, d = greedy_swap_permutation(m, cand, groups=groups)
             elif sp.groups is None and sp.size > max_assign:  # exact within blocks of consecutive slots
                 perm, d = blocked_assignment_permutation(graph, sp, cfg, max_assign, offset=(sweep % 2) * max_assign // 2)
             else:
+                m = placement_cost(graph, sp, cfg)
                 if sp.groups is not None and len(sp.groups.unique()) > 1:
                     # whole groups (heads) first, then the best arrangement within each group
                     perm, d = group_assignment_permutation(m, sp.groups)
