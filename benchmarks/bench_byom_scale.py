@@ -86,6 +86,7 @@ def main() -> None:
         add_wiring_grad_(graph, cfg, 1e-3)
 
     step()  # AdamW state exists before memory is counted
+    model.eval()  # dropout off: the relocation check compares outputs (training works the same in eval mode)
     cmp = compare({"train step": step, "penalty": penalty}, reps=args.reps, warmup=1)
     ratio = cmp.median("penalty") / cmp.median("train step")
     print(cmp.summary())

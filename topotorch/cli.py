@@ -128,6 +128,8 @@ def train(
     progress: bool = typer.Option(True, help="show a progress bar"),
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: 1 for small models, measured rule)"),
+    model: Optional[str] = typer.Option(None, help="your model: hf:NAME (e.g. hf:gpt2, hf:llama) or package.module:function"),
+    model_config: Optional[str] = typer.Option(None, help="K=V,... for --model, e.g. n_layer=4,n_embd=128,n_head=4"),
 ) -> None:
     """Train TASK and write config, metrics.csv, checkpoint, summary.json, connectivity.png, animation.
 
@@ -144,7 +146,7 @@ def train(
                      relocation=relocation, top_k=top_k, swap_every=swap_every, threshold=threshold,
                      batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
                      local_steps=local_steps, topo_tau=topo_tau, topo_layers=topo_layers, topo_factor=topo_factor,
-                     group_lam=group_lam)
+                     group_lam=group_lam, model=model, model_config=model_config)
     _check_threads(threads)
     try:
         if resume is not None:

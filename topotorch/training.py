@@ -196,9 +196,20 @@ class TrainConfig:
     # structured sparsity: + group_lam · Σ_neurons ‖outgoing weights‖₂ (neuron_group_norm) over the
     # graph's hidden spaces, so whole neurons/channels/head dims die and `shrink` can cut them out
     group_lam: float = 0.0
+    # bring your own model (topotorch/user_models.py): "hf:gpt2", "my_pkg.nets:build"; None: the task's model.
+    # Its graph comes from the data-flow builder, checked on the task's inputs
+    model: str | None = None
+    model_config: str = ""  # K=V,... for the model (e.g. n_layer=4,n_embd=128,n_head=4)
 
     def __post_init__(self) -> None:
         _validate_config(self)
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"model must be hf:NAME or package.module:function, got {self.model!r}")
+        if not isinstance(self.model_config, str):
+            raise ValueError(f"model_config must be a K=V,... string, got {self.model_config!r}")
+        from topotorch.user_models import parse_model_config
+
+        parse_model_config(self.model_config)
         get_task(self.task)  # unknown task -> clear error
         parse_schedule(self.lam)
         self.wiring(train=True)  # validates l0, wf, metric, agg
@@ -279,8 +290,31 @@ def build(config: TrainConfig) -> tuple[Task, torch.nn.Module, SpatialGraph]:
     """The task, a freshly initialised model (seeded) and its spatial graph. Usage: ``task, model, g = build(cfg)``."""
     task = get_task(config.task)
     torch.manual_seed(config.seed)
-    model = task.make_model().to(DTYPES[config.dtype])
-    return task, model, _graph_for(task, config, model)
+    if config.model is None:
+        model = task.make_model().to(DTYPES[config.dtype])
+        return task, model, _graph_for(task, config, model)
+    return task, *_user_model_and_graph(task, config)
+
+
+def _user_model_and_graph(task: Task, config: TrainConfig) -> tuple[torch.nn.Module, SpatialGraph]:
+    """A model the user brought (``config.model``), and its checked data-flow graph on the task's inputs."""
+    from topotorch.graph.flow import flow_graph
+    from topotorch.user_models import build_user_model
+
+    dtype = DTYPES[config.dtype]
+    data = task.make_data(config.seed, dtype)
+    x = data.x_train[:2]
+    tokens = not x.is_floating_point() and x.ndim == 2
+    vocab = len(task.output_labels) if tokens and task.output_labels else None
+    torch.manual_seed(config.seed)
+    model = build_user_model(config.model, config.model_config, vocab=vocab, block=x.shape[1] if tokens else None)
+    model = model.to(dtype)
+    try:
+        graph = flow_graph(model, x, layouts=task.layouts or None, input_labels=task.input_labels,
+                           output_labels=task.output_labels)
+    except ValueError as e:
+        raise ValueError(f"--model {config.model}: {e}") from None
+    return model, graph
 
 
 def task_loss(task: Task, out: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
