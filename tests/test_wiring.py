@@ -8,7 +8,7 @@ from torch import nn
 
 from topotorch.geometry import circle
 from topotorch.graph import SpatialGraph
-from topotorch.objectives.wiring import WiringConfig, connection_costs, wiring_cost
+from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, connection_costs, wiring_cost
 
 
 def mlp(*widths, bias=True):
@@ -333,3 +333,37 @@ def test_closed_form_gradient_follows_relocation_and_dtype():
     wiring_cost(graph, cfg).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=0, atol=1e-15, msg=n)
+
+
+@pytest.mark.parametrize("name", ["concatenating", "depthwise", "tied-mlp", "gpt2"])
+def test_streaming_penalty_equals_the_cached_one(name, monkeypatch):
+    """Large graphs rebuild the cost factors chunk by chunk instead of caching weight-sized tensors: same values."""
+    import sys
+    from pathlib import Path
+
+    import topotorch.objectives.wiring as wiring
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from byom_models import HF, build
+
+    if name in HF:
+        pytest.importorskip("transformers")
+    from topotorch.graph.flow import flow_graph
+
+    model, x = build(name)
+    g = flow_graph(model, x, verify=False)
+    cfg = WiringConfig(wf=1.7, l0=0.3, agg="mean")
+    cached = float(wiring_cost(g, cfg))
+    model.zero_grad(set_to_none=True)
+    add_wiring_grad_(g, cfg, 0.5)
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    monkeypatch.setattr(wiring, "CACHE_ENTRIES", 0)
+    monkeypatch.setattr(wiring, "_CHUNK", 37)  # many ragged chunks
+    g._cache.clear()
+    assert abs(float(wiring_cost(g, cfg)) - cached) <= 1e-12 * abs(cached)
+    model.zero_grad(set_to_none=True)
+    add_wiring_grad_(g, cfg, 0.5)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-15)

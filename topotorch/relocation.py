@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from topotorch.geometry import as_plane
 from topotorch.graph import Space, SpatialGraph
 from topotorch.graph.core import aggregate
 from topotorch.objectives.wiring import WiringConfig
@@ -45,21 +46,60 @@ def _aggregate_abs(w: torch.Tensor, conn, n_target: int, n_source: int) -> torch
     return aggregate(w, conn, n_target, n_source)
 
 
+class _L1Term:
+    """One connection's share of M when the distance is l1 (separable by coordinate): no N×N products.
+
+    For one coordinate, Σ_j a_ij·|x_p − y_j| splits at x_p into the sources left and right of the
+    slot: with the sources sorted and per-neuron running sums of a_ij and a_ij·y_j, each entry is
+    a few gathers — O(N·K) once instead of O(N·slots·K) per block.
+    """
+
+    def __init__(self, a: torch.Tensor, slots: torch.Tensor, others: torch.Tensor, wf: float, l0: float):
+        self.wf, self.l0 = wf, l0
+        self.total = a.sum(1)  # Σ_j a_ij
+        self.coords = []
+        for d in range(slots.shape[1]):
+            y, order = others[:, d].sort()
+            a_sorted = a[:, order]
+            left_w = torch.nn.functional.pad(a_sorted.cumsum(1), (1, 0))  # Σ over the k leftmost sources
+            left_wy = torch.nn.functional.pad((a_sorted * y).cumsum(1), (1, 0))
+            k = torch.searchsorted(y.contiguous(), slots[:, d].contiguous(), right=True)  # sources at or left of x_p
+            self.coords.append((slots[:, d], k, left_w, left_wy))
+
+    def entries(self, neurons: torch.Tensor, slots: torch.Tensor, outer: bool) -> torch.Tensor:
+        """M entries for neurons × slots (``outer``: every pair) or for (neurons[k], slots[k]) pairs."""
+        out = None
+        for x, k, left_w, left_wy in self.coords:
+            if outer:
+                lw, lwy = left_w[neurons][:, k[slots]], left_wy[neurons][:, k[slots]]
+                tw, twy = left_w[neurons, -1:], left_wy[neurons, -1:]
+                xp = x[slots].unsqueeze(0)
+            else:
+                lw, lwy = left_w[neurons, k[slots]], left_wy[neurons, k[slots]]
+                tw, twy = left_w[neurons, -1], left_wy[neurons, -1]
+                xp = x[slots]
+            part = xp * lw - lwy + (twy - lwy) - xp * (tw - lw)
+            out = part if out is None else out + part
+        base = self.total[neurons].unsqueeze(1) if outer else self.total[neurons]
+        return self.wf * out + self.l0 * base
+
+
 class Placement:
     """The placement-cost matrix of one space in factored form: ``M = Σ_c A_c · C_cᵀ``.
 
     For each connection, ``A`` (N_neurons, K) holds the aggregated |W| of every neuron to the K
     neurons on the other side and ``C`` (N_slots, K) the cost factor (wf·d + l0) from each slot to
-    them. Only what is asked for is multiplied out: the whole matrix (:meth:`full`), a block of
-    neurons with their slots (:meth:`block`), one neuron's row, one slot's column, or the cost of
-    given neurons at given slots — so a vocabulary of 50k outputs never needs a 50k × 50k matrix.
+    them; with the l1 metric the products are replaced by running sums (:class:`_L1Term`). Only what
+    is asked for is computed: the whole matrix (:meth:`full`), a block of neurons with their slots
+    (:meth:`block`), one neuron's row, one slot's column, or the cost of given neurons at given
+    slots — so a vocabulary of 50k outputs never needs a 50k × 50k matrix.
     Usage: ``P = Placement(graph, "hidden1", cfg); M = P.full()``.
     """
 
     def __init__(self, graph: SpatialGraph, space: str | Space, cfg: WiringConfig):
         sp = graph.space(space) if isinstance(space, str) else space
         self.size = sp.size
-        self.terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.terms: list = []
         touched = False
         for conn in graph.incoming(sp.name) + graph.outgoing(sp.name):
             if cfg.excluded(conn.weight):
@@ -72,12 +112,22 @@ class Placement:
                 continue
             w = graph.tensor(conn.weight)
             a = _aggregate_abs(w, conn, t.size, s.size)
-            c = cfg.wf * graph.distances(conn, cfg.metric, w) + cfg.l0  # (N_target, N_source), by slot
             if cfg.agg == "mean":
                 a = a / w.numel()
-            self.terms.append((a, c) if conn.target == sp.name else (a.T, c.T))
+            mine, other = (t, s) if conn.target == sp.name else (s, t)
+            a = a if conn.target == sp.name else a.T
+            if cfg.metric == "l1" or (mine.positions.shape[1] == 1 and other.positions.shape[1] == 1):
+                x, y = mine.positions, other.positions
+                if x.shape[1] != y.shape[1]:
+                    x, y = as_plane(x), as_plane(y)
+                self.terms.append(_L1Term(a, x.to(a.device, a.dtype), y.to(a.device, a.dtype), cfg.wf, cfg.l0))
+            else:
+                c = cfg.wf * graph.distances(conn, cfg.metric, w) + cfg.l0  # (N_target, N_source), by slot
+                self.terms.append((a, c if conn.target == sp.name else c.T))
         if not touched:
             raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
+        self.device = self.terms[0].total.device if self.terms and isinstance(self.terms[0], _L1Term) else (
+            self.terms[0][0].device if self.terms else torch.device("cpu"))
 
     def _sum(self, parts, shape) -> torch.Tensor:
         out = None
@@ -85,22 +135,31 @@ class Placement:
             out = p if out is None else out + p
         return out if out is not None else torch.zeros(shape, dtype=torch.float64)
 
-    def full(self) -> torch.Tensor:
-        return self._sum((a @ c.T for a, c in self.terms), (self.size, self.size))
-
     def block(self, index: torch.Tensor) -> torch.Tensor:
         """M restricted to the neurons ``index`` and the slots with the same indices."""
-        return self._sum((a[index] @ c[index].T for a, c in self.terms), (len(index), len(index)))
+        index = index.to(self.device)
+        return self._sum((t.entries(index, index, True) if isinstance(t, _L1Term) else t[0][index] @ t[1][index].T
+                          for t in self.terms), (len(index), len(index)))
+
+    def full(self) -> torch.Tensor:
+        return self.block(torch.arange(self.size, device=self.device))
 
     def row(self, neuron: int) -> torch.Tensor:
-        return self._sum((c @ a[neuron] for a, c in self.terms), (self.size,))
+        every = torch.arange(self.size, device=self.device)
+        one = torch.tensor([neuron], device=self.device)
+        return self._sum((t.entries(one, every, True)[0] if isinstance(t, _L1Term) else t[1] @ t[0][neuron]
+                          for t in self.terms), (self.size,))
 
     def col(self, slot: int) -> torch.Tensor:
-        return self._sum((a @ c[slot] for a, c in self.terms), (self.size,))
+        every = torch.arange(self.size, device=self.device)
+        one = torch.tensor([slot], device=self.device)
+        return self._sum((t.entries(every, one, True)[:, 0] if isinstance(t, _L1Term) else t[0] @ t[1][slot]
+                          for t in self.terms), (self.size,))
 
     def at(self, neurons: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """M[neurons[k], slots[k]] for every k."""
-        return self._sum(((a[neurons] * c[slots]).sum(-1) for a, c in self.terms), (len(neurons),))
+        return self._sum((t.entries(neurons, slots, False) if isinstance(t, _L1Term) else (t[0][neurons] * t[1][slots]).sum(-1)
+                          for t in self.terms), (len(neurons),))
 
 
 def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,
@@ -149,7 +208,7 @@ def greedy_swap_permutation(m: "torch.Tensor | Placement", candidates: torch.Ten
     ``m`` may be a :class:`Placement`, which multiplies out only the rows and columns needed.
     """
     if isinstance(m, Placement):
-        n, device = m.size, (m.terms[0][0].device if m.terms else torch.device("cpu"))
+        n, device = m.size, m.device
         row, col, at = m.row, m.col, m.at
     else:
         n, device = m.shape[0], m.device
@@ -184,17 +243,18 @@ def assignment_permutation(m: torch.Tensor, groups: torch.Tensor | None = None) 
     neurons stay within their group (cross-group placements are forbidden).
     """
     cost = m.detach().to("cpu", torch.float64).numpy()
-    if groups is not None:
-        g = groups.cpu().numpy()
-        forbidden = g[:, None] != g[None, :]
-        big = (np.abs(cost).max() + 1.0) * (cost.shape[0] + 1)  # larger than any allowed assignment's total
-        cost = np.where(forbidden, big, cost)
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty_like(cols)
-    perm[cols] = rows  # slot cols[k] gets neuron rows[k]
-    delta = float(cost[rows, cols].sum() - np.trace(cost))
-    if delta > 0:  # numerical noise only; never make things worse
-        return torch.arange(m.shape[0], device=m.device), 0.0
+    n = cost.shape[0]
+    perm = np.arange(n)
+    members = [np.arange(n)] if groups is None else [np.flatnonzero(groups.cpu().numpy() == g)
+                                                     for g in np.unique(groups.cpu().numpy())]
+    delta = 0.0
+    for idx in members:  # groups are independent problems: one small assignment each (cubic cost)
+        sub = cost[np.ix_(idx, idx)]
+        rows, cols = linear_sum_assignment(sub)
+        d = float(sub[rows, cols].sum() - np.trace(sub))
+        if d < 0:  # > 0 is numerical noise only; never make things worse
+            perm[idx[cols]] = idx[rows]  # slot cols[k] gets neuron rows[k]
+            delta += d
     return torch.as_tensor(perm, device=m.device), delta
 
 
@@ -204,7 +264,7 @@ def blocked_assignment_permutation(graph: SpatialGraph, space: Space, cfg: Wirin
 
     Only each block's part of the placement-cost matrix is computed, so memory is
     O(block²) instead of O(N²). Returns ``(perm, delta)`` like :func:`assignment_permutation`.
-    Usage: ``blocked_assignment_permutation(g, g.space("mlp"), cfg, 512)``.
+    Usage: ``blocked_assignment_permutation(g, g.space("mlp"), cfg, 256)``.
     """
     n = space.size
     placement = Placement(graph, space, cfg)
@@ -334,7 +394,7 @@ def relocate(
     optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     spaces: Iterable[str] | None = None,
     sweeps: int = 1,
-    max_assign: int = 512,
+    max_assign: int = 256,
 ) -> RelocationStats:
     """Sweep over the movable spaces, relocating each given its neighbours.
 

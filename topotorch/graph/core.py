@@ -116,6 +116,10 @@ class Connection:
     bias: str | None = None
 
 
+# neuron-distance matrices up to this many entries are cached per connection (all of a small model's)
+DISTANCE_CACHE_ENTRIES = 1 << 18
+
+
 class SpatialGraph:
     """A model plus the spaces and connections that give its neurons a body.
 
@@ -174,15 +178,18 @@ class SpatialGraph:
         such a connection costs only ``l0 * |W|``.
         """
         key = ("dist", conn.weight, conn.target, conn.source, metric, like.device, like.dtype, self.version)
-        if key not in self._cache:
-            t, s = self.space(conn.target), self.space(conn.source)
-            if t.positions is None or s.positions is None:
-                d = torch.zeros(t.size, s.size, dtype=torch.float64)
-            else:
-                d = pairwise_distance(t.positions, s.positions, metric)
+        if key in self._cache:
+            return self._cache[key]
+        t, s = self.space(conn.target), self.space(conn.source)
+        if t.positions is None or s.positions is None:
+            d = torch.zeros(t.size, s.size, dtype=torch.float64)
+        else:
+            d = pairwise_distance(t.positions, s.positions, metric)
+        d = d.to(device=like.device, dtype=like.dtype)
+        if d.numel() <= DISTANCE_CACHE_ENTRIES:  # large ones (a vocabulary x a stream) are rebuilt when asked for
             self._drop_stale()
-            self._cache[key] = d.to(device=like.device, dtype=like.dtype)
-        return self._cache[key]
+            self._cache[key] = d
+        return d
 
     def set_positions(self, space: str, positions: torch.Tensor) -> None:
         """Move a space's neurons to new coordinates (invalidates cached distances)."""

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from topotorch.geometry import pairwise_distance
 from topotorch.graph import Connection, SpatialGraph
 
 
@@ -73,15 +74,60 @@ def cost_weights(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, like:
     return cache[key]
 
 
+# Graphs whose connection weights hold more entries than this (a GPT-2-sized model) never cache a
+# weight-sized factor tensor: the factors (wf·d + l0) are rebuilt from the neurons' coordinates in
+# row chunks each time, so the penalty's memory stays a few MB instead of a second copy of the model.
+CACHE_ENTRIES = 1 << 22
+_CHUNK = 1 << 18  # entries per streamed chunk (1 MB in float32: stays in cache)
+
+
+def _streaming(graph: SpatialGraph) -> bool:
+    key = ("streaming", graph.version)
+    if key not in graph._cache:
+        total = sum(graph.tensor(c.weight).numel() for c in graph.connections)
+        graph._cache[key] = total > CACHE_ENTRIES
+    return graph._cache[key]
+
+
+def _chunks(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, w: torch.Tensor):
+    """(weight view rows, factor rows) for consecutive row chunks of ``w`` seen as (target, source, rest...).
+
+    The factor rows are wf·d + l0 between each entry's target and source neuron (0 where a partial
+    connection does not cover the entry), shaped to broadcast against the view's rows."""
+    td, sd = conn.target_slice.dim, conn.source_slice.dim
+    view = w.movedim((td, sd), (0, 1))
+    n_rows, n_cols = view.shape[0], view.shape[1]
+    rest = view[0, 0].numel() if view.ndim > 2 else 1
+    t_of = conn.target_slice.neuron_of(n_rows, partial=True).to(w.device)
+    s_of = conn.source_slice.neuron_of(n_cols, partial=True).to(w.device)
+    t_sp, s_sp = graph.space(conn.target), graph.space(conn.source)
+    zeros = lambda n: torch.zeros(n, 1, dtype=w.dtype, device=w.device)  # noqa: E731 - no coordinates: d = 0
+    t_pos = t_sp.positions.to(w.device, w.dtype)[t_of.clamp(min=0)] if t_sp.positions is not None else zeros(n_rows)
+    s_pos = s_sp.positions.to(w.device, w.dtype)[s_of.clamp(min=0)] if s_sp.positions is not None else zeros(n_cols)
+    if t_sp.positions is None or s_sp.positions is None:
+        t_pos, s_pos = zeros(n_rows), zeros(n_cols)
+    col_ok = (s_of >= 0).to(w.dtype).unsqueeze(0)
+    step = max(1, _CHUNK // max(1, n_cols * rest))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        f = cfg.wf * pairwise_distance(t_pos[r0:r1], s_pos, cfg.metric) + cfg.l0
+        f = f * ((t_of[r0:r1] >= 0).to(w.dtype).unsqueeze(1) * col_ok)
+        yield view[r0:r1], f.reshape(f.shape + (1,) * (view.ndim - 2))
+
+
 def connection_costs(graph: SpatialGraph, cfg: WiringConfig | None = None) -> dict[str, torch.Tensor]:
     """Wiring cost of each connection (weight name -> scalar tensor, differentiable)."""
     cfg = cfg or WiringConfig()
     out: dict[str, torch.Tensor] = {}
+    streaming = _streaming(graph)
     for conn in graph.connections:
         if cfg.excluded(conn.weight):
             continue
         w = graph.tensor(conn.weight)
-        c = (w.abs() * cost_weights(graph, conn, cfg, w)).sum()
+        if streaming:
+            c = sum((rows.abs() * f).sum() for rows, f in _chunks(graph, conn, cfg, w))
+        else:
+            c = (w.abs() * cost_weights(graph, conn, cfg, w)).sum()
         if cfg.agg == "mean":
             c = c / w.numel()
         if cfg.penalize_bias and conn.bias is not None and not cfg.excluded(conn.bias):
@@ -116,12 +162,37 @@ def add_wiring_grad_(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> None
     """
     if lam == 0:
         return
+    if _streaming(graph):
+        _add_grad_streaming_(graph, cfg, float(lam))
+        return
     params, factors = _grad_factors(graph, cfg, float(lam))
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     signs = torch._foreach_sign([p.detach() for p in params])
     torch._foreach_addcmul_([p.grad for p in params], factors, signs)
+
+
+def _add_grad_streaming_(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> None:
+    """:func:`add_wiring_grad_` for large graphs: factors rebuilt chunk by chunk, nothing weight-sized kept."""
+    for conn in graph.connections:
+        if cfg.excluded(conn.weight):
+            continue
+        w = graph.tensor(conn.weight)
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        scale = lam / w.numel() if cfg.agg == "mean" else lam
+        grad_view = w.grad.movedim((conn.target_slice.dim, conn.source_slice.dim), (0, 1))
+        start = 0
+        for rows, f in _chunks(graph, conn, cfg, w.detach()):
+            n = rows.shape[0]
+            grad_view[start:start + n].addcmul_(f * scale, rows.sign())
+            start += n
+        if cfg.penalize_bias and conn.bias is not None and not cfg.excluded(conn.bias):
+            b = graph.tensor(conn.bias)
+            if b.grad is None:
+                b.grad = torch.zeros_like(b)
+            b.grad.add_(b.detach().sign(), alpha=(lam / b.numel() if cfg.agg == "mean" else lam) * cfg.l0)
 
 
 def _grad_factors(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> tuple[list, list]:
