@@ -201,3 +201,39 @@ def test_keyword_inputs_and_skipping_the_check():
     model, ids = build("bert")
     g = flow_graph(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, verify=False)
     assert check_graph(g, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) == {}
+
+
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.rnn = nn.LSTM(6, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(torch.tanh(self.inp(x)))[0])
+
+
+def test_recurrent_units_move_with_their_four_gates():
+    """nn.LSTM runs as matmuls and gate chunks under the tracer: a unit owns its 4 gate rows and its recurrent column."""
+    torch.manual_seed(0)
+    model, x = Recurrent().double(), torch.randn(2, 4, 3, dtype=torch.float64)
+    g = flow_graph(model, x)
+    units = g.space("rnn")
+    owned = {(s.name, s.dim): tuple(s.index.shape) for s in units.slices}
+    assert owned[("rnn.weight_ih_l0", 0)] == (5, 4) and owned[("rnn.weight_hh_l0", 0)] == (5, 4)
+    assert ("rnn.weight_hh_l0", 1) in owned and ("head.weight", 1) in owned
+    base = model(x)
+    relocate(g, WiringConfig(), "assign")
+    torch.testing.assert_close(model(x), base, rtol=0, atol=1e-12)
+
+
+def test_group_lasso_on_a_hugging_face_graph_skips_normalised_streams():
+    pytest.importorskip("transformers")
+    from topotorch.objectives.group import group_spaces, neuron_group_norm
+
+    model, x, g = graph_of("llama")
+    names = group_spaces(g)
+    assert "model.layers.0.mlp" in names and "model.embed_tokens" not in names  # RMSNorm'd stream left out
+    neuron_group_norm(g).backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0

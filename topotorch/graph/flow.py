@@ -468,8 +468,9 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
 
     for i in order:
         plan = plans[i]
-        if plan.reason and plan.reason.startswith("unknown op") and unknown_ops == "raise" and writers.get(i):
-            raise ValueError(f"cannot place the neurons written by {writers[i][0]!r}: {plan.reason}, so moving them "
+        if plan.reason and plan.reason.startswith("unknown op") and unknown_ops == "raise" and not plan.axis.roles:
+            who = (f"written by {writers[i][0]!r}" if writers.get(i) else f"read by {readers[i][0]!r}")
+            raise ValueError(f"cannot place the neurons {who}: {plan.reason}, so moving them "
                              "could change what the model computes (pass unknown_ops='fix' to keep them in place)")
 
     averaged = _averaged(occurrences.values())
