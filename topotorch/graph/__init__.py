@@ -1,5 +1,6 @@
 """The model's coupling graph (`core`: Slice, Space, Connection, SpatialGraph) and its builders:
-`transformer` (pre-norm transformers), `conv` (residual conv nets), `traced` (any model, via Torch-Pruning)."""
+`flow` (any model, from its data flow: `rules` per ATen op over `axes`; `traced.coupling_graph` is its old name),
+`transformer` (our TinyGPT), `conv` (our SmallResNet); `verify` checks every graph keeps the model's function."""
 
 from .core import (  # noqa: F401  (the core API, importable from the package)
     Role,
