@@ -4,7 +4,8 @@ Trains ``digits-conv`` (SmallResNet + conv_graph) and ``modular-addition-transfo
 TinyGPT, no LayerNorm, + transformer_graph) with BIMT, shrinks each at the task's threshold and
 prints: parameters before/after, max |output difference| against the thresholded original,
 the test metric of the dense, thresholded and shrunk models, and forward latency at batch 256
-(dense original vs shrunk; medians of repeated timings, ``torch.get_num_threads()`` threads).
+(dense original vs shrunk, timed with :func:`topotorch.timing.compare`: warm-up, both sides
+interleaved with the same repeats, medians with quartiles, threads and load recorded; 1 thread).
 
     python benchmarks/bench_shrink.py [--conv-steps 3000] [--gpt-steps 5000] [--conv-lam S] [--gpt-lam S] [--json PATH]
 
@@ -24,13 +25,13 @@ import torch
 
 from topotorch.compression.shrink import shrink, threshold_model
 from topotorch.training import TrainConfig, evaluate, train
-from topotorch.timing import median_seconds
+from topotorch.timing import Comparison, compare, conditions
 
 
-def latency(model: torch.nn.Module, x: torch.Tensor, reps: int = 30) -> float:
-    """Median seconds per forward pass of ``model`` on ``x`` (after warm-up)."""
+def latency(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int = 30) -> Comparison:
+    """Forward passes of ``models`` on ``x``, interleaved (compare: warm-up, medians with quartiles)."""
     with torch.no_grad():
-        return median_seconds(lambda: model(x), reps, warmup=3)
+        return compare({k: (lambda m=m: m(x)) for k, m in models.items()}, reps=reps, warmup=3)
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -61,7 +62,9 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_
         diff = (small(d.x_test) - ref(d.x_test)).abs().max().item()
         scale = ref(d.x_test).abs().max().item()
     xb = d.x_test[torch.arange(256) % len(d.x_test)]
-    t_dense, t_small = latency(model, xb), latency(small, xb)
+    lat = latency({"dense": model, "shrunk": small}, xb)
+    t_dense, t_small = lat.median("dense"), lat.median("shrunk")
+    print(f"{task}: {lat.summary('dense', 'shrunk')}")
     out = {
         "task": task, "steps": steps, "lam": cfg.lam, "group_lam": cfg.group_lam, "train_seconds": round(train_s, 1), "threshold": cfg.threshold,
         "params_before": n_params(model), "params_after": n_params(small),
@@ -76,6 +79,8 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_
         "test_shrunk": evaluate(res.task, small, d.x_test, d.y_test),
         "latency_b256_dense_ms": round(1e3 * t_dense, 3), "latency_b256_shrunk_ms": round(1e3 * t_small, 3),
         "speedup_b256": round(t_dense / t_small, 2),
+        "speedup_b256_iqr": [round(v, 2) for v in lat.ratio_range("dense", "shrunk")],
+        "timing_b256": lat.as_dict(),
     }
     for thr in extra_thresholds:  # the same trained model shrunk at another threshold
         sh2 = shrink(core, graph, thr)
@@ -88,11 +93,12 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_
         small2.eval(), ref2.eval()
         with torch.no_grad():
             diff2 = (small2(d.x_test) - ref2(d.x_test)).abs().max().item()
-        t2 = latency(small2, xb)
+        lat2 = latency({"dense": model, "shrunk": small2}, xb)
         out.setdefault("at_threshold", {})[str(thr)] = {
             "params_after": n_params(small2), "removed": {k: v for k, v in sh2.removed.items() if v},
             "test_shrunk": evaluate(res.task, small2, d.x_test, d.y_test), "max_abs_diff_vs_thresholded": diff2,
-            "speedup_b256": round(t_dense / t2, 2)}
+            "speedup_b256": round(lat2.ratio("dense", "shrunk"), 2),
+            "speedup_b256_iqr": [round(v, 2) for v in lat2.ratio_range("dense", "shrunk")], "timing_b256": lat2.as_dict()}
     if inner:
         out["heads_after"] = [b.attn.head_dims for b in sh.model.blocks]
     return out
@@ -115,12 +121,14 @@ def main() -> None:
     extra = tuple(float(t) for t in args.extra_thresholds.split(",") if t)
     results = {
         "threads": torch.get_num_threads(),
-        "note": "2-core box shared with other jobs: latencies are noisy; ratios are from one run",
+        "note": "2-core box shared with other jobs: latencies interleaved (timing.compare), medians with quartiles",
+        "conditions_start": conditions(),
         "runs": ([] if args.skip_conv else [run("digits-conv", args.conv_steps, None, args.conv_lam, float(g), extra)
                                              for g in args.conv_group_lam.split(",")])
         + ([] if args.skip_gpt else [run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam, float(g), extra)
                                      for g in args.gpt_group_lam.split(",")]),
     }
+    results["conditions_end"] = conditions()
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as f:

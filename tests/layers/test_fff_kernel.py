@@ -116,3 +116,32 @@ def test_kernel_build_falls_back_to_portable_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("TOPOTORCH_CACHE", str(tmp_path / "other"))
     with pytest.raises(RuntimeError, match="no-such-flag"):
         _cpu_kernel._build()
+
+
+@needs_kernel
+def test_kernel_vector_width_fits_the_register_file():
+    """A 64-byte vector on an AVX2 machine (16 registers of 32 bytes) spilled the routing
+    accumulators to memory: routing at batch 256 ran ~8x slower. The width follows the ISA."""
+    flags = _cpu_kernel._cpu_signature().split()
+    width = _cpu_kernel.kernel().fff_vector_width_f32()
+    if "avx512f" in flags and any(f.startswith("-march=native") for f in _cpu_kernel._flag_sets()[0]):
+        assert width in (8, 16)  # 16 unless the compiler fell back to the portable flags
+    elif "avx" in flags or "avx2" in flags:
+        assert width in (4, 8)
+    else:
+        assert width == 4
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_sample_gets_the_same_output_alone_or_in_a_batch(dtype):
+    """Every routing dot product sums in one order (alone, four samples interleaved, batch
+    chunks), so a sample's path and output do not depend on the batch around it: bit-equal."""
+    layer = _pair(9, 100, 8, 30, dtype=dtype, seed=1)  # 100: not a multiple of the vector width
+    x = torch.randn(203, 100, dtype=dtype)
+    with torch.no_grad():
+        layer.hard_impl = "kernel"
+        yb, lb = layer(x), layer.route(x)
+        for i in range(x.shape[0]):
+            assert torch.equal(layer.route(x[i:i + 1]), lb[i:i + 1])
+            assert torch.equal(layer(x[i:i + 1]), yb[i:i + 1])

@@ -48,22 +48,23 @@ static inline @T@ hsum_@S@(vec_@S@ v) {
     return s;
 }
 
+/* Every routing dot product sums in the same order (two vector chains, then the scalar tail),
+   alone (dot_) or four samples interleaved (dot4_), so a sample takes the same path and gets
+   the same output alone or anywhere in a batch. */
 static inline @T@ dot_@S@(const @T@ *restrict a, const @T@ *restrict b, int64_t n) {
-    vec_@S@ s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    vec_@S@ s0 = {0}, s1 = {0};
     int64_t i = 0;
-    for (; i + 4 * @W@ <= n; i += 4 * @W@) {
+    for (; i + 2 * @W@ <= n; i += 2 * @W@) {
         s0 += LD_@S@(a + i) * LD_@S@(b + i);
         s1 += LD_@S@(a + i + @W@) * LD_@S@(b + i + @W@);
-        s2 += LD_@S@(a + i + 2 * @W@) * LD_@S@(b + i + 2 * @W@);
-        s3 += LD_@S@(a + i + 3 * @W@) * LD_@S@(b + i + 3 * @W@);
     }
-    for (; i + @W@ <= n; i += @W@) s0 += LD_@S@(a + i) * LD_@S@(b + i);
-    @T@ s = hsum_@S@((s0 + s1) + (s2 + s3));
+    @T@ s = hsum_@S@(s0 + s1);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
 
-/* four independent dot products (four samples' routing at one level), two chains each */
+/* four independent dot products (four samples' routing at one level), two chains each, in
+   dot_'s order */
 static inline void dot4_@S@(const @T@ *const *w, const @T@ *const *x, int64_t n, @T@ *z) {
     vec_@S@ a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
     int64_t i = 0;
@@ -180,7 +181,7 @@ static inline __attribute__((always_inline)) void leaf_@S@(const job_@S@ *J, int
     out_@S@(hid, J->w2 + leaf * l * out, J->b2 + leaf * out, J->y + b * out, l, out);
 }
 
-static void route_@S@(const job_@S@ *J) {  /* the leaf of each sample in [lo, hi) */
+static void route_@S@(const job_@S@ *J) {  /* the leaf of each sample in [lo, hi), batch order */
     const int64_t in = J->in, first_leaf = (((int64_t)1) << J->depth) - 1;
     int64_t b = J->lo;
     for (; b + 4 <= J->hi; b += 4) {  /* four samples at a time: independent chains */
@@ -289,10 +290,27 @@ int fff_hard_@S@(const @T@ *x, int64_t B, int64_t in, int64_t l, int64_t out, in
 }
 """
 
-_HEADER = "#include <stdint.h>\n#include <stdlib.h>\n#include <math.h>\n#include <pthread.h>\n"
+# Vector width in elements: one register of the widest ISA the compiler targets (16 float32 with
+# AVX-512, 8 with AVX2, 4 otherwise), so the kernels' accumulators fit the register file (a
+# 64-byte vector on a 16-register AVX2 machine spilled: routing ran at a fifth of its speed).
+_HEADER = r"""#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <pthread.h>
+#if defined(__AVX512F__)
+#define VW_f32 16
+#elif defined(__AVX__)
+#define VW_f32 8
+#else
+#define VW_f32 4
+#endif
+#define VW_f64 (VW_f32 / 2)
+int fff_vector_width_f32(void) { return VW_f32; }
+"""
 SOURCE = _HEADER + "".join(
-    _TEMPLATE.replace("@T@", t).replace("@S@", s).replace("@W@", w).replace("@ERF@", e).replace("@LMAX@", str(MAX_LEAF_WIDTH))
-    for t, s, w, e in (("float", "f32", "16", "erff"), ("double", "f64", "8", "erf")))
+    _TEMPLATE.replace("@T@", t).replace("@S@", s).replace("@W@", f"VW_{s}").replace("@ERF@", e)
+    .replace("@LMAX@", str(MAX_LEAF_WIDTH))
+    for t, s, e in (("float", "f32", "erff"), ("double", "f64", "erf")))
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -350,6 +368,8 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("; ".join(errors))
     lib = ctypes.CDLL(str(so))
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.fff_vector_width_f32.restype = c_int
+    lib.fff_vector_width_f32.argtypes = []
     for s in ("f32", "f64"):
         fn = getattr(lib, f"fff_hard_{s}")
         fn.restype = c_int
@@ -384,20 +404,32 @@ def kernel_error() -> str | None:
     return _error
 
 
+_scratch = threading.local()  # per Python thread (the kernel runs without the GIL): leaves nobody asked for
+
+
+def _leaf_scratch(B: int) -> torch.Tensor:
+    buf = getattr(_scratch, "leaves", None)
+    if buf is None or buf.numel() < B:
+        buf = _scratch.leaves = torch.empty(max(B, 256), dtype=torch.int64)
+    return buf
+
+
 def hard_forward(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                  w2: torch.Tensor, b2: torch.Tensor, depth: int, act: int, activation=None,
-                 route_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+                 route_only: bool = False, need_leaves: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(y, leaves) for contiguous CPU float32/float64 tensors, ``x`` (B, in), with the kernel.
 
     ``act`` is one of :data:`ACT_CODES`' values, or ``ACT_NONE`` to apply ``activation`` (a
     callable on the (B, ℓ) hidden pre-activations) in torch between the two halves. With
-    ``route_only`` y is None. Usage: ``y, leaves = hard_forward(x, *weights, depth, ACT_RELU)``.
+    ``route_only`` y is None; with ``need_leaves=False`` the leaves go to a per-thread scratch
+    buffer and None is returned for them (one allocation less per call: batch 1 is all overhead).
+    Usage: ``y, leaves = hard_forward(x, *weights, depth, ACT_RELU)``.
     """
-    lib = kernel()
+    lib = _lib if _lib is not None else kernel()
     B, n_in = x.shape
     l, out = w1.shape[-1], w2.shape[-1]
     fn = lib.fff_hard_f32 if x.dtype == torch.float32 else lib.fff_hard_f64
-    leaves = torch.empty(B, dtype=torch.int64)
+    leaves = torch.empty(B, dtype=torch.int64) if need_leaves or route_only or act == ACT_NONE else _leaf_scratch(B)
     nthreads = torch.get_num_threads()
     if route_only:
         rc = fn(x.data_ptr(), B, n_in, l, out, depth, nw.data_ptr(), nb.data_ptr(), None, None, None, None,
@@ -415,4 +447,4 @@ def hard_forward(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w1: torch.
                     y.data_ptr(), a.data_ptr(), leaves.data_ptr(), nthreads)
     if rc != 0:
         raise RuntimeError(f"FFF CPU kernel failed (code {rc})")
-    return y, leaves
+    return y, (leaves if need_leaves or route_only else None)

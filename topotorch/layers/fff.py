@@ -332,10 +332,11 @@ class FFF(nn.Module):
         B = x.shape[0]
         if B == 0:
             return x.new_zeros(0, self.output_width)
-        impl = self.hard_impl_used(x)
-        if impl == "kernel":
+        if self._kernel_ok(x):  # first: at batch 1 the kernel call is mostly this Python
+            act = self._modules.get("activation") or self.activation
             return _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
-                                            self._kernel_activation(), activation=self.activation)[0]
+                                            self._kernel_activation(act), activation=act, need_leaves=False)[0]
+        impl = self.hard_impl_used(x)
         if impl == "triton":
             from topotorch.layers import _triton_kernel  # imports triton: only when a GPU path runs
 
@@ -376,10 +377,14 @@ class FFF(nn.Module):
         float32/float64 CPU tensors when no gradient is wanted (under ``torch.no_grad()`` /
         ``torch.inference_mode()``, or with parameters that do not require grad).
         """
-        if self.hard_impl not in ("auto", "kernel"):
+        hi = self.hard_impl
+        if hi != "auto" and hi != "kernel":
             return False
-        usable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-                  and self.node_weights.device.type == "cpu" and self.node_weights.dtype == x.dtype
+        nw = self._parameters.get("node_weights")  # direct read (parametrised: computed)
+        if nw is None:
+            nw = self.node_weights
+        dt = x.dtype
+        usable = ((dt is torch.float32 or dt is torch.float64) and x.is_cpu and nw.is_cpu and nw.dtype is dt
                   and self.leaf_width <= _cpu_kernel.MAX_LEAF_WIDTH)
         if self.hard_impl == "kernel":
             if not usable:
@@ -426,8 +431,8 @@ class FFF(nn.Module):
             return ws
         return tuple(w.detach().contiguous() for w in ws)
 
-    def _kernel_activation(self) -> int:
-        a = self.activation
+    def _kernel_activation(self, a: nn.Module | None = None) -> int:
+        a = self.activation if a is None else a
         if type(a) is nn.ReLU:
             return _cpu_kernel.ACT_RELU
         if type(a) is nn.Identity:
