@@ -59,29 +59,44 @@ class _L1Term:
         self.total = a.sum(1)  # Σ_j a_ij
         self.coords = []
         for d in range(slots.shape[1]):
-            y, order = others[:, d].sort()
-            a_sorted = a[:, order]
-            left_w = torch.nn.functional.pad(a_sorted.cumsum(1), (1, 0))  # Σ over the k leftmost sources
-            left_wy = torch.nn.functional.pad((a_sorted * y).cumsum(1), (1, 0))
-            k = torch.searchsorted(y.contiguous(), slots[:, d].contiguous(), right=True)  # sources at or left of x_p
+            y, a_d = others[:, d].contiguous(), a
+            if bool((y[1:] < y[:-1]).any()):  # a line layout is sorted already: no gather of the weights
+                y, order = y.sort()
+                a_d = a[:, order]
+            # running sums with a leading zero column: Σ over the k leftmost sources is column k
+            left_w = a.new_zeros(a.shape[0], a.shape[1] + 1)
+            torch.cumsum(a_d, 1, out=left_w[:, 1:])
+            left_wy = a.new_zeros(a.shape[0], a.shape[1] + 1)
+            torch.cumsum(a_d * y, 1, out=left_wy[:, 1:])
+            k = torch.searchsorted(y, slots[:, d].contiguous(), right=True)  # sources at or left of x_p
             self.coords.append((slots[:, d], k, left_w, left_wy))
 
     def entries(self, neurons: torch.Tensor, slots: torch.Tensor, outer: bool) -> torch.Tensor:
         """M entries for neurons × slots (``outer``: every pair) or for (neurons[k], slots[k]) pairs."""
         out = None
+        rows = _as_rows(neurons)
         for x, k, left_w, left_wy in self.coords:
-            if outer:
-                lw, lwy = left_w[neurons][:, k[slots]], left_wy[neurons][:, k[slots]]
-                tw, twy = left_w[neurons, -1:], left_wy[neurons, -1:]
-                xp = x[slots].unsqueeze(0)
+            if outer:  # index_select on a row view: advanced indexing is ~50x slower here
+                kk = k.index_select(0, slots)
+                lw, lwy = left_w[rows].index_select(1, kk), left_wy[rows].index_select(1, kk)
+                tw, twy = left_w[rows, -1:], left_wy[rows, -1:]
+                xp = x.index_select(0, slots).unsqueeze(0)
             else:
                 lw, lwy = left_w[neurons, k[slots]], left_wy[neurons, k[slots]]
                 tw, twy = left_w[neurons, -1], left_wy[neurons, -1]
                 xp = x[slots]
             part = xp * lw - lwy + (twy - lwy) - xp * (tw - lw)
             out = part if out is None else out + part
-        base = self.total[neurons].unsqueeze(1) if outer else self.total[neurons]
+        base = self.total[rows].unsqueeze(1) if outer else self.total[neurons]
         return self.wf * out + self.l0 * base
+
+
+def _as_rows(index: torch.Tensor):
+    """A slice when ``index`` is a run of consecutive integers (a view instead of a gather), else the index."""
+    n = index.numel()
+    if n and int(index[-1]) - int(index[0]) == n - 1 and bool((index[1:] - index[:-1] == 1).all()):
+        return slice(int(index[0]), int(index[0]) + n)
+    return index
 
 
 class Placement:
@@ -138,7 +153,8 @@ class Placement:
     def block(self, index: torch.Tensor) -> torch.Tensor:
         """M restricted to the neurons ``index`` and the slots with the same indices."""
         index = index.to(self.device)
-        return self._sum((t.entries(index, index, True) if isinstance(t, _L1Term) else t[0][index] @ t[1][index].T
+        rows = _as_rows(index)
+        return self._sum((t.entries(index, index, True) if isinstance(t, _L1Term) else t[0][rows] @ t[1][rows].T
                           for t in self.terms), (len(index), len(index)))
 
     def full(self) -> torch.Tensor:
@@ -412,6 +428,17 @@ def relocate(
         raise ValueError(f"unknown relocation method {method!r}; use 'swap' or 'assign'")
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    # relocation is many small gathers and products between single-threaded assignments: on a busy
+    # machine each multi-threaded small op waits for a free core (measured 0.5 ms -> 70 ms per block)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _relocate(graph, cfg, method, top_k, optimizer, spaces, sweeps, max_assign)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _relocate(graph, cfg, method, top_k, optimizer, spaces, sweeps, max_assign) -> RelocationStats:
     names = list(spaces) if spaces is not None else [s.name for s in graph.movable_spaces()]
     delta: dict[str, float] = {}
     moved: dict[str, int] = {}
