@@ -147,3 +147,22 @@ def build(name: str, dtype=torch.float64):
     if isinstance(x, torch.Tensor) and x.is_floating_point():
         x = x.to(dtype)
     return model, x
+
+
+_GRAPHS: dict = {}
+
+
+def cached_graph(name: str):
+    """(a fresh copy of the model, its example input, a graph over that copy): the flow graph is built
+    and checked once per test session, the model and graph are copied for every caller."""
+    import copy
+
+    from topotorch.graph.core import SpatialGraph
+    from topotorch.graph.flow import flow_graph
+
+    if name not in _GRAPHS:
+        model, x = build(name)
+        _GRAPHS[name] = (model, x, flow_graph(model, x))
+    model, x, g = _GRAPHS[name]
+    model = copy.deepcopy(model)
+    return model, x, SpatialGraph(model, copy.deepcopy(g.spaces), copy.deepcopy(g.connections))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, build  # noqa: E402
+from byom_models import HF, TORCH, build, cached_graph  # noqa: E402
 
 from topotorch.graph.core import SpatialGraph  # noqa: E402
 from topotorch.graph.flow import flow_graph, output_tensors, run_model  # noqa: E402
@@ -26,18 +26,12 @@ from topotorch.relocation import apply_permutation, relocate  # noqa: E402
 NAMES = list(HF) + list(TORCH)
 # HF's LlamaRMSNorm casts to float32 inside even a float64 model, so its outputs agree to float32 rounding
 TOL = {"llama": 1e-6}
-_cache: dict = {}
 
 
 def graph_of(name: str):
     if name in HF:
         pytest.importorskip("transformers")
-    if name not in _cache:
-        model, x = build(name)
-        _cache[name] = (model, x, flow_graph(model, x))
-    model, x, g = _cache[name]
-    model = copy.deepcopy(model)
-    return model, x, SpatialGraph(model, g.spaces, g.connections)
+    return cached_graph(name)
 
 
 def outputs(model, x):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, build  # noqa: E402
+from byom_models import HF, TORCH, build, cached_graph  # noqa: E402
 
 from topotorch.compression.shrink import load_shrunk, save_shrunk, shrink, threshold_model  # noqa: E402
 from topotorch.graph.core import SpatialGraph  # noqa: E402
@@ -27,18 +27,12 @@ UNRESIZABLE = {"transformer-encoder": "nn.MultiheadAttention"}
 # HF's LlamaRMSNorm computes in float32 even in a float64 model: a last-bit change of its input can move
 # its output by a float32 rounding step
 TOL = {"llama": 1e-6}
-_cache: dict = {}
 
 
 def graph_of(name: str):
     if name in HF:
         pytest.importorskip("transformers")
-    if name not in _cache:
-        model, x = build(name)
-        _cache[name] = (model, x, flow_graph(model, x))
-    model, x, g = _cache[name]
-    model = copy.deepcopy(model)
-    return model, x, SpatialGraph(model, copy.deepcopy(g.spaces), copy.deepcopy(g.connections))
+    return cached_graph(name)
 
 
 def n_params(m: nn.Module) -> int:

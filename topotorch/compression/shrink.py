@@ -54,7 +54,7 @@ from torch import nn
 from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
 from topotorch.compression.resize import apply_cut, attention_spec, check_cut, class_key
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
-from topotorch.graph.core import FEATURE_NORMS
+from topotorch.graph.core import FEATURE_NORMS, common_prefix
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
@@ -373,16 +373,6 @@ def _attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention
     return _Decision(remove, folds, why, free=remove & ~fold)
 
 
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".")[:-1] for n in names]
-    out = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
 def _attention_adapter(model: nn.Module, graph: SpatialGraph, sp: Space):
     """(prefix, module, spec) when ``sp``'s incoming weights belong to an attention module with a
     :data:`~topotorch.compression.resize.ATTENTION` entry whose value projection writes ``sp``."""
@@ -647,7 +637,7 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
             elif adapter is not None:
                 dec = _heads(work, view, sp, *adapter)
             elif sp.groups is not None:
-                owner = _common_prefix([sl.name for sl in sp.slices])
+                owner = common_prefix([sl.name.rpartition('.')[0] for sl in sp.slices])
                 m = _module(work, owner)
                 what = class_key(type(m)) if m is not None and owner else "an unknown module"
                 why_all[sp.name] = {f"attention heads of {what}: no rule says where its values are": sp.size}

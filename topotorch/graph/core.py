@@ -355,6 +355,16 @@ class SpatialGraph:
         return checked(cls(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix the names share: ``["a.b.q", "a.b.k"]`` -> ``"a.b"``."""
+    out = []
+    for level in zip(*(n.split(".") for n in names)):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
 def aggregate(w: torch.Tensor, conn: Connection, n_target: int, n_source: int, absolute: bool = True) -> torch.Tensor:
     """A connection's weights summed per (target neuron, source neuron): an (n_target, n_source) matrix.
 

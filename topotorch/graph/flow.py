@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from topotorch.geometry import make_layout
 from topotorch.graph.axes import Axis, find
-from topotorch.graph.core import Connection, Slice, Space, SpatialGraph
+from topotorch.graph.core import Connection, Slice, Space, SpatialGraph, common_prefix
 from topotorch.graph.rules import RULES, Context, fresh, op_name, unknown
 
 
@@ -330,16 +330,6 @@ def _heights(uses, occurrences, spaces: dict[int, Space]) -> dict[int, float]:
     return height
 
 
-def _common_prefix(names: list[str]) -> str:
-    parts = [n.split(".") for n in names]
-    out = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        out.append(level[0])
-    return ".".join(out)
-
-
 def _table_of(ax: Axis, occurrences, coords) -> str:
     """The module whose table is indexed by ``ax`` (e.g. ``transformer.wpe``), for naming."""
     for key in occurrences:
@@ -456,7 +446,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             plan.lookup = bool(lookup)
         else:
             mods = list(dict.fromkeys(writers[i]))
-            common = _common_prefix(mods) if len(mods) > 1 and len(readers.get(i, [])) <= 1 else ""
+            common = common_prefix(mods) if len(mods) > 1 and len(readers.get(i, [])) <= 1 else ""
             base = common or mods[0]  # e.g. the attention module for its q/k/v projections
         plan.name = unique(base)
         if ax.pinned and not ax.roles and not plan.lookup:
