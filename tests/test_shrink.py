@@ -425,3 +425,32 @@ def test_fffified_hf_model_reloads_in_a_fresh_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     name, diff = done.stdout.split()[-2:]
     assert name == "FFF" and float(diff) == 0.0
+
+
+def test_shrunk_cli_hf_model_reloads_in_a_fresh_process(tmp_path):
+    """``topotorch train --model hf:gpt2`` wraps the HF model in user_models.CausalLMLogits: its shrunk copy
+    (``topotorch compress RUN``) must reload where topotorch.user_models was never imported."""
+    import subprocess
+
+    pytest.importorskip("transformers")
+    from topotorch.user_models import build_user_model
+
+    torch.manual_seed(0)
+    model = build_user_model("hf:gpt2", "n_layer=1,n_embd=16,n_head=2", vocab=20, block=8).double().eval()
+    x = torch.randint(0, 20, (2, 8))
+    with torch.no_grad():
+        model.hf.transformer.h[0].mlp.c_proj.weight[::2] = 0  # half the MLP neurons dead (Conv1D: rows = inputs)
+    res = shrink(model, coupling_graph(model, x), 0.0)
+    assert sum(res.removed.values()) > 0
+    save_shrunk(tmp_path / "s", res)
+    torch.save({"x": x, "y": res.model(x).detach()}, tmp_path / "xy.pt")
+    code = ("import sys, torch\n"
+            "from topotorch.compression.shrink import load_shrunk\n"
+            "assert 'topotorch.user_models' not in sys.modules\n"
+            f"m = load_shrunk({str(tmp_path / 's')!r})\n"
+            f"d = torch.load({str(tmp_path / 'xy.pt')!r})\n"
+            "print(type(m).__name__, float((m(d['x']) - d['y']).abs().max()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, diff = out.stdout.split()
+    assert name == "CausalLMLogits" and float(diff) <= 1e-12

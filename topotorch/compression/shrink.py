@@ -720,7 +720,8 @@ _BASE_KEYS = set(nn.Module().__dict__) | {"training"}
 # packages ("my_pkg.") or exact classes ("my_pkg.models:Net").
 MODEL_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
     (r"torch\.nn\.modules\.\w+", False),  # imported by ``import torch``
-    (r"topotorch\.(models|tasks|tasks_sequence)", True),  # the modules of topotorch that define model classes
+    (r"topotorch\.(models|tasks|tasks_sequence|user_models)", True),  # topotorch modules that define model classes
+    # (user_models: the wrapper of ``topotorch train --model hf:NAME``, so a CLI run's RUN/compact reloads)
     (r"topotorch\.(layers|compression|objectives)\.\w+", True),
     (r"topotorch(\.\w+)+", False),  # other topotorch modules: only when already imported
     (r"transformers\.models\.\w+\.modeling_\w+", True),
