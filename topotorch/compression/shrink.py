@@ -54,7 +54,7 @@ from torch import nn
 from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
 from topotorch.compression.resize import apply_cut, attention_spec, check_cut, class_key
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
-from topotorch.graph.core import FEATURE_NORMS, common_prefix
+from topotorch.graph.core import common_prefix, normalised_by_feature_norm
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
@@ -275,7 +275,7 @@ def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     in_alive = _alive_through(model, ins, "target_slice", n)
     if not ins:
         in_alive[:] = True
-    if _norm_blocks(model, sp):
+    if normalised_by_feature_norm(model, sp):
         dead = (~out_alive | ~in_alive)
         if dead.any():
             why["read by a LayerNorm/GroupNorm"] = int(dead.sum())
@@ -315,7 +315,7 @@ def _stream(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     out_alive = _alive_through(model, outs, "source_slice", n)
     if not outs:
         out_alive[:] = True
-    if _norm_blocks(model, sp):
+    if normalised_by_feature_norm(model, sp):
         if (~out_alive).any():
             why["residual stream read by a LayerNorm"] = int((~out_alive).sum())
         return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
@@ -455,37 +455,6 @@ def _heads(model: nn.Module, graph: SpatialGraph, sp: Space, prefix: str, module
         why[f"attention {what} ({type(module).__name__} heads keep one width; a value folded needs an "
             "output bias)"] = int(dead.sum())
     return _Decision(remove, folds, why, free=remove & ~fold, units=units)
-
-
-def _gn_aligned(m: nn.GroupNorm, sl: Slice) -> bool:
-    """Each neuron owns whole groups of the GroupNorm (removing one leaves the others' statistics)."""
-    per = m.num_channels // m.num_groups
-    if sl.dim != 0 or sl.index.shape[1] % per:
-        return False
-    grp = sl.index // per
-    return all(bool((torch.bincount(r, minlength=m.num_groups)[r] == per).all()) for r in grp)
-
-
-def _norm_blocks(model: nn.Module, sp: Space) -> bool:
-    """True if a norm over features mixes this space's neurons (removing one changes its statistics);
-    a GroupNorm whose groups are whole neurons does not."""
-    aligned = False
-    for sl in sp.slices:
-        m = _module(model, _owner(sl.name)[0])
-        if isinstance(m, FEATURE_NORMS):
-            if isinstance(m, nn.GroupNorm) and _gn_aligned(m, sl):
-                aligned = True
-                continue
-            return True
-    if sp.normalised and not aligned:
-        return True
-    if sp.stream:
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == sp.size:
-                return True
-            if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == sp.size:
-                return True
-    return False
 
 
 # ------------------------------------------------------------------------------------------------

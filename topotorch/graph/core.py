@@ -393,19 +393,25 @@ FEATURE_NORMS = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RM
 def normalised_by_feature_norm(model: nn.Module, space: Space) -> bool:
     """True if a norm over features (LayerNorm, GroupNorm, RMSNorm) normalises this space's neurons.
 
-    Such neurons cannot be removed or penalised one by one without changing the norm's statistics.
+    Such neurons cannot be removed or penalised one by one without changing the norm's statistics —
+    except under a GroupNorm whose groups are whole neurons (removing one leaves the others' groups).
     Affine-free norms own no slice, so for residual streams any affine-free norm of the stream's
     width counts. Usage: ``normalised_by_feature_norm(graph.model, graph.space("resid"))``.
     """
-    if space.normalised:
-        return True
+    aligned = False
     for sl in space.slices:
         owner = sl.name.rpartition(".")[0]
         try:
-            if isinstance(model.get_submodule(owner), FEATURE_NORMS):
-                return True
+            m = model.get_submodule(owner)
         except AttributeError:
             continue
+        if isinstance(m, FEATURE_NORMS):
+            if isinstance(m, nn.GroupNorm) and _groups_are_whole_neurons(m, sl):
+                aligned = True
+                continue
+            return True
+    if space.normalised and not aligned:
+        return True
     if space.stream:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm) and m.weight is None and m.normalized_shape[-1] == space.size:
@@ -413,3 +419,12 @@ def normalised_by_feature_norm(model: nn.Module, space: Space) -> bool:
             if isinstance(m, nn.GroupNorm) and m.weight is None and m.num_channels == space.size:
                 return True
     return False
+
+
+def _groups_are_whole_neurons(m: nn.GroupNorm, sl: Slice) -> bool:
+    """Each neuron owns whole groups of the GroupNorm (removing one leaves the others' statistics)."""
+    per = m.num_channels // m.num_groups
+    if sl.dim != 0 or sl.index.shape[1] % per:
+        return False
+    grp = sl.index // per
+    return all(bool((torch.bincount(r, minlength=m.num_groups)[r] == per).all()) for r in grp)
