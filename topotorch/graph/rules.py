@@ -580,7 +580,7 @@ def _bmm(ctx: Context, node):
     if op_name(node.target) == "aten.baddbmm":
         base, a, b = node.args[0], node.args[1], node.args[2]
     la, lb = ctx.label(a), ctx.label(b)
-    (bs, m, k), (_, _, n) = ctx.shape(a), ctx.shape(b)
+    (bs, _, k) = ctx.shape(a)
     join(la[0], lb[0], bs)
     join(la[2], lb[1], k)
     out = [la[0], la[1], lb[2]]
@@ -621,7 +621,7 @@ def _conv(ctx: Context, node):
             pin(a, "a spatial position (convolutions mix neighbouring positions)")
     if transposed:
         if groups != 1:
-            pin_label(lx[1:2] + lw[:2], f"unknown op: grouped transposed convolution")
+            pin_label(lx[1:2] + lw[:2], "unknown op: grouped transposed convolution")
             return [lx[0], fresh([out_shape[1]], "unknown op: grouped transposed convolution")[0]] + spatial
         join(lx[1], lw[0], cin)
         _record(ctx, w, 1, 0, b)
