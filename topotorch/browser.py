@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -111,13 +112,15 @@ class Browser:
         self._sockets: list = []
 
     def __enter__(self) -> "Browser":
-        self._tmp = tempfile.TemporaryDirectory(prefix="topotorch-chromium-")
+        # Chromium's helper processes may still write the profile while it is removed: ignore that race
+        self._tmp = tempfile.TemporaryDirectory(prefix="topotorch-chromium-", ignore_cleanup_errors=True)
         args = [self.binary, "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self._tmp.name}",
                 "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--disable-extensions",
                 "--disable-dev-shm-usage", f"--window-size={self.width},{self.height}", "about:blank"]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own process group, so closing kills the renderer and GPU helpers too
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = Path(self._tmp.name) / "DevToolsActivePort"
         end = time.monotonic() + self.timeout
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -162,7 +165,10 @@ class Browser:
             except Exception:  # noqa: BLE001 - closing a dead socket
                 pass
         if self._proc is not None:
-            self._proc.kill()
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self._proc.kill()
             self._proc.wait(timeout=10)
         if self._tmp is not None:
             self._tmp.cleanup()
