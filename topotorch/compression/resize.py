@@ -49,12 +49,17 @@ def class_key(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def find_rule(module: nn.Module) -> Rule | None:
+def _lookup(registry: dict, module: nn.Module):
+    """The entry for the module's class or its nearest registered base class, or None."""
     for cls in type(module).__mro__:
-        r = RULES.get(class_key(cls))
-        if r is not None:
-            return r
+        entry = registry.get(class_key(cls))
+        if entry is not None:
+            return entry
     return None
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    return _lookup(RULES, module)
 
 
 def is_torch_class(module: nn.Module) -> bool:
@@ -286,11 +291,7 @@ ATTENTION: dict[str, AttentionSpec] = {
 
 
 def attention_spec(module: nn.Module) -> AttentionSpec | None:
-    for cls in type(module).__mro__:
-        s = ATTENTION.get(class_key(cls))
-        if s is not None:
-            return s
-    return None
+    return _lookup(ATTENTION, module)
 
 
 # -- applying a cut to a model ---------------------------------------------------------------------
