@@ -359,7 +359,7 @@ def test_streaming_penalty_equals_the_cached_one(name, monkeypatch):
     want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     monkeypatch.setattr(wiring, "CACHE_ENTRIES", 0)
     monkeypatch.setattr(wiring, "_CHUNK", 37)  # many ragged chunks
-    g._cache.clear()
+    g.clear_cache()
     assert abs(float(wiring_cost(g, cfg)) - cached) <= 1e-12 * abs(cached)
     model.zero_grad(set_to_none=True)
     add_wiring_grad_(g, cfg, 0.5)

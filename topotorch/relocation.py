@@ -41,11 +41,6 @@ Method = Literal["swap", "assign"]
 DENSE_LIMIT = 1024
 
 
-def _aggregate_abs(w: torch.Tensor, conn, n_target: int, n_source: int) -> torch.Tensor:
-    """|W| summed per (target neuron, source neuron): an (n_target, n_source) matrix (see ``graph.core.aggregate``)."""
-    return aggregate(w, conn, n_target, n_source)
-
-
 class _L1Term:
     """One connection's share of M when the distance is l1 (separable by coordinate): no N×N products.
 
@@ -126,7 +121,7 @@ class Placement:
             if t.positions is None or s.positions is None:  # the same cost in every slot: cannot matter
                 continue
             w = graph.tensor(conn.weight)
-            a = _aggregate_abs(w, conn, t.size, s.size)
+            a = aggregate(w, conn, t.size, s.size)
             if cfg.agg == "mean":
                 a = a / w.numel()
             mine, other = (t, s) if conn.target == sp.name else (s, t)
@@ -204,7 +199,7 @@ def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | N
         if cfg is not None and cfg.excluded(conn.weight):
             continue
         w = graph.tensor(conn.weight)
-        a = _aggregate_abs(w, conn, graph.space(conn.target).size, graph.space(conn.source).size)
+        a = aggregate(w, conn, graph.space(conn.target).size, graph.space(conn.source).size)
         part = a.sum(1) if conn.target == sp.name else a.sum(0)
         score = part if score is None else score + part
     if score is None:
@@ -348,8 +343,11 @@ def apply_permutation(
                     v.copy_(v.index_select(sl.dim, idx.to(v.device)))
 
 
-def _group_matrix(groups: torch.Tensor) -> torch.Tensor:
-    """(n_groups, group_size) neuron indices of each group, in index order; equal sizes required."""
+def group_matrix(groups: torch.Tensor) -> torch.Tensor:
+    """(n_groups, group_size) neuron indices of each group, in index order; equal sizes required.
+
+    Usage: ``group_matrix(space.groups)[h]`` are the neurons of head h.
+    """
     ids, counts = groups.unique(return_counts=True)
     if not bool((counts == counts[0]).all()):
         raise ValueError("whole-group moves need groups of equal size")
@@ -374,7 +372,7 @@ def group_assignment_permutation(m: torch.Tensor, groups: torch.Tensor) -> tuple
     matching of groups is a linear assignment. Returns ``(perm, delta)`` like the others.
     Usage: ``group_assignment_permutation(placement_cost(g, "blocks.0.attn", cfg), space.groups)``.
     """
-    g = _group_matrix(groups.cpu()).to(m.device)
+    g = group_matrix(groups.cpu()).to(m.device)
     n_groups, size = g.shape
     flat = g.reshape(-1)
     pair = m[flat][:, flat].view(n_groups, size, n_groups, size).diagonal(dim1=1, dim2=3).sum(-1)  # (a, b)

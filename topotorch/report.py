@@ -41,10 +41,9 @@ import torch
 from topotorch.analysis import structure
 from topotorch.analysis.ablation import (ablation_table, attention_layers, embedding_module_ablation, head_ablation_table,
                                          leaf_ablation_table, module_groups)
-from topotorch.graph import SpatialGraph
+from topotorch.graph import SpatialGraph, aggregate
 from topotorch.analysis.modularity import detect_communities, importance
 from topotorch.checkpoint import FallbackWarning
-from topotorch.relocation import _aggregate_abs
 
 MAX_GIF_BYTES = 20_000_000
 # the extra panels (heads, maps, FFF) evaluate at most this many test samples, and at most
@@ -152,7 +151,7 @@ def _edges(graph: SpatialGraph, node_offset: dict[str, int]) -> tuple[np.ndarray
             continue
         w = graph.tensor(c.weight).detach()
         nt, ns = graph.space(c.target).size, graph.space(c.source).size
-        signed = (_aggregate_abs(w.clamp(min=0), c, nt, ns) - _aggregate_abs(w.clamp(max=0), c, nt, ns)).to("cpu", torch.float64)
+        signed = aggregate(w, c, nt, ns, absolute=False).to("cpu", torch.float64)
         t, s = signed.nonzero(as_tuple=True)
         src.append(s.numpy() + node_offset[c.source])
         tgt.append(t.numpy() + node_offset[c.target])
@@ -178,7 +177,7 @@ def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = N
         total += s.size
         nodes["space"] += [s.name] * s.size
         nodes["index"] += list(range(s.size))
-        nodes["label"] += structure._labels(s)
+        nodes["label"] += structure.neuron_labels(s)
         nodes["x"] += np.round(layout[s.name][:, 0], 5).tolist()
         nodes["y"] += np.round(layout[s.name][:, 1], 5).tolist()
         mem = membership.get(s.name) if membership else None
@@ -479,7 +478,7 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
         "title": f"{r.config.task} [{r.config.method}] — {run_dir.name}",
         "figures": figures, "graph": gdata, "metrics": _metrics_or_notice(run_dir / "metrics.csv", notices),
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
-        "modules": comms.modules, "output_labels": structure._labels(out_space),
+        "modules": comms.modules, "output_labels": structure.neuron_labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
         "heads": heads, "maps": cortical, "fff": fff, "panel_samples": int(len(fx)), "notices": notices,
     }

@@ -33,9 +33,7 @@ import numpy as np
 import torch
 
 from topotorch.geometry import as_plane
-from topotorch.graph import Connection, SpatialGraph
-from topotorch.graph.core import aggregate
-from topotorch.relocation import _aggregate_abs
+from topotorch.graph import Connection, SpatialGraph, aggregate
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -137,11 +135,6 @@ def load_snapshots(path: str | Path) -> list[Snapshot]:
 # ---------------------------------------------------------------------------------------------
 # drawing
 # ---------------------------------------------------------------------------------------------
-def _aggregate_signed(w: torch.Tensor, conn: Connection, n_target: int, n_source: int) -> torch.Tensor:
-    """Signed sibling of :func:`topotorch.relocation._aggregate_abs`: W summed per neuron pair."""
-    return aggregate(w, conn, n_target, n_source, absolute=False)
-
-
 def connection_matrices(
     graph: SpatialGraph, conn: Connection, snapshot: Snapshot | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +147,7 @@ def connection_matrices(
         w = graph.tensor(conn.weight)
     w = w.detach().to("cpu", torch.float32)
     nt, ns = graph.space(conn.target).size, graph.space(conn.source).size
-    return _aggregate_abs(w, conn, nt, ns), _aggregate_signed(w, conn, nt, ns)
+    return aggregate(w, conn, nt, ns), aggregate(w, conn, nt, ns, absolute=False)
 
 
 def _positions(graph: SpatialGraph, snapshot: Snapshot | None) -> dict[str, np.ndarray]:

@@ -27,8 +27,7 @@ import torch
 from scipy.sparse import coo_matrix, csr_matrix
 
 from topotorch.analysis import describe_group
-from topotorch.graph import SpatialGraph
-from topotorch.relocation import _aggregate_abs
+from topotorch.graph import SpatialGraph, aggregate
 
 Backend = Literal["auto", "igraph", "networkx"]
 
@@ -86,9 +85,9 @@ def weighted_adjacency(graph: SpatialGraph, threshold: float = 0.0, exclude: tup
             continue
         w = graph.tensor(c.weight).detach()
         t_size, s_size = graph.space(c.target).size, graph.space(c.source).size
-        a = _aggregate_abs(w, c, t_size, s_size).to("cpu", torch.float64)
+        a = aggregate(w, c, t_size, s_size).to("cpu", torch.float64)
         if threshold > 0:
-            keep = _aggregate_abs((w.abs() > threshold).to(w.dtype), c, t_size, s_size).cpu() > 0
+            keep = aggregate((w.abs() > threshold).to(w.dtype), c, t_size, s_size).cpu() > 0
             a = torch.where(keep, a, torch.zeros_like(a))
         t, s = a.nonzero(as_tuple=True)
         rows.append(t.numpy() + offset[c.target])
@@ -214,7 +213,7 @@ def importance(graph: SpatialGraph) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for c in graph.connections:
         t, s = graph.space(c.target), graph.space(c.source)
-        a = _aggregate_abs(graph.tensor(c.weight), c, t.size, s.size).to("cpu", torch.float64)
+        a = aggregate(graph.tensor(c.weight), c, t.size, s.size).to("cpu", torch.float64)
         out[t.name] = out.get(t.name, torch.zeros(t.size, dtype=torch.float64)) + a.sum(1)
         out[s.name] = out.get(s.name, torch.zeros(s.size, dtype=torch.float64)) + a.sum(0)
     return {s.name: out.get(s.name, torch.zeros(s.size, dtype=torch.float64)) for s in graph.spaces if s.positions is not None}

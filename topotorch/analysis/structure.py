@@ -20,14 +20,13 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from topotorch.graph import SpatialGraph
-from topotorch.relocation import _aggregate_abs
+from topotorch.graph import Space, SpatialGraph, aggregate
 
 
 def _active_pairs(graph: SpatialGraph, c, threshold: float) -> torch.Tensor:
     """(N_target, N_source) bool: some single weight between the two neurons exceeds threshold."""
     w = graph.tensor(c.weight).detach().abs()
-    counts = _aggregate_abs((w > threshold).to(w.dtype), c, graph.space(c.target).size, graph.space(c.source).size)
+    counts = aggregate((w > threshold).to(w.dtype), c, graph.space(c.target).size, graph.space(c.source).size)
     return counts > 0
 
 
@@ -70,7 +69,11 @@ def active_neurons(graph: SpatialGraph, threshold: float) -> dict[str, int]:
     return {k: int(v.sum()) for k, v in neuron_activity(graph, threshold).items()}
 
 
-def _labels(space) -> list[str]:
+def neuron_labels(space: Space) -> list[str]:
+    """A name per neuron: the space's labels, else x1.. (inputs), y1.. (outputs), ``name:i`` (hidden).
+
+    Usage: ``neuron_labels(graph.space("output"))``.
+    """
     if space.labels is not None:
         return list(space.labels)
     prefix = "x" if space.role == "input" else "y" if space.role == "output" else space.name + ":"
@@ -125,7 +128,7 @@ def describe_group(spaces, members: dict[str, np.ndarray]) -> dict:
         if len(idx) == 0:
             continue
         mod["sizes"][s.name] = int(len(idx))
-        labels = _labels(s)
+        labels = neuron_labels(s)
         if s.role == "input":
             mod["inputs"] += [labels[i] for i in idx]
         elif s.role == "output":

@@ -588,9 +588,7 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
     conns = copy.deepcopy(graph.connections)
     _threshold_inplace(work, graph, threshold)
     # a light graph view on the copy (no validation needed: the slices stay consistent by construction)
-    view = SpatialGraph.__new__(SpatialGraph)
-    view.model, view.spaces, view.connections = work, spaces, conns
-    view._by_name = {s.name: s for s in spaces}
+    view = SpatialGraph(work, spaces, conns, validate=False)
     orig = {s.name: torch.arange(s.size) for s in spaces}
     why_all: dict[str, dict[str, int]] = {}
     for _ in range(max_rounds):

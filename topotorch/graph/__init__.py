@@ -9,5 +9,7 @@ from .core import (  # noqa: F401  (the core API, importable from the package)
     Space,
     Connection,
     SpatialGraph,
+    aggregate,
     normalised_by_feature_norm,
+    slice_index,
 )

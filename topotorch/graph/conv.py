@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from topotorch.geometry import make_layout
-from topotorch.graph import Connection, Slice, Space, SpatialGraph
-from topotorch.graph.transformer import _check_all_parameters_placed, _col
+from topotorch.graph import Connection, Slice, Space, SpatialGraph, slice_index
+from topotorch.graph.transformer import check_all_parameters_placed
 
 
 def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list[str] | None = None,
@@ -48,12 +48,12 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
 
     n_in = stem.in_channels
     inp = Space("input", n_in, layout("input", n_in), 0.0, "input", "fixed" if n_in == 1 else "positions",
-                slices=[Slice("stem.weight", 1, _col(n_in))], labels=input_labels)
+                slices=[Slice("stem.weight", 1, slice_index(n_in))], labels=input_labels)
     resid = Space("resid", c, layout("resid", c), 0.5, "hidden", "weights", stream=True)
     sb = "stem.bias" if stem.bias is not None else None
-    resid.slices += [Slice("stem.weight", 0, _col(c))] + ([Slice(sb, 0, _col(c))] if sb else [])
-    conns = [Connection("stem.weight", "resid", "input", Slice("stem.weight", 0, _col(c)),
-                        Slice("stem.weight", 1, _col(n_in)), sb)]
+    resid.slices += [Slice("stem.weight", 0, slice_index(c))] + ([Slice(sb, 0, slice_index(c))] if sb else [])
+    conns = [Connection("stem.weight", "resid", "input", Slice("stem.weight", 0, slice_index(c)),
+                        Slice("stem.weight", 1, slice_index(n_in)), sb)]
     spaces = [inp, resid]
     for li, block in enumerate(model.blocks):
         pre = f"blocks.{li}"
@@ -66,21 +66,21 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
         hid = Space(name, h, layout(name, h), float(li + 1), "hidden", "weights")
         b1 = f"{pre}.conv1.bias" if conv1.bias is not None else None
         b2 = f"{pre}.conv2.bias" if conv2.bias is not None else None
-        hid.slices += [Slice(f"{pre}.conv1.weight", 0, _col(h)), Slice(f"{pre}.conv2.weight", 1, _col(h))]
-        hid.slices += [Slice(b1, 0, _col(h))] if b1 else []
+        hid.slices += [Slice(f"{pre}.conv1.weight", 0, slice_index(h)), Slice(f"{pre}.conv2.weight", 1, slice_index(h))]
+        hid.slices += [Slice(b1, 0, slice_index(h))] if b1 else []
         bn = getattr(block, "bn", nn.Identity())
         if isinstance(bn, nn.BatchNorm2d):
             for t in ("weight", "bias", "running_mean", "running_var"):
                 if getattr(bn, t, None) is not None:
-                    hid.slices.append(Slice(f"{pre}.bn.{t}", 0, _col(h)))
+                    hid.slices.append(Slice(f"{pre}.bn.{t}", 0, slice_index(h)))
         elif not isinstance(bn, nn.Identity):
             raise ValueError(f"cannot place normalisation layer {pre}.bn ({type(bn).__name__})")
-        resid.slices += [Slice(f"{pre}.conv1.weight", 1, _col(c)), Slice(f"{pre}.conv2.weight", 0, _col(c))]
-        resid.slices += [Slice(b2, 0, _col(c))] if b2 else []
-        conns.append(Connection(f"{pre}.conv1.weight", name, "resid", Slice(f"{pre}.conv1.weight", 0, _col(h)),
-                                Slice(f"{pre}.conv1.weight", 1, _col(c)), b1))
-        conns.append(Connection(f"{pre}.conv2.weight", "resid", name, Slice(f"{pre}.conv2.weight", 0, _col(c)),
-                                Slice(f"{pre}.conv2.weight", 1, _col(h)), b2))
+        resid.slices += [Slice(f"{pre}.conv1.weight", 1, slice_index(c)), Slice(f"{pre}.conv2.weight", 0, slice_index(c))]
+        resid.slices += [Slice(b2, 0, slice_index(c))] if b2 else []
+        conns.append(Connection(f"{pre}.conv1.weight", name, "resid", Slice(f"{pre}.conv1.weight", 0, slice_index(h)),
+                                Slice(f"{pre}.conv1.weight", 1, slice_index(c)), b1))
+        conns.append(Connection(f"{pre}.conv2.weight", "resid", name, Slice(f"{pre}.conv2.weight", 0, slice_index(c)),
+                                Slice(f"{pre}.conv2.weight", 1, slice_index(h)), b2))
         spaces.append(hid)
     n_out = head.out_features
     out = Space("output", n_out, layout("output", n_out), float(len(model.blocks) + 1), "output", "positions",
@@ -88,11 +88,11 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
     flat = torch.arange(c * per_channel).view(c, per_channel)  # channel j owns H*W consecutive columns
     resid.slices.append(Slice("head.weight", 1, flat))
     hb = "head.bias" if head.bias is not None else None
-    out.slices += [Slice("head.weight", 0, _col(n_out))] + ([Slice(hb, 0, _col(n_out))] if hb else [])
-    conns.append(Connection("head.weight", "output", "resid", Slice("head.weight", 0, _col(n_out)),
+    out.slices += [Slice("head.weight", 0, slice_index(n_out))] + ([Slice(hb, 0, slice_index(n_out))] if hb else [])
+    conns.append(Connection("head.weight", "output", "resid", Slice("head.weight", 0, slice_index(n_out)),
                             Slice("head.weight", 1, flat), hb))
     spaces.append(out)
-    _check_all_parameters_placed(model, spaces)
+    check_all_parameters_placed(model, spaces)
     from topotorch.graph.verify import checked
 
     side = getattr(model, "image_size", None) or round(per_channel ** 0.5)

@@ -28,7 +28,7 @@ Three small objects describe a network in space:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Mapping
+from typing import Callable, Hashable, Iterable, Iterator, Literal, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ Role = Literal["input", "hidden", "output"]
 # slots and the weights move), permute the coordinates (inputs/outputs keep the
 # meaning of data and labels: the feature stays, its position moves), or never.
 RelocateMode = Literal["weights", "positions", "fixed"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -126,7 +127,7 @@ class SpatialGraph:
     Usage: ``g = SpatialGraph.from_chain(model)``; then ``wiring_cost(g)``, ``relocate(g, ...)``.
     """
 
-    def __init__(self, model: nn.Module, spaces: Iterable[Space], connections: Iterable[Connection]):
+    def __init__(self, model: nn.Module, spaces: Iterable[Space], connections: Iterable[Connection], validate: bool = True):
         self.model = model
         self.spaces: list[Space] = list(spaces)
         self.connections: list[Connection] = list(connections)
@@ -135,9 +136,10 @@ class SpatialGraph:
             raise ValueError("space names must be unique")
         # bumped whenever coordinates change, so cached distance matrices are rebuilt
         self.version = 0
-        self._cache: dict = {}
+        self._cache: dict[Hashable, tuple[int, object]] = {}  # key -> (version it was built at, value)
         self._tensor_map = self._tensors()
-        self.validate()
+        if validate:  # False: a working view whose slices stay consistent by construction (shrink's)
+            self.validate()
 
     # -- lookup ---------------------------------------------------------------------------------
     def space(self, name: str) -> Space:
@@ -177,9 +179,10 @@ class SpatialGraph:
         A space without coordinates (e.g. the token side of an embedding) is at distance 0, so
         such a connection costs only ``l0 * |W|``.
         """
-        key = ("dist", conn.weight, conn.target, conn.source, metric, like.device, like.dtype, self.version)
-        if key in self._cache:
-            return self._cache[key]
+        key = ("dist", conn.weight, conn.target, conn.source, metric, like.device, like.dtype)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == self.version:
+            return hit[1]  # type: ignore[return-value]
         t, s = self.space(conn.target), self.space(conn.source)
         if t.positions is None or s.positions is None:
             d = torch.zeros(t.size, s.size, dtype=torch.float64)
@@ -187,8 +190,7 @@ class SpatialGraph:
             d = pairwise_distance(t.positions, s.positions, metric)
         d = d.to(device=like.device, dtype=like.dtype)
         if d.numel() <= DISTANCE_CACHE_ENTRIES:  # large ones (a vocabulary x a stream) are rebuilt when asked for
-            self._drop_stale()
-            self._cache[key] = d
+            self._store(key, d)
         return d
 
     def set_positions(self, space: str, positions: torch.Tensor) -> None:
@@ -199,9 +201,39 @@ class SpatialGraph:
         s.positions = positions.detach().to(torch.float64).clone()
         self.version += 1
 
-    def _drop_stale(self) -> None:
-        for k in [k for k in self._cache if k[-1] != self.version]:
+    # -- cache ----------------------------------------------------------------------------------
+    # Objectives keep per-graph derived tensors (distance factors, streaming layouts, group plans) here.
+    # An entry is valid for the coordinates it was built from: moving any space (``version`` bumps)
+    # makes every entry stale, and stale entries are dropped on the next store, so the cache never
+    # holds two generations of a weight-sized tensor.
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The value stored under ``key`` for the current coordinates, built by ``build()`` when missing or stale.
+
+        Usage: ``factors = graph.cached(("factor", conn.weight, cfg.wf), lambda: make_factors(graph, conn))``.
+        """
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == self.version:
+            return hit[1]  # type: ignore[return-value]
+        value = build()
+        self._store(key, value)
+        return value
+
+    def forget(self, key: Hashable) -> None:
+        """Drop one cached entry (e.g. its tensors no longer match the model's device). Usage: ``graph.forget(key)``."""
+        self._cache.pop(key, None)
+
+    def clear_cache(self) -> None:
+        """Drop every cached entry. Usage: ``graph.clear_cache()`` after changing a module-level cache setting."""
+        self._cache.clear()
+
+    def cache_values(self) -> list[object]:
+        """The values cached now (for memory accounting). Usage: ``sum(t.nbytes for t in graph.cache_values() if ...)``."""
+        return [v for _, v in self._cache.values()]
+
+    def _store(self, key: Hashable, value: object) -> None:
+        for k in [k for k, (v, _) in self._cache.items() if v != self.version]:
             del self._cache[k]
+        self._cache[key] = (self.version, value)
 
     # -- checks ---------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -285,10 +317,6 @@ class SpatialGraph:
                 return "output"
             return f"hidden{i}"
 
-        def col(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
-            base = torch.arange(n).unsqueeze(1)
-            return base + stride * torch.arange(k).unsqueeze(0)
-
         height = 0.0
         if embeds:
             widths = {m.embedding_dim for _, m in embeds}
@@ -308,8 +336,8 @@ class SpatialGraph:
             for ename, emb in embeds:
                 tok = f"tokens.{ename}" if len(embeds) > 1 else "tokens"
                 w = f"{ename}.weight"
-                embed_space.slices.append(Slice(w, 1, col(d)))
-                conns.append(Connection(w, "embed", tok, Slice(w, 1, col(d)), Slice(w, 0, col(emb.num_embeddings))))
+                embed_space.slices.append(Slice(w, 1, slice_index(d)))
+                conns.append(Connection(w, "embed", tok, Slice(w, 1, slice_index(d)), Slice(w, 0, slice_index(emb.num_embeddings))))
             spaces.append(embed_space)
         else:
             n_in = linears[0][1].in_features
@@ -324,7 +352,7 @@ class SpatialGraph:
             height += 1.0
             w, b = f"{lname}.weight".lstrip("."), (f"{lname}.bias".lstrip(".") if lin.bias is not None else None)
             src = spaces[-1]
-            in_slice = Slice(w, 1, col(src.size, reps, src.size) if (i == 0 and embeds) else col(src.size))
+            in_slice = Slice(w, 1, slice_index(src.size, reps, src.size) if (i == 0 and embeds) else slice_index(src.size))
             src.slices.append(in_slice)
             out_name = names(i + 1)
             is_out = i == n_layers - 1
@@ -334,11 +362,11 @@ class SpatialGraph:
                 ("positions" if relocate_outputs else "fixed") if is_out else "weights",
                 labels=output_labels if is_out else None,
             )
-            tgt.slices.append(Slice(w, 0, col(lin.out_features)))
+            tgt.slices.append(Slice(w, 0, slice_index(lin.out_features)))
             if b is not None:
-                tgt.slices.append(Slice(b, 0, col(lin.out_features)))
+                tgt.slices.append(Slice(b, 0, slice_index(lin.out_features)))
             spaces.append(tgt)
-            conns.append(Connection(w, out_name, src.name, Slice(w, 0, col(lin.out_features)), in_slice, b))
+            conns.append(Connection(w, out_name, src.name, Slice(w, 0, slice_index(lin.out_features)), in_slice, b))
         for name in layouts:
             if name not in {s.name for s in spaces}:
                 raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}")
@@ -353,6 +381,15 @@ class SpatialGraph:
             return torch.randn(3, linears[0][1].in_features, dtype=like.dtype, device=like.device)
 
         return checked(cls(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
+
+
+def slice_index(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
+    """The (n, k) index of a :class:`Slice` whose neuron j owns ``j, j + stride, ..., j + (k-1)·stride``.
+
+    ``k = 1``: neuron j owns index j (a row or column); ``k = 3, stride = d``: the q, k and v rows of
+    a fused projection. Usage: ``Slice("fc1.weight", 0, slice_index(64))``.
+    """
+    return torch.arange(n).unsqueeze(1) + stride * torch.arange(k).unsqueeze(0)
 
 
 def common_prefix(names: list[str]) -> str:

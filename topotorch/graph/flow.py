@@ -42,6 +42,7 @@ from topotorch.geometry import make_layout
 from topotorch.graph.axes import Axis, find
 from topotorch.graph.core import Connection, Slice, Space, SpatialGraph, common_prefix
 from topotorch.graph.rules import RULES, Context, fresh, op_name, unknown
+from topotorch.graph.transformer import head_line
 
 
 def output_tensors(out) -> list[torch.Tensor]:
@@ -383,12 +384,6 @@ def _grouped_dims(head: Axis, occurrences, coords, ambiguous) -> int:
     return size
 
 
-def _head_line(n_heads: int, head_dim: int, gap: float = 1.0) -> torch.Tensor:
-    from topotorch.graph.transformer import _head_line as line
-
-    return line(n_heads, head_dim, gap)
-
-
 def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input_labels: list[str] | None = None,
                 output_labels: list[str] | None = None, unknown_ops: str = "raise",
                 ungrouped: frozenset[str] = frozenset()) -> SpatialGraph:
@@ -496,7 +491,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
         if plan.lookup:
             positions = None
         elif g and plan.name not in layouts:
-            positions = _head_line(ax.size, g)
+            positions = head_line(ax.size, g)
         else:
             positions = make_layout(layouts.get(plan.name), n)
         labels = None

@@ -27,11 +27,7 @@ import torch
 from torch import nn
 
 from topotorch.geometry import make_layout
-from topotorch.graph import Connection, Slice, Space, SpatialGraph
-
-
-def _col(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
-    return torch.arange(n).unsqueeze(1) + stride * torch.arange(k).unsqueeze(0)
+from topotorch.graph import Connection, Slice, Space, SpatialGraph, slice_index
 
 
 def _attention_tensors(prefix: str, attn: nn.Module) -> tuple[str, str | None, str, str | None, int]:
@@ -51,9 +47,12 @@ def _attention_tensors(prefix: str, attn: nn.Module) -> tuple[str, str | None, s
                      "qkv/proj pair or nn.MultiheadAttention")
 
 
-def _head_line(n_heads: int, head_dim: int, gap: float = 1.0) -> torch.Tensor:
+def head_line(n_heads: int, head_dim: int, gap: float = 1.0) -> torch.Tensor:
     """Attention neurons on a line in [0, 1], head by head, with a gap of ``gap`` slots between heads
-    (so drawings show each head and the wiring cost sees heads as separate places)."""
+    (so drawings show each head and the wiring cost sees heads as separate places).
+
+    Usage: ``Space("attn", 64, head_line(4, 16), ...)``.
+    """
     slot = torch.arange(n_heads * head_dim, dtype=torch.float64)
     x = slot + gap * (slot // head_dim)
     span = x.max() + 1.0
@@ -66,9 +65,9 @@ def _norm_slices(prefix: str, norm: nn.Module, d: int) -> list[Slice]:
     if isinstance(norm, nn.LayerNorm):
         out = []
         if norm.weight is not None:
-            out.append(Slice(f"{prefix}.weight", 0, _col(d)))
+            out.append(Slice(f"{prefix}.weight", 0, slice_index(d)))
         if norm.bias is not None:
-            out.append(Slice(f"{prefix}.bias", 0, _col(d)))
+            out.append(Slice(f"{prefix}.bias", 0, slice_index(d)))
         return out
     raise ValueError(f"cannot place normalisation layer {prefix!r} ({type(norm).__name__}); "
                      "supported: nn.LayerNorm, nn.Identity")
@@ -109,22 +108,22 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     conns: list[Connection] = []
     if isinstance(embed, nn.Embedding):
         tokens = Space("tokens", n_in, None, 0.0, "input", "fixed")
-        resid.slices.append(Slice("embed.weight", 1, _col(d)))
+        resid.slices.append(Slice("embed.weight", 1, slice_index(d)))
         if not tied:  # tied: the table is penalised once, as the output head
-            conns.append(Connection("embed.weight", "resid", "tokens", Slice("embed.weight", 1, _col(d)),
-                                    Slice("embed.weight", 0, _col(n_in))))
+            conns.append(Connection("embed.weight", "resid", "tokens", Slice("embed.weight", 1, slice_index(d)),
+                                    Slice("embed.weight", 0, slice_index(n_in))))
         spaces.append(tokens)
     else:
         spaces.append(Space("input", n_in, layout("input", n_in), 0.0, "input", "positions", labels=input_labels))
-        spaces[-1].slices.append(Slice("embed.weight", 1, _col(n_in)))
-        resid.slices.append(Slice("embed.weight", 0, _col(d)))
+        spaces[-1].slices.append(Slice("embed.weight", 1, slice_index(n_in)))
+        resid.slices.append(Slice("embed.weight", 0, slice_index(d)))
         b = "embed.bias" if embed.bias is not None else None
         if b:
-            resid.slices.append(Slice(b, 0, _col(d)))
-        conns.append(Connection("embed.weight", "resid", "input", Slice("embed.weight", 0, _col(d)),
-                                Slice("embed.weight", 1, _col(n_in)), b))
+            resid.slices.append(Slice(b, 0, slice_index(d)))
+        conns.append(Connection("embed.weight", "resid", "input", Slice("embed.weight", 0, slice_index(d)),
+                                Slice("embed.weight", 1, slice_index(n_in)), b))
     if isinstance(getattr(model, "pos", None), nn.Parameter):
-        resid.slices.append(Slice("pos", 1, _col(d)))
+        resid.slices.append(Slice("pos", 1, slice_index(d)))
     spaces.append(resid)
 
     for li, block in enumerate(model.blocks):
@@ -137,17 +136,17 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         qkv_w, qkv_b, out_w, out_b, n_heads = _attention_tensors(f"{pre}.attn", block.attn)
         hd = d // n_heads
         name = f"{pre}.attn"
-        attn = Space(name, d, layout(name, d) if name in layouts else _head_line(n_heads, hd), 2.0 * li + 1,
+        attn = Space(name, d, layout(name, d) if name in layouts else head_line(n_heads, hd), 2.0 * li + 1,
                      "hidden", "weights", groups=torch.arange(d) // hd, labels=[f"h{j // hd}.{j % hd}" for j in range(d)])
-        three = _col(d, 3, d)
-        attn.slices += [Slice(qkv_w, 0, three), Slice(out_w, 1, _col(d))]
+        three = slice_index(d, 3, d)
+        attn.slices += [Slice(qkv_w, 0, three), Slice(out_w, 1, slice_index(d))]
         if qkv_b:
             attn.slices.append(Slice(qkv_b, 0, three))
-        resid.slices += [Slice(qkv_w, 1, _col(d)), Slice(out_w, 0, _col(d))]
+        resid.slices += [Slice(qkv_w, 1, slice_index(d)), Slice(out_w, 0, slice_index(d))]
         if out_b:
-            resid.slices.append(Slice(out_b, 0, _col(d)))
-        conns.append(Connection(qkv_w, name, "resid", Slice(qkv_w, 0, three), Slice(qkv_w, 1, _col(d)), qkv_b))
-        conns.append(Connection(out_w, "resid", name, Slice(out_w, 0, _col(d)), Slice(out_w, 1, _col(d)), out_b))
+            resid.slices.append(Slice(out_b, 0, slice_index(d)))
+        conns.append(Connection(qkv_w, name, "resid", Slice(qkv_w, 0, three), Slice(qkv_w, 1, slice_index(d)), qkv_b))
+        conns.append(Connection(out_w, "resid", name, Slice(out_w, 0, slice_index(d)), Slice(out_w, 1, slice_index(d)), out_b))
         spaces.append(attn)
         # MLP
         mlp = block.mlp
@@ -165,10 +164,10 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         m = fc1.out_features
         name = f"{pre}.mlp"
         msp = Space(name, m, layout(name, m), 2.0 * li + 2, "hidden", "weights")
-        msp.slices += [Slice(w1, 0, _col(m)), Slice(w2, 1, _col(m))] + ([Slice(b1, 0, _col(m))] if b1 else [])
-        resid.slices += [Slice(w1, 1, _col(d)), Slice(w2, 0, _col(d))] + ([Slice(b2, 0, _col(d))] if b2 else [])
-        conns.append(Connection(w1, name, "resid", Slice(w1, 0, _col(m)), Slice(w1, 1, _col(d)), b1))
-        conns.append(Connection(w2, "resid", name, Slice(w2, 0, _col(d)), Slice(w2, 1, _col(m)), b2))
+        msp.slices += [Slice(w1, 0, slice_index(m)), Slice(w2, 1, slice_index(m))] + ([Slice(b1, 0, slice_index(m))] if b1 else [])
+        resid.slices += [Slice(w1, 1, slice_index(d)), Slice(w2, 0, slice_index(d))] + ([Slice(b2, 0, slice_index(d))] if b2 else [])
+        conns.append(Connection(w1, name, "resid", Slice(w1, 0, slice_index(m)), Slice(w1, 1, slice_index(d)), b1))
+        conns.append(Connection(w2, "resid", name, Slice(w2, 0, slice_index(d)), Slice(w2, 1, slice_index(m)), b2))
         spaces.append(msp)
 
     resid.slices += _norm_slices("ln_f", getattr(model, "ln_f", nn.Identity()), d)
@@ -178,17 +177,17 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     hw = "embed.weight" if tied else "head.weight"
     hb = "head.bias" if head.bias is not None else None
     if not tied:
-        resid.slices.append(Slice(hw, 1, _col(d)))
-    out.slices.append(Slice(hw, 0, _col(n_out)))
+        resid.slices.append(Slice(hw, 1, slice_index(d)))
+    out.slices.append(Slice(hw, 0, slice_index(n_out)))
     if hb:
-        out.slices.append(Slice(hb, 0, _col(n_out)))
-    conns.append(Connection(hw, "output", "resid", Slice(hw, 0, _col(n_out)), Slice(hw, 1, _col(d)), hb))
+        out.slices.append(Slice(hb, 0, slice_index(n_out)))
+    conns.append(Connection(hw, "output", "resid", Slice(hw, 0, slice_index(n_out)), Slice(hw, 1, slice_index(d)), hb))
     spaces.append(out)
     known = {s.name for s in spaces}
     for name in layouts:
         if name not in known:
             raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(sorted(known))}")
-    _check_all_parameters_placed(model, spaces)
+    check_all_parameters_placed(model, spaces)
     from topotorch.graph.verify import checked
 
     w = embed.weight
@@ -202,8 +201,11 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     return checked(SpatialGraph(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
-def _check_all_parameters_placed(model: nn.Module, spaces: list[Space]) -> None:
-    """Every parameter with a residual-sized dimension must be coupled, or a relocation would break it."""
+def check_all_parameters_placed(model: nn.Module, spaces: list[Space]) -> None:
+    """Every parameter with a residual-sized dimension must be coupled, or a relocation would break it.
+
+    Usage: ``check_all_parameters_placed(model, spaces)`` at the end of a hand-written graph builder.
+    """
     placed = {sl.name for s in spaces for sl in s.slices}
     missing = [n for n, _ in model.named_parameters() if n not in placed]
     if missing:

@@ -26,9 +26,9 @@ def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor
     n = space.size
     if space.groups is None:
         return torch.randperm(n, generator=generator)
-    from topotorch.relocation import _group_matrix
+    from topotorch.relocation import group_matrix
 
-    g = _group_matrix(space.groups.cpu())  # (n_groups, size)
+    g = group_matrix(space.groups.cpu())  # (n_groups, size)
     n_groups, size = g.shape
     order = torch.randperm(n_groups, generator=generator)
     within = torch.argsort(torch.rand(n_groups, size, generator=generator), dim=1)

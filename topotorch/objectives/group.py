@@ -41,9 +41,7 @@ def _plan(graph: SpatialGraph, spaces: tuple[str, ...] | None) -> tuple[list, in
     """Per connection read by a chosen space: (weight name, source dim, flat owned indices, owner row
     in the concatenated neuron vector, K). Cached on the graph (slices never change; relocation
     permutes weights, not indices)."""
-    key = ("group", spaces, graph.version)
-    cache = graph._cache
-    if key not in cache:
+    def build() -> tuple[list, int]:
         names = list(spaces) if spaces is not None else group_spaces(graph)
         offset, items = 0, []
         for name in names:
@@ -54,9 +52,9 @@ def _plan(graph: SpatialGraph, spaces: tuple[str, ...] | None) -> tuple[list, in
                 owner = offset + torch.arange(n)
                 items.append((c.weight, c.source_slice.dim, idx.reshape(-1), owner, k))
             offset += sp.size
-        graph._drop_stale()
-        cache[key] = (items, offset)
-    return cache[key]
+        return items, offset
+
+    return graph.cached(("group", spaces), build)
 
 
 def neuron_group_sq(graph: SpatialGraph, spaces: Iterable[str] | None = None) -> torch.Tensor:

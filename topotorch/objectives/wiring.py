@@ -55,9 +55,9 @@ def cost_weights(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, like:
     Built from the (target, source) neuron distance matrix by expanding each neuron to the
     indices it owns; cached on the graph until coordinates change.
     """
-    key = ("factor", conn.weight, conn.target, conn.source, cfg.wf, cfg.l0, cfg.metric, like.device, like.dtype, graph.version)
-    cache = graph._cache
-    if key not in cache:
+    key = ("factor", conn.weight, conn.target, conn.source, cfg.wf, cfg.l0, cfg.metric, like.device, like.dtype)
+
+    def build() -> torch.Tensor:
         d = graph.distances(conn, cfg.metric, like)
         t_of = conn.target_slice.neuron_of(like.shape[conn.target_slice.dim], partial=True).to(like.device)
         s_of = conn.source_slice.neuron_of(like.shape[conn.source_slice.dim], partial=True).to(like.device)
@@ -69,9 +69,9 @@ def cost_weights(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, like:
             full = full.T
         shape = [1] * like.ndim
         shape[td], shape[sd] = like.shape[td], like.shape[sd]
-        graph._drop_stale()
-        cache[key] = full.reshape(shape).contiguous()
-    return cache[key]
+        return full.reshape(shape).contiguous()
+
+    return graph.cached(key, build)
 
 
 # Graphs whose connection weights hold more entries than this (a GPT-2-sized model) never cache a
@@ -82,17 +82,13 @@ _CHUNK = 1 << 17  # entries per streamed chunk (512 KB in float32: in the L2 cac
 
 
 def _streaming(graph: SpatialGraph) -> bool:
-    key = ("streaming", graph.version)
-    if key not in graph._cache:
-        total = sum(graph.tensor(c.weight).numel() for c in graph.connections)
-        graph._cache[key] = total > CACHE_ENTRIES
-    return graph._cache[key]
+    return graph.cached(("streaming",), lambda: sum(graph.tensor(c.weight).numel() for c in graph.connections) > CACHE_ENTRIES)
 
 
 def _layout(graph: SpatialGraph, conn: Connection, w: torch.Tensor):
     """Per-connection data for streaming, cached (small: one coordinate row per weight row/column)."""
-    key = ("stream", conn.weight, conn.target, conn.source, w.device, w.dtype, graph.version)
-    if key not in graph._cache:
+
+    def build():
         td, sd = conn.target_slice.dim, conn.source_slice.dim
         n_rows, n_cols = w.shape[td], w.shape[sd]
         t_of = conn.target_slice.neuron_of(n_rows, partial=True).to(w.device)
@@ -109,9 +105,9 @@ def _layout(graph: SpatialGraph, conn: Connection, w: torch.Tensor):
             s_pos = sp.to(w.device, w.dtype)[s_of.clamp(min=0)]
         partial = bool((t_of < 0).any() or (s_of < 0).any())
         masks = ((t_of >= 0).to(w.dtype), (s_of >= 0).to(w.dtype)) if partial else None
-        graph._drop_stale()
-        graph._cache[key] = (t_pos.T.contiguous(), s_pos.T.contiguous(), masks)
-    return graph._cache[key]
+        return t_pos.T.contiguous(), s_pos.T.contiguous(), masks
+
+    return graph.cached(("stream", conn.weight, conn.target, conn.source, w.device, w.dtype), build)
 
 
 def _chunks(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, w: torch.Tensor, scale: float = 1.0):
@@ -235,9 +231,9 @@ def _add_grad_streaming_(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> 
 
 def _grad_factors(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> tuple[list, list]:
     """The penalised tensors and λ·∂cc/∂|θ| for each, cached until coordinates or tensors change."""
-    key = ("grad", cfg.wf, cfg.l0, cfg.metric, cfg.agg, cfg.penalize_bias, tuple(cfg.exclude), lam, graph.version)
-    cache = graph._cache
-    if key not in cache:
+    key = ("grad", cfg.wf, cfg.l0, cfg.metric, cfg.agg, cfg.penalize_bias, tuple(cfg.exclude), lam)
+
+    def build() -> tuple[list, list]:
         params, factors = [], []
         for conn in graph.connections:
             if cfg.excluded(conn.weight):
@@ -250,10 +246,10 @@ def _grad_factors(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> tuple[l
                 b = graph.tensor(conn.bias)
                 params.append(b)
                 factors.append(torch.full_like(b, (lam / b.numel() if cfg.agg == "mean" else lam) * cfg.l0))
-        graph._drop_stale()
-        cache[key] = (params, factors)
-    params, factors = cache[key]
+        return params, factors
+
+    params, factors = graph.cached(key, build)
     if params and (params[0].dtype != factors[0].dtype or params[0].device != factors[0].device):
-        del cache[key]  # the model was moved (model.to(...)) since: rebuild
+        graph.forget(key)  # the model was moved (model.to(...)) since: rebuild
         return _grad_factors(graph, cfg, lam)
     return params, factors
