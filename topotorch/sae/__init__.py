@@ -17,6 +17,11 @@ from topotorch.sae.dictionary import (
     register_architecture,
 )
 from topotorch.sae.kernels import pre_activations, selected_encode, sparse_decode, topk_encode
+from topotorch.sae.metrics import cosine, evaluate_sae, explained_variance, fvu, l0, relative_reconstruction_bias
+from topotorch.sae.synthetic import SyntheticFeatures, mcc
+from topotorch.sae.train import SAETrainer, geometric_median, train_sae
 
 __all__ = ["ARCHITECTURES", "Architecture", "Codes", "JumpReLUFn", "SAEConfig", "SAEOutput", "SparseCoder", "StepFn",
-           "register_architecture", "pre_activations", "selected_encode", "sparse_decode", "topk_encode"]
+           "register_architecture", "pre_activations", "selected_encode", "sparse_decode", "topk_encode",
+           "cosine", "evaluate_sae", "explained_variance", "fvu", "l0", "relative_reconstruction_bias",
+           "SyntheticFeatures", "mcc", "SAETrainer", "geometric_median", "train_sae"]

@@ -123,7 +123,7 @@ class SAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
         """Build from a dict (e.g. cfg.json); unknown keys raise. Usage: ``SAEConfig.from_dict(json.load(f))``."""
         known = {f.name for f in fields(cls)}
         extra = sorted(set(d) - known)
@@ -197,13 +197,13 @@ class Architecture:
     uses_k = False
     uses_auxk = False
 
-    def train_codes(self, sae: "SparseCoder", x_in: Tensor) -> Codes:
+    def train_codes(self, sae: SparseCoder, x_in: Tensor) -> Codes:
         raise NotImplementedError
 
-    def infer_codes(self, sae: "SparseCoder", x_in: Tensor) -> Codes:
+    def infer_codes(self, sae: SparseCoder, x_in: Tensor) -> Codes:
         return self.train_codes(sae, x_in)
 
-    def penalty(self, sae: "SparseCoder", codes: Codes, x_in: Tensor, tv_per_token: Tensor) -> Tensor:
+    def penalty(self, sae: SparseCoder, codes: Codes, x_in: Tensor, tv_per_token: Tensor) -> Tensor:
         return x_in.new_zeros(())
 
 
@@ -510,7 +510,7 @@ class SparseCoder(nn.Module):
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device | str | None = None) -> "SparseCoder":
+    def load(cls, folder: str | Path, device: torch.device | str | None = None) -> SparseCoder:
         """Read a folder written by :meth:`save`; a missing file, unknown format, missing/extra key or wrong
         shape raises ``ValueError`` naming it. Usage: ``sae = SparseCoder.load(run / "sae")``."""
         from safetensors.torch import load_file

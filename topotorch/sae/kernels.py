@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sparse_decode", "topk_encode", "selected_encode", "pre_activations", "sparse_transpose_matmul", "sampled_rowdot"]
+__all__ = ["sparse_decode", "topk_encode", "selected_encode", "pre_activations", "sparse_transpose_matmul",
+           "sampled_rowdot"]
 
 
 def sparse_transpose_matmul(indices: Tensor, values: Tensor, y: Tensor, n: int) -> Tensor:
@@ -82,7 +83,8 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """``Σ_j values[b, j] · W_dec[indices[b, j]]`` → [B, d_out] (add b_dec yourself), with a backward that
     touches only the chosen rows. Usage: ``x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec``."""
     if values.shape != indices.shape or values.dim() != 2:
-        raise ValueError(f"values and indices must both be [B, k], got {tuple(values.shape)} and {tuple(indices.shape)}")
+        raise ValueError(f"values and indices must both be [B, k], got {tuple(values.shape)} and "
+                         f"{tuple(indices.shape)}")
     return _SparseDecode.apply(values, indices, W_dec)
 
 
