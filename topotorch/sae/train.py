@@ -162,7 +162,8 @@ def train_sae(cfg: SAEConfig, batches: Iterable[Any], steps: int, lr: float | No
               warmup: int | None = None, schedule: str = "linear", seed: int = 0, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None, normalize: bool = True, gm_samples: int = 4096,
               log_every: int = 50, progress: bool = False, extra_loss: ExtraLoss | None = None,
-              sae: SparseCoder | None = None) -> tuple[SparseCoder, dict[str, Any]]:
+              sae: SparseCoder | None = None,
+              on_step: Callable[[SAETrainer, int, Tensor], None] | None = None) -> tuple[SparseCoder, dict[str, Any]]:
     """Train a sparse coder on ``batches`` (tensors [B, d_in], or pairs (x, y) for a transcoder; a list or
     DataLoader is cycled) for ``steps`` steps. Returns the coder (data scale folded in: it works on raw
     activations) and a history: per log step ``step, tokens, fvu, l0, dead (fraction), aux, loss, lr``,
@@ -232,6 +233,8 @@ def train_sae(cfg: SAEConfig, batches: Iterable[Any], steps: int, lr: float | No
             x = x.to(device=device, dtype=dtype) / s_in
             y = y.to(device=device, dtype=dtype) / s_out if y is not None and cfg.transcoder else None
             out = trainer.step(x, y)
+            if on_step is not None:  # e.g. relocation mid-run (topographic SAE): (trainer, steps done, x normalised)
+                on_step(trainer, step + 1, x)
             tokens += x.shape[0]
             acc["fvu"] += out.fvu.item()
             acc["l0"] += out.l0.item()
