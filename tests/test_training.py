@@ -219,7 +219,7 @@ def test_schedule_drives_the_logged_lambda(tmp_path):
     (dict(lam="0:-1"), "finite and >= 0"),
     (dict(l0=-0.1), "l0 must be >= 0"),
     (dict(wf=-1.0), "wf must be >= 0"),
-    (dict(metric="cosine"), "metric must be 'l1' or 'l2'"),
+    (dict(metric="cosine"), "unknown metric 'cosine'; use 'l1' or 'l2'"),
     (dict(batch_size=0), "batch_size must be a positive integer or None"),
     (dict(seed=-1), "seed must be a non-negative integer"),
     (dict(weight_decay=-0.1), "weight_decay must be >= 0"),

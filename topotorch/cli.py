@@ -12,16 +12,24 @@ line naming the problem and exits with code 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
 from typer.core import TyperGroup
+
+from topotorch.config import FieldSpec, TrainConfig, describe, settings_of
+from topotorch.training_fff import FFFRecipe, FFFRunConfig
+
 
 class _OneLineErrors(TyperGroup):
     """Every failure is one line on stderr (``error: ...``) and a non-zero exit, never a traceback.
@@ -30,7 +38,7 @@ class _OneLineErrors(TyperGroup):
     usage block; an unexpected exception exits 1 naming its type (``TOPOTORCH_DEBUG=1`` re-raises it).
     """
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D401
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from typer import _click
@@ -62,6 +70,53 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   pretty_exceptions_enable=False, help="Give neural networks a body in space.")
 
 
+def _option_help(spec: FieldSpec) -> str:
+    """A field's help text, with its allowed values where they are more than a type (choices, a range)."""
+    if spec.choices is not None:
+        return f"{spec.setting.help} [{' | '.join(spec.choices)}]"
+    if spec.base in (int, float):
+        return f"{spec.setting.help} [{describe(spec)}]"
+    return spec.setting.help
+
+
+def config_options(*classes: type, from_task: bool = False) -> Callable:
+    """Decorator: one option per command-line field of the config dataclasses ``classes``, generated from
+    their declarations (:func:`topotorch.config.settings_of`: name ``--top-k`` for ``top_k``, type, help,
+    range); the command receives them as one dict ``settings`` by field name.
+
+    ``from_task``: every option defaults to None (not given: the task's default, then the field's; bools
+    become ``--x/--no-x`` with no default); otherwise the field's default, shown by ``--help``. Values are
+    not checked here: the config's own validation names the field and its range.
+    Usage: ``@app.command()`` over ``@config_options(TrainConfig, from_task=True)`` over ``def train(..., settings)``.
+    """
+    specs = [s for cls in classes for s in settings_of(cls) if s.setting.cli]
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.name != "settings"]
+        taken = {p.name for p in params}
+        for spec in specs:
+            if spec.name in taken:
+                raise TypeError(f"{fn.__name__}: option --{spec.name} is declared twice (command and config)")
+            kind = spec.base if spec.base in (int, float, bool) else str  # choices and schedules: the config checks
+            default = None if (from_task or spec.optional) else spec.default
+            params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=kind | None if default is None else kind,
+                                            default=typer.Option(default, help=_option_help(spec))))
+        names = [spec.name for spec in specs]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            settings = {n: kwargs.pop(n) for n in names}
+            return fn(**kwargs, settings=settings)
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
+
+
 
 def _fail(msg: str) -> None:
     typer.echo(f"error: {' '.join(str(msg).split())}", err=True)  # always one line
@@ -81,11 +136,6 @@ def _warnings_to_stderr():
             _echo_warnings(caught)
 
 
-def _check_threads(threads: Optional[int]) -> None:
-    if threads is not None and threads < 1:
-        _fail(f"threads must be >= 1, got {threads}")
-
-
 @app.command()
 def tasks() -> None:
     """List the registered tasks and their reference settings."""
@@ -100,36 +150,12 @@ def tasks() -> None:
 
 
 @app.command()
+@config_options(TrainConfig, from_task=True)
 def train(
-    task: Optional[str] = typer.Argument(None, help="task name (see `topotorch tasks`); omit with --resume"),
-    resume: Optional[Path] = typer.Option(None, help="continue the run in this folder from its last checkpoint"),
-    method: Optional[str] = typer.Option(None, help="none | l1 | local | swap | bimt (default: bimt)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default: the task's)"),
-    seed: Optional[int] = typer.Option(None, help="random seed (default: 0)"),
-    dtype: Optional[str] = typer.Option(None, help="float32 | float64 (default: the task's)"),
-    out: Optional[Path] = typer.Option(None, help="run folder (default: runs/TASK-METHOD-sSEED)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    lam: Optional[str] = typer.Option(None, help="λ schedule as step:value phases, e.g. 0:1e-3,5000:1e-2"),
-    wf: Optional[float] = typer.Option(None, help="weight of distance in the wiring cost (0: plain L1)"),
-    l0: Optional[float] = typer.Option(None, help="layer-to-layer gap added to every connection's length"),
-    relocation: Optional[str] = typer.Option(None, help="swap (the paper's greedy swaps) | assign (exact, per layer)"),
-    top_k: Optional[int] = typer.Option(None, help="neurons tried per layer per relocation"),
-    swap_every: Optional[int] = typer.Option(None, help="relocate every n steps"),
-    threshold: Optional[float] = typer.Option(None, help="|w| above which a weight counts as active"),
-    batch_size: Optional[int] = typer.Option(None, help="mini-batch size (default: full batch); global under torchrun"),
-    checkpoint_every: Optional[int] = typer.Option(None, help="checkpoint every n steps (default: 10 per run)"),
-    log_every: Optional[int] = typer.Option(None, help="metrics.csv row every n steps"),
-    local_steps: Optional[int] = typer.Option(None, help="DiLoCo: local steps between outer syncs (0: DDP)"),
-    topo_tau: Optional[float] = typer.Option(None, help="TopoNets: weight τ of TopoLoss (0: off)"),
-    topo_layers: Optional[str] = typer.Option(None, help="layers with a cortical sheet: fnmatch pattern(s), e.g. '*.mlp.0' (default: auto)"),
-    topo_factor: Optional[float] = typer.Option(None, help="TopoLoss blur factor φ (default: 3)"),
-    group_lam: Optional[float] = typer.Option(None, help="neuron group lasso weight (whole neurons die; 0: off)"),
-    animation: bool = typer.Option(True, help="render training.gif / training.mp4 (after summary.json is written)"),
-    progress: bool = typer.Option(True, help="show a progress bar"),
+    task: str | None = typer.Argument(None, help="task name (see `topotorch tasks`); omit with --resume"),
+    resume: Path | None = typer.Option(None, help="continue the run in this folder from its last checkpoint"),
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: 1 for small models, measured rule)"),
-    model: Optional[str] = typer.Option(None, help="your model: hf:NAME (e.g. hf:gpt2, hf:llama) or package.module:function"),
-    model_config: Optional[str] = typer.Option(None, help="K=V,... for --model, e.g. n_layer=4,n_embd=128,n_head=4"),
+    settings: dict | None = None,
 ) -> None:
     """Train TASK and write config, metrics.csv, checkpoint, summary.json, connectivity.png, animation.
 
@@ -139,33 +165,32 @@ def train(
     already holds a run is refused unless ``--overwrite`` (the old run is moved aside, never mixed).
     """
     from topotorch.checkpoint import CheckpointError
-    from topotorch.training import TrainConfig, TrainingDiverged
+    from topotorch.training import TrainingDiverged
     from topotorch.training import train as run_training
 
-    overrides = dict(method=method, steps=steps, seed=seed, dtype=dtype, lr=lr, lam=lam, wf=wf, l0=l0,
-                     relocation=relocation, top_k=top_k, swap_every=swap_every, threshold=threshold,
-                     batch_size=batch_size, checkpoint_every=checkpoint_every, log_every=log_every,
-                     local_steps=local_steps, topo_tau=topo_tau, topo_layers=topo_layers, topo_factor=topo_factor,
-                     group_lam=group_lam, model=model, model_config=model_config)
-    _check_threads(threads)
+    given = {k: v for k, v in (settings or {}).items() if v is not None}
+    runtime = {s.name for s in settings_of(TrainConfig) if s.setting.runtime}
     try:
         if resume is not None:
             if overwrite:
                 _fail("--overwrite starts a new run; --resume continues one: give one of them")
-            given = sorted(k.replace("_", "-") for k, v in overrides.items() if v is not None)
-            if task is not None or out is not None or given:
-                _fail("--resume takes the run's own config; drop " +
-                      ", ".join(([task] if task else []) + (["--out"] if out else []) + [f"--{g}" for g in given]))
+            fixed = sorted(k.replace("_", "-") for k in given if k not in runtime or k == "out")
+            if task is not None or fixed:
+                _fail("--resume takes the run's own config; drop " + ", ".join(([task] if task else []) +
+                                                                             [f"--{g}" for g in fixed]))
             if not (resume / "config.json").is_file():
                 _fail(f"{resume} is not a run folder (no config.json)")
             cfg = TrainConfig.from_json(resume / "config.json")
-            cfg.out, cfg.animation, cfg.progress, cfg.threads = str(resume), animation, progress, threads
+            # runtime settings are this invocation's (not given: the field's default), re-validated
+            fresh = {s.name: given.get(s.name, s.default) for s in settings_of(TrainConfig)
+                     if s.name in runtime and s.name != "out"}
+            cfg = dataclasses.replace(cfg, **fresh, out=str(resume))
         else:
             if task is None:
                 _fail("missing TASK (see `topotorch tasks`), or --resume RUN")
-            name = f"{task}-{method or 'bimt'}-s{seed or 0}"
-            cfg = TrainConfig.for_task(task, **overrides, animation=animation, progress=progress, threads=threads,
-                                       out=str(out if out is not None else Path("runs") / name))
+            name = f"{task}-{given.get('method', 'bimt')}-s{given.get('seed', 0)}"
+            given.setdefault("out", str(Path("runs") / name))
+            cfg = TrainConfig.for_task(task, **given)
     except (ValueError, TypeError, OSError) as e:
         _fail(str(e))
     with _warnings_to_stderr():
@@ -191,7 +216,7 @@ def train(
 def draw(
     run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
     threshold: float = typer.Option(0.0, help="hide weights with |w| <= threshold"),
-    out: Optional[Path] = typer.Option(None, help="PNG path (default: RUN/connectivity.png)"),
+    out: Path | None = typer.Option(None, help="PNG path (default: RUN/connectivity.png)"),
 ) -> None:
     """Redraw the connectivity picture of a run from its checkpoint."""
     from topotorch.checkpoint import CheckpointError
@@ -215,36 +240,22 @@ def draw(
 
 
 @app.command()
+@config_options(FFFRunConfig, FFFRecipe)
 def fff(
     task: str = typer.Argument("digits", help="a classification task with vector inputs (digits, two-moons, mnist1d, ...)"),
-    model: str = typer.Option("fff", help="fff, or ff for the dense baseline of the same width"),
-    leaf_width: int = typer.Option(8, help="FFF leaf width ℓ"),
-    training_width: int = typer.Option(128, help="hidden neurons in all leaves (2^depth · ℓ) / of the FF"),
-    epochs: int = typer.Option(100),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(1e-2, help="peak learning rate (cosine schedule, AdamW)"),
-    weight_decay: float = typer.Option(0.1),
-    noise: float = typer.Option(0.5, help="input noise, in training stds per feature"),
-    hard_frac: float = typer.Option(0.5, help="FFF: final share of steps trained with hard decisions"),
-    final_sharpness: float = typer.Option(30.0, help="FFF: soft decisions sharpen to sigmoid(s·z)"),
-    share_leaves: bool = typer.Option(True, help="FFF: train leaves as path sums of per-node offsets"),
-    seed: int = typer.Option(0),
-    out: Optional[Path] = typer.Option(None, help="run folder (default runs/<task>-<model>)"),
-    progress: bool = typer.Option(True, help="progress bar"),
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: 1 for small models, measured rule)"),
+    settings: dict | None = None,
 ) -> None:
     """Train an FFF (or same-width FF) classifier; writes summary.json, model.safetensors, leaves.md (and regions.png for 2-D inputs)."""
-    from topotorch.training_fff import FFFRecipe, FFFRunConfig, train_fff_run
+    from topotorch.training_fff import train_fff_run
 
-    _check_threads(threads)
+    given = dict(settings or {})
+    model = given["model"]
+    run = {s.name: given.pop(s.name) for s in settings_of(FFFRunConfig) if s.name in given}
+    run["out"] = run["out"] or str(Path("runs") / f"{task}-{model}")
     with _warnings_to_stderr():
         try:
-            recipe = FFFRecipe(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, noise=noise,
-                               hard_frac=hard_frac, final_sharpness=final_sharpness, share_leaves=share_leaves)
-            config = FFFRunConfig(task=task, model=model, training_width=training_width, leaf_width=leaf_width,  # type: ignore[arg-type]
-                                  seed=seed, recipe=recipe, progress=progress, threads=threads,
-                                  out=str(out or Path("runs") / f"{task}-{model}"))
+            config = FFFRunConfig(task=task, recipe=FFFRecipe(**given), **run)
             result = train_fff_run(config, overwrite=overwrite)
         except (ValueError, ImportError, FloatingPointError, OSError) as e:
             _fail(str(e))
@@ -272,9 +283,9 @@ def summary(run: Path = typer.Argument(..., help="run folder")) -> None:
 @app.command()
 def report(
     run: Path = typer.Argument(..., help="a run folder, or a folder of runs (writes an index page comparing them)"),
-    out: Optional[Path] = typer.Option(None, help="HTML path for a single run (default: RUN/report.html)"),
+    out: Path | None = typer.Option(None, help="HTML path for a single run (default: RUN/report.html)"),
     max_edges: int = typer.Option(5000, help="draw at most this many connections (the strongest by |w|)"),
-    screenshot: Optional[Path] = typer.Option(None, help="also save a PNG of the page (headless Chromium)"),
+    screenshot: Path | None = typer.Option(None, help="also save a PNG of the page (headless Chromium)"),
 ) -> None:
     """Write one self-contained offline HTML report of a run (graph, curves, animation, metrics, ablations,
     formula) plus graph.graphml / graph.json; for a folder of runs, every run's report and index.html."""
@@ -321,7 +332,7 @@ def _load_for_topo(run: Path):
             _fail(str(e))
 
 
-def _topo_pattern(r, layers: Optional[str]) -> str:
+def _topo_pattern(r, layers: str | None) -> str:
     from topotorch.sheets import default_layers
 
     if layers:
@@ -335,7 +346,7 @@ def _echo_warnings(caught: list) -> None:
         typer.echo(f"warning: {msg}", err=True)
 
 
-def _compress_compact(run: Path, threshold: Optional[float], choose: str, threads: int) -> None:
+def _compress_compact(run: Path, threshold: float | None, choose: str, threads: int) -> None:
     from topotorch.checkpoint import CheckpointError
     from topotorch.compression.compact import FORMATS, CompactError, compress_run
 
@@ -374,12 +385,12 @@ def _compress_compact(run: Path, threshold: Optional[float], choose: str, thread
 @app.command()
 def compress(
     run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
-    downsample: Optional[float] = typer.Option(None, help="keep every φ-th unit: an (h//φ) x (w//φ) sheet"),
-    removed: Optional[float] = typer.Option(None, help="or: the fraction of each sheet's units to cut, e.g. 0.8"),
-    layers: Optional[str] = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
+    downsample: float | None = typer.Option(None, help="keep every φ-th unit: an (h//φ) x (w//φ) sheet"),
+    removed: float | None = typer.Option(None, help="or: the fraction of each sheet's units to cut, e.g. 0.8"),
+    layers: str | None = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
     mode: str = typer.Option("area", help="nearest | bilinear | area"),
     calibrate: bool = typer.Option(True, help="refit each reading layer by least squares on training inputs"),
-    threshold: Optional[float] = typer.Option(None, help="compact runtime (the default mode): weights with |w| <= T "
+    threshold: float | None = typer.Option(None, help="compact runtime (the default mode): weights with |w| <= T "
                                               "are dead (default: the run's config threshold)"),
     choose: str = typer.Option("auto", help="compact storage per layer: auto (measured) | dense | block | csr"),
     threads: int = typer.Option(1, help="torch threads for the compact runtime's timings"),
@@ -428,13 +439,19 @@ def compress(
 @app.command()
 def maps(
     run: Path = typer.Argument(..., help="run folder written by `topotorch train`"),
-    layers: Optional[str] = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
-    out: Optional[Path] = typer.Option(None, help="folder for the PNGs and maps.json (default: RUN/maps)"),
+    layers: str | None = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
+    out: Path | None = typer.Option(None, help="folder for the PNGs and maps.json (default: RUN/maps)"),
     classes: int = typer.Option(10, help="at most this many classes (language models: the most frequent input tokens)"),
 ) -> None:
     """Selectivity maps (Welch t, class vs rest, on held-out inputs) on each layer's cortical sheet, with
     smoothness (1 - γ(1)/γ(∞)) and effective dimensionality (participation ratio): PNGs + maps.json."""
-    from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+    from topotorch.analysis.maps import (
+        draw_maps,
+        effective_dimensionality,
+        layer_activations,
+        selectivity_maps,
+        smoothness,
+    )
     from topotorch.sheets import find_sheets
 
     if classes < 2:
@@ -474,15 +491,16 @@ def localize(
     run: Path = typer.Argument(..., help="run folder of a character-level task (shakespeare-char, text:PATH)"),
     target: list[Path] = typer.Option(..., help="text file(s) of the concept (repeatable)"),
     other: list[Path] = typer.Option(..., help="text file(s) to contrast with (repeatable)"),
-    layer: Optional[str] = typer.Option(None, help="layer name (default: the first of the run's topo layers)"),
-    threshold: Optional[float] = typer.Option(None, help="t above which a unit responds (default: half the peak, >= 2)"),
-    out: Optional[Path] = typer.Option(None, help="JSON + PNG path stem (default: RUN/localize)"),
+    layer: str | None = typer.Option(None, help="layer name (default: the first of the run's topo layers)"),
+    threshold: float | None = typer.Option(None, help="t above which a unit responds (default: half the peak, >= 2)"),
+    out: Path | None = typer.Option(None, help="JSON + PNG path stem (default: RUN/localize)"),
 ) -> None:
     """Find the contiguous sheet region that responds more to the TARGET texts than to the OTHER texts,
     ablate it, and report bits/char on both sets (intact, region ablated, random same-size control)."""
     import torch
 
-    from topotorch.analysis.localize import char_vocab, localize as do_localize, text_windows
+    from topotorch.analysis.localize import char_vocab, text_windows
+    from topotorch.analysis.localize import localize as do_localize
     from topotorch.analysis.maps import draw_maps
     from topotorch.sheets import find_sheets
     from topotorch.tasks_sequence import bits_per_char
@@ -527,15 +545,15 @@ def sweep_sparsity(
                                 help="comma-separated: magnitude, layerwise, random, bimt, l1, imp, imp-ft, soup, nm24"),
     sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", help="increasing fractions of weights removed, each in (0, 1)"),
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds (the tables give medians)"),
-    out: Optional[Path] = typer.Option(None, help="output folder (default: runs/sparsity-TASK)"),
-    dense_steps: Optional[int] = typer.Option(None, help="T: training steps before pruning (default: the task's)"),
+    out: Path | None = typer.Option(None, help="output folder (default: runs/sparsity-TASK)"),
+    dense_steps: int | None = typer.Option(None, help="T: training steps before pruning (default: the task's)"),
     cycle_steps: int = typer.Option(1000, help="R: steps per prune-retrain cycle; one-shot methods fine-tune i*R at level i"),
     soup_size: int = typer.Option(3, help="m: models averaged per soup cycle"),
     rewind: float = typer.Option(0.05, help="IMP rewinds to step k = REWIND * T"),
-    lr: Optional[float] = typer.Option(None, help="fine-tune learning rate (default: the task's)"),
-    batch_size: Optional[int] = typer.Option(None, help="fine-tune batch (default: the task's, 128 for full-batch tasks)"),
-    lam: Optional[str] = typer.Option(None, help="λ schedule for the bimt/l1 training, e.g. 0:0.01,2000:0.1 (default: the task's)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's choice)"),
+    lr: float | None = typer.Option(None, help="fine-tune learning rate (default: the task's)"),
+    batch_size: int | None = typer.Option(None, help="fine-tune batch (default: the task's, 128 for full-batch tasks)"),
+    lam: str | None = typer.Option(None, help="λ schedule for the bimt/l1 training, e.g. 0:0.01,2000:0.1 (default: the task's)"),
+    threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Accuracy vs sparsity of BIMT, L1 and the pruning baselines (IMP with rewinding, sparse model soups,

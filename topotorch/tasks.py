@@ -74,9 +74,21 @@ class Task:
 TASKS: dict[str, Callable[[], Task]] = {}
 
 
+def check_defaults(task: Task) -> Task:
+    """Refuse a task whose defaults are not a valid partial :class:`~topotorch.config.TrainConfig`: the error
+    names the task and the field (``task 'x': bad default steps: steps must be a positive integer, got 0``).
+    Returns ``task``. Usage: ``check_defaults(Task(...))``."""
+    from topotorch.config import TrainConfig, validate_partial
+
+    validate_partial(TrainConfig, task.defaults, where=f"task {task.name!r}")
+    return task
+
+
 def register_task(factory: Callable[[], Task]) -> Callable[[], Task]:
-    """Register a task factory under the name of the task it builds (decorator)."""
-    TASKS[factory().name] = factory
+    """Register a task factory under the name of the task it builds (decorator); its defaults are checked
+    now (:func:`check_defaults`), so a bad setting fails at registration, naming the task and the field."""
+    task = check_defaults(factory())
+    TASKS[task.name] = factory
     return factory
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from topotorch.config import setting, validate
 from topotorch.layers.fff import FFF, hardening_loss
 from topotorch.layers.fff_schedule import SoftToHard
 from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
@@ -38,6 +39,13 @@ __all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "ac
            "is_fff_run", "is_fff_config"]
 
 
+def _check_task(name: str) -> None:
+    from topotorch.tasks import TASKS  # tasks import models and data sets: loaded when a config is made
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+
+
 @dataclass
 class FFFRecipe:
     """How a classifier is trained (every field applies to the FF too unless marked FFF).
@@ -45,36 +53,27 @@ class FFFRecipe:
     Usage: ``FFFRecipe(epochs=200, hard_frac=0.5)``.
     """
 
-    epochs: int = 100
-    batch_size: int = 64
-    lr: float = 1e-2  # peak of the cosine schedule
-    weight_decay: float = 0.1  # AdamW
-    noise: float = 0.5  # input noise, in training stds per feature
-    shift: int = 0  # random circular shift of each input by up to ±shift positions (1-D signals)
-    hard_frac: float = 0.5  # FFF: final share of steps with hard decisions
-    final_sharpness: float = 30.0  # FFF: soft decisions end as sigmoid(final_sharpness · z)
-    share_leaves: bool = True  # FFF: leaves as path sums of per-node offsets
-    hardening: float = 0.0  # FFF: h of the entropy hardening loss in the soft phase
-    node_lr: float = 1.0  # FFF: routing-node learning-rate multiplier (no weight decay on them if != 1)
-    distill: float = 0.0  # FFF: weight of KL (T = 2) to the soft-phase model during the hard phase
-    kd_alpha: float = 0.0  # weight of KL to a teacher model's logits (fit_classifier's teacher)
-    kd_temp: float = 2.0
+    epochs: int = setting(100, "training epochs", lo=1)
+    batch_size: int = setting(64, "minibatch size", lo=1)
+    lr: float = setting(1e-2, "peak learning rate (cosine schedule, AdamW)", lo=0.0, lo_open=True)
+    weight_decay: float = setting(0.1, "AdamW weight decay", lo=0.0)
+    noise: float = setting(0.5, "input noise, in training stds per feature", lo=0.0)
+    shift: int = setting(0, "random circular shift of each input by up to ±shift positions (1-D signals)", lo=0,
+                         cli=False)
+    hard_frac: float = setting(0.5, "FFF: final share of steps trained with hard decisions", lo=0.0, hi=1.0)
+    final_sharpness: float = setting(30.0, "FFF: soft decisions sharpen to sigmoid(s·z)", lo=1.0)
+    share_leaves: bool = setting(True, "FFF: train leaves as path sums of per-node offsets")
+    hardening: float = setting(0.0, "FFF: h of the entropy hardening loss in the soft phase", lo=0.0, cli=False)
+    node_lr: float = setting(1.0, "FFF: routing-node learning-rate multiplier (no weight decay on them if != 1)",
+                             lo=0.0, lo_open=True, cli=False)
+    distill: float = setting(0.0, "FFF: weight of KL (T = 2) to the soft-phase model during the hard phase",
+                             lo=0.0, hi=1.0, cli=False)
+    kd_alpha: float = setting(0.0, "weight of KL to a teacher model's logits (fit_classifier's teacher)", lo=0.0,
+                              hi=1.0, cli=False)
+    kd_temp: float = setting(2.0, "temperature of the teacher KL", lo=0.0, lo_open=True, cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("lr", "kd_temp", "node_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "noise", "hardening", "shift"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("hard_frac", "distill", "kd_alpha"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.final_sharpness < 1.0:
-            raise ValueError(f"final_sharpness must be >= 1, got {self.final_sharpness!r}")
+        validate(self)
 
 
 def make_classifier(kind: Literal["ff", "fff"], n_in: int, n_out: int, training_width: int = 128,
@@ -183,28 +182,23 @@ class FFFRunConfig:
     Usage: ``FFFRunConfig(task="digits", model="fff", leaf_width=8, out="runs/digits-fff")``.
     """
 
-    task: str = "digits"
-    model: Literal["ff", "fff"] = "fff"
-    training_width: int = 128
-    leaf_width: int = 8
-    seed: int = 0
+    task: str = setting("digits", "a classification task with vector inputs", cli=False, check=_check_task)
+    model: Literal["ff", "fff"] = setting("fff", "fff, or ff for the dense baseline of the same width")
+    training_width: int = setting(128, "hidden neurons in all leaves (2^depth · ℓ) / of the FF", lo=1)
+    leaf_width: int = setting(8, "FFF leaf width ℓ", lo=1)
+    seed: int = setting(0, "random seed", lo=0)
     recipe: FFFRecipe = field(default_factory=FFFRecipe)
-    progress: bool = True
-    out: str | None = None
-    threads: int | None = None  # torch threads; None: topotorch.training.choose_threads' rule
+    progress: bool = setting(True, "progress bar", runtime=True)
+    out: str | None = setting(None, "run folder (default runs/<task>-<model>)", runtime=True, expect="a folder path")
+    threads: int | None = setting(None, "torch threads (default: 1 for small models, measured rule)", lo=1, hi=4096,
+                                  runtime=True)
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
             self.recipe = FFFRecipe(**self.recipe)
-        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
-                                         or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer or None (automatic), got {self.threads!r}")
-        if self.model not in ("ff", "fff"):
-            raise ValueError(f"model must be 'ff' or 'fff', got {self.model!r}")
-        from topotorch.tasks import TASKS
-
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose from {', '.join(sorted(TASKS))}")
+        if not isinstance(self.recipe, FFFRecipe):
+            raise ValueError(f"recipe must be an FFFRecipe or a dict of its fields, got {type(self.recipe).__name__}")
+        validate(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FFFRunConfig":
