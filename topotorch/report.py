@@ -41,7 +41,7 @@ import torch
 from topotorch.analysis import structure
 from topotorch.analysis.ablation import (ablation_table, attention_layers, embedding_module_ablation, head_ablation_table,
                                          leaf_ablation_table, module_groups)
-from topotorch.graph import SpatialGraph, aggregate
+from topotorch.graph import SpatialGraph, active_mask, aggregate
 from topotorch.analysis.modularity import detect_communities, importance
 from topotorch.checkpoint import FallbackWarning
 
@@ -213,7 +213,7 @@ def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[st
                                "module": n["module"][k], "importance": n["importance"][k]}) for k in range(len(ids)))
     e = data["edges"]
     w = np.asarray(e["weight"])
-    keep = np.nonzero(np.abs(w) > threshold)[0]
+    keep = np.nonzero(active_mask(torch.from_numpy(w), threshold).numpy())[0]
     g.add_edges_from((ids[e["source"][k]], ids[e["target"][k]], {"weight": float(w[k])}) for k in keep)
     return g
 
@@ -444,6 +444,10 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
 
     if is_fff_run(run_dir):
         return build_fff_report(run_dir, out)
+    from topotorch.sae.report import build_sae_report, is_sae_run  # a `topotorch sae` run folder
+
+    if is_sae_run(run_dir):
+        return build_sae_report(run_dir, out)
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     if not isinstance(max_edges, int) or max_edges < 1:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from topotorch.geometry import as_plane
-from topotorch.graph import Connection, SpatialGraph, aggregate
+from topotorch.graph import Connection, SpatialGraph, active_mask, aggregate
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.axes import Axes
@@ -213,7 +213,7 @@ def _draw(
         mag, signed = connection_matrices(graph, conn, snapshot)
         top = float(mag.max()) if mag.numel() else 0.0
         flat = mag.reshape(-1)
-        keep = torch.nonzero(flat > threshold).squeeze(1)
+        keep = torch.nonzero(active_mask(flat, threshold)).squeeze(1)
         if keep.numel() == 0 or top <= 0:
             continue
         if keep.numel() > max_edges:

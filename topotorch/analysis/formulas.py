@@ -22,6 +22,8 @@ import sympy as sp
 import torch
 from torch import nn
 
+from topotorch.graph import zero_inactive_
+
 _ACTIVATIONS = {
     nn.SiLU: lambda e: e / (1 + sp.exp(-e)),
     nn.ReLU: lambda e: sp.Max(0, e),
@@ -100,11 +102,10 @@ def network_formula(model: nn.Module, threshold: float, input_names: Sequence[st
     unreadable). Usage: ``network_formula(load_run("runs/ind").model, 0.05).latex()``.
     """
     pairs = _layers(model)
-    ws = [lin.weight.detach().to("cpu", torch.float64).numpy().copy() for lin, _ in pairs]
+    # thresholded in the weights' own dtype (the rule of graph.active_mask), then exact in float64
+    ws = [zero_inactive_(lin.weight.detach().to("cpu", copy=True), threshold).to(torch.float64).numpy() for lin, _ in pairs]
     bs = [(lin.bias.detach().to("cpu", torch.float64).numpy().copy() if lin.bias is not None else np.zeros(lin.out_features))
           for lin, _ in pairs]
-    for w in ws:
-        w[np.abs(w) <= threshold] = 0.0
     n_in, n_out = ws[0].shape[1], ws[-1].shape[0]
     names = list(input_names) if input_names is not None else [f"x{i + 1}" for i in range(n_in)]
     if len(names) != n_in:
@@ -145,10 +146,11 @@ def check_formula(formula: Formula, model: nn.Module, x: torch.Tensor, threshold
     import copy
 
     thr = formula.threshold if threshold is None else threshold
-    net = copy.deepcopy(model).to(torch.float64)
+    net = copy.deepcopy(model)
     for m in net.modules():
         if isinstance(m, nn.Linear):
-            m.weight.masked_fill_(m.weight.abs() <= thr, 0.0)
+            zero_inactive_(m.weight, thr)
+    net = net.to(torch.float64)
     xd = x.detach().to("cpu", torch.float64)
     want = net(xd).numpy()
     fn = sp.lambdify(formula.symbols, formula.outputs, modules="numpy")

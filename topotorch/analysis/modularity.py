@@ -27,7 +27,7 @@ import torch
 from scipy.sparse import coo_matrix, csr_matrix
 
 from topotorch.analysis import describe_group
-from topotorch.graph import SpatialGraph, aggregate
+from topotorch.graph import SpatialGraph, active_mask, aggregate
 
 Backend = Literal["auto", "igraph", "networkx"]
 
@@ -87,7 +87,7 @@ def weighted_adjacency(graph: SpatialGraph, threshold: float = 0.0, exclude: tup
         t_size, s_size = graph.space(c.target).size, graph.space(c.source).size
         a = aggregate(w, c, t_size, s_size).to("cpu", torch.float64)
         if threshold > 0:
-            keep = aggregate((w.abs() > threshold).to(w.dtype), c, t_size, s_size).cpu() > 0
+            keep = aggregate(active_mask(w, threshold).to(w.dtype), c, t_size, s_size).cpu() > 0
             a = torch.where(keep, a, torch.zeros_like(a))
         t, s = a.nonzero(as_tuple=True)
         rows.append(t.numpy() + offset[c.target])

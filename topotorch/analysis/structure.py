@@ -20,13 +20,13 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from topotorch.graph import Space, SpatialGraph, aggregate
+from topotorch.graph import Space, SpatialGraph, active_mask, aggregate, zero_inactive_
 
 
 def _active_pairs(graph: SpatialGraph, c, threshold: float) -> torch.Tensor:
     """(N_target, N_source) bool: some single weight between the two neurons exceeds threshold."""
-    w = graph.tensor(c.weight).detach().abs()
-    counts = aggregate((w > threshold).to(w.dtype), c, graph.space(c.target).size, graph.space(c.source).size)
+    w = graph.tensor(c.weight)
+    counts = aggregate(active_mask(w, threshold).to(w.dtype), c, graph.space(c.target).size, graph.space(c.source).size)
     return counts > 0
 
 
@@ -35,7 +35,7 @@ def active_weights(graph: SpatialGraph, threshold: float) -> dict[str, float]:
     active = total = 0
     for c in graph.connections:
         w = graph.tensor(c.weight).detach()
-        active += int((w.abs() > threshold).sum())
+        active += int(active_mask(w, threshold).sum())
         total += w.numel()
     return {"active": active, "total": total, "fraction": active / max(total, 1)}
 
@@ -148,7 +148,7 @@ def thresholded(graph: SpatialGraph, threshold: float) -> Iterator[SpatialGraph]
         for c in graph.connections:
             w = graph.tensor(c.weight)
             saved[c.weight] = w.detach().clone()
-            w.masked_fill_(w.abs() <= threshold, 0.0)
+            zero_inactive_(w, threshold)
     try:
         yield graph
     finally:

@@ -9,7 +9,10 @@ from .core import (  # noqa: F401  (the core API, importable from the package)
     Space,
     Connection,
     SpatialGraph,
+    active_mask,
     aggregate,
+    check_threshold,
     normalised_by_feature_norm,
     slice_index,
+    zero_inactive_,
 )

@@ -392,6 +392,41 @@ def slice_index(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
     return torch.arange(n).unsqueeze(1) + stride * torch.arange(k).unsqueeze(0)
 
 
+def active_mask(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``|w| > threshold``: the weights that survive thresholding — the one rule every analysis,
+    drawing and compressor uses (a weight exactly at the threshold is dropped).
+
+    The comparison runs in ``w``'s own dtype, so a float32 weight equal to float32(threshold) is
+    dropped even though it exceeds the float64 threshold: a compressed model stored in float64 must
+    drop exactly the weights the float32 original did. ``threshold`` must be a number >= 0.
+    Usage: ``active_mask(graph.tensor("fc1.weight"), 0.05).sum()``.
+    """
+    return w.detach().abs() > check_threshold(threshold)
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float, or a ValueError naming it when it is not a number >= 0 (NaN included).
+
+    Usage: ``thr = check_threshold(args.threshold)``.
+    """
+    try:
+        ok = float(threshold) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    return float(threshold)
+
+
+@torch.no_grad()
+def zero_inactive_(w: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Set the weights :func:`active_mask` drops to 0, in place; returns ``w``.
+
+    Usage: ``zero_inactive_(model.fc1.weight, 0.05)``.
+    """
+    return w.masked_fill_(~active_mask(w, threshold), 0.0)
+
+
 def common_prefix(names: list[str]) -> str:
     """The longest dotted prefix the names share: ``["a.b.q", "a.b.k"]`` -> ``"a.b"``."""
     out = []
