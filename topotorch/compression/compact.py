@@ -29,8 +29,6 @@ no pickle); :func:`load_compact` rebuilds it from those two files with nothing b
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -40,10 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topotorch.checkpoint import atomic_write_bytes
+from topotorch.artifacts import ArtifactError, atomic_write_json, read_artifact, write_artifact
+from topotorch.graph import zero_inactive_
 from topotorch.timing import median_seconds
 
 FORMAT_VERSION = 1
+COMPACT_FORMAT = "topotorch.compression.compact"
 FORMATS = ("dense", "block", "csr")
 # above this many modules the block format is not built (blocks of a few neurons never beat one matmul,
 # and building them is a loop over modules)
@@ -51,7 +51,7 @@ MAX_BLOCK_MODULES = 64
 Choice = Literal["auto", "dense", "block", "csr"]
 
 
-class CompactError(ValueError):
+class CompactError(ArtifactError):
     """A compact model cannot be built, or its saved files are missing, corrupt or inconsistent."""
 
 
@@ -138,7 +138,7 @@ def thresholded_copy(model: nn.Module, threshold: float) -> nn.Module:
     out = copy.deepcopy(model)
     for m in out.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            m.weight.masked_fill_(m.weight.abs() <= threshold, 0.0)
+            zero_inactive_(m.weight, threshold)
     return out.eval()
 
 
@@ -400,13 +400,13 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     # in the weights' own dtype first, as thresholded_copy does (float32(0.05) <= 0.05 there, not in float64).
     cpu = torch.device("cpu")
     ws = [lin.weight.detach().to(cpu, copy=True) for lin in linears]
-    ws = [w.masked_fill_(w.abs() <= threshold, 0.0).to(torch.float64) for w in ws]
+    ws = [zero_inactive_(w, threshold).to(torch.float64) for w in ws]
     bs = [lin.bias.detach().to(cpu, torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
           for i, lin in enumerate(linears)]
     n_in_orig, n_out = ws[0].shape[1], ws[-1].shape[0]
     if emb is not None:
         e = emb.detach().to(cpu, copy=True)
-        e = e.masked_fill_(e.abs() <= threshold, 0.0).to(dt)
+        e = zero_inactive_(e, threshold).to(dt)
         d = e.shape[1]
         dead_dim = (e == 0).all(0)  # a dimension that is 0 for every token feeds nothing
         ws[0][:, dead_dim.repeat(n_tok)] = 0.0
@@ -595,8 +595,6 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
 
     Usage: ``save_compact("runs/dw/compact", small)``.
     """
-    from safetensors.torch import save
-
     folder = Path(path_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {"out_live": compact.out_live, "out_const": compact.out_const}
@@ -610,18 +608,15 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
             names.append(k)
         layers.append({"format": layer.fmt, "n_in": layer.n_in, "n_out": layer.n_out,
                        "activation": layer.activation, "tensors": names})
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    blob = save(tensors, metadata={"format": "topotorch.compression.compact", "version": str(FORMAT_VERSION)})
     spec = {
         "format": "topotorch.compression.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
         "n_tokens": compact.n_tokens, "layers": layers,
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
-        "sha256": hashlib.sha256(blob).hexdigest(), "description": compact.description,
+        "description": compact.description,
     }
     st, js = folder / "compact.safetensors", folder / "compact.json"
-    atomic_write_bytes(st, blob)
-    atomic_write_bytes(js, (json.dumps(spec, indent=2) + "\n").encode())
+    write_artifact(st, js, tensors, spec, {"format": COMPACT_FORMAT, "version": str(FORMAT_VERSION)})
     return st, js
 
 
@@ -631,30 +626,19 @@ def load_compact(path_dir: str | Path) -> CompactMLP:
     Raises :class:`CompactError` naming the missing, corrupt or mismatched file.
     Usage: ``small = load_compact("runs/dw/compact")``.
     """
-    from safetensors.torch import load
-
     folder = Path(path_dir)
     st, js = folder / "compact.safetensors", folder / "compact.json"
     for p in (js, st):
         if not p.is_file():
             raise CompactError(f"{p} is missing (not a compact model folder written by save_compact)")
+    tensors, spec = read_artifact(st, js, kind=COMPACT_FORMAT, error=CompactError)
     try:
-        spec = json.loads(js.read_text())
-        if not isinstance(spec, dict) or spec.get("format") != "topotorch.compression.compact":
-            raise ValueError("not a topotorch compact description")
         if spec.get("version") != FORMAT_VERSION:
             raise ValueError(f"format version {spec.get('version')!r}, this code reads {FORMAT_VERSION}")
         layers_spec, shapes = list(spec["layers"]), dict(spec["shapes"])
         n_in, n_out, n_tok = int(spec["n_in"]), int(spec["n_out"]), int(spec["n_tokens"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CompactError(f"{js} is corrupt: {e}") from None
-    blob = st.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != spec.get("sha256"):
-        raise CompactError(f"{st} does not match {js.name} (checksum differs: truncated, corrupt or from another save)")
-    try:
-        tensors = load(blob)
-    except Exception as e:  # safetensors raises its own error types
-        raise CompactError(f"{st} is corrupt: {e}") from None
     for k, shape in shapes.items():
         if k not in tensors:
             raise CompactError(f"{st} lacks tensor {k!r} named in {js.name}")
@@ -773,7 +757,7 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
     }
     save_compact(folder, small)
-    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_json(folder / "report.json", report)
     return report
 
 
@@ -814,5 +798,5 @@ def _shrink_run(r, thr: float, folder: Path, batch_sizes, budget_s: float, why: 
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_shrunk(folder, res)  # model.safetensors + shrunk.json: rebuilt by load_shrunk, no training code
-    atomic_write_bytes(folder / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_json(folder / "report.json", report)
     return report

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -51,10 +50,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from topotorch.checkpoint import atomic_write_bytes, atomic_write_json
+from topotorch.artifacts import ArtifactError, read_artifact, write_artifact
 from topotorch.compression.resize import apply_cut, attention_spec, check_cut, class_key
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
-from topotorch.graph.core import common_prefix, normalised_by_feature_norm
+from topotorch.graph.core import check_threshold, common_prefix, normalised_by_feature_norm, zero_inactive_
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
@@ -151,8 +150,7 @@ def _threshold_inplace(model: nn.Module, graph: SpatialGraph, threshold: float) 
     if threshold <= 0:
         return
     for name in dict.fromkeys(c.weight for c in graph.connections):
-        w = _get(model, name)
-        w.masked_fill_(w.abs() <= threshold, 0.0)
+        zero_inactive_(_get(model, name), threshold)
 
 
 def _alive_along(w: torch.Tensor, sl: Slice) -> torch.Tensor:
@@ -573,12 +571,7 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
     :func:`threshold_model` computes (to float rounding). See the module docstring for the rules.
     Usage: ``res = shrink(model, graph, 0.05); res.model(x); res.removed``.
     """
-    try:
-        ok = float(threshold) >= 0  # NaN too is refused
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    check_threshold(threshold)
     if _graph_prefix(model, graph):  # the graph describes a submodule: shrink it, copy the rest around it
         inner = shrink(graph.model, graph, threshold, max_rounds)
         outer = copy.deepcopy(model, memo={id(graph.model): inner.model}).eval()
@@ -687,7 +680,7 @@ _BASE_KEYS = set(nn.Module().__dict__) | {"training"}
 # packages ("my_pkg.") or exact classes ("my_pkg.models:Net").
 MODEL_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
     (r"torch\.nn\.modules\.\w+", False),  # imported by ``import torch``
-    (r"topotorch\.(models|tasks|tasks_sequence|user_models)", True),  # topotorch modules that define model classes
+    (r"topotorch\.(models|tasks(\.\w+)?|user_models)", True),  # topotorch modules that define model classes
     # (user_models: the wrapper of ``topotorch train --model hf:NAME``, so a CLI run's RUN/compact reloads)
     (r"topotorch\.(layers|compression|objectives)\.\w+", True),
     (r"topotorch(\.\w+)+", False),  # other topotorch modules: only when already imported
@@ -1023,16 +1016,10 @@ def save_shrunk(path_dir: str | Path, result: ShrinkResult) -> Path:
     Both files are written atomically (temporary file, fsync, rename); no pickle.
     Usage: ``save_shrunk("runs/x/shrunk", shrink(model, graph, 0.05))``.
     """
-    from safetensors.torch import save
-
     d = Path(path_dir)
     d.mkdir(parents=True, exist_ok=True)
-    blob = save(_tensors_of(result.model))
-    digest = hashlib.sha256(blob).hexdigest()
-    atomic_write_bytes(d / "model.safetensors", blob)
     meta = {
         "format": FORMAT,
-        "sha256": digest,
         "threshold": result.threshold,
         "spec": result.spec,
         "kept": {k: v.tolist() for k, v in result.kept.items()},
@@ -1040,7 +1027,7 @@ def save_shrunk(path_dir: str | Path, result: ShrinkResult) -> Path:
         "kept_why": result.kept_why,
         "parameters": sum(p.numel() for p in result.model.parameters()),
     }
-    atomic_write_json(d / "shrunk.json", meta)
+    write_artifact(d / "model.safetensors", d / "shrunk.json", _tensors_of(result.model), meta)
     return d
 
 
@@ -1051,18 +1038,11 @@ def load_shrunk(path_dir: str | Path, allow: tuple[str, ...] = ()) -> nn.Module:
     ``transformers`` models (see :func:`build_from_spec`), or from ``allow``; nothing else is imported.
     Usage: ``small = load_shrunk("runs/x/shrunk")``.
     """
-    from safetensors.torch import load_file
-
     d = Path(path_dir)
     st, js = d / "model.safetensors", d / "shrunk.json"
     if not st.exists() or not js.exists():
         raise FileNotFoundError(f"no shrunk model in {d} (expected model.safetensors and shrunk.json)")
-    try:
-        meta = json.loads(js.read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
-            raise ValueError("no model description in it")
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{js} is corrupt: {e}") from None
-    if hashlib.sha256(st.read_bytes()).hexdigest() != meta.get("sha256"):
-        raise ValueError(f"{st} does not match {js} (checksum mismatch: corrupt or half-written)")
-    return build_from_spec(meta["spec"], load_file(str(st)), allow)
+    tensors, meta = read_artifact(st, js, kind=FORMAT)
+    if not isinstance(meta.get("spec"), dict):
+        raise ArtifactError(f"metadata {js} is corrupt: no model description in it")
+    return build_from_spec(meta["spec"], tensors, allow)
