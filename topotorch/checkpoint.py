@@ -1,9 +1,9 @@
 """Pickle-free, atomic checkpoints: model, optimizer state and neuron coordinates in safetensors.
 
 A checkpoint is ``NAME.safetensors`` plus ``NAME.json`` (step, optimizer hyper-parameters,
-the tensor file's SHA-256). Both are written to a temporary file, fsync'ed and renamed, and
-the previous checkpoint is kept as ``NAME.prev.*``, so a crash mid-write never loses the
-last good one; a truncated or corrupted file is detected by its checksum.
+the tensor file's SHA-256): an artifact of :mod:`topotorch.artifacts`, written to temporary files,
+fsync'ed and renamed. The previous checkpoint is kept as ``NAME.prev.*``, so a crash mid-write
+never loses the last good one; a truncated or corrupted file is detected by its checksum.
 
     >>> save_checkpoint(run_dir / "checkpoint", model, optimizer, graph, step=1200)
     >>> meta = load_checkpoint(run_dir / "checkpoint", model, optimizer, graph)
@@ -11,57 +11,31 @@ last good one; a truncated or corrupted file is detected by its checksum.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
+# the atomic writers live in topotorch.artifacts; re-exported here, where callers have always found them
+from topotorch.artifacts import (  # noqa: F401
+    ArtifactError,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_mode,
+    read_artifact,
+    set_file_mode,
+    write_artifact,
+)
 from topotorch.graph import SpatialGraph
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ArtifactError, RuntimeError):
     """A checkpoint is missing, truncated, corrupted or does not fit the model."""
 
 
 class FallbackWarning(UserWarning):
     """A file was unusable and an older copy (or nothing) was used instead; every command reports it."""
-
-
-_UMASK: int | None = None
-
-
-def file_mode() -> int:
-    """The mode every file topotorch writes gets: 0666 minus the process umask (0644 under umask 022)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0o022)  # read the umask (the only portable way), then put it back
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
-
-
-def set_file_mode(path: Path) -> None:
-    """Give ``path`` the common mode (:func:`file_mode`): files from tempfile or safetensors come out 0600."""
-    os.chmod(path, file_mode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    set_file_mode(tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict]:
@@ -100,30 +74,15 @@ def save_checkpoint(
     Usage: ``save_checkpoint(run / "checkpoint", model, opt, graph, step=1200, extra={"seconds": 3.2})``.
     """
     base = Path(base)
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    seen: set[int] = set()
-    for k, v in tensors.items():  # tied weights (e.g. embedding = output head): safetensors wants one copy each
-        if v.data_ptr() in seen and v.numel():
-            tensors[k] = v.clone()
-        seen.add(v.data_ptr())
-    for k, v in (extra_tensors or {}).items():
-        tensors[f"extra/{k}"] = v.detach().cpu().contiguous()
+    # tied weights (an embedding that is also the output head) are stored once each: write_artifact copies them
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"extra/{k}": v for k, v in (extra_tensors or {}).items()})
     opt_tensors, opt_scalars = _optimizer_tensors(model, optimizer)
     tensors.update(opt_tensors)
     if graph is not None:
-        for s in graph.spaces:
-            if s.positions is not None:
-                tensors[f"positions/{s.name}"] = s.positions.contiguous()
-    st_path, js_path = _pair_paths(base)
-    tmp = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    set_file_mode(tmp)  # safetensors writes 0600; every run file gets the same mode
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        tensors.update({f"positions/{s.name}": s.positions for s in graph.spaces if s.positions is not None})
     meta = {
         "step": int(step),
-        "sha256": digest,
         "optimizer": {
             "class": type(optimizer).__name__ if optimizer else None,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else [],
@@ -131,12 +90,8 @@ def save_checkpoint(
         },
         "extra": extra or {},
     }
-    if st_path.exists() and js_path.exists():  # keep the last good pair
-        prev_st, prev_js = _pair_paths(base, prev=True)
-        os.replace(st_path, prev_st)
-        os.replace(js_path, prev_js)
-    os.replace(tmp, st_path)
-    atomic_write_json(js_path, meta)
+    st_path, js_path = _pair_paths(base)
+    write_artifact(st_path, js_path, tensors, meta, previous=_pair_paths(base, prev=True))  # keeps the last good pair
 
 
 def _pair_paths(base: Path, prev: bool | str = False) -> tuple[Path, Path]:
@@ -148,23 +103,15 @@ def _pair_paths(base: Path, prev: bool | str = False) -> tuple[Path, Path]:
 
 
 def read_checkpoint(base: Path, prev: bool | str = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read and verify a checkpoint pair (``prev``: the kept previous one); raise :class:`CheckpointError`."""
+    """Read and verify a checkpoint pair (``prev``: the kept previous one); raise :class:`CheckpointError`.
+
+    Usage: ``tensors, meta = read_checkpoint(run / "checkpoint")``.
+    """
     base = Path(base)
     st_path, js_path = _pair_paths(base, prev)
     if not st_path.exists() or not js_path.exists():
         raise CheckpointError(f"no checkpoint at {base} (expected {st_path.name} and {js_path.name})")
-    try:
-        meta = json.loads(js_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint metadata {js_path} is corrupt: {e}") from None
-    digest = hashlib.sha256(st_path.read_bytes()).hexdigest()
-    if digest != meta.get("sha256"):
-        raise CheckpointError(f"checkpoint {st_path} is corrupt or truncated (checksum mismatch)")
-    try:
-        tensors = load_file(str(st_path))
-    except Exception as e:  # safetensors raises several error types for bad headers
-        raise CheckpointError(f"checkpoint {st_path} cannot be read: {e}") from None
-    return tensors, meta
+    return read_artifact(st_path, js_path, error=CheckpointError)
 
 
 def load_checkpoint(

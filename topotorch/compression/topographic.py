@@ -197,34 +197,50 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+TOPOGRAPHIC_FORMAT = "topotorch.compression.topographic"
+
+
 def save_compressed(run_dir, small: nn.Module, spec: dict, name: str = "compressed") -> tuple:
-    """Write ``small``'s weights (safetensors, no pickle) and the recipe that rebuilds its shape
-    (``spec``: layers, factor/removed, mode) beside a run. Usage: ``save_compressed(run, small, spec)``."""
-    import json
+    """Write ``small``'s weights and the recipe that rebuilds its shape (``spec``: layers, factor/removed,
+    mode) beside a run, as one atomic, checksummed artifact (:mod:`topotorch.artifacts`, no pickle).
+
+    Usage: ``save_compressed(run, small, spec)``.
+    """
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from topotorch.artifacts import write_artifact
 
     run_dir = Path(run_dir)
-    tensors = {k: v.detach().contiguous().clone() for k, v in small.state_dict().items()}
-    save_file(tensors, str(run_dir / f"{name}.safetensors"))
-    (run_dir / f"{name}.json").write_text(json.dumps(spec, indent=2))
-    return run_dir / f"{name}.safetensors", run_dir / f"{name}.json"
+    st, js = run_dir / f"{name}.safetensors", run_dir / f"{name}.json"
+    write_artifact(st, js, small.state_dict(), {**spec, "format": TOPOGRAPHIC_FORMAT})
+    return st, js
+
+
+def read_compressed(run_dir, name: str = "compressed") -> tuple[dict, dict]:
+    """The (weights, recipe) saved by :func:`save_compressed`, checksum verified; an ArtifactError
+    naming the file when missing or corrupt. Usage: ``state, spec = read_compressed("runs/digits-topo")``."""
+    from pathlib import Path
+
+    from topotorch.artifacts import read_artifact
+
+    run_dir = Path(run_dir)
+    return read_artifact(run_dir / f"{name}.safetensors", run_dir / f"{name}.json", kind=TOPOGRAPHIC_FORMAT)
+
+
+def rebuild_compressed(model: nn.Module, state: dict, spec: dict) -> nn.Module:
+    """``model`` cut to the recorded shapes (:func:`compress`), then the saved weights loaded.
+
+    Usage: ``small = rebuild_compressed(load_run(run).model, *read_compressed(run))``.
+    """
+    small = compress(model, spec["layers"], factor=spec.get("factor"), removed=spec.get("removed"), mode=spec["mode"])
+    small.load_state_dict(state, strict=False)
+    return small
 
 
 def load_compressed(run_dir, name: str = "compressed") -> nn.Module:
     """Rebuild a compressed model saved by ``topotorch compress``: the run's model cut to the recorded
     shapes, then the saved weights. Usage: ``small = load_compressed("runs/digits-topo")``."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     from topotorch.training import load_run
 
-    run_dir = Path(run_dir)
-    spec = json.loads((run_dir / f"{name}.json").read_text())
-    model = load_run(run_dir).model
-    small = compress(model, spec["layers"], factor=spec.get("factor"), removed=spec.get("removed"), mode=spec["mode"])
-    small.load_state_dict(load_file(str(run_dir / f"{name}.safetensors")), strict=False)
-    return small
+    state, spec = read_compressed(run_dir, name)
+    return rebuild_compressed(load_run(run_dir).model, state, spec)
