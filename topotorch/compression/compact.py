@@ -1,14 +1,16 @@
 """Compact runtime for thresholded MLPs: turn trained sparsity and modularity into a smaller, faster model.
 
 A BIMT-trained MLP is mostly dead weight, yet it still runs as dense matmuls. :func:`compact_mlp`
-cuts it down to the network that actually computes, *exactly* (up to float rounding):
+cuts it down to the network that actually computes, *exactly* (up to float rounding). Removing what
+is dead is :func:`topotorch.compression.shrink.shrink`'s job (the one dead-neuron remover, for any
+model a graph describes); this module only chooses how the MLP that is left is *stored*:
 
-1. **Threshold.** Weights with ``|w| <= threshold`` become 0 (the same rule as
-   :func:`topotorch.analysis.thresholded`, so "thresholded" metrics agree); biases stay.
-2. **Dead neurons.** A hidden neuron whose incoming weights are all zero outputs the constant
-   ``act(b)``: it is removed and ``W_next[:, j] * act(b_j)`` is folded into the next layer's bias.
-   A neuron whose outgoing weights are all zero is removed. Repeated until nothing changes; unused
-   inputs (or embedding dimensions) are dropped, and outputs that nothing reaches become constants.
+1. **Threshold and dead neurons** — by ``shrink`` on the MLP's chain graph: weights with
+   ``|w| <= threshold`` become 0 (:func:`topotorch.graph.active_mask`, the rule every analysis uses,
+   so "thresholded" metrics agree; biases stay); a hidden neuron with no incoming weight is the
+   constant ``act(b)``, folded into the next layer's bias; one with no outgoing weight goes; unused
+   embedding dimensions go; repeated until nothing changes.
+2. **Outputs** that nothing reaches become stored constants ``act(b)``.
 3. **Modules.** Hidden neurons are split into connected components (scipy ``connected_components``
    on the bipartite layer graphs) and ordered module by module, so every hidden→hidden matrix is
    block-diagonal; inputs may be read by several modules and modules' output logits are summed.
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topotorch.artifacts import ArtifactError, atomic_write_json, read_artifact, write_artifact
-from topotorch.graph import zero_inactive_
+from topotorch.graph import SpatialGraph, check_threshold, zero_inactive_
 from topotorch.timing import median_seconds
 
 FORMAT_VERSION = 1
@@ -391,52 +393,26 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     """
     if choose not in ("auto", *FORMATS):
         raise CompactError(f"unknown choice {choose!r}; use auto, {', '.join(FORMATS)}")
-    emb, n_tok, linears, acts = _chain(model)
-    if not threshold >= 0:
-        raise CompactError(f"threshold must be >= 0, got {threshold!r}")
+    emb0, n_tok, linears0, _ = _chain(model)  # refuse what is not an MLP before any work, naming the layer
+    try:
+        check_threshold(threshold)
+    except ValueError as e:
+        raise CompactError(str(e)) from None
+    # 1. threshold and remove dead neurons (folding constant ones into the next bias): that is shrink's job;
+    # imported here so that load_compact never pulls in the model classes shrink rebuilds
+    from topotorch.compression.shrink import shrink
+
+    small = shrink(model, SpatialGraph.from_chain(model, verify=False), threshold).model
+    emb, _, linears, acts = _chain(small)
     dt, device = linears[0].weight.dtype, linears[0].weight.device
-    # bookkeeping on the CPU (scipy finds the modules; the result is moved to ``device`` at the end), in float64
-    # (exact for float32 weights): folded constants are summed once, then rounded. The threshold is applied
-    # in the weights' own dtype first, as thresholded_copy does (float32(0.05) <= 0.05 there, not in float64).
+    # bookkeeping on the CPU (scipy finds the modules; the result is moved to ``device`` at the end)
     cpu = torch.device("cpu")
-    ws = [lin.weight.detach().to(cpu, copy=True) for lin in linears]
-    ws = [zero_inactive_(w, threshold).to(torch.float64) for w in ws]
+    ws = [lin.weight.detach().to(cpu, torch.float64, copy=True) for lin in linears]
     bs = [lin.bias.detach().to(cpu, torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
           for i, lin in enumerate(linears)]
-    n_in_orig, n_out = ws[0].shape[1], ws[-1].shape[0]
-    if emb is not None:
-        e = emb.detach().to(cpu, copy=True)
-        e = zero_inactive_(e, threshold).to(dt)
-        d = e.shape[1]
-        dead_dim = (e == 0).all(0)  # a dimension that is 0 for every token feeds nothing
-        ws[0][:, dead_dim.repeat(n_tok)] = 0.0
-    n_layers = len(ws)
-    # 1. dead hidden neurons, to a fixed point (space s = output of linear s-1 = input of linear s)
-    changed = True
-    while changed:
-        changed = False
-        for s in range(1, n_layers):
-            w_in, w_out = ws[s - 1], ws[s]
-            no_in = (w_in == 0).all(1)
-            no_out = (w_out == 0).all(0)
-            if no_in.any():  # constant act(b) (as the model computes it, in its dtype): fold it into the next bias
-                const = _act(acts[s - 1])(bs[s - 1][no_in].to(dt)).to(torch.float64)
-                bs[s] = bs[s] + w_out[:, no_in] @ const
-            drop = no_in | no_out
-            if drop.any():
-                keep = ~drop
-                ws[s - 1], bs[s - 1], ws[s] = ws[s - 1][keep], bs[s - 1][keep], ws[s][:, keep]
-                changed = True
-    # 2. inputs: unused features (or embedding dimensions) dropped
-    embed = None
-    if emb is not None:
-        used_col = (ws[0] != 0).any(0)
-        dims = used_col.view(n_tok, d).any(0).nonzero().flatten()
-        ws[0] = ws[0][:, (torch.arange(n_tok)[:, None] * d + dims[None, :]).flatten()]
-        embed = e[:, dims]
-        layer0_in = n_tok * len(dims)
-    else:
-        layer0_in = n_in_orig
+    n_in_orig, n_out = linears0[0].in_features, ws[-1].shape[0]
+    # 2. the embedding keeps the dimensions shrink kept (those some token writes and some neuron reads)
+    embed = emb.detach().to(cpu, copy=True) if emb is not None else None
     # 3. outputs nothing reaches are constants act(b)
     out_live = (ws[-1] != 0).any(1).nonzero().flatten()
     out_const = _act(acts[-1])(bs[-1].to(dt))
@@ -484,13 +460,13 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     desc = {
         "threshold": threshold,
         "dtype": str(dt).replace("torch.", ""),
-        "input": ({"kind": "tokens", "n_tokens": n_tok, "vocab": int(emb.shape[0]), "embed_dim_before": int(emb.shape[1]),
-                   "embed_dims_kept": int(embed.shape[1])} if emb is not None else {"kind": "features", "n_in": n_in_orig}),
+        "input": ({"kind": "tokens", "n_tokens": n_tok, "vocab": int(emb0.shape[0]), "embed_dim_before": int(emb0.shape[1]),
+                   "embed_dims_kept": int(embed.shape[1])} if embed is not None else {"kind": "features", "n_in": n_in_orig}),
         "layers": layer_desc,
         "n_out": n_out,
         "n_live_outputs": int(len(out_live)),
         "modules": module_sizes,
-        "hidden_sizes_before": [lin.out_features for lin in linears[:-1]],
+        "hidden_sizes_before": [lin.out_features for lin in linears0[:-1]],
         "hidden_sizes_after": [w.shape[0] for w in ws[:-1]] if ws else [0] * (len(linears) - 1),
     }
     return CompactMLP(layers, n_in_orig, n_out, out_live, out_const, embed, n_tok, desc).to(device)
