@@ -430,13 +430,15 @@ def relocate(sae, codes: Tensor, sheet: LatentSheet | None = None, coactivation:
 
 def train_topographic(cfg, batches, steps: int, sheet: LatentSheet | None = None, tau: float = 0.0,
                       factor: float = 3.0, relocate_at: Sequence[float] = (0.25,), relocate_tokens: int = 16384,
-                      coactivation: float = 0.5, final_relocation: bool = True, **train_kwargs):
+                      coactivation: float = 0.5, final_relocation: bool = True, solver: dict | None = None,
+                      **train_kwargs):
     """Train a topographic sparse coder: ``train_sae`` + τ·TopoLoss on the decoder sheet + relocations.
 
     ``relocate_at``: fractions of the run at which the latents are relocated by co-activation on the
     last ``relocate_tokens`` training tokens (the Adam state moves with them); ``final_relocation``
-    relocates once more at the end (the output is unchanged by it). τ = 0 and no relocation is plain
-    ``train_sae``. Returns ``(sae, history)``; history["relocations"] lists the placement stats.
+    relocates once more at the end (the output is unchanged by it); ``solver`` goes to :func:`solve_placement`,
+    the rest to ``train_sae``. τ = 0 and no relocation is plain ``train_sae``. Returns ``(sae, history)``;
+    history["relocations"] lists the placement stats.
     Usage: ``sae, hist = train_topographic(SAEConfig(d_in=128, n_latents=2048, k=32), acts, 2000, tau=0.05)``.
     """
     from topotorch.sae.train import train_sae
@@ -458,7 +460,7 @@ def train_topographic(cfg, batches, steps: int, sheet: LatentSheet | None = None
         if done in at:
             with torch.no_grad():
                 z = trainer.sae.encode(torch.cat(recent)[-relocate_tokens:])
-            st = relocate(trainer.sae, z, sheet, coactivation, trainer=trainer)
+            st = relocate(trainer.sae, z, sheet, coactivation, trainer=trainer, **(solver or {}))
             log.append({"step": done, "before": st.before, "after": st.after, "swaps": st.swaps})
 
     extra = None
@@ -470,7 +472,7 @@ def train_topographic(cfg, batches, steps: int, sheet: LatentSheet | None = None
     if final_relocation and recent:
         with torch.no_grad():  # the returned coder works on raw data: encode raw tokens (undo the normalisation)
             z = sae.encode(torch.cat(recent)[-relocate_tokens:] * hist["data_scale"][0])
-        st = relocate(sae, z, sheet, coactivation)
+        st = relocate(sae, z, sheet, coactivation, **(solver or {}))
         log.append({"step": "final", "before": st.before, "after": st.after, "swaps": st.swaps})
     hist["relocations"] = log
     hist["sheet"] = (sheet.h, sheet.w)

@@ -1,0 +1,204 @@
+"""Topographic SAE and curve geometry: relocation is exact, the measures mean what they say, TopoLoss trains."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from topotorch.sae.dictionary import SAEConfig
+from topotorch.sae.geometry import circle_angles, circular_extent, curve_tiling, module_purity, synthetic_curve
+from topotorch.sae.topographic import (
+    LatentSheet,
+    _kernel_apply,
+    _kernel_full,
+    _swap_gains,
+    coactivation_units,
+    decoder_topoloss,
+    decoder_units,
+    draw_latent_sheet,
+    latent_labels,
+    neighbour_score,
+    placement_similarity,
+    relocate,
+    solve_placement,
+    topographic_measures,
+    train_topographic,
+)
+from topotorch.sae.train import train_sae
+
+
+@pytest.fixture(scope="module")
+def tiny_trained():
+    """A float64 TopK SAE trained a little on clustered data: 4 groups of directions that fire together."""
+    torch.manual_seed(0)
+    d, n_feat = 12, 16
+    dirs = torch.nn.functional.normalize(torch.randn(n_feat, d, dtype=torch.float64), dim=1)
+    group = torch.arange(n_feat) // 4
+    g = torch.randint(0, 4, (2048,))
+    on = (group[None, :] == g[:, None]) & (torch.rand(2048, n_feat) < 0.6)
+    x = (on * torch.rand(2048, n_feat, dtype=torch.float64)) @ dirs
+    cfg = SAEConfig(d_in=d, n_latents=16, k=3)
+    sae, _ = train_sae(cfg, [x[i:i + 256] for i in range(0, 2048, 256)], steps=30, lr=5e-3, dtype=torch.float64)
+    return sae, x
+
+
+def test_relocation_leaves_outputs_unchanged_float64(tiny_trained):
+    sae, x = tiny_trained
+    sae = copy.deepcopy(sae)
+    before, w_before = sae(x).clone(), sae.W_dec.detach().clone()
+    z = sae.encode(x)
+    stats = relocate(sae, z, LatentSheet.of(16), sigmas=[1.0])
+    assert stats.after > stats.before and not torch.equal(sae.W_dec, w_before)   # latents did move
+    assert torch.allclose(sae(x), before, atol=1e-12, rtol=0)
+    assert (sae(x) - before).abs().max() <= 1e-12
+
+
+def test_relocation_raises_neighbour_coactivation_on_constructed_case():
+    """16 latents in 4 co-firing groups, scattered over a 4x4 sheet: relocation gathers each group."""
+    torch.manual_seed(1)
+    n = 16
+    group = torch.randperm(n) // 4                      # scattered
+    t = 4000
+    g = torch.randint(0, 4, (t,))
+    codes = ((group[None, :] == g[:, None]) & (torch.rand(t, n) < 0.7)).double() * torch.rand(t, n).double()
+    w_dec = torch.randn(n, 8, dtype=torch.float64)
+    sheet = LatentSheet.of(n)
+    before = neighbour_score(coactivation_units(codes), sheet)
+    order, stats = solve_placement(placement_similarity(w_dec, codes, coactivation=1.0), sheet)
+    after = neighbour_score(coactivation_units(codes[:, order]), sheet)
+    assert stats.after > stats.before
+    assert after.neighbour > before.neighbour
+    assert after.ratio > 2.0                            # each group a 2x2 block: most neighbours co-fire
+
+
+def test_shuffled_baseline_is_the_exact_expectation():
+    """The baseline is the mean over all pairs = the exact mean of the neighbour score over every placement."""
+    sheet = LatentSheet(2, 3)
+    torch.manual_seed(2)
+    u = torch.randn(6, 5, dtype=torch.float64)
+    for absolute in (False, True):
+        base = neighbour_score(u, sheet, absolute).baseline
+        vals = [neighbour_score(u[list(p)], sheet, absolute).neighbour for p in itertools.permutations(range(6))]
+        assert abs(np.mean(vals) - base) < 1e-12
+    s = neighbour_score(u, sheet, True)
+    assert s.ratio == pytest.approx(s.neighbour / s.baseline) and s.pairs == 7
+
+
+def test_neighbour_measure_hand_case():
+    """A 1x3 sheet: pairs (0,1) and (1,2). Unit rows e0, e0, e1: neighbour mean (1 + 0)/2, all pairs (1+0+0)/3."""
+    u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    s = neighbour_score(u, LatentSheet(1, 3))
+    assert s.neighbour == pytest.approx(0.5) and s.baseline == pytest.approx(1 / 3) and s.ratio == pytest.approx(1.5)
+    dead = torch.cat([u, torch.zeros(1, 2, dtype=torch.float64)])   # a dead latent is left out of both means
+    s2 = neighbour_score(dead, LatentSheet(2, 2))
+    assert s2.live == 3
+
+
+def test_swap_gain_closed_form_matches_recomputation():
+    torch.manual_seed(3)
+    sheet = LatentSheet(3, 4)
+    s = torch.rand(12, 12, dtype=torch.float64)
+    s = (s + s.t()) / 2
+    s.fill_diagonal_(0)
+    for sigma in (1.5, None):
+        terms = sheet.kernel_terms(sigma)
+        k = _kernel_full(terms)
+        g = _kernel_apply(s, terms, 3, 4)
+        assert torch.allclose(g, s @ k)
+        gain = _swap_gains(s, g, k)
+
+        def f(o, k=k):
+            return 0.5 * float((s[o][:, o] * k).sum())
+
+        for a, b in [(0, 1), (2, 9), (5, 11)]:
+            o = torch.arange(12)
+            o[a], o[b] = b, a
+            assert gain[a, b] == pytest.approx(f(o) - f(torch.arange(12)), abs=1e-12)
+
+
+def test_decoder_topoloss_falls_with_training():
+    torch.manual_seed(4)
+    sheet = LatentSheet(4, 4)
+    w = torch.nn.Parameter(torch.randn(16, 6, dtype=torch.float64))
+    opt = torch.optim.Adam([w], lr=0.05)
+    first = decoder_topoloss(w, sheet, factor=2).item()
+    for _ in range(40):
+        opt.zero_grad()
+        decoder_topoloss(w, sheet, factor=2).backward()
+        opt.step()
+    assert decoder_topoloss(w, sheet, factor=2).item() < 0.5 * first
+    assert neighbour_score(decoder_units(w), sheet, absolute=True).ratio > 1.2
+
+
+def test_train_topographic_runs_and_relocates(tiny_trained):
+    _, x = tiny_trained
+    cfg = SAEConfig(d_in=12, n_latents=16, k=3)
+    sae, hist = train_topographic(cfg, [x[i:i + 256] for i in range(0, 2048, 256)], steps=30, tau=0.1, factor=2,
+                                  relocate_at=(0.5,), relocate_tokens=512, lr=5e-3, dtype=torch.float64,
+                                  solver={"sigmas": [1.0]})
+    assert [r["step"] for r in hist["relocations"]] == [15, "final"]
+    m = topographic_measures(sae.W_dec, sae.encode(x), LatentSheet(4, 4))
+    assert set(m) == {"decoder", "coactivation", "coactivation_pearson"} and math.isfinite(m["decoder"].ratio)
+
+
+def test_latent_labels_and_picture(tmp_path):
+    codes = torch.tensor([[1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0], [0.0, 3.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    top, purity = latent_labels(codes, labels, 2)
+    assert top.tolist() == [0, 1, 0, -1] and purity.tolist() == [1.0, 1.0, 0.5, 0.0]
+    p = draw_latent_sheet(top, purity, LatentSheet(2, 2), tmp_path / "s.png", names=["a", "b"])
+    assert p.stat().st_size > 0
+
+
+def test_sheet_errors_name_the_problem():
+    with pytest.raises(ValueError, match="holds 12 latents but there are 16"):
+        neighbour_score(torch.randn(16, 3), LatentSheet(3, 4))
+    with pytest.raises(ValueError, match="coactivation weight"):
+        placement_similarity(torch.randn(4, 3), torch.rand(5, 4), coactivation=2.0)
+
+
+# ---- geometry ------------------------------------------------------------------------------------------------------
+
+
+def test_circular_extent_hand_case():
+    t = np.array([0.1, 1.0, 2.0, 6.0])
+    m = np.array([[1, 1, 0, 0], [1, 0, 0, 1], [0, 0, 0, 0], [0, 0, 1, 0], [1, 1, 1, 1]], bool)
+    e = circular_extent(m, t)
+    tau = 2 * math.pi
+    assert e[0] == pytest.approx(0.9 / tau) and e[1] == pytest.approx((0.1 + tau - 6.0) / tau)
+    assert math.isnan(e[2]) and e[3] == 0.0 and e[4] == pytest.approx(1 - 4.0 / tau)
+
+
+def test_circle_angles_recover_the_residue_angle():
+    p, f = 59, 7
+    a = torch.arange(p, dtype=torch.float64)
+    plane = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pts = torch.stack([torch.cos(2 * math.pi * f * a / p), torch.sin(2 * math.pi * f * a / p)], 1) @ plane.t() + 3.0
+    theta, freq = circle_angles(pts)
+    err = torch.remainder(theta - 2 * math.pi * f * a / p + math.pi, 2 * math.pi) - math.pi
+    assert freq == f and err.abs().max() < 1e-9
+
+
+def test_latents_tile_a_synthetic_circle():
+    x, t = synthetic_curve(768, d=8, seed=0, dtype=torch.float64)
+    cfg = SAEConfig(d_in=8, n_latents=16, k=2)
+    sae, _ = train_sae(cfg, [x[i:i + 256] for i in range(0, 768, 256)], steps=150, lr=5e-3, dtype=torch.float64)
+    tiling = curve_tiling(sae.encode(x), t)
+    assert tiling.coverage == 1.0 and tiling.latents_used >= 4
+    assert tiling.extent_max < 0.75                     # every latent fires on an arc, none on the whole circle
+    assert tiling.extent_median < 0.5
+
+
+def test_module_purity():
+    membership = np.array([0, 0, 1, 1, -1, 1])
+    w = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0],      # one module: 1
+                      [0.0, 0.0, 1.0, 0.0, 0.0, 1.0],      # one module: 1
+                      [1.0, 0.0, 1.0, 0.0, 2.0, 0.0]])     # 1/4 on module 0, 1/4 on 1, half outside: 0.25
+    r = module_purity(w, membership, shuffles=50)
+    assert r["purity"] == pytest.approx((1 + 1 + 0.25) / 3) and r["top_module_counts"] == [2, 1]
+    assert r["baseline"] < r["purity"]
