@@ -108,7 +108,7 @@ def main() -> None:
     print(f"one exact assignment of all {len(movable)} movable spaces: {reloc:.1f} s (goal ≤ 30 s), "
           f"{sum(stats.moved.values())} neurons moved, output change {err:.1e} (relative, float32)")
 
-    base = tensor_bytes(list(model.parameters())) + tensor_bytes([s for s in opt.state.values()])
+    base = tensor_bytes(list(model.parameters())) + tensor_bytes(list(opt.state.values()))
     extra = tensor_bytes(graph.cache_values()) + tensor_bytes([[sl.index for sl in s.slices] for s in graph.spaces]) + \
         tensor_bytes([s.positions for s in graph.spaces if s.positions is not None])
     print(f"extra memory: {extra / 2**20:.1f} MiB = {100 * extra / base:.2f}% of model + AdamW state "

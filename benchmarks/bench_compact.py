@@ -23,7 +23,7 @@ import copy
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,7 +85,7 @@ def speed_rows(models: dict[str, nn.Module], x_test: torch.Tensor, budget_s: flo
     with torch.inference_mode():
         for b in ("1", "256", "4096"):
             xb = _batch_like(x_test, int(b))
-            fns = {k: (lambda m=m: m(xb)) for k, m in models.items()}
+            fns = {k: (lambda m=m, xb=xb: m(xb)) for k, m in models.items()}
             c = compare(fns, reps=_reps(fns["dense"], budget_s, len(fns)), warmup=2)
             out[b] = {"seconds": {k: c.median(k) for k in fns}, "timing": c.as_dict(),
                       "throughput_ratio": c.ratio("dense", "compact"),
@@ -148,15 +148,18 @@ def main() -> None:
             v = sp[b]
             lo, hi = v["throughput_ratio_iqr"]
             print(f"  batch {b:>4}: dense {v['dense_samples_per_s']:.3g}/s, compact {v['compact_samples_per_s']:.3g}/s "
-                  f"-> {v['throughput_ratio']:.2f}x [IQR {lo:.2f}–{hi:.2f}] (goal >= 2x: {ok(v['throughput_ratio'] >= 2)})")
+                  f"-> {v['throughput_ratio']:.2f}x [IQR {lo:.2f}–{hi:.2f}] "
+                  f"(goal >= 2x: {ok(v['throughput_ratio'] >= 2)})")
         v = sp["1"]
         print(f"  batch    1: dense {v['seconds']['dense'] * 1e6:.1f} µs, compact {v['seconds']['compact'] * 1e6:.1f} µs "
               f"({v['throughput_ratio']:.2f}x) -- at this size it measures framework overhead, not arithmetic")
         print(f"  test {m}: dense {acc_d:.4f}, thresholded {rep[f'test_{m}_thresholded']:.4f}, compact {acc_c:.4f} "
               f"({row['accuracy_points_lost']:+.2f} points lost; goal within 1: {ok(g['accuracy_within_1pt'])})")
         print(f"  max |compact - thresholded| {rep['max_abs_diff']:.3g} on outputs up to {rep['max_abs_output']:.3g} "
-              f"({rep['dtype']}; goal <= 1e-5: {ok(g['max_abs_diff<=1e-5'])}); in float64 {rep['max_abs_diff_float64']:.2g}; "
-              f"the thresholded {rep['dtype']} original itself is {rep['thresholded_vs_float64']:.2g} from its float64 value")
+              f"({rep['dtype']}; goal <= 1e-5: {ok(g['max_abs_diff<=1e-5'])}); "
+              f"in float64 {rep['max_abs_diff_float64']:.2g}; "
+              f"the thresholded {rep['dtype']} original itself is {rep['thresholded_vs_float64']:.2g} "
+              "from its float64 value")
         for b, pr in prune_rows.items():
             print(f"  prune l1_unstructured at {100 * sparsity:.1f}% sparsity, batch {b:>4}: masked (hooks) "
                   f"{pr['prune_masked_seconds'] * 1e6:.0f} µs, mask removed (dense zeros) "

@@ -2,8 +2,9 @@
 
 A char-level TinyGPT (d_model 128, 4 blocks, c_fc 512 = 16x32 sheet) with every ``*.mlp.0`` cut by
 50% and 80%, on a (32, 64) token batch; and the digits MLP 64-100-100-10 with both hidden 10x10
-sheets cut, on a batch of 1024. The original and both cuts are timed side by side (:func:`topotorch.timing.compare`: warm-up,
-interleaved repeats, medians with spread, threads and load; no gradients).
+sheets cut, on a batch of 1024. The original and both cuts are timed side by side
+(:func:`topotorch.timing.compare`: warm-up, interleaved repeats, medians with spread, threads and load;
+no gradients).
 
     .venv/bin/python benchmarks/bench_compress.py --json results/bench_compress.json
 """
@@ -57,7 +58,8 @@ def main() -> None:
         out["cases"][name] = row
         print(f"{name}: {row['params']} params {t0 * 1e3:.2f} ms | 50% cut: {row['removed50']['params']} params "
               f"{row['removed50']['forward_ms']:.2f} ms ({row['removed50']['speedup']}x) | 80% cut: "
-              f"{row['removed80']['params']} params {row['removed80']['forward_ms']:.2f} ms ({row['removed80']['speedup']}x); "
+              f"{row['removed80']['params']} params {row['removed80']['forward_ms']:.2f} ms "
+              f"({row['removed80']['speedup']}x); "
               f"{c.threads} thread(s), load {c.load_before} -> {c.load_after}")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -48,15 +48,15 @@ def run(world: int, threads: int, local_steps: int, args, out: Path) -> dict:
     if p.returncode != 0:
         raise SystemExit(f"command failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
-    metric = [k for k in s if k.startswith("test_") and not k.startswith("thresholded")][0]
+    metric = next(k for k in s if k.startswith("test_") and not k.startswith("thresholded"))
     return {
         "processes": world, "threads_per_process": threads, "local_steps": local_steps,
         "mode": "single" if world == 1 and not local_steps else ("DiLoCo" if local_steps else "DDP"),
         "steps_per_second": round(args.steps / s["train_seconds"], 1), "train_seconds": s["train_seconds"],
         "wall_seconds_incl_startup": round(wall, 2), "comm_bytes_per_step": s["comm_bytes_per_step"],
         metric: round(s[metric], 4), "wiring_cost": round(s["wiring_cost"], 4),
-        "command": "OMP_NUM_THREADS=%d torchrun --nproc_per_node %d -m topotorch train %s" % (
-            threads, world, " ".join(cmd[cmd.index("train") + 1:]).replace(str(out), "OUT")),
+        "command": f"OMP_NUM_THREADS={threads} torchrun --nproc_per_node {world} -m topotorch train "
+                   + " ".join(cmd[cmd.index("train") + 1:]).replace(str(out), "OUT"),
     }
 
 

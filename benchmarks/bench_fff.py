@@ -35,7 +35,7 @@ import json
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -122,7 +122,7 @@ def equal_work_rows(depth: int, leaf: int, repeats: int) -> tuple[list[dict], di
         for cache in ("warm", "cold"):
             for batch in (1, 256):
                 x = torch.randn(batch, WIDTH)
-                c = timed({"fff": lambda: fff(x), "dense": lambda: dense(x), "matmul": lambda: a @ b}, 2 * repeats,
+                c = timed({"fff": lambda x=x: fff(x), "dense": lambda x=x: dense(x), "matmul": lambda: a @ b}, 2 * repeats,
                           cold=cache == "cold", setup=flush if cache == "cold" else None, block_s=0.001)
                 peak = 2 * mm**3 / c.median("matmul") / 1e9
                 fg, dg = flops_fff * batch / c.median("fff") / 1e9, flops_dense * batch / c.median("dense") / 1e9
@@ -172,7 +172,7 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
     with torch.inference_mode():
         for batch in (256, 1):
             x = torch.randn(batch, WIDTH)
-            c = timed({"fff": lambda: fff(x), "dense": lambda: dense(x)}, repeats)
+            c = timed({"fff": lambda x=x: fff(x), "dense": lambda x=x: dense(x)}, repeats)
             rows.append(_row(f"hard vs dense FF (width {hidden})", c, "fff", "dense", batch, depth, leaf, theory,
                              5.0 if batch == 256 else 10.0))
         x = torch.randn(256, WIDTH)
@@ -214,7 +214,7 @@ def ultra_rows(depth: int, repeats: int) -> list[dict]:
     with torch.inference_mode():
         for batch in (256, 1):
             x = torch.randn(batch, WIDTH)
-            c = timed({"fff": lambda: ultra(x), "dense": lambda: dense(x)}, repeats)
+            c = timed({"fff": lambda x=x: ultra(x), "dense": lambda x=x: dense(x)}, repeats)
             rows.append(_row(f"UltraFFF hard vs dense ({hidden})", c, "fff", "dense", batch, depth, 1, theory, 1.0))
     return rows
 

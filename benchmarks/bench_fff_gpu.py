@@ -95,11 +95,11 @@ def main() -> None:
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             if err > tol * max(1.0, y_tensor.float().abs().max().item()):
                 sys.exit(f"batch {batch}: Triton and tensor-op outputs differ by {err:.3g}")
-            t_dense = time_ms(lambda: torch.addmm(dense_b2, torch.relu(torch.addmm(dense_b1, x, dense_w1)), dense_w2),
+            t_dense = time_ms(lambda x=x: torch.addmm(dense_b2, torch.relu(torch.addmm(dense_b1, x, dense_w1)), dense_w2),
                               args.repeats, device)
-            t_tensor = time_ms(lambda: fff(x), args.repeats, device)
+            t_tensor = time_ms(lambda x=x: fff(x), args.repeats, device)
             fff.hard_impl = "triton"
-            t_triton = time_ms(lambda: fff(x), args.repeats, device)
+            t_triton = time_ms(lambda x=x: fff(x), args.repeats, device)
             row = {"batch": batch, "dense_ms": t_dense, "triton_ms": t_triton, "tensor_ms": t_tensor,
                    "speedup_vs_dense": t_dense / t_triton, "speedup_vs_tensor_ops": t_tensor / t_triton,
                    "max_abs_diff_vs_tensor_ops": err}

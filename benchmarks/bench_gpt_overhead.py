@@ -64,7 +64,8 @@ def main() -> None:
     print(c.summary())
     print(f"  plain step          {p * 1e3:8.2f} ms")
     print(f"  + wiring gradient   {b * 1e3:8.2f} ms")
-    print(f"  one relocation      {r * 1e3:8.2f} ms  (every {args.swap_every} steps: {r / args.swap_every * 1e3:.2f} ms/step)")
+    print(f"  one relocation      {r * 1e3:8.2f} ms  "
+          f"(every {args.swap_every} steps: {r / args.swap_every * 1e3:.2f} ms/step)")
     print(f"  overhead            {res['overhead']:+8.1%} [IQR {lo:+.1%} – {hi:+.1%}]  (goal <= +20%)")
     if args.json:
         with open(args.json, "w") as f:

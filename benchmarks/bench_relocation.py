@@ -79,7 +79,7 @@ def make_net(seed: int = 0) -> SpatialGraph:
 def relocate_until_converged(graph: SpatialGraph, cfg: WiringConfig, method: str, top_k: int,
                              max_rounds: int = 200) -> tuple[float, int]:
     """Relocate until a round no longer lowers the cost; returns (final cost, rounds)."""
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):  # noqa: B007 - the round count is the result, read after the loop
         if relocate(graph, cfg, method, top_k=top_k).total_delta > -1e-12:
             break
     return float(wiring_cost(graph, cfg).detach()), rounds
@@ -143,8 +143,10 @@ def main() -> None:
           f"{c.threads} threads, load {c.load_before} -> {c.load_after}")
     print("  " + c.summary())
     print(f"  paper brute force : {t_paper * 1e3:9.1f} ms   cost change {d_paper:+.6f}")
-    print(f"  closed form swaps : {t_ours * 1e3:9.1f} ms   cost change {d_ours:+.6f}   {res['speedup_closed_form_vs_paper']:.0f}x faster")
-    print(f"  exact assignment  : {t_assign * 1e3:9.1f} ms   cost change {d_assign:+.6f}   {res['speedup_assignment_vs_paper']:.0f}x faster")
+    print(f"  closed form swaps : {t_ours * 1e3:9.1f} ms   cost change {d_ours:+.6f}   "
+          f"{res['speedup_closed_form_vs_paper']:.0f}x faster")
+    print(f"  exact assignment  : {t_assign * 1e3:9.1f} ms   cost change {d_assign:+.6f}   "
+          f"{res['speedup_assignment_vs_paper']:.0f}x faster")
     print(f"relocated until converged ({res['converged_network']}): cost {res['cost_before']:.6f} ->")
     print(f"  greedy swaps      : {res['cost_swaps_converged']:.6f} after {res['swap_rounds']} rounds")
     print(f"  exact assignment  : {res['cost_assign_converged']:.6f} after {res['assign_rounds']} sweeps   "

@@ -51,7 +51,7 @@ def main() -> None:
         run = Path(tmp) / "mnist-shape"
         run.mkdir()
         cfg = TrainConfig.for_task("mnist-shape", out=str(run), progress=False, animation=False)
-        task, model, graph = build(cfg)
+        _task, model, graph = build(cfg)
         (run / "config.json").write_text(json.dumps(cfg.to_dict()))
         save_checkpoint(run / "checkpoint", model, None, graph, step=0, extra={})
         times = []
@@ -62,7 +62,8 @@ def main() -> None:
         size = path.stat().st_size
         figures = json.loads((run / "report.json").read_text())
     best, worst = min(times), max(times)
-    print(f"784-100-100-10 report: best {best:.2f} s, worst {worst:.2f} s over {args.repeats} (goal <= {GOAL_SECONDS} s); "
+    print(f"784-100-100-10 report: best {best:.2f} s, worst {worst:.2f} s over {args.repeats} "
+          f"(goal <= {GOAL_SECONDS} s); "
           f"{args.max_edges} of 89400 edges drawn, {size / 1e6:.1f} MB HTML, Q={figures['q']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"net": "784-100-100-10", "max_edges": args.max_edges, "seconds": times,

@@ -24,8 +24,8 @@ import time
 import torch
 
 from topotorch.compression.shrink import shrink, threshold_model
-from topotorch.training import TrainConfig, evaluate, train
 from topotorch.timing import Comparison, compare, conditions
+from topotorch.training import TrainConfig, evaluate, train
 
 
 def latency(models: dict[str, torch.nn.Module], x: torch.Tensor, reps: int = 30) -> Comparison:

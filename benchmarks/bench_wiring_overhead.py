@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = [measure(t, args.rounds, args.steps) for t in args.tasks.split(",")]
-    print(f"{'task':18s} {'batch':>6s} {'plain ms':>9s} {'+wiring ms':>11s} {'overhead':>9s}   {'(autograd penalty)':>18s}")
+    print(f"{'task':18s} {'batch':>6s} {'plain ms':>9s} {'+wiring ms':>11s} {'overhead':>9s}   "
+          f"{'(autograd penalty)':>18s}")
     for r in results:
         print(f"{r['task']:18s} {r['batch']:6d} {r['plain_step_ms']:9.3f} {r['wiring_step_ms']:11.3f} "
               f"{r['overhead']:+9.1%}   {r['autograd_overhead']:+18.1%}")

@@ -16,7 +16,8 @@ evaluation; --no-share-leaves turns it off); --h adds the entropy hardening loss
 soft phase, --distill the soft-phase model as a teacher (Hinton-style KL at T = 2) in the hard
 phase. Datasets: scikit-learn digits (8x8, split by seed) and MNIST-1D
 (``mnist1d.data.make_dataset`` with its default arguments or --mnist1d-samples, generated
-offline; skipped with a message if ``mnist1d`` is not installed). Median of --seeds seeds; two worker processes with one thread each.
+offline; skipped with a message if ``mnist1d`` is not installed). Median of --seeds seeds; two worker
+processes with one thread each.
 
     python benchmarks/fff_accuracy.py [--seeds 5] [--json out.json] [--leaf-table docs/fff_digits_leaves.md]
 """
@@ -32,8 +33,8 @@ import torch
 from torch import nn
 
 from topotorch.layers import class_leaf_table, format_class_leaf_table, leaf_usage
-from topotorch.training_fff import FFFRecipe, accuracy, fit_classifier, make_classifier
 from topotorch.tasks import get_task
+from topotorch.training_fff import FFFRecipe, accuracy, fit_classifier, make_classifier
 
 WIDTH = 128
 # command-line option -> FFFRecipe field

@@ -2,12 +2,12 @@
 
 Both models start from the same seed and train the same number of steps (Adam, minibatches
 of windows). The FFF model is ``fffify(model, "*.mlp", leaf_width=ℓ)`` with training width =
-the dense MLP's (4·d_model). It trains soft for the first half of the steps (--sharpness: its decisions
-sharpen towards sigmoid(s·z) meanwhile) and with hard decisions for the second half, and is evaluated with the hard forward (--share-leaves: its
-leaves train as path sums of per-node offsets, merged back before evaluation). Prints test bits/char
-of both, the fraction of MLP neurons one token uses (leaf neurons + node neurons on its path,
-over all MLP neurons), and the MLP-block inference speed-up (one block on the test set's
-hidden states, dense vs hard FFF, median of repeats).
+the dense MLP's (4·d_model). It trains soft for the first half of the steps (--sharpness: its
+decisions sharpen towards sigmoid(s·z) meanwhile) and with hard decisions for the second half, and
+is evaluated with the hard forward (--share-leaves: its leaves train as path sums of per-node
+offsets, merged back before evaluation). Prints test bits/char of both, the fraction of MLP neurons
+one token uses (leaf neurons + node neurons on its path, over all MLP neurons), and the MLP-block
+inference speed-up (one block on the test set's hidden states, dense vs hard FFF, median of repeats).
 
     python benchmarks/fff_gpt.py [--steps 300] [--leaf 8] [--threads 1] [--json out.json]
 """

@@ -144,7 +144,8 @@ def main() -> None:
     rows = [row(out / n, n, wall.get(n), thresholds) for n in names]
     base = rows[0]["test_bpc"]
     r0 = rows[0]
-    print(f"\nHF GPT-2 4x128 (4 heads, MLP 512), tinyshakespeare, {r0['steps']} steps, seed {r0['seed']}, {r0['threads']} thread(s)")
+    print(f"\nHF GPT-2 4x128 (4 heads, MLP 512), tinyshakespeare, {r0['steps']} steps, seed {r0['seed']}, "
+          f"{r0['threads']} thread(s)")
     print(f"{'run':6s} {'bits/char':>16s} {'|w|<=T':>7s} {'thresholded':>11s} {'shrunk':>7s} {'params':>22s} "
           f"{'MLP neurons cut':>16s} {'heads cut':>9s} {'train s':>8s} {'wall s':>7s}")
     for r in rows:
@@ -153,7 +154,8 @@ def main() -> None:
             wall_s = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
             tail = f" {r['train_seconds']:8.0f} {wall_s:>7s}" if i == 0 else ""
             print(f"{head} {s['threshold']:7g} {s['thresholded_test_bpc']:11.3f} {s['shrunk_test_bpc']:7.3f} "
-                  f"{s['params_before']:>10,d} -> {s['params_after']:<9,d} {s['mlp_neurons_removed']:>6d}/{s['mlp_neurons_total']:<6d}   "
+                  f"{s['params_before']:>10,d} -> {s['params_after']:<9,d} "
+                  f"{s['mlp_neurons_removed']:>6d}/{s['mlp_neurons_total']:<6d}   "
                   f"{s['heads_removed']}/{s['heads_total']:<5d}{tail}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -16,10 +16,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from topotorch.compression.topographic import compress, parameter_count
 from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+from topotorch.compression.topographic import compress, parameter_count
 from topotorch.sheets import find_sheets
 from topotorch.training import TrainConfig, evaluate, train
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from topotorch.compression.topographic import compress, parameter_count
 from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+from topotorch.compression.topographic import compress, parameter_count
 from topotorch.objectives.topoloss import TopoLoss
 from topotorch.training import TrainConfig, train
 

@@ -8,11 +8,16 @@ import torch
 from torch import nn
 
 from test_modularity import two_block_mlp
-from topotorch.analysis.ablation import ablation_table, embedding_module_ablation, knocked_out, module_groups, per_output_metric
-from topotorch.graph import SpatialGraph
+from topotorch.analysis.ablation import (
+    ablation_table,
+    embedding_module_ablation,
+    knocked_out,
+    module_groups,
+    per_output_metric,
+)
 from topotorch.analysis.modularity import detect_communities
 from topotorch.tasks import get_task
-from topotorch.training import TrainConfig, TrainResult, train
+from topotorch.training import TrainConfig, train
 
 
 def test_knocking_out_a_module_changes_exactly_the_outputs_it_feeds():
@@ -78,8 +83,14 @@ def test_embedding_module_ablation_on_a_short_modular_addition_run(tmp_path):
 
 # ---- heads, sheet regions, FFF leaves (forward hooks) -----------------------------------------
 
-from topotorch.analysis.ablation import (attention_layers, head_ablation_table, heads_knocked_out,  # noqa: E402
-                                         leaf_ablation_table, leaves_knocked_out, region_knocked_out)
+from topotorch.analysis.ablation import (  # noqa: E402
+    attention_layers,
+    head_ablation_table,
+    heads_knocked_out,
+    leaf_ablation_table,
+    leaves_knocked_out,
+    region_knocked_out,
+)
 from topotorch.layers.fff import FFF  # noqa: E402
 from topotorch.models import TinyGPT  # noqa: E402
 
@@ -182,7 +193,7 @@ def test_head_ablation_table_sweeps_every_head():
 
 def test_bad_ablation_arguments_give_clear_errors():
     gpt = _tiny_gpt()
-    with pytest.raises(ValueError, match="no layer 'blocks.7.attn'.*blocks.0.attn"):
+    with pytest.raises(ValueError, match=r"no layer 'blocks.7.attn'.*blocks.0.attn"):
         with heads_knocked_out(gpt, {"blocks.7.attn": [0]}):
             pass
     with pytest.raises(ValueError, match=r"heads of 'blocks.0.attn' \[4\] out of range: there are 4"):
@@ -197,14 +208,14 @@ def test_bad_ablation_arguments_give_clear_errors():
     with pytest.raises(ValueError, match="out of range: there are 64"):
         with region_knocked_out(gpt, "blocks.0.mlp.0", [64]):
             pass
-    with pytest.raises(TypeError, match="needs nn.Linear"):
+    with pytest.raises(TypeError, match=r"needs nn.Linear"):
         with region_knocked_out(gpt, "blocks.0.ln1", [0]):
             pass
     net = nn.Sequential(nn.Linear(4, 3), FFF(3, 4, 2, depth=2))
     with pytest.raises(ValueError, match="out of range: there are 4"):
         with leaves_knocked_out(net.eval(), {"1": [4]}):
             pass
-    with pytest.raises(ValueError, match="model.eval"):
+    with pytest.raises(ValueError, match=r"model.eval"):
         with leaves_knocked_out(net.train(), {"1": [0]}):
             pass
     with pytest.raises(TypeError, match="not an FFF"):

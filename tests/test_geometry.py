@@ -42,7 +42,7 @@ def test_grid_square_default_and_8x8():
     g = grid(8)
     assert g.shape == (64, 2)
     assert torch.equal(g, grid(8, 8))
-    centres = sorted({v for v in g[:, 0].tolist()})
+    centres = sorted(set(g[:, 0].tolist()))
     assert centres == [(2 * k + 1) / 16 for k in range(8)]
     # every (x, y) combination occurs exactly once
     assert len({tuple(p) for p in g.tolist()}) == 64

@@ -161,7 +161,7 @@ def test_from_chain_rejects_conv():
 
 
 def test_from_chain_needs_a_linear():
-    with pytest.raises(ValueError, match="at least one nn.Linear"):
+    with pytest.raises(ValueError, match=r"at least one nn.Linear"):
         SpatialGraph.from_chain(nn.Sequential(nn.ReLU()))
 
 

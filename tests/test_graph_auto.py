@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.graph.traced import coupling_graph
 from topotorch.graph.conv import conv_graph
+from topotorch.graph.traced import coupling_graph
 from topotorch.models import MLP, SmallResNet
 from topotorch.objectives.wiring import WiringConfig, wiring_cost
 from topotorch.relocation import apply_permutation, relocate
@@ -146,7 +146,7 @@ def test_concatenated_branches_are_placed_with_partial_connections():
 
 
 def test_tracing_leaves_batchnorm_statistics_alone():
-    model, x = models()["resnet"]
+    model, _x = models()["resnet"]
     model.train()
     before = copy.deepcopy(model.state_dict())
     coupling_graph(model, torch.randn(8, 16, dtype=torch.float64))

@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, build, cached_graph  # noqa: E402
-
-from topotorch.graph.core import SpatialGraph  # noqa: E402
-from topotorch.graph.flow import flow_graph, output_tensors, run_model  # noqa: E402
-from topotorch.graph.verify import check_graph, random_permutation  # noqa: E402
-from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost  # noqa: E402
-from topotorch.relocation import apply_permutation, relocate  # noqa: E402
+from byom_models import HF, TORCH, build, cached_graph
+from topotorch.graph.core import SpatialGraph
+from topotorch.graph.flow import flow_graph, output_tensors, run_model
+from topotorch.graph.verify import check_graph, random_permutation
+from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
+from topotorch.relocation import apply_permutation, relocate
 
 NAMES = list(HF) + list(TORCH)
 # HF's LlamaRMSNorm casts to float32 inside even a float64 model, so its outputs agree to float32 rounding
@@ -92,7 +91,7 @@ def test_train_relocate_train_equals_the_unrelocated_control(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "tied-mlp", "concatenating"])
 def test_closed_form_wiring_gradient_matches_autograd(name):
-    model, x, g = graph_of(name)
+    model, _x, g = graph_of(name)
     cfg = WiringConfig(wf=1.3, l0=0.2)
     model.zero_grad()
     (0.7 * wiring_cost(g, cfg)).backward()
@@ -186,7 +185,7 @@ def test_the_safety_net_catches_a_forgotten_parameter():
     embed = g.space("embed")
     partial = copy.copy(embed)
     partial.slices = [s for s in embed.slices if s.name != "ln_f.weight"]
-    with pytest.raises(ValueError, match="refusing.*'embed'"):
+    with pytest.raises(ValueError, match=r"refusing.*'embed'"):
         check_graph(SpatialGraph(model, [partial if s is embed else s for s in g.spaces], g.connections), x)
 
 
@@ -209,7 +208,8 @@ class Recurrent(nn.Module):
 
 
 def test_recurrent_units_move_with_their_four_gates():
-    """nn.LSTM runs as matmuls and gate chunks under the tracer: a unit owns its 4 gate rows and its recurrent column."""
+    """nn.LSTM runs as matmuls and gate chunks under the tracer: a unit owns its 4 gate rows and its recurrent
+    column."""
     torch.manual_seed(0)
     model, x = Recurrent().double(), torch.randn(2, 4, 3, dtype=torch.float64)
     g = flow_graph(model, x)
@@ -226,7 +226,7 @@ def test_group_lasso_on_a_hugging_face_graph_skips_normalised_streams():
     pytest.importorskip("transformers")
     from topotorch.objectives.group import group_spaces, neuron_group_norm
 
-    model, x, g = graph_of("llama")
+    model, _x, g = graph_of("llama")
     names = group_spaces(g)
     assert "model.layers.0.mlp" in names and "model.embed_tokens" not in names  # RMSNorm'd stream left out
     neuron_group_norm(g).backward()

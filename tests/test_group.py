@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from topotorch import training
 from topotorch.compression.shrink import shrink
@@ -62,7 +61,7 @@ def _gpt(layernorm: bool):
     (lambda: _gpt(False), ["resid", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]),
 ])
 def test_matches_naive_reference(make, expected):
-    net, g = make()
+    _net, g = make()
     spaces = group_spaces(g)
     if expected is not None:
         assert spaces == expected
@@ -79,7 +78,7 @@ def test_matches_naive_reference(make, expected):
 
 
 def test_conv_group_includes_kernels():
-    net, g = _resnet()
+    _net, g = _resnet()
     sp = "blocks.0.hidden"
     conn = g.outgoing(sp)[0]
     w = g.tensor(conn.weight)

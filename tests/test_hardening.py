@@ -30,7 +30,7 @@ def fake_train(cfg, on_step=None, resume=False, overwrite=None):
     """Stands in for training (the property is about argument handling): validates like the real one."""
     assert isinstance(cfg, TrainConfig)
     if cfg.lr > 1:
-        raise TrainingDiverged(f"loss became nan at step 3; lower the learning rate or λ. The last checkpoint is intact.")
+        raise TrainingDiverged("loss became nan at step 3; lower the learning rate or λ. The last checkpoint is intact.")
     task = get_task(cfg.task)
     m = f"test_{task.metric}"
     return SimpleNamespace(summary={**FAKE_SUMMARY, m: 0.5, f"thresholded_{m}": 0.5}, task=task)

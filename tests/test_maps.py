@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.analysis.maps import (draw_maps, effective_dimensionality, layer_activations, selectivity, selectivity_maps,
-                            smoothness)
+from topotorch.analysis.maps import (
+    draw_maps,
+    effective_dimensionality,
+    layer_activations,
+    selectivity,
+    selectivity_maps,
+    smoothness,
+)
 
 
 def test_t_values_match_scipy():

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from test_analysis import block_net
-from topotorch.graph import SpatialGraph
 from topotorch.analysis.modularity import detect_communities, importance, modularity, weighted_adjacency
+from topotorch.graph import SpatialGraph
 
 
 def two_block_mlp(dense: bool, seed: int = 0) -> SpatialGraph:

@@ -132,7 +132,7 @@ def test_entropies_and_hardening_loss_have_gradients():
     layer = _layer(3).train()
     net = nn.Sequential(nn.Linear(12, 12), layer)
     x = torch.randn(32, 12)
-    y, ent = layer(x, return_entropies=True)
+    _y, ent = layer(x, return_entropies=True)
     assert ent.shape == (7,) and (ent >= 0).all() and (ent <= math.log(2) + 1e-6).all()
     net(x)
     loss = hardening_loss(net, h=3.0)
@@ -256,7 +256,7 @@ def test_peer_parity_once_its_missing_leaf_output_bias_is_added():
                 ours.hard_impl = impl
                 assert (ours(x) - (peer.eval()(x) + peer.b2s[leaf])).abs().max() <= 1e-6, impl
             assert (ours.train()(x) - peer.train()(x)).abs().max() <= 1e-5  # soft forward
-        y, ent = peer.train()(x, return_entropies=True)
+        _y, ent = peer.train()(x, return_entropies=True)
         _, ours_ent = ours(x, return_entropies=True)
         assert torch.allclose(ent, ours_ent, atol=1e-5)
 

@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 
-from topotorch.layers import FFF
-from topotorch.layers import _cpu_kernel
+from topotorch.layers import FFF, _cpu_kernel
 
 needs_kernel = pytest.mark.skipif(_cpu_kernel.kernel() is None,
                                   reason=f"no FFF CPU kernel here ({_cpu_kernel.kernel_error() or 'disabled'})")

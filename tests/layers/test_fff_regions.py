@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.layers import (FFF, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs,
-                              leaf_usage)
+from topotorch.layers import FFF, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs, leaf_usage
 
 
 def _quadrants():

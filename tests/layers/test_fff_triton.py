@@ -24,7 +24,8 @@ CHECK = textwrap.dedent("""
         (3, 8, "relu", torch.float32, 41, 1e-5), (5, 5, "gelu", torch.float64, 33, 1e-12),
         (4, 1, "tanh", torch.float32, 17, 1e-5), (2, 16, "identity", torch.float64, 20, 1e-12),
         (6, 8, "gelu", torch.float32, 70, 1e-5), (3, 4, "relu", torch.bfloat16, 9, 3e-2),
-        (2, 100, "relu", torch.float32, 19, 1e-5), (2, 5, torch.nn.PReLU(dtype=torch.bfloat16), torch.bfloat16, 9, 3e-2),
+        (2, 100, "relu", torch.float32, 19, 1e-5),
+        (2, 5, torch.nn.PReLU(dtype=torch.bfloat16), torch.bfloat16, 9, 3e-2),
     ]
     for depth, lw, act, dtype, batch, tol in cases:
         layer = FFF(37, lw, 70, depth, activation=act, dtype=dtype).eval()

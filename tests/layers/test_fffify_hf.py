@@ -79,7 +79,7 @@ def test_hf_mlp_blocks_become_fff_and_train(kind):
 def test_hf_dense_init_keeps_the_function(kind):
     """init='dense': depth 0 (one leaf = the whole MLP) is the dense block in both modes; deeper trees
     equal it in the soft (training) forward."""
-    build, include, names, _, hidden = CASES[kind]
+    build, include, _names, _, hidden = CASES[kind]
     model = build(dropout=0.0).eval()
     with torch.no_grad():
         ref = out(model(TOKENS))
@@ -160,7 +160,7 @@ class Mixed(nn.Module):
 
 def test_a_gated_block_blocks_a_wide_pattern_not_a_narrow_one():
     m = Mixed()
-    with pytest.raises(ValueError, match="gated .*gated MLP"):
+    with pytest.raises(ValueError, match=r"gated .*gated MLP"):
         fffify(m, leaf_width=4)
     assert isinstance(m.plain, nn.Sequential)
     assert fffify(m, "plain", leaf_width=4) == ["plain"] and m(torch.randn(3, 8)).shape == (3, 8)
