@@ -2,7 +2,7 @@
 
 Trains (or takes ``--run`` folders of) a BIMT ``digits-wide`` run (64-512-512-10) and a BIMT
 ``modular-addition`` run with their default settings, seed 0; compacts each with
-``topotorch.compression.compact.compress_run`` (dead neurons removed, constants folded, modules split, per-layer
+``topotorch.experiments.compress.compress_run`` (dead neurons removed, constants folded, modules split, per-layer
 storage measured) and reports: parameter ratio (goal >= 3x fewer), throughput ratio compact/dense at
 batch 256 and 4096 (goal >= 2x), batch-1 latency (at that size it measures framework overhead, not
 arithmetic), test accuracy dense vs compact (goal within 1 point), max output difference vs the
@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from topotorch.compression.compact import _batch_like, compress_run, load_compact
+from topotorch.compression.compact import _batch_like, load_compact
+from topotorch.experiments.compress import compress_run
 from topotorch.timing import compare
 from topotorch.training import TrainConfig, load_run, train
 

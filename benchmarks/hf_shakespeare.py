@@ -5,7 +5,7 @@ vs TopoLoss at equal steps and seed; bits/char, bits/char with |w| <= threshold 
 Each run is `topotorch train text:FILE --model hf:gpt2 --model-config n_layer=4,n_embd=128,n_head=4`
 with --method none (plain), --method bimt --lam L, or --method none --topo-tau T --topo-factor F
 (TopoLoss on the auto layers: every block's mlp.c_fc, 512 units = a 16x32 sheet), then
-`topotorch.compression.compact.compress_run` (= `topotorch compress RUN [--threshold T]`: RUN/compact/report.json
+`topotorch.experiments.compress.compress_run` (= `topotorch compress RUN [--threshold T]`: RUN/compact/report.json
 at the run's threshold 0.05, RUN/compact-T/ at each extra T). At most two runs train at a time.
 
     python benchmarks/hf_shakespeare.py --steps 1000 --json results/hf_shakespeare.json
@@ -84,7 +84,7 @@ def shrink_figures(rep: dict) -> dict:
 
 def compress(run: Path, thresholds: list[float | None]) -> list[dict]:
     """compress_run at each threshold (None: the run's own, into RUN/compact; T: into RUN/compact-T)."""
-    from topotorch.compression.compact import compress_run
+    from topotorch.experiments.compress import compress_run
 
     reps = []
     for t in thresholds:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from topotorch.compression.sweep import METHODS, SweepConfig, run_sweep
+from topotorch.experiments.sweep import METHODS, SweepConfig, run_sweep
 
 
 def main() -> None:

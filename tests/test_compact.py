@@ -245,7 +245,7 @@ def test_cli_compress_threshold_writes_report(tmp_path):
 
 def test_compress_run_of_a_transformer_goes_through_shrink(tmp_path):
     """A GPT run (wrapped by its task) is shrunk through its coupling graph and saved loadable."""
-    from topotorch.compression.compact import compress_run
+    from topotorch.experiments.compress import compress_run
     from topotorch.compression.shrink import load_shrunk, shrink
     from topotorch.training import TrainConfig, load_run, train
 

@@ -89,7 +89,7 @@ def test_cli_compress_and_reload(tmp_path):
     from typer.testing import CliRunner
 
     from topotorch.cli import app
-    from topotorch.compression.topographic import load_compressed
+    from topotorch.experiments.compress import load_compressed
     from topotorch.training import TrainConfig, evaluate, load_run, train
 
     run = tmp_path / "run"

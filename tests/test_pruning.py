@@ -1,4 +1,4 @@
-"""Pruning baselines (topotorch.compression.pruning) and the accuracy-vs-sparsity sweep (topotorch.compression.sweep, sweep-sparsity)."""
+"""Pruning baselines (topotorch.compression.pruning, topotorch.experiments.retrain) and the accuracy-vs-sparsity sweep (topotorch.experiments.sweep, sweep-sparsity)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typer.testing import CliRunner
 
 from topotorch.compression import pruning
 from topotorch.cli import app
-from topotorch.compression.pruning import (MaskSet, average_models, global_magnitude_masks, imp_rewind, layerwise_magnitude_masks,
-                               mask_sparsity, nm_mask, prunable_weights, random_masks, semi_structured_masks,
-                               sparse_soup)
-from topotorch.compression.sweep import SweepConfig, parse_methods, parse_sparsities
+from topotorch.compression.pruning import (MaskSet, average_models, global_magnitude_masks, layerwise_magnitude_masks,
+                               mask_sparsity, nm_mask, prunable_weights, random_masks, semi_structured_masks)
+from topotorch.experiments import retrain
+from topotorch.experiments.retrain import imp_rewind, sparse_soup
+from topotorch.experiments.sweep import SweepConfig, parse_methods, parse_sparsities
 from topotorch.tasks import Task, TaskData
 
 
@@ -132,7 +133,7 @@ def test_imp_rewinding_restores_early_weights_on_kept_entries():
     early = net(1)
     theta_k = {k: v.clone() for k, v in early.state_dict().items()}
     trained = copy.deepcopy(early)
-    pruning.finetune(task, trained, data, None, 30, 1e-2, batch_size=None)
+    retrain.finetune(task, trained, data, None, 30, 1e-2, batch_size=None)
     # zero retrain steps: the cycle's model is exactly the rewound, masked early model
     c = next(imp_rewind(task, trained, theta_k, data, [0.7], retrain_steps=0, lr=1e-2))
     state = c.model.state_dict()
@@ -167,8 +168,8 @@ def test_soup_members_differ_by_batch_order_and_the_soup_is_their_mean():
     m = net()
     ms = MaskSet(global_magnitude_masks(m, 0.6)).apply(m)
     a, b = copy.deepcopy(m), copy.deepcopy(m)
-    pruning.finetune(task, a, data, ms, 20, 1e-2, batch_size=16, seed=1)
-    pruning.finetune(task, b, data, ms, 20, 1e-2, batch_size=16, seed=2)
+    retrain.finetune(task, a, data, ms, 20, 1e-2, batch_size=16, seed=1)
+    retrain.finetune(task, b, data, ms, 20, 1e-2, batch_size=16, seed=2)
     assert not torch.equal(a[0].weight, b[0].weight)
     soup = average_models([a, b])
     assert torch.allclose(soup[0].weight, (a[0].weight + b[0].weight) / 2)
@@ -246,7 +247,7 @@ def test_cli_sweep_writes_csv_table_png(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert set(s["median_accuracy"]) == {"l1", "imp", "soup", "random", "magnitude"}
     assert "0.9" in s["soup_vs_imp"] and "winners" in s
-    from topotorch.compression.sweep import replot
+    from topotorch.experiments.sweep import replot
 
     (out / "sweep.png").unlink()
     assert replot(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn from the csv alone
@@ -276,4 +277,4 @@ def test_finetune_on_an_empty_training_set_is_named():
     task, data = tiny_task()
     empty = TaskData(data.x_train[:0], data.y_train[:0], data.x_test, data.y_test)
     with pytest.raises(ValueError, match="empty training set"):
-        pruning.finetune(task, net(), empty, None, steps=3, lr=1e-3)
+        retrain.finetune(task, net(), empty, None, steps=3, lr=1e-3)

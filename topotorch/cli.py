@@ -348,7 +348,8 @@ def _echo_warnings(caught: list) -> None:
 
 def _compress_compact(run: Path, threshold: float | None, choose: str, threads: int) -> None:
     from topotorch.checkpoint import CheckpointError
-    from topotorch.compression.compact import FORMATS, CompactError, compress_run
+    from topotorch.compression.compact import FORMATS, CompactError
+    from topotorch.experiments.compress import compress_run
 
     if choose not in ("auto", *FORMATS):
         _fail(f"unknown --choose {choose!r}; use auto, {', '.join(FORMATS)}")
@@ -558,7 +559,7 @@ def sweep_sparsity(
 ) -> None:
     """Accuracy vs sparsity of BIMT, L1 and the pruning baselines (IMP with rewinding, sparse model soups,
     random, magnitude): writes sweep.csv, table.md (medians of the seeds), sweep.png and summary.json."""
-    from topotorch.compression.sweep import SweepConfig, run_sweep
+    from topotorch.experiments.sweep import SweepConfig, run_sweep
 
     if threads is not None:
         if threads < 1:

@@ -235,12 +235,3 @@ def rebuild_compressed(model: nn.Module, state: dict, spec: dict) -> nn.Module:
     small = compress(model, spec["layers"], factor=spec.get("factor"), removed=spec.get("removed"), mode=spec["mode"])
     small.load_state_dict(state, strict=False)
     return small
-
-
-def load_compressed(run_dir, name: str = "compressed") -> nn.Module:
-    """Rebuild a compressed model saved by ``topotorch compress``: the run's model cut to the recorded
-    shapes, then the saved weights. Usage: ``small = load_compressed("runs/digits-topo")``."""
-    from topotorch.training import load_run
-
-    state, spec = read_compressed(run_dir, name)
-    return rebuild_compressed(load_run(run_dir).model, state, spec)

@@ -1,6 +1,7 @@
 """Accuracy vs sparsity: BIMT and L1 against the sparse-training baselines, on one task, several seeds.
 
-Methods (all prune the weights of Linear/Conv layers, see :mod:`topotorch.compression.pruning`):
+Methods (all prune the weights of Linear/Conv layers, see :mod:`topotorch.compression.pruning`;
+the retraining procedures are :mod:`topotorch.experiments.retrain`):
 
 =============  ==================================================================================
 ``magnitude``  dense training, one-shot *global* magnitude pruning, masked fine-tune
@@ -42,8 +43,12 @@ from typing import Any
 
 import torch
 
+from topotorch.analysis import active_weights
 from topotorch.compression import pruning
+from topotorch.experiments import retrain
 from topotorch.progress import progress_bar
+from topotorch.tasks import get_task
+from topotorch.training import TrainConfig, evaluate, parse_schedule, train
 
 METHODS = ("magnitude", "layerwise", "random", "bimt", "l1", "imp", "imp-ft", "soup", "nm24")
 DEFAULT_METHODS = ("bimt", "l1", "imp", "random", "soup", "magnitude")
@@ -123,7 +128,6 @@ class SweepConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from topotorch.tasks import get_task
 
         get_task(self.task)
         self.methods = parse_methods(self.methods)
@@ -142,14 +146,12 @@ class SweepConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.lam is not None:
-            from topotorch.training import parse_schedule
 
             parse_schedule(self.lam)
 
 
 def _scaled_schedule(lam: Any, factor: float) -> Any:
     """A λ phase schedule with its phase starts scaled (so a shorter run keeps the task's phases)."""
-    from topotorch.training import parse_schedule
 
     if factor == 1.0:
         return lam
@@ -159,8 +161,6 @@ def _scaled_schedule(lam: Any, factor: float) -> Any:
 
 def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step: int | None, lam: str | None = None):
     """Train with topotorch's trainer (task defaults; ``lam`` overrides λ); returns (result, state at ``rewind_step``)."""
-    from topotorch.tasks import get_task
-    from topotorch.training import TrainConfig, train
 
     defaults = get_task(task_name).defaults
     task_steps = int(defaults.get("steps", steps))
@@ -195,8 +195,6 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     ``table.md`` (medians over seeds), ``sweep.png`` and ``summary.json`` into ``cfg.out``.
     Usage: ``run_sweep(SweepConfig("mnist1d", seeds=[0, 1, 2], out="results/sparsity/mnist1d"))``.
     """
-    from topotorch.tasks import get_task
-    from topotorch.training import evaluate
 
     task = get_task(cfg.task)
     d = task.defaults
@@ -235,7 +233,6 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 if b == "none":
                     rewind_state = cap
                 data = res.data
-                from topotorch.analysis import active_weights
 
                 extra["dense"].setdefault(b, {})[seed] = {
                     "accuracy": evaluate(task, res.model, data.x_test, data.y_test),
@@ -262,18 +259,18 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                         model = copy.deepcopy(base)
                         ms = pruning.MaskSet(masks).apply(model)
                         acc0 = evaluate(task, model, data.x_test, data.y_test)
-                        pruning.finetune(task, model, data, ms, i * R, lr, bs, seed=seed * 1000 + i)
+                        retrain.finetune(task, model, data, ms, i * R, lr, bs, seed=seed * 1000 + i)
                         acc = evaluate(task, model, data.x_test, data.y_test)
                         rows.append(_row(method, s, seed, acc, acc0, T + i * R, T + i * R, t0))
                         advance(i * R, f"seed {seed}: {method} {s:.0%}")
                 elif method == "imp":
-                    for c in pruning.imp_rewind(task, base, rewind_state, data, levels, R, lr, bs, seed=seed,
+                    for c in retrain.imp_rewind(task, base, rewind_state, data, levels, R, lr, bs, seed=seed,
                                                 base_steps=T, rewind_step=k):
                         rows.append(_row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0))
                         advance(R, f"seed {seed}: imp {c.sparsity:.0%}")
                 else:  # imp-ft, soup
                     m = cfg.soup_size if method == "soup" else 1
-                    for c in pruning.sparse_soup(task, base, data, levels, R, lr, m, bs, seed=seed, base_steps=T):
+                    for c in retrain.sparse_soup(task, base, data, levels, R, lr, m, bs, seed=seed, base_steps=T):
                         rows.append(_row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0))
                         if method == "soup":
                             extra["soup_members"].setdefault(str(c.sparsity), {})[seed] = c.members
@@ -296,7 +293,7 @@ def medians(rows: list[dict], key: str = "accuracy") -> dict[str, dict[float, fl
 
 
 def _budget_text(method: str, i: int, b: dict) -> str:
-    T, R, m = b["dense_steps"], b["cycle_steps"], b["soup_size"]
+    m = b["soup_size"]
     if method == "soup":
         return f"T + {i}·R sequential, T + {i * m}·R gradient steps"
     return f"T + {i}·R"
