@@ -586,6 +586,11 @@ def sweep_sparsity(
     typer.echo(f"wrote {folder}/sweep.csv, table.md, sweep.png, summary.json ({summary['seconds'] / 60:.1f} min)")
 
 
+from topotorch.sae.cli import sae as _sae_command  # noqa: E402  (`topotorch sae`: topotorch/sae/cli.py)
+
+app.command("sae")(_sae_command)
+
+
 def main() -> None:
     """Entry point; usage errors from click exit with code 2 too."""
     try:

@@ -150,7 +150,8 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint], stop_early: bool = True) -> dict[str, torch.Tensor]:
+def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint],
+            stop_early: bool = True) -> dict[str, torch.Tensor]:
     """One forward of ``model`` on ``inputs``; the activation at each hook point, by ``HookPoint.name``.
 
     A module called several times gives its first call. With ``stop_early`` the forward ends as
@@ -188,7 +189,8 @@ def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint], stop_ear
             h.remove()
     missing = wanted - got.keys()
     if missing:
-        raise HookPointError(f"hook point(s) {', '.join(sorted(missing))} never ran in the forward of {type(model).__name__}")
+        raise HookPointError(f"hook point(s) {', '.join(sorted(missing))} never ran in the forward of "
+                             f"{type(model).__name__}")
     return got
 
 
@@ -201,10 +203,12 @@ def _token_ids(inputs: Any) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) and not t.is_floating_point() else None
 
 
-def keep_mask(inputs: Any, shape: tuple[int, ...], skip_first: int = 0, pad_id: int | None = None) -> torch.Tensor | None:
+def keep_mask(inputs: Any, shape: tuple[int, ...], skip_first: int = 0,
+              pad_id: int | None = None) -> torch.Tensor | None:
     """Which positions of a ``[B, T]`` batch to keep (None: all): not the first ``skip_first`` of each
     sequence, not padding (``attention_mask == 0`` in a dict batch, or token id ``pad_id``)."""
-    if len(shape) < 2 or (skip_first == 0 and pad_id is None and not (isinstance(inputs, dict) and "attention_mask" in inputs)):
+    masked = isinstance(inputs, dict) and "attention_mask" in inputs
+    if len(shape) < 2 or (skip_first == 0 and pad_id is None and not masked):
         return None
     keep = torch.ones(shape[:2], dtype=torch.bool)
     keep[:, :skip_first] = False
@@ -226,7 +230,8 @@ def flatten_positions(act: torch.Tensor, keep: torch.Tensor | None = None, featu
     return act.reshape(-1, act.shape[-1])
 
 
-def _rebatch(chunks: Iterable[tuple[torch.Tensor, ...]], batch_size: int | None, drop_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+def _rebatch(chunks: Iterable[tuple[torch.Tensor, ...]], batch_size: int | None,
+             drop_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
     """Re-cut a stream of row chunks (tuples of equally long tensors) into batches of ``batch_size`` rows."""
     if batch_size is None:
         yield from chunks
@@ -281,8 +286,8 @@ class ModelActivations:
     def _one(self, pattern: str) -> HookPoint:
         points = find_hook_points(self.model, pattern)
         if len(points) != 1:
-            raise HookPointError(f"{pattern!r} matches {len(points)} hook points ({', '.join(p.name for p in points[:6])}); "
-                                 "name exactly one")
+            names = ", ".join(p.name for p in points[:6])
+            raise HookPointError(f"{pattern!r} matches {len(points)} hook points ({names}); name exactly one")
         return points[0]
 
     @property
@@ -418,8 +423,8 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
         manifest = {**header, "shards": [], "complete": False, "rows": 0}
     elif manifest.get("hooks") != source.hook_names or manifest.get("batches_per_shard") != batches_per_shard:
         raise CacheError(f"{folder / MANIFEST} was written for hooks {manifest.get('hooks')} with "
-                         f"{manifest.get('batches_per_shard')} batches per shard; this call asks for {source.hook_names} "
-                         f"with {batches_per_shard}: use another folder")
+                         f"{manifest.get('batches_per_shard')} batches per shard; this call asks for "
+                         f"{source.hook_names} with {batches_per_shard}: use another folder")
     if manifest["complete"]:
         return manifest
     for tmp in folder.glob("*.tmp"):  # a shard being written when the last run died
@@ -445,7 +450,8 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
         name = f"shard-{i:05d}.safetensors"
         _write_shard(folder / name, rows)
         manifest["shards"].append({"file": name, "rows": len(rows[0]), "inputs_sha1": _fingerprint(pending_inputs),
-                                   "d": [int(r.shape[1]) for r in rows], "dtype": str(rows[0].dtype).removeprefix("torch.")})
+                                   "d": [int(r.shape[1]) for r in rows],
+                                   "dtype": str(rows[0].dtype).removeprefix("torch.")})
         manifest["rows"] = int(sum(s["rows"] for s in manifest["shards"]))
         atomic_write_json(folder / MANIFEST, manifest)
         pending.clear()
@@ -542,8 +548,8 @@ class CachedActivations:
         if manifest is None:
             raise CacheError(f"{self.folder} is not an activation cache (no {MANIFEST})")
         if not manifest["complete"] and not allow_incomplete:
-            raise CacheError(f"{self.folder} is an unfinished cache ({len(manifest['shards'])} shards): rerun write_cache "
-                             "to finish it, or pass allow_incomplete=True")
+            raise CacheError(f"{self.folder} is an unfinished cache ({len(manifest['shards'])} shards): rerun "
+                             "write_cache to finish it, or pass allow_incomplete=True")
         if not manifest["shards"]:
             raise CacheError(f"{self.folder} holds no shards")
         self.manifest, self.hooks = manifest, manifest["hooks"]

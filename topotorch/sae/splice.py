@@ -104,7 +104,8 @@ def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | 
             source: HookPoint | None = None, feature_dim: int = -1) -> Iterator[None]:
     """Within the block, the activation at ``point`` is ``replace(rows)`` applied to the activation at
     ``source`` (default: ``point`` itself); ``replace=None`` zero-ablates it. For a transcoder, ``source`` is
-    the module's input and ``point`` its output. Usage: ``with spliced(model, sae, HookPoint("gpt.blocks.1")): model(ids)``."""
+    the module's input and ``point`` its output.
+    Usage: ``with spliced(model, sae, HookPoint("gpt.blocks.1")): model(ids)``."""
     modules = dict(model.named_modules())
     source = source or point
     seen: dict[str, torch.Tensor] = {}  # the source activation of the current call

@@ -1,0 +1,172 @@
+"""The report panel of a ``topotorch sae`` run: evaluation table, training curve, latent sheet, and the
+contexts that activate each shown latent most.
+
+Everything is read from the run folder's files (``summary.json``, ``metrics.csv``,
+``top_examples.json``, ``sheet.png``), so rendering never reruns the model; a missing or unreadable
+file leaves its part out with a notice. :func:`sae_panel` is the HTML fragment (for any page);
+:func:`build_sae_report` writes a self-contained ``report.html`` (``topotorch report RUN`` calls it
+for SAE run folders).
+
+    >>> build_sae_report("runs/sae-gpt.blocks.1-topk-2048")     # -> runs/.../report.html
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from topotorch.sae.cli import RUN_KIND
+
+# the evaluation table: (key in summary["eval"], label, how to show it)
+EVAL_ROWS = (
+    ("fvu", "FVU (fraction of variance unexplained)", "{:.4f}"),
+    ("explained_variance", "explained variance", "{:.4f}"),
+    ("l0", "L0 (active latents per token)", "{:.2f}"),
+    ("dead", "dead latents (never fired on the eval tokens)", "{:.2%}"),
+    ("dense", "dense latents (fire on > 10% of tokens)", "{:.2%}"),
+    ("cosine", "cosine(x, x̂)", "{:.4f}"),
+    ("relative_reconstruction_bias", "relative reconstruction bias", "{:.4f}"),
+    ("ce_clean", "CE clean (nats/token)", "{:.4f}"),
+    ("ce_spliced", "CE with the SAE spliced in", "{:.4f}"),
+    ("ce_zero", "CE with the hook point zero-ablated", "{:.4f}"),
+    ("ce_recovered", "CE-loss recovered", "{:.4f}"),
+    ("kl", "KL(clean ‖ spliced) per token (nats)", "{:.5f}"),
+    ("n_tokens", "eval tokens", "{:d}"),
+)
+
+
+def is_sae_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` was written by ``topotorch sae`` (its ``config.json`` says so)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("kind") == RUN_KIND
+
+
+def _read(path: Path, notices: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        notices.append(f"{path.name} is missing: its part is left out")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        notices.append(f"{path.name} is unreadable ({' '.join(str(e).split())}): its part is left out")
+    return None
+
+
+def eval_table_html(ev: dict) -> str:
+    """The evaluation table as an HTML ``<table>``."""
+    rows = []
+    for key, label, fmt in EVAL_ROWS:
+        v = ev.get(key)
+        if v is None:
+            continue
+        try:
+            shown = fmt.format(v)
+        except (ValueError, TypeError):
+            shown = str(v)
+        rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(shown)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def curve_png(metrics_csv: Path) -> str | None:
+    """FVU, L0 and dead fraction over training from ``metrics.csv``, as a base64 PNG (None if unreadable)."""
+    import csv
+
+    try:
+        with open(metrics_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        steps = [int(r["step"]) for r in rows]
+        series = {k: [float(r[k]) for r in rows] for k in ("fvu", "l0", "dead")}
+    except (OSError, KeyError, ValueError):
+        return None
+    if not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(9, 2.4))
+    for ax, (k, ys) in zip(axes, series.items()):
+        ax.plot(steps, ys, lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def examples_html(latents: list[dict], max_latents: int = 32) -> str:
+    """Top-activating contexts per latent: the text before, the token itself highlighted, the activation."""
+    cards = []
+    for lat in latents[:max_latents]:
+        rows = "".join(
+            f"<tr><td>{ex['act']:.3g}</td><td><code>{html.escape(ex['context'])}"
+            f"<mark>{html.escape(ex['token'])}</mark></code></td></tr>"
+            for ex in lat.get("examples", []))
+        cards.append(f"<div class='card'><b>latent {int(lat['latent'])}</b><table>{rows}</table></div>")
+    return "<div class='cards'>" + "".join(cards) + "</div>"
+
+
+def sae_panel(run_dir: str | Path, notices: list[str] | None = None, max_latents: int = 32) -> str:
+    """The SAE run's report sections as one HTML fragment (eval table, curves, sheet, top examples).
+    Usage: ``page_body += sae_panel("runs/sae-x")``."""
+    run_dir = Path(run_dir)
+    notices = [] if notices is None else notices
+    summary = _read(run_dir / "summary.json", notices) or {}
+    parts = []
+    ev = summary.get("eval")
+    if isinstance(ev, dict):
+        train = summary.get("train", {})
+        cfg = summary.get("sae", {})
+        desc = (f"{html.escape(str(cfg.get('architecture', '?')))}, {cfg.get('n_latents', '?')} latents"
+                f"{', k = ' + str(cfg.get('k')) if cfg.get('architecture') in ('topk', 'batchtopk') else ''}"
+                f"{', transcoder' if cfg.get('d_out') else ''}; {train.get('steps', '?')} steps, "
+                f"{train.get('tokens', '?')} tokens, {train.get('seconds', '?')} s")
+        parts.append(f"<section><h2>Evaluation (held-out windows)</h2><p class='muted'>{desc}</p>"
+                     f"{eval_table_html(ev)}</section>")
+    curve = curve_png(run_dir / "metrics.csv")
+    if curve:
+        parts.append("<section><h2>Training</h2><img alt='training curves' "
+                     f"src='data:image/png;base64,{curve}'></section>")
+    elif (run_dir / "metrics.csv").exists():
+        notices.append("metrics.csv is unreadable: the training curves are left out")
+    sheet = run_dir / "sheet.png"
+    if sheet.is_file():
+        b64 = base64.b64encode(sheet.read_bytes()).decode()
+        parts.append("<section class='wide'><h2>Latent sheet</h2><img alt='latent sheet' "
+                     f"src='data:image/png;base64,{b64}'></section>")
+    top = _read(run_dir / "top_examples.json", notices) if (run_dir / "top_examples.json").exists() else None
+    if isinstance(top, dict) and top.get("latents"):
+        parts.append(f"<section class='wide'><h2>Top-activating contexts per latent</h2>"
+                     f"{examples_html(top['latents'], max_latents)}</section>")
+    return "".join(parts)
+
+
+def build_sae_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write a self-contained ``report.html`` for a ``topotorch sae`` run folder; return its path.
+    Usage: ``build_sae_report("runs/sae-x")``."""
+    from topotorch.report import _STYLE, _notices_html
+
+    run_dir = Path(run_dir)
+    if not is_sae_run(run_dir):
+        raise ValueError(f"{run_dir} is not a `topotorch sae` run folder")
+    notices: list[str] = []
+    body = sae_panel(run_dir, notices)
+    summary = _read(run_dir / "summary.json", []) or {}
+    title = f"SAE at {summary.get('hook', '?')} — {summary.get('source', run_dir.name)}"
+    style = _STYLE + "mark{background:#ffd54f;padding:0 1px}code{white-space:pre-wrap}.card{width:360px}"
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><header><h1>{html.escape(title)}</h1></header>"
+            f"{_notices_html(notices)}<main>{body}</main></body></html>")
+    path = Path(out) if out is not None else run_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
