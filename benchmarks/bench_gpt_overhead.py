@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from topotorch.graph.transformer import transformer_graph
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_
 from topotorch.relocation import relocate
-from topotorch.tasks_sequence import CharLM
+from topotorch.tasks.sequence import CharLM
 from topotorch.timing import compare
 
 

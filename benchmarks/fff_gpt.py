@@ -24,7 +24,7 @@ from torch import nn
 
 from topotorch.layers import SoftToHard, fffify, layer_inputs, merge_shared_leaves, share_leaves
 from topotorch.tasks import get_task
-from topotorch.tasks_sequence import bits_per_char
+from topotorch.tasks.sequence import bits_per_char
 from topotorch.timing import median_seconds
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from topotorch.tasks_sequence import in_context_data, probe_residual
+from topotorch.tasks.sequence import in_context_data, probe_residual
 from topotorch.training import TrainConfig, load_run, train
 
 

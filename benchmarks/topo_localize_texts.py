@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from topotorch.tasks_sequence import SHAKESPEARE
+from topotorch.tasks.sequence import SHAKESPEARE
 
 
 def main() -> None:

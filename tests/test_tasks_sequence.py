@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from topotorch.tasks import get_task
-from topotorch.tasks_sequence import bits_per_char, char_windows, in_context_data, probe_residual
+from topotorch.tasks.sequence import bits_per_char, char_windows, in_context_data, probe_residual
 from topotorch.training import TrainConfig, build, train
 
 
@@ -69,7 +69,7 @@ def test_text_file_task(tmp_path):
 def test_short_transformer_runs_write_a_full_run_folder(tmp_path, task, overrides):
     if task == "text":  # a tiny char-level GPT on a file the test writes, registered like a user would
         from topotorch.tasks import TASKS
-        from topotorch.tasks_sequence import text_task
+        from topotorch.tasks.sequence import text_task
 
         path = tmp_path / "c.txt"
         path.write_text("hello world, the quick brown fox jumps over the lazy dog. " * 30)

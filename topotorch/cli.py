@@ -504,7 +504,7 @@ def localize(
     from topotorch.analysis.localize import localize as do_localize
     from topotorch.analysis.maps import draw_maps
     from topotorch.sheets import find_sheets
-    from topotorch.tasks_sequence import bits_per_char
+    from topotorch.tasks.sequence import bits_per_char
 
     r = _load_for_topo(run)
     try:

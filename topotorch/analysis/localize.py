@@ -93,7 +93,7 @@ def char_vocab(task_name: str) -> list[str]:
     """
     from pathlib import Path
 
-    from topotorch.tasks_sequence import SHAKESPEARE
+    from topotorch.tasks.sequence import SHAKESPEARE
 
     if task_name == "shakespeare-char":
         path = SHAKESPEARE

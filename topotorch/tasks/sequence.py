@@ -19,9 +19,9 @@ from torch import nn
 
 from topotorch.graph.transformer import transformer_graph
 from topotorch.models import TinyGPT
-from topotorch.tasks import TASKS, Task, TaskData, register_task
+from topotorch.tasks.core import TASKS, Task, TaskData, check_defaults, register_task, register_task_prefix
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 class LastToken(nn.Module):
@@ -189,7 +189,7 @@ def text_task(path: str | Path, name: str | None = None, block: int = 64, d_mode
     def make_data(seed: int, dtype: torch.dtype) -> TaskData:
         return TaskData(xtr, ytr, xte[:max_test_windows], yte[:max_test_windows])
 
-    return Task(
+    return check_defaults(Task(
         name=name or f"text:{path}", description=f"character-level LM on {path.name} ({len(text)} chars, {len(vocab)} symbols)",
         make_data=make_data, make_model=lambda: CharLM(len(vocab), d_model, n_layers, n_heads, block),
         loss="ce", make_graph=_inner_graph(None, [repr(c)[1:-1] for c in vocab]), output_labels=[repr(c)[1:-1] for c in vocab],
@@ -200,7 +200,13 @@ def text_task(path: str | Path, name: str | None = None, block: int = 64, d_mode
         defaults=dict(steps=5000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=200, agg="sum",
                       lam="0:5e-6", threshold=0.05, dtype="float32", batch_size=32, log_every=250),
         goal=None,
-    )
+    ))
+
+
+@register_task_prefix("text:", "text:PATH")
+def text_file_task(path: str) -> Task:
+    """``text:PATH``: character-level language modelling on the text file at PATH. Usage: ``get_task("text:a.txt")``."""
+    return text_task(path)
 
 
 if SHAKESPEARE.is_file():  # registered lazily: the corpus is read only when the task is used
