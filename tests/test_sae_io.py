@@ -500,6 +500,16 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     assert len(top["latents"]) == 4 and all(ex["act"] > 0 for lat in top["latents"] for ex in lat["examples"])
     page = build_report(out).read_text()
     assert "CE-loss recovered" in page and "Top-activating contexts" in page
+    # through the disk cache: a transcoder of the first block's MLP, trained from shuffled shards
+    cached = CliRunner().invoke(app, ["sae", str(run), "--hook", "blocks.0.mlp", "--transcoder", "--latents", "32",
+                                      "--k", "4", "--steps", "6", "--batch-size", "128", "--eval-windows", "4",
+                                      "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "tc"),
+                                      "--no-progress"])
+    assert cached.exit_code == 0, cached.output
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] >= 6 * 128
+    assert manifest["hooks"] == ["blocks.0.mlp:input", "blocks.0.mlp"]
+    assert json.loads((tmp_path / "tc" / "summary.json").read_text())["sae"]["d_out"] == 16
     # refused: an existing run folder, a hook that names no module
     again = CliRunner().invoke(app, ["sae", *args])
     assert again.exit_code == 2 and "already holds a run" in again.output

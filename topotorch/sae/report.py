@@ -39,6 +39,21 @@ EVAL_ROWS = (
 )
 
 
+# the look of topotorch's run reports (topotorch/report.py), plus highlighted tokens
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
+header{background:#223;color:#fff;padding:10px 18px}h1{font-size:19px;margin:0}
+main{padding:12px 18px;display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px;overflow:auto}
+h2{font-size:15px;margin:2px 0 8px}.wide{grid-column:1/-1}
+table{border-collapse:collapse;font-size:12px}td,th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#777;font-size:12px}img{max-width:100%}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{width:360px}
+.notice{background:#fff4d6;border:1px solid #e0b44c;border-radius:4px;padding:6px 10px;margin:8px 18px;font-size:13px}
+mark{background:#ffd54f;padding:0 1px}code{white-space:pre-wrap}
+"""
+
+
 def is_sae_run(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` was written by ``topotorch sae`` (its ``config.json`` says so)."""
     try:
@@ -154,8 +169,6 @@ def sae_panel(run_dir: str | Path, notices: list[str] | None = None, max_latents
 def build_sae_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a self-contained ``report.html`` for a ``topotorch sae`` run folder; return its path.
     Usage: ``build_sae_report("runs/sae-x")``."""
-    from topotorch.report import _STYLE, _notices_html
-
     run_dir = Path(run_dir)
     if not is_sae_run(run_dir):
         raise ValueError(f"{run_dir} is not a `topotorch sae` run folder")
@@ -163,10 +176,10 @@ def build_sae_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     body = sae_panel(run_dir, notices)
     summary = _read(run_dir / "summary.json", []) or {}
     title = f"SAE at {summary.get('hook', '?')} — {summary.get('source', run_dir.name)}"
-    style = _STYLE + "mark{background:#ffd54f;padding:0 1px}code{white-space:pre-wrap}.card{width:360px}"
+    notes = "".join(f"<p class='notice'>{html.escape(n)}</p>" for n in notices)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><header><h1>{html.escape(title)}</h1></header>"
-            f"{_notices_html(notices)}<main>{body}</main></body></html>")
+            f"<style>{STYLE}</style></head><body><header><h1>{html.escape(title)}</h1></header>"
+            f"{notes}<main>{body}</main></body></html>")
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
