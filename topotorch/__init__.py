@@ -2,8 +2,8 @@
 
 from topotorch.geometry import circle, grid, line, make_layout, pairwise_distance
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
-from topotorch.graph.traced import coupling_graph
 from topotorch.graph.conv import conv_graph
+from topotorch.graph.traced import coupling_graph
 from topotorch.graph.transformer import transformer_graph
 from topotorch.objectives import WiringConfig, wiring_cost
 from topotorch.relocation import apply_permutation, placement_cost, relocate

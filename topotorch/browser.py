@@ -103,15 +103,16 @@ class Browser:
     """Headless Chromium with a private profile, started on enter and killed on exit."""
 
     def __init__(self, binary: str | None = None, width: int = 1400, height: int = 1000, timeout: float = 30.0):
-        self.binary = binary or find_chromium()
-        if self.binary is None:
+        found = binary or find_chromium()
+        if found is None:
             raise FileNotFoundError("no Chromium found (apt-get install chromium, or set $CHROMIUM)")
+        self.binary: str = found
         self.width, self.height, self.timeout = width, height, timeout
         self._proc: subprocess.Popen | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._sockets: list = []
 
-    def __enter__(self) -> "Browser":
+    def __enter__(self) -> Browser:
         # Chromium's helper processes may still write the profile while it is removed: ignore that race
         self._tmp = tempfile.TemporaryDirectory(prefix="topotorch-chromium-", ignore_cleanup_errors=True)
         args = [self.binary, "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self._tmp.name}",

@@ -17,7 +17,7 @@ meets a 2-D layer (see :func:`as_plane`).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -68,7 +68,7 @@ def circle(n: int, radius: float = 0.25, centre: tuple[float, float] = (0.5, 0.5
 def square_grid(n: int) -> torch.Tensor:
     """A grid for n neurons: the most square rows x cols with rows*cols = n. Usage: ``square_grid(100)``."""
     _check_count(n)
-    rows = max(d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0)
+    rows = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
     return grid(rows, n // rows)
 
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -164,7 +164,10 @@ class TinyGPT(nn.Module):
             raise ValueError("give exactly one of vocab (token inputs) or in_dim (vector inputs)")
         self.vocab, self.in_dim, self.block_size = vocab, in_dim, block_size
         d_mlp = d_mlp or 4 * d_model
-        self.embed = nn.Embedding(vocab, d_model) if vocab is not None else nn.Linear(in_dim, d_model)
+        if vocab is not None:
+            self.embed: nn.Embedding | nn.Linear = nn.Embedding(vocab, d_model)
+        elif in_dim is not None:  # always, given the check above
+            self.embed = nn.Linear(in_dim, d_model)
         self.pos = nn.Parameter(torch.zeros(block_size, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(

@@ -15,8 +15,15 @@ def progress_bar(enabled: bool, description_width: int = 0) -> Any:
     null context yielding None when ``enabled`` is false. Usage: ``with progress_bar(True) as bar: ...``."""
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    description = "{task.description:<%d}" % description_width if description_width else "{task.description}"
+    description = f"{{task.description:<{description_width}}}" if description_width else "{task.description}"
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), transient=False)

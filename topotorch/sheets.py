@@ -38,6 +38,17 @@ def is_hf_conv1d(module: nn.Module) -> bool:
             and w.dim() == 2 and w.shape[1] == nf)
 
 
+def layer_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.weight`` / ``module.bias`` as a tensor (nn.Module types its attributes ``Tensor | Module``).
+
+    Usage: ``layer_tensor(nn.Linear(2, 3), "weight").shape  # (3, 2)``.
+    """
+    t = getattr(module, name)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} is a {type(t).__name__}, not a tensor")
+    return t
+
+
 def is_sheet_layer(module: nn.Module) -> bool:
     """A layer that can carry a cortical sheet: nn.Linear, nn.Conv1d, nn.Conv2d or HF ``Conv1D``."""
     return isinstance(module, SHEET_LAYERS) or is_hf_conv1d(module)
@@ -99,7 +110,7 @@ class CorticalSheet:
 
     @classmethod
     def of(cls, module: nn.Module, name: str = "", shape: tuple[int, int] | str | None = None,
-           side: Side = "output", bias: bool = False) -> "CorticalSheet":
+           side: Side = "output", bias: bool = False) -> CorticalSheet:
         """The sheet of one Linear/Conv1d/Conv2d module. Usage: ``CorticalSheet.of(conv, shape="4x8")``."""
         if not is_sheet_layer(module):
             raise TypeError(f"layer {name or type(module).__name__!r} is a {type(module).__name__}; "
@@ -111,7 +122,8 @@ class CorticalSheet:
         if bias and getattr(module, "bias", None) is None:
             raise ValueError(f"layer {name!r} has no bias")
         out_dim = 1 if is_hf_conv1d(module) else 0  # HF Conv1D keeps its weight as (in, out)
-        n = module.weight.shape[out_dim] if side == "output" else module.weight.shape[1 - out_dim]
+        wt = layer_tensor(module, "weight")
+        n = wt.shape[out_dim] if side == "output" else wt.shape[1 - out_dim]
         h, w = sheet_shape(int(n), shape)
         return cls(name, module, h, w, side, bias)
 
@@ -121,7 +133,7 @@ class CorticalSheet:
 
     def _weight(self) -> torch.Tensor:
         """The weight as (out, in, ...): HF Conv1D's (in, out) weight is seen transposed."""
-        wt = self.module.weight
+        wt = layer_tensor(self.module, "weight")
         return wt.t() if is_hf_conv1d(self.module) else wt
 
     @property
@@ -136,7 +148,7 @@ class CorticalSheet:
         if self.side == "output":
             f = wt.reshape(wt.shape[0], -1)
             if self.bias:
-                f = torch.cat([f, self.module.bias.unsqueeze(1)], dim=1)
+                f = torch.cat([f, layer_tensor(self.module, "bias").unsqueeze(1)], dim=1)
         else:
             f = wt.transpose(0, 1).reshape(wt.shape[1], -1)
         return f.reshape(self.h, self.w, -1)
@@ -153,7 +165,8 @@ def find_sheets(model: nn.Module, pattern: str = "*", shape: tuple[int, int] | s
 
     Several patterns may be given comma-separated (``"*.mlp.0,*.conv1"``). A pattern that matches
     no such layer raises ``ValueError`` listing the layers there are. Modules shared under two
-    names (tied weights) count once; ``""`` names the model itself (a bare layer). Usage: ``find_sheets(gpt, "*.mlp.0")``.
+    names (tied weights) count once; ``""`` names the model itself (a bare layer).
+    Usage: ``find_sheets(gpt, "*.mlp.0")``.
     """
     if not isinstance(pattern, str):
         raise ValueError(f"layer pattern must be a string like '*.mlp.0', got {pattern!r}")

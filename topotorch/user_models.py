@@ -23,7 +23,10 @@ from torch import nn
 
 
 def parse_model_config(text: str | None) -> dict[str, Any]:
-    """``"n_layer=4,n_embd=128,act=gelu,tie=false"`` -> ``{"n_layer": 4, "n_embd": 128, "act": "gelu", "tie": False}``."""
+    """A ``key=value,...`` model config as a dict with parsed values.
+
+    ``"n_layer=4,n_embd=128,act=gelu,tie=false"`` -> ``{"n_layer": 4, "n_embd": 128, "act": "gelu", "tie": False}``.
+    """
     out: dict[str, Any] = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, sep, value = item.partition("=")

@@ -35,7 +35,7 @@ _ids = itertools.count()
 class Axis:
     """One index set (a node of the union-find forest); see the module docstring."""
 
-    __slots__ = ("size", "parent", "factors", "parts", "pinned", "uniform", "roles", "id", "averaged")
+    __slots__ = ("averaged", "factors", "id", "parent", "parts", "pinned", "roles", "size", "uniform")
 
     def __init__(self, size: int, pinned: str | None = None, uniform: bool = False):
         self.size = int(size)
@@ -108,7 +108,9 @@ def unify(a: Axis, b: Axis) -> None:
 
 
 def _unify_factors(a: Axis, other: list[Axis]) -> None:
-    sizes = _refinement([find(f).size for f in find(a).factors], [find(f).size for f in other])
+    mine = find(a).factors
+    assert mine is not None  # called only when both sides have factors
+    sizes = _refinement([find(f).size for f in mine], [find(f).size for f in other])
     if sizes is None:
         pin(a, "reshaped into incompatible head splits")
         return
@@ -183,7 +185,8 @@ def ensure_factors(a: Axis, sizes: list[int]) -> list[Axis]:
     pieces: list[Axis] = []
     k = 0
     for leaf in current:  # split each leaf into the refinement's pieces
-        n, take = leaf.size, []
+        n = leaf.size
+        take: list[int] = []
         while n > 1 or not take:
             take.append(ref[k])
             n //= ref[k]
@@ -191,7 +194,8 @@ def ensure_factors(a: Axis, sizes: list[int]) -> list[Axis]:
         pieces += ensure_factors(leaf, take) if len(take) > 1 else [leaf]
     out, k = [], 0
     for s in sizes:  # group pieces into the wanted sizes
-        group, n = [], 1
+        n = 1
+        group: list[Axis] = []
         while n < s or not group:
             group.append(pieces[k])
             n *= pieces[k].size

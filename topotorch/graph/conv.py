@@ -15,6 +15,8 @@ Works with :class:`topotorch.models.SmallResNet` and any module with the same pa
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -55,12 +57,14 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
     conns = [Connection("stem.weight", "resid", "input", Slice("stem.weight", 0, slice_index(c)),
                         Slice("stem.weight", 1, slice_index(n_in)), sb)]
     spaces = [inp, resid]
-    for li, block in enumerate(model.blocks):
+    blocks: Any = model.blocks  # any iterable of blocks (nn.ModuleList, nn.Sequential ...)
+    for li, block in enumerate(blocks):
         pre = f"blocks.{li}"
         conv1, conv2 = getattr(block, "conv1", None), getattr(block, "conv2", None)
         for name, conv in (("conv1", conv1), ("conv2", conv2)):
             if not isinstance(conv, nn.Conv2d) or conv.groups != 1:
                 raise ValueError(f"cannot place layer {pre}.{name!s} ({type(conv).__name__}): expected an ungrouped nn.Conv2d")
+        assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)  # checked just above
         h = conv1.out_channels
         name = f"{pre}.hidden"
         hid = Space(name, h, layout(name, h), float(li + 1), "hidden", "weights")
@@ -83,7 +87,7 @@ def conv_graph(model: nn.Module, layouts: dict | None = None, input_labels: list
                                 Slice(f"{pre}.conv2.weight", 1, slice_index(h)), b2))
         spaces.append(hid)
     n_out = head.out_features
-    out = Space("output", n_out, layout("output", n_out), float(len(model.blocks) + 1), "output", "positions",
+    out = Space("output", n_out, layout("output", n_out), float(len(blocks) + 1), "output", "positions",
                 labels=output_labels)
     flat = torch.arange(c * per_channel).view(c, per_channel)  # channel j owns H*W consecutive columns
     resid.slices.append(Slice("head.weight", 1, flat))

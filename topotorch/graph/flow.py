@@ -40,8 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from topotorch.geometry import make_layout
 from topotorch.graph.axes import Axis, find
-from topotorch.graph.core import Connection, Slice, Space, SpatialGraph, common_prefix
-from topotorch.graph.rules import RULES, Context, fresh, op_name, unknown
+from topotorch.graph.core import Connection, RelocateMode, Role, Slice, Space, SpatialGraph, common_prefix
+from topotorch.graph.rules import RULES, Context, Use, fresh, op_name, unknown
 from topotorch.graph.transformer import head_line
 
 
@@ -74,7 +74,7 @@ def run_model(model: nn.Module, example_inputs):
 class Ref:
     """A tensor seen during the traced forward pass (what the rules call a node)."""
 
-    __slots__ = ("target", "args", "kwargs", "meta")
+    __slots__ = ("args", "kwargs", "meta", "target")
 
     def __init__(self, val, target=None, args=(), kwargs=None):
         self.target, self.args, self.kwargs, self.meta = target, args, kwargs or {}, {"val": val}
@@ -85,7 +85,7 @@ class Flow:
     """The result of propagation: the axis of every parameter/buffer dim, the weights' uses, the I/O axes."""
 
     tensor_axes: dict[tuple[str, int], Axis]
-    uses: list
+    uses: list[Use]
     inputs: list[Axis]
     outputs: list[Axis]
 
@@ -175,7 +175,7 @@ def propagate(model: nn.Module, example_inputs) -> Flow:
         with torch.enable_grad(), warnings.catch_warnings(), rec:
             warnings.simplefilter("ignore")
             out = output_tensors(run_model(model, example_inputs))
-    except Exception as e:  # noqa: BLE001 - the model's own error, re-raised with context
+    except Exception as e:  # the model's own error, re-raised with context
         raise ValueError(f"could not run {type(model).__name__} on the example input: {type(e).__name__}: {e}") from e
     finally:
         model.train(was_training)
@@ -354,10 +354,10 @@ def _grouped_dims(head: Axis, occurrences, coords, ambiguous) -> int:
             return 0
         inner_ids |= ids
     nodes = {}
-    for key, a in occurrences.items():
+    for a in occurrences.values():
         for leaf in _leaves_in_order(a):
             nodes[leaf.id] = leaf
-    for key, a in occurrences.items():
+    for a in occurrences.values():
         r = find(a)
         stack = [r]
         while stack:
@@ -396,7 +396,7 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
     occurrences = {k: find(a) for k, a in flow.tensor_axes.items()}
     ambiguous: set[int] = set()
     coords = {k: _coords(a, ambiguous) for k, a in occurrences.items()}
-    last = {}  # a tied or shared weight is one connection: its last use (a tied table: the output head)
+    last: dict[str, Use] = {}  # a tied or shared weight is one connection: its last use (a tied table: the output head)
     for u in flow.uses:
         if (u.param, u.target_dim) in occurrences and (u.param, u.source_dim) in occurrences:
             last[u.param] = u
@@ -483,7 +483,8 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             slices[(i, key[0], key[1])] = sl
         roles = ax.roles
         sole_input = ax.size == 1 and not writers.get(i)  # e.g. the one channel of a grey-scale image
-        role = "output" if "output" in roles else "input" if ("input" in roles or plan.lookup or sole_input) else "hidden"
+        role: Role = "output" if "output" in roles else "input" if ("input" in roles or plan.lookup or sole_input) else "hidden"
+        relocate: RelocateMode
         if role != "hidden":
             relocate = "fixed" if plan.lookup or sole_input else "positions"
         else:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -180,7 +180,7 @@ def _native_dropout(ctx: Context, node):
 def _broadcast(ctx: Context, node):
     out_shape = ctx.shape(node)
     n = len(out_shape)
-    ins = [a for a in ctx.tensor_args(node)]
+    ins = list(ctx.tensor_args(node))
     out: Label = []
     for i in range(n):
         size = out_shape[i]
@@ -247,7 +247,7 @@ def _reduce(ctx: Context, node, dims, keepdim: bool, pin_reason: str | None = No
         for d in dims:
             for a in lab[d]:
                 pin(a, pin_reason)
-    out = []
+    out: Label = []
     for i, d in enumerate(lab):
         if i in dims:
             if keepdim:
@@ -364,8 +364,8 @@ def _squeeze(ctx: Context, node):
     lab = ctx.label(node.args[0])
     shape = ctx.shape(node.args[0])
     if len(node.args) > 1:
-        ds = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-        ds = {_norm_dim(d, len(lab)) for d in ds}
+        given = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        ds = {_norm_dim(d, len(lab)) for d in given}
     else:
         ds = set(range(len(lab)))
     keep = [i for i in range(len(lab)) if not (i in ds and shape[i] == 1)]
@@ -770,7 +770,7 @@ def _sdpa(ctx: Context, node):
         q_heads = lq[1]
     else:
         rep = sq[1] // sk[1]
-        kv, copies = ensure_factors(dim_axis(lq[1], sq[1]), [sk[1], rep])
+        kv, _copies = ensure_factors(dim_axis(lq[1], sq[1]), [sk[1], rep])
         join((kv,), lk[1], sk[1])
         q_heads = lq[1]
     join(lq[3], lk[3], sq[3])

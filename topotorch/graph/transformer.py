@@ -23,6 +23,8 @@ Works with :class:`topotorch.models.TinyGPT` and any module with the same parts
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -33,9 +35,10 @@ from topotorch.graph import Connection, Slice, Space, SpatialGraph, slice_index
 def _attention_tensors(prefix: str, attn: nn.Module) -> tuple[str, str | None, str, str | None, int]:
     """(qkv weight, qkv bias, out weight, out bias, n_heads) names of a supported attention module."""
     if hasattr(attn, "qkv") and hasattr(attn, "proj"):
-        qkv, proj = attn.qkv, attn.proj
+        duck: Any = attn  # read by attribute names (nn.Module types its attributes Tensor | Module)
+        qkv, proj = duck.qkv, duck.proj
         return (f"{prefix}.qkv.weight", f"{prefix}.qkv.bias" if qkv.bias is not None else None,
-                f"{prefix}.proj.weight", f"{prefix}.proj.bias" if proj.bias is not None else None, attn.n_heads)
+                f"{prefix}.proj.weight", f"{prefix}.proj.bias" if proj.bias is not None else None, duck.n_heads)
     mha = attn if isinstance(attn, nn.MultiheadAttention) else getattr(attn, "mha", None)
     if isinstance(mha, nn.MultiheadAttention):
         if not mha._qkv_same_embed_dim:
@@ -99,6 +102,7 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
     if not isinstance(head, nn.Linear) or head.in_features != d:
         raise ValueError("the output head must be an nn.Linear reading the residual stream")
     tied = head.weight is getattr(embed, "weight", None)
+    blocks: Any = model.blocks  # any iterable of blocks (nn.ModuleList, nn.Sequential ...)
 
     def layout(name: str, n: int) -> torch.Tensor:
         return make_layout(layouts.get(name), n)
@@ -126,7 +130,7 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         resid.slices.append(Slice("pos", 1, slice_index(d)))
     spaces.append(resid)
 
-    for li, block in enumerate(model.blocks):
+    for li, block in enumerate(blocks):
         pre = f"blocks.{li}"
         for part in ("ln1", "attn", "ln2", "mlp"):
             if not hasattr(block, part):
@@ -172,7 +176,7 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
 
     resid.slices += _norm_slices("ln_f", getattr(model, "ln_f", nn.Identity()), d)
     n_out = head.out_features
-    out = Space("output", n_out, layout("output", n_out), 2.0 * len(model.blocks) + 1, "output",
+    out = Space("output", n_out, layout("output", n_out), 2.0 * len(blocks) + 1, "output",
                 "positions" if relocate_outputs else "fixed", labels=output_labels)
     hw = "embed.weight" if tied else "head.weight"
     hb = "head.bias" if head.bias is not None else None

@@ -7,9 +7,16 @@
 
 from topotorch.layers.convert import fffify, mlp_blocks
 from topotorch.layers.fff import FFF, UltraFFF, bernoulli_entropy, fff_layers, hardening_loss
+from topotorch.layers.fff_regions import (
+    LeafUsage,
+    class_leaf_table,
+    draw_regions,
+    format_class_leaf_table,
+    layer_inputs,
+    leaf_usage,
+)
 from topotorch.layers.fff_schedule import SoftToHard
 from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
-from topotorch.layers.fff_regions import LeafUsage, class_leaf_table, draw_regions, format_class_leaf_table, layer_inputs, leaf_usage
 
 __all__ = ["FFF", "UltraFFF", "bernoulli_entropy", "fff_layers", "fffify", "hardening_loss", "mlp_blocks",
            "merge_shared_leaves", "share_leaves", "SoftToHard",

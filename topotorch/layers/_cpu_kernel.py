@@ -426,6 +426,8 @@ def hard_forward(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w1: torch.
     Usage: ``y, leaves = hard_forward(x, *weights, depth, ACT_RELU)``.
     """
     lib = _lib if _lib is not None else kernel()
+    if lib is None:
+        raise RuntimeError(f"the FFF CPU kernel is not available ({kernel_error() or 'disabled'})")
     B, n_in = x.shape
     l, out = w1.shape[-1], w2.shape[-1]
     fn = lib.fff_hard_f32 if x.dtype == torch.float32 else lib.fff_hard_f64

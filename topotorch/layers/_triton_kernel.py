@@ -109,7 +109,7 @@ if triton is not None:
         leaf = tl.load(leaf_ptr + rows, mask=rmask, other=0)
         base = leaf[:, None] * LW * OUT + ns[None, :]
         acc = tl.zeros((BM, BN), dtype=ACC)
-        for j in range(0, LW):
+        for j in range(LW):
             hj = tl.load(h_ptr + rows * LP + j, mask=rmask, other=0.0)
             acc += hj[:, None] * tl.load(w2_ptr + base + j * OUT, mask=m2, other=0.0).to(ACC)
         acc += tl.load(b2_ptr + leaf[:, None] * OUT + ns[None, :], mask=m2, other=0.0).to(ACC)
@@ -147,6 +147,8 @@ def hard_forward(x: torch.Tensor, node_weights: torch.Tensor, node_biases: torch
     _route_hidden[(triton.cdiv(M, BLOCK_M),)](args[0], args[1], args[2], args[3], args[4], h, leaf, M, IN, LW,
                                               DEPTH=depth, ACT=fused, ACC=acc, BM=BLOCK_M, BK=BK, LP=LP)
     if act == ACT_NONE:  # in the layer's dtype, as the torch path does (parametrised activations too)
+        if activation is None:
+            raise ValueError("act=ACT_NONE needs the activation module to apply")
         h[:, :LW] = activation(h[:, :LW].to(x.dtype)).to(h.dtype)
     _leaf_output[(triton.cdiv(M, BLOCK_M), triton.cdiv(OUT, BLOCK_N))](h, leaf, args[5], args[6], y, M, OUT, LW,
                                                                         ACC=acc, BM=BLOCK_M, BN=BLOCK_N, LP=LP)

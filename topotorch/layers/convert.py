@@ -45,8 +45,9 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +69,10 @@ def _dense(m) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight as (out, in), bias) of an ``nn.Linear`` or a Hugging Face ``Conv1D`` (weight (in, out)); else None."""
     if isinstance(m, nn.Linear):
         return m.weight, m.bias
+    w = getattr(m, "weight", None)
     if (isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 2 and m.weight.shape[1] == m.nf):
-        return m.weight.t(), getattr(m, "bias", None)
+            and isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[1] == m.nf):
+        return w.t(), getattr(m, "bias", None)
     return None
 
 
@@ -105,8 +107,8 @@ def _is_activation(act) -> bool:
     return callable(act) and not isinstance(act, type)
 
 
-def _get(root: nn.Module, path: str):
-    obj = root
+def _get(root: nn.Module, path: str) -> Any:
+    obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -119,11 +121,22 @@ def _set(root: nn.Module, path: str, value: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, leaf, value)
 
 
+class _Rule(Protocol):
+    """What :func:`fffify` needs of an entry of :data:`MLP_PATTERNS`."""
+
+    @property
+    def name(self) -> str: ...
+
+    def match(self, module: nn.Module) -> _Found | None: ...
+
+    def install(self, model: nn.Module, name: str, block: nn.Module, layer: nn.Module) -> None: ...
+
+
 @dataclass
 class _Found:
     """One MLP block as read by a rule: y = W2 · drop(act(W1 x + b1)) + b2."""
 
-    rule: object
+    rule: _Rule
     w1: torch.Tensor  # (hidden, in)
     b1: torch.Tensor | None
     act: object
@@ -220,10 +233,9 @@ class GatedMLPPattern:
     down: str
 
     def match(self, module: nn.Module) -> _Found | None:
-        parts = [_dense(_get(module, p)) for p in (self.gate, self.up, self.down)]
-        if any(p is None for p in parts):
+        gate, up, down = (_dense(_get(module, p)) for p in (self.gate, self.up, self.down))
+        if gate is None or up is None or down is None:
             return None
-        gate, up, down = parts
         why = (f"a gated MLP ({self.down}(act({self.gate}(x)) * {self.up}(x)), hidden width {gate[0].shape[0]}): an "
                "FFF leaf is Linear-activation-Linear with no multiplicative gate, so no FFF computes this block; "
                "it is not converted (narrow `include` to leave it out)")
@@ -237,7 +249,8 @@ def _torch_transformer_layer_after(layer: nn.Module) -> None:
     # nn.TransformerEncoderLayer's fused inference path reads linear1.weight / linear2.weight;
     # activation_relu_or_gelu = 0 is its documented "no fast path" state.
     if hasattr(layer, "activation_relu_or_gelu"):
-        layer.activation_relu_or_gelu = 0
+        # a plain int flag, which nn.Module's attribute typing (Tensor | Module) does not allow
+        setattr(layer, "activation_relu_or_gelu", 0)  # noqa: B010
 
 
 def _torch_transformer_layer_call(layer: nn.Module, x: torch.Tensor):
@@ -326,6 +339,7 @@ def _check(model: nn.Module, name: str, block: nn.Module, found: _Found) -> None
     label = name or "the model"
     twin = copy.deepcopy(block).to(torch.float64).eval()
     found_twin = found.rule.match(twin)
+    assert found_twin is not None  # a copy of a block its rule matched
     n_in = found.widths[0]
     x = torch.randn(2, 3, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     exact = FFF(n_in, found.widths[1], found.widths[2], 0, activation=_activation_module(found.act),
@@ -396,10 +410,10 @@ def fffify(
     if check:
         for name, m, f in blocks:
             _check(model, name, m, f)
-    replacements = {}
-    for name, block, f in blocks:
+    replacements: dict[str, FFF | UltraFFF] = {}
+    for name, _block, f in blocks:
         n_in, hidden, n_out = f.widths
-        kw = {"device": f.w1.device, "dtype": f.w1.dtype}
+        kw: dict[str, Any] = {"device": f.w1.device, "dtype": f.w1.dtype}
         width = training_width or hidden
         act = _activation_module(f.act)
         if variant == "ultra":
@@ -416,7 +430,7 @@ def fffify(
             if d != int(d) or d < 0:
                 raise ValueError(f"{name}: training width {width} is not leaf_width ({leaf_width}) times a power of "
                                  f"two; pass training_width= or depth=")
-        layer_kw = {"dropout": f.dropout, **fff_kwargs} if f.dropout else dict(fff_kwargs)
+        layer_kw: dict[str, Any] = {"dropout": f.dropout, **fff_kwargs} if f.dropout else dict(fff_kwargs)
         layer = FFF(n_in, leaf_width, n_out, int(d), activation=act, **layer_kw, **kw)
         if init == "dense":
             try:

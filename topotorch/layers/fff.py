@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from topotorch.models import activation as _activation_by_name
 from topotorch.layers import _cpu_kernel
+from topotorch.models import activation as _activation_by_name
 
 __all__ = ["FFF", "UltraFFF", "hardening_loss", "fff_layers", "bernoulli_entropy"]
 
@@ -60,6 +60,8 @@ BATCH1_TOP_LEVELS = 6
 
 
 _WEIGHT_NAMES = ("node_weights", "node_biases", "w1s", "b1s", "w2s", "b2s")
+# the six weights in _WEIGHT_NAMES' order, as the kernels take them
+KernelWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _make_activation(activation: str | nn.Module) -> nn.Module:
@@ -162,7 +164,7 @@ class FFF(nn.Module):
         self.hard_impl: HardImpl = hard_impl
         self.last_entropies: torch.Tensor | None = None
         self.sharpness = 1.0  # soft decisions are sigmoid(sharpness · (w·x + b)); the hard ones ignore it
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         L, i, l, o = self.n_leaves, self.input_width, self.leaf_width, self.output_width
         self.node_weights = nn.Parameter(torch.empty(self.n_nodes, i, **kw))
         self.node_biases = nn.Parameter(torch.empty(self.n_nodes, **kw))
@@ -178,7 +180,7 @@ class FFF(nn.Module):
         state["last_entropies"] = None
         return state
 
-    def __deepcopy__(self, memo: dict) -> "FFF":
+    def __deepcopy__(self, memo: dict) -> FFF:
         # Explicit (not via __getstate__) so that it also serves parametrised layers
         # (share_leaves), whose injected class refuses __getstate__.
         replica = self.__new__(type(self))
@@ -220,7 +222,8 @@ class FFF(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return x.reshape(-1, self.input_width)
 
-    def forward(self, x: torch.Tensor, return_entropies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor,
+                return_entropies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Soft (train) or hard (eval) forward of ``x`` with shape (..., input_width) -> (..., output_width).
 
         ``return_entropies=True`` (soft mode only) also returns the per-node mean entropies.
@@ -298,8 +301,10 @@ class FFF(nn.Module):
         """
         x2 = self._flat(x)
         if self._kernel_ok(x2):
-            return _cpu_kernel.hard_forward(x2.contiguous(), *self._kernel_weights(), self.depth, 0,
-                                            route_only=True)[1].reshape(x.shape[:-1])
+            _, leaves = _cpu_kernel.hard_forward(x2.contiguous(), *self._kernel_weights(), self.depth, 0,
+                                                 route_only=True)
+            assert leaves is not None  # route_only computes the leaves alone
+            return leaves.reshape(x.shape[:-1])
         return self._route(x2).reshape(x.shape[:-1])
 
     def _route(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,8 +339,10 @@ class FFF(nn.Module):
             return x.new_zeros(0, self.output_width)
         if self._kernel_ok(x):  # first: at batch 1 the kernel call is mostly this Python
             act = self._modules.get("activation") or self.activation
-            return _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
-                                            self._kernel_activation(act), activation=act, need_leaves=False)[0]
+            y, _ = _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
+                                            self._kernel_activation(act), activation=act, need_leaves=False)
+            assert y is not None  # only route_only leaves y out
+            return y
         impl = self.hard_impl_used(x)
         if impl == "triton":
             from topotorch.layers import _triton_kernel  # imports triton: only when a GPU path runs
@@ -424,12 +431,14 @@ class FFF(nn.Module):
             return False
         return _triton_kernel.available(x.device)
 
-    def _kernel_weights(self) -> tuple[torch.Tensor, ...]:
-        ps = self._parameters  # direct dict reads keep batch-1 calls cheap; parametrised weights are computed
-        ws = tuple(ps[n] if n in ps else getattr(self, n) for n in _WEIGHT_NAMES)
-        if all(w.is_contiguous() for w in ws):  # the kernel only reads them through data_ptr()
-            return ws
-        return tuple(w.detach().contiguous() for w in ws)
+    def _kernel_weights(self) -> KernelWeights:
+        # direct dict reads keep batch-1 calls cheap; parametrised weights are computed (not in _parameters)
+        ps: dict[str, Any] = self._parameters
+        ws = [ps[n] if n in ps else getattr(self, n) for n in _WEIGHT_NAMES]
+        if not all(w.is_contiguous() for w in ws):  # the kernel only reads them through data_ptr()
+            ws = [w.detach().contiguous() for w in ws]
+        nw, nb, w1, b1, w2, b2 = ws
+        return nw, nb, w1, b1, w2, b2
 
     def _kernel_activation(self, a: nn.Module | None = None) -> int:
         a = self.activation if a is None else a
@@ -478,7 +487,7 @@ class FFF(nn.Module):
     # -- interoperability -------------------------------------------------------------------
 
     @classmethod
-    def from_peer(cls, peer: nn.Module, **kwargs) -> "FFF":
+    def from_peer(cls, peer: Any, **kwargs) -> FFF:  # Any: fastfeedforward is untyped
         """An FFF with the weights of a ``fastfeedforward.FFF`` (0.2.1) module (same function).
 
         Usage: ``FFF.from_peer(fastfeedforward.FFF(64, 8, 10, 4))``.
@@ -517,7 +526,7 @@ class UltraFFF(nn.Module):
         self.input_width, self.output_width, self.depth, self.n_trees = int(input_width), int(output_width), int(depth), int(n_trees)
         self.n_nodes = 2 ** (self.depth + 1) - 1
         self.activation = _make_activation(activation)
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         a = 1.0 / math.sqrt(self.input_width)
         self.w_in = nn.Parameter(torch.empty(self.n_trees, self.n_nodes, self.input_width, **kw).uniform_(-a, a))
         c = 1.0 / math.sqrt(self.n_trees * (self.depth + 1))
@@ -549,7 +558,9 @@ class UltraFFF(nn.Module):
         return y.reshape(*x.shape[:-1], self.output_width)
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """All K·n_nodes neurons computed, those off each tree's path masked to zero. Usage: ``layer.dense_forward(x)``."""
+        """All K·n_nodes neurons computed, those off each tree's path masked to zero.
+
+        Usage: ``layer.dense_forward(x)``."""
         B, K, n = x.shape[0], self.n_trees, self.n_nodes
         z = x @ self.w_in.view(K * n, -1).t()
         if self.b_in is not None:

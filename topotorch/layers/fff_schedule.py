@@ -28,7 +28,8 @@ class SoftToHard:
     ``step(s)`` sets sharpness ``final_sharpness ** min(1, s / soft_steps)`` (soft_steps =
     round(total_steps · (1 - hard_frac))); before soft_steps the decisions are soft, from then on
     hard (whose straight-through node gradients scale with the sharpness, so a run resumed
-    inside the hard phase behaves like an uninterrupted one). Returns the phase name. Usage: ``SoftToHard(model, total_steps=1000, hard_frac=0.5).step(0)``.
+    inside the hard phase behaves like an uninterrupted one). Returns the phase name.
+    Usage: ``SoftToHard(model, total_steps=1000, hard_frac=0.5).step(0)``.
     """
 
     def __init__(self, model: nn.Module, total_steps: int, hard_frac: float = 0.5, final_sharpness: float = 30.0):

@@ -21,7 +21,7 @@ space) normalised by a LayerNorm/GroupNorm/RMSNorm — ``shrink`` keeps those di
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -62,7 +62,7 @@ def neuron_group_sq(graph: SpatialGraph, spaces: Iterable[str] | None = None) ->
     items, total = _plan(graph, tuple(spaces) if spaces is not None else None)
     if not items:
         raise ValueError("neuron_group_norm: no chosen space writes through any connection")
-    acc = None
+    acc: torch.Tensor | None = None
     for wname, dim, flat, owner, k in items:
         w = graph.tensor(wname)
         per_index = w.pow(2).sum(dim=[d for d in range(w.ndim) if d != dim]) if w.ndim > 1 else w.pow(2)
@@ -70,6 +70,7 @@ def neuron_group_sq(graph: SpatialGraph, spaces: Iterable[str] | None = None) ->
         if acc is None:
             acc = torch.zeros(total, dtype=w.dtype, device=w.device)
         acc = acc.index_add(0, owner.to(w.device), per_neuron)
+    assert acc is not None  # items is not empty (checked above)
     return acc
 
 

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,14 +45,17 @@ Mode = Literal["bilinear", "nearest", "area"]
 
 
 def _pair(factor: float | Sequence[float]) -> tuple[float, float]:
-    if isinstance(factor, (int, float)) and not isinstance(factor, bool):
+    bad = f"factor must be a number or (factor_h, factor_w), got {factor!r}"
+    if isinstance(factor, bool):
+        raise ValueError(bad)
+    if isinstance(factor, (int, float)):
         f = (float(factor), float(factor))
     else:
         try:
             fh, fw = factor
             f = (float(fh), float(fw))
         except (TypeError, ValueError):
-            raise ValueError(f"factor must be a number or (factor_h, factor_w), got {factor!r}") from None
+            raise ValueError(bad) from None
     if not all(math.isfinite(v) and v >= 1.0 for v in f):
         raise ValueError(f"blur factor φ must be finite and >= 1, got {factor!r}")
     return f
@@ -230,9 +234,11 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
         bb_ = _mm(uhb, t2[p0:p1] if one else t2[:, p0:p1])                      # B rows r0..r1
         return sb.reshape(n_l, -1, e), bb_.view(n_l, -1, e)
 
-    want = coef is not None
-    g1 = torch.zeros((hp, we) if one else (n_l, hp, we), dtype=cd, device=s.device) if want else None
-    g = (-coef.to(cd) / n)[:, None] if want else None
+    g1: torch.Tensor | None = None  # with coef: the gradient's accumulator and its per-layer scale
+    g: torch.Tensor | None = None
+    if coef is not None:
+        g1 = torch.zeros((hp, we) if one else (n_l, hp, we), dtype=cd, device=s.device)
+        g = (-coef.to(cd) / n)[:, None]
     coefs = []
     for r0, r1, uhb, p0, p1, uhbT, _dhbT, _q0, _q1 in p.bands:
         sb, bbd = band(r0, r1, uhb, p0, p1)
@@ -241,7 +247,7 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
         torch.linalg.vecdot(sb, bbd, out=d_)
         torch.linalg.vecdot(sb, sb, out=s_)
         torch.linalg.vecdot(bbd, bbd, out=b_)
-        if want:
+        if g is not None and g1 is not None:
             ns, nb = s_.sqrt().clamp_min_(eps), b_.sqrt().clamp_min_(eps)
             inv = g / (ns * nb)                                    # g/(|S||B|)
             cg = d_ * inv                                          # g·cos
@@ -254,7 +260,7 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
             coefs.append((inv.unsqueeze(-1), (-cg / (ns * ns)).unsqueeze(-1)))   # direct: inv·B + delta·S
     cos = dot / (ss.sqrt().clamp_min(eps) * bb.sqrt().clamp_min(eps))
     vals = 1 - cos.mean(-1)
-    if not want:
+    if g1 is None:
         return vals, None
     g2 = torch.matmul(p.dwT, torch.matmul(p.uwT, g1.view(n_l * hp, w, e)))
     g2 = g2.view(hp, we) if one else g2.view(n_l, hp, we)
@@ -508,8 +514,8 @@ def _topo_kernel() -> ctypes.CDLL | None:
             lib = ctypes.CDLL(str(so))
             p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.topo_sheet.restype = c_int
-            lib.topo_sheet.argtypes = ([p, c_int, i64, i64, i64, i64, i64] + [p] * 16
-                                       + [ctypes.c_double, ctypes.c_float, p, p, c_int])
+            argtypes: list[Any] = [p, c_int, i64, i64, i64, i64, i64] + [p] * 16
+            lib.topo_sheet.argtypes = argtypes + [ctypes.c_double, ctypes.c_float, p, p, c_int]
             _klib = lib
         except Exception as e:  # noqa: BLE001 - any failure means: use the tensor-op path
             _klib, _kerror = None, f"{type(e).__name__}: {e}"
@@ -547,6 +553,8 @@ def _kernel_sheet(f: torch.Tensor, factor: tuple[float, float], mode: str, coef:
                   eps: float = 1e-8) -> tuple[float, torch.Tensor | None]:
     """(loss, d(coef·loss)/df or None) of one (h, w, E) CPU float32/bfloat16 sheet with the kernel."""
     lib = _topo_kernel()
+    if lib is None:
+        raise RuntimeError(f"the TopoLoss kernel is not available ({_kerror or 'disabled'})")
     h, w, e = f.shape
     f = f.contiguous()
     kp = _kplan(h, w, factor, mode)
@@ -605,7 +613,7 @@ class _TopoFn(torch.autograd.Function):
         k = [c * gt + v for c, v in zip(ctx.coef, gv)]
         grads, base = ctx.grads, ctx.base
         if grads is None:  # a second backward through the same graph (retain_graph=True): compute again
-            factor, mode, groups = ctx.plan
+            factor, mode, _groups = ctx.plan
             feats = ctx.saved_tensors
             grads = [None] * len(feats)
             for i, f in enumerate(feats):
@@ -653,12 +661,13 @@ class TauSchedule:
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
             return float(self.start)
+        end = self.start if self.end is None else self.end  # __post_init__ has set it; this tells mypy
         if self.steps == 0:
-            return float(self.end if step >= self.warmup else self.start)
+            return float(end if step >= self.warmup else self.start)
         t = min(max((step - self.warmup) / self.steps, 0.0), 1.0)
         if self.kind == "cosine":
             t = (1 - math.cos(math.pi * t)) / 2
-        return float(self.start + (self.end - self.start) * t)
+        return float(self.start + (end - self.start) * t)
 
 
 class TopoLoss(nn.Module):
