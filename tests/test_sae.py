@@ -298,3 +298,18 @@ def test_mcc_of_true_features_is_one_and_synthetic_rates():
     assert hard.sample(10).shape == (10, 64) and hard.n_features == 512
     with pytest.raises(ValueError, match="unknown setting"):
         SyntheticFeatures.make("medium")
+
+
+def test_in_place_gradient_accumulation_matches_autograd():
+    from topotorch.sae.kernels import accumulate_into_grad
+
+    a, b = _coder("topk"), _coder("topk")
+    x = _x()
+    dead = torch.arange(40) % 2 == 0
+    a.loss(x, dead_mask=dead).loss.backward()
+    for p in b.parameters():
+        p.grad = torch.full_like(p, 0.5)  # existing gradients are added to, as autograd does
+    with accumulate_into_grad():
+        b.loss(x, dead_mask=dead).loss.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert (pa.grad + 0.5 - pb.grad).abs().max() < 1e-12, name

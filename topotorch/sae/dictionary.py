@@ -211,7 +211,7 @@ class TopK(Architecture):
     name, uses_k, uses_auxk = "topk", True, True
 
     def train_codes(self, sae, x_in):
-        v, i, pre = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+        v, i, pre = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k, out=sae._workspace(x_in.shape[0]))
         return Codes(v, i, None, pre)
 
 
@@ -219,7 +219,7 @@ class BatchTopK(Architecture):
     name, uses_k, uses_auxk = "batchtopk", True, True
 
     def train_codes(self, sae, x_in):
-        pre = pre_activations(x_in, sae.W_enc, sae.b_enc)
+        pre = pre_activations(x_in, sae.W_enc, sae.b_enc, out=sae._workspace(x_in.shape[0]))
         B = pre.shape[0]
         kept = min(B * sae.cfg.k, pre.numel())
         with torch.no_grad():
@@ -339,6 +339,16 @@ class SparseCoder(nn.Module):
         self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.skip else None
         # (s_in, s_out): the weights act on x/s_in and produce y/s_out (see fold_data_scale_)
         self.data_scale: tuple[float, float] = (1.0, 1.0)
+        self._pre_buffer: Tensor | None = None
+
+    def _workspace(self, B: int) -> Tensor:
+        """A kept [B, n] buffer for the training pre-activations (a fresh one per step costs page faults).
+        ``SAEOutput.codes.pre`` is this buffer: valid until the next :meth:`loss` call."""
+        w = self.W_enc
+        buf = self._pre_buffer
+        if buf is None or buf.shape != (B, self.cfg.n_latents) or buf.dtype != w.dtype or buf.device != w.device:
+            buf = self._pre_buffer = torch.empty(B, self.cfg.n_latents, dtype=w.dtype, device=w.device)
+        return buf
 
     # ---- inference ---------------------------------------------------------------------------------------
     def _x_in(self, x: Tensor) -> Tensor:
@@ -455,8 +465,8 @@ class SparseCoder(nn.Module):
     def remove_parallel_grad_(self) -> None:
         """Remove from W_dec.grad the component parallel to each (unit) row: the step then only rotates rows."""
         g = self.W_dec.grad
-        if g is not None:
-            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+        if g is not None:  # g ← g − ⟨g, w⟩ w per row, without an n×d temporary
+            g.addcmul_(self.W_dec, torch.einsum("ij,ij->i", g, self.W_dec).unsqueeze(1), value=-1.0)
 
     # ---- structure ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from topotorch.progress import progress_bar
 from topotorch.sae.dictionary import SAEConfig, SAEOutput, SparseCoder
+from topotorch.sae.kernels import accumulate_into_grad
 
 ExtraLoss = Callable[[SparseCoder, SAEOutput], Tensor]
 
@@ -118,8 +119,10 @@ class SAETrainer:
         use_aux = sae.arch.uses_auxk and sae.cfg.aux_alpha > 0
         out = sae.loss(x, y, dead_mask=self.dead_mask() if use_aux else None)
         loss = out.loss if self.extra_loss is None else out.loss + self.extra_loss(sae, out)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # gradients kept between steps and zeroed in place; the sparse kernels add into them (no n×d allocation)
+        self.opt.zero_grad(set_to_none=False)
+        with accumulate_into_grad():
+            loss.backward()
         sae.remove_parallel_grad_()
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.t, self.steps, self.lr, self.warmup, self.schedule)
