@@ -32,7 +32,7 @@ from scipy.optimize import linear_sum_assignment
 
 from topotorch.geometry import as_plane
 from topotorch.graph import Space, SpatialGraph
-from topotorch.graph.core import aggregate
+from topotorch.graph.core import aggregate, group_matrix
 from topotorch.objectives.wiring import WiringConfig
 
 Method = Literal["swap", "assign"]
@@ -341,17 +341,6 @@ def apply_permutation(
             for v in state.get(t, {}).values():
                 if isinstance(v, torch.Tensor) and v.shape == t.shape:
                     v.copy_(v.index_select(sl.dim, idx.to(v.device)))
-
-
-def group_matrix(groups: torch.Tensor) -> torch.Tensor:
-    """(n_groups, group_size) neuron indices of each group, in index order; equal sizes required.
-
-    Usage: ``group_matrix(space.groups)[h]`` are the neurons of head h.
-    """
-    ids, counts = groups.unique(return_counts=True)
-    if not bool((counts == counts[0]).all()):
-        raise ValueError("whole-group moves need groups of equal size")
-    return torch.argsort(groups, stable=True).view(len(ids), int(counts[0]))
 
 
 def _maps_groups_onto_groups(groups: torch.Tensor, perm: torch.Tensor) -> bool:

@@ -383,6 +383,17 @@ class SpatialGraph:
         return checked(cls(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
 
 
+def group_matrix(groups: torch.Tensor) -> torch.Tensor:
+    """(n_groups, group_size) neuron indices of each group, in index order; equal sizes required.
+
+    Usage: ``group_matrix(space.groups)[h]`` are the neurons of head h.
+    """
+    ids, counts = groups.unique(return_counts=True)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("whole-group moves need groups of equal size")
+    return torch.argsort(groups, stable=True).view(len(ids), int(counts[0]))
+
+
 def slice_index(n: int, k: int = 1, stride: int = 0) -> torch.Tensor:
     """The (n, k) index of a :class:`Slice` whose neuron j owns ``j, j + stride, ..., j + (k-1)·stride``.
 

@@ -18,7 +18,7 @@ import copy
 import torch
 from torch.overrides import TorchFunctionMode
 
-from topotorch.graph.core import Space, SpatialGraph
+from topotorch.graph.core import Space, SpatialGraph, group_matrix
 
 
 def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor:
@@ -26,8 +26,6 @@ def random_permutation(space: Space, generator: torch.Generator) -> torch.Tensor
     n = space.size
     if space.groups is None:
         return torch.randperm(n, generator=generator)
-    from topotorch.relocation import group_matrix
-
     g = group_matrix(space.groups.cpu())  # (n_groups, size)
     n_groups, size = g.shape
     order = torch.randperm(n_groups, generator=generator)
