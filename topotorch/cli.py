@@ -28,6 +28,7 @@ import typer
 from typer.core import TyperGroup
 
 from topotorch.config import FieldSpec, TrainConfig, describe, settings_of
+from topotorch.runs import open_config, open_run
 from topotorch.training_fff import FFFRecipe, FFFRunConfig
 
 
@@ -180,7 +181,7 @@ def train(
                                                                              [f"--{g}" for g in fixed]))
             if not (resume / "config.json").is_file():
                 _fail(f"{resume} is not a run folder (no config.json)")
-            cfg = TrainConfig.from_json(resume / "config.json")
+            cfg = open_config(resume, kind="train")
             # runtime settings are this invocation's (not given: the field's default), re-validated
             fresh = {s.name: given.get(s.name, s.default) for s in settings_of(TrainConfig)
                      if s.name in runtime and s.name != "out"}
@@ -220,14 +221,13 @@ def draw(
 ) -> None:
     """Redraw the connectivity picture of a run from its checkpoint."""
     from topotorch.checkpoint import CheckpointError
-    from topotorch.training import load_run
     from topotorch.visualize import draw_connectivity
 
     if not (math.isfinite(threshold) and threshold >= 0):
         _fail(f"threshold must be >= 0 and finite, got {threshold}")
     with _warnings_to_stderr():  # e.g. "using the previous checkpoint": one line each
         try:
-            r = load_run(run)
+            r = open_run(run, kind="train")
         except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
             _fail(str(e))
     path = out or run / "connectivity.png"
@@ -323,11 +323,10 @@ def report(
 
 def _load_for_topo(run: Path):
     from topotorch.checkpoint import CheckpointError
-    from topotorch.training import load_run
 
     with _warnings_to_stderr():
         try:
-            return load_run(run)
+            return open_run(run, kind="train")
         except (FileNotFoundError, ValueError, TypeError, CheckpointError) as e:
             _fail(str(e))
 

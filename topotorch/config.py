@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from topotorch.objectives.wiring import WiringConfig
+from topotorch.runs import get_run_kind, run_kind
 
 METHODS = ("none", "l1", "local", "swap", "bimt")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -413,12 +414,11 @@ class TrainConfig:
             raise ValueError(f"{path} is corrupt: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        from topotorch.training_fff import is_fff_config
-
-        if is_fff_config(data):
-            raise ValueError(f"{Path(path).parent} is a `topotorch fff` run (FFF classifier), not a `topotorch train` "
-                             "run: its figures are in summary.json, leaves.md and regions.png; load it with "
-                             "topotorch.training_fff.load_fff_run")
+        path = Path(path)
+        kind = get_run_kind(run_kind(path.parent)) if path.name == "config.json" else None
+        if kind is not None and kind.name != "train":  # the folder says what it holds
+            raise ValueError(f"{path.parent} is a `{kind.command or kind.name}` run, not a `topotorch train` run; "
+                             "open it with topotorch.runs.open_run")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:

@@ -38,6 +38,7 @@ from topotorch.progress import progress_bar
 from topotorch.objectives.group import neuron_group_norm
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, wiring_cost
 from topotorch.relocation import apply_permutation, relocate
+from topotorch.runs import RunKind, register_run_kind, write_run_kind
 from topotorch.config import METHODS  # noqa: F401  (re-exported: topotorch.training.METHODS)
 from topotorch.config import DTYPES, TrainConfig, config_mismatch, parse_schedule, schedule_value
 from topotorch.config import RUNTIME_FIELDS as _RUNTIME_FIELDS
@@ -544,6 +545,7 @@ def _train(config, on_step, resume, ctx, draw_connectivity, load_snapshots, rend
     if writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         if start == 0:
+            write_run_kind(run_dir, "train")  # topotorch.runs.open_run reads the kind, never guesses it
             atomic_write_json(run_dir / "config.json", config.to_dict())
             metrics_file = open(run_dir / "metrics.csv", "w", newline="")
             writer = csv.writer(metrics_file)
@@ -799,3 +801,7 @@ def read_summary(run_dir: Path) -> dict:
                       FallbackWarning, stacklevel=2)
         return {}
     return data
+
+
+register_run_kind(RunKind("train", open=load_run, config=lambda run_dir: TrainConfig.from_json(run_dir / "config.json"),
+                          command="topotorch train"))

@@ -34,6 +34,7 @@ from topotorch.layers.fff import FFF, hardening_loss
 from topotorch.layers.fff_schedule import SoftToHard
 from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
 from topotorch.progress import progress_bar
+from topotorch.runs import RunKind, register_run_kind, run_kind, write_run_kind
 
 __all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run", "load_fff_run",
            "is_fff_run", "is_fff_config"]
@@ -255,6 +256,7 @@ def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult
     if run_dir is not None:
         prepare_run_folder(run_dir, overwrite, resume_hint=False)
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_kind(run_dir, "fff")  # topotorch.runs.open_run reads the kind, never guesses it
         atomic_write_json(run_dir / "config.json", config.to_dict())
     threads = config.threads or choose_threads(step_work(model, xtr, config.recipe.batch_size))
     torch.set_num_threads(threads)
@@ -296,14 +298,15 @@ def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult
 
 
 def is_fff_config(config: Any) -> bool:
-    """Whether a parsed ``config.json`` was written by ``topotorch fff`` (a recipe and a leaf width)."""
+    """Whether a parsed ``config.json`` was written by ``topotorch fff`` (a recipe and a leaf width): the guess
+    for folders written before ``run.json`` (:mod:`topotorch.runs` reads the kind from there)."""
     return isinstance(config, dict) and {"recipe", "leaf_width"} <= set(config)
 
 
 def is_fff_run(run_dir: str | Path) -> bool:
     """Whether ``run_dir`` holds a ``topotorch fff`` run. Usage: ``is_fff_run("runs/digits-fff")``."""
     try:
-        return is_fff_config(json.loads((Path(run_dir) / "config.json").read_text()))
+        return run_kind(run_dir) == "fff"
     except (OSError, ValueError):
         return False
 
@@ -349,3 +352,15 @@ def load_fff_run(run_dir: str | Path) -> FFFRunResult:
     if isinstance(model, FFF):  # not in the state dict: the decision temperature it was trained to
         model.sharpness = config.recipe.final_sharpness
     return FFFRunResult(model.eval(), read_summary(run_dir), run_dir)
+
+
+def _fff_config(run_dir: Path) -> FFFRunConfig:
+    cfg_path = run_dir / "config.json"
+    try:
+        return FFFRunConfig.from_dict(json.loads(cfg_path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{cfg_path} is corrupt: {e}") from None
+
+
+register_run_kind(RunKind("fff", open=load_fff_run, config=_fff_config, looks_like=is_fff_config,
+                          command="topotorch fff"))
