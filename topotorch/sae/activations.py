@@ -167,7 +167,7 @@ def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint],
             return
         if value is None:
             raise HookPointError(f"hook point {name!r} carries no tensor")
-        got[name] = value.detach()
+        got[name] = value.detach().clone()  # the model may later write into this tensor in place
         if stop_early and wanted <= got.keys():
             raise _StopForward
 
