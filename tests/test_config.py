@@ -97,7 +97,8 @@ def test_train_options_are_the_ones_it_always_had():
     """The command line keeps its option names (scripts and the README use them)."""
     opts = {o for p in _params("train").values() for o in p.opts + p.secondary_opts}
     assert opts >= {"--method", "--steps", "--seed", "--dtype", "--out", "--lr", "--lam", "--wf", "--l0",
-                    "--relocation", "--top-k", "--swap-every", "--threshold", "--batch-size", "--checkpoint-every", "--log-every",
+                    "--relocation", "--top-k", "--swap-every", "--threshold", "--batch-size", "--checkpoint-every",
+                    "--log-every",
                     "--local-steps", "--topo-tau", "--topo-layers", "--topo-factor", "--group-lam", "--animation",
                     "--no-animation", "--progress", "--no-progress", "--overwrite", "--threads", "--model",
                     "--model-config", "--resume"}

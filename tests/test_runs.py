@@ -24,7 +24,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return {"train": base / "train", "fff": base / "fff"}
 
 
-@pytest.mark.parametrize("kind, result, config", [("train", TrainResult, TrainConfig), ("fff", FFFRunResult, FFFRunConfig)])
+@pytest.mark.parametrize("kind, result, config", [("train", TrainResult, TrainConfig),
+                                                  ("fff", FFFRunResult, FFFRunConfig)])
 def test_a_new_run_folder_says_its_kind_and_opens_by_it(runs, kind, result, config):
     assert json.loads((runs[kind] / "run.json").read_text())["kind"] == kind
     assert run_kind(runs[kind]) == kind

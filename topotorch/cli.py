@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -119,7 +119,7 @@ def config_options(*classes: type, from_task: bool = False) -> Callable:
 
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {' '.join(str(msg).split())}", err=True)  # always one line
     raise typer.Exit(2)
 

@@ -110,7 +110,7 @@ def settings_of(cls: type) -> tuple[FieldSpec, ...]:
             continue
         base, optional, choices = _resolve(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append(FieldSpec(f.name, default, base, optional, choices, s))
     return tuple(out)
 
@@ -146,8 +146,8 @@ def describe(spec: FieldSpec) -> str:
     if base is int:
         if s.lo is None:
             return "an integer"
-        lo = int(s.lo)
-        return {1: "a positive integer", 0: "a non-negative integer"}.get(lo, f"an integer >= {lo}")
+        least = int(s.lo)
+        return {1: "a positive integer", 0: "a non-negative integer"}.get(least, f"an integer >= {least}")
     if base is float:
         lo = s.lo if s.lo is not None else -math.inf
         if s.hi is not None:
@@ -226,7 +226,8 @@ def validate(config: Any) -> None:
 
     Usage: ``validate(cfg)`` (every config's ``__post_init__`` does it).
     """
-    for spec in settings_of(type(config)):
+    cls: type = type(config)
+    for spec in settings_of(cls):
         check_value(spec, getattr(config, spec.name))
 
 

@@ -23,7 +23,7 @@ def _pairs_task(name: str, desc: str, table: np.ndarray, defaults: dict, goal: f
         x = torch.as_tensor(np.stack([a.ravel(), b.ravel()], 1))
         y = torch.as_tensor(table[a.ravel(), b.ravel()])
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        n_train = int(round(0.8 * len(x)))
+        n_train = round(0.8 * len(x))
         tr, te = order[:n_train], order[n_train:]
         return TaskData(x[tr], y[tr], x[te], y[te])
 

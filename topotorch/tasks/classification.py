@@ -60,7 +60,8 @@ def digits() -> Task:
 @register_task
 def digits_wide() -> Task:
     return Task(
-        name="digits-wide", description="the 8x8 digits with a wide MLP 64-512-512-10 (the compression benchmark's model)",
+        name="digits-wide",
+        description="the 8x8 digits with a wide MLP 64-512-512-10 (the compression benchmark's model)",
         make_data=digits_data, make_model=lambda: MLP([64, 512, 512, 10]), loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:16x32", "hidden2": "grid:16x32", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
@@ -91,7 +92,8 @@ def mnist1d_data(seed: int, dtype: torch.dtype) -> TaskData:
 @register_task
 def mnist1d() -> Task:
     return Task(
-        name="mnist1d", description="MNIST-1D: 40-sample 1-D digit signals (needs the mnist1d package), MLP 40-100-100-10",
+        name="mnist1d",
+        description="MNIST-1D: 40-sample 1-D digit signals (needs the mnist1d package), MLP 40-100-100-10",
         make_data=mnist1d_data, make_model=lambda: MLP([40, 100, 100, 10]), loss="ce",
         layouts={"hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],

@@ -46,7 +46,8 @@ def _inner_graph(input_labels: list[str] | None = None, output_labels: list[str]
 
 # -- in-context linear regression (the paper's transformer experiment) --------------------------
 
-def in_context_data(n: int, gen: torch.Generator, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def in_context_data(n: int, gen: torch.Generator,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequences (0, x1), (y1, 0), (0, x2) with y = w·x, w ~ U[-1, 1], x ~ U[1, 3]; returns (x, y2, w)."""
     w = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
     x1, x2 = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(2))
@@ -65,7 +66,8 @@ def in_context_regression() -> Task:
 
     return Task(
         name="in-context-regression",
-        description="tokens (0,x1),(y1,0),(0,x2) -> y2 = w*x2; transformer 2 blocks, d=32, 1 head, MLP 128, no LayerNorm",
+        description="tokens (0,x1),(y1,0),(0,x2) -> y2 = w*x2; "
+                    "transformer 2 blocks, d=32, 1 head, MLP 128, no LayerNorm",
         make_data=make_data,
         make_model=lambda: LastToken(TinyGPT(in_dim=2, out_dim=1, d_model=32, n_layers=2, n_heads=1, d_mlp=128,
                                              block_size=3, layernorm=False), squeeze=True),
@@ -89,10 +91,11 @@ def probe_residual(model: nn.Module, x: torch.Tensor, target: torch.Tensor, posi
     whose r is meaningless) and get r = 0. Usage: ``probe_residual(model, x, w)["blocks.1"].abs().topk(4)``.
     """
     gpt = model.gpt if isinstance(model, LastToken) else model
+    blocks: nn.ModuleList = gpt.blocks  # type: ignore[assignment]  # TinyGPT's blocks (nn.Module attributes are untyped)
     states: dict[str, torch.Tensor] = {}
     hooks = [blk.register_forward_hook(lambda m, i, o, n=f"blocks.{k}": states.__setitem__(n, o))
-             for k, blk in enumerate(gpt.blocks)]
-    hooks.append(gpt.blocks[0].register_forward_pre_hook(lambda m, i: states.__setitem__("embed", i[0])))
+             for k, blk in enumerate(blocks)]
+    hooks.append(blocks[0].register_forward_pre_hook(lambda m, i: states.__setitem__("embed", i[0])))
     try:
         gpt(x)
     finally:
@@ -100,7 +103,7 @@ def probe_residual(model: nn.Module, x: torch.Tensor, target: torch.Tensor, posi
             h.remove()
     t = (target - target.mean()) / target.std()
     out = {}
-    for name in ["embed"] + [f"blocks.{k}" for k in range(len(gpt.blocks))]:
+    for name in ["embed"] + [f"blocks.{k}" for k in range(len(blocks))]:
         a = states[name][:, position].to(torch.float64)
         a = a - a.mean(0)
         r = (a * t.to(torch.float64).unsqueeze(1)).sum(0) / ((a.pow(2).sum(0).sqrt() * math.sqrt(len(t) - 1)) + 1e-300)
@@ -120,7 +123,7 @@ def modular_addition_transformer() -> Task:
         x = torch.as_tensor(np.stack([a.ravel(), b.ravel()], 1))
         y = torch.as_tensor((a.ravel() + b.ravel()) % p)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        n_train = int(round(0.8 * len(x)))
+        n_train = round(0.8 * len(x))
         return TaskData(x[order[:n_train]], y[order[:n_train]], x[order[n_train:]], y[order[n_train:]])
 
     return Task(
@@ -155,7 +158,8 @@ def bits_per_char(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()) / math.log(2))
 
 
-def char_windows(text: str, block: int, held_out: float = 0.1) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def char_windows(text: str, block: int,
+                 held_out: float = 0.1) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vocabulary and (inputs, next-char targets) windows; the last ``held_out`` of the text is the test split."""
     if len(text) < 4 * (block + 1):
         raise ValueError(f"text of {len(text)} characters is too short for block size {block}")
@@ -190,9 +194,11 @@ def text_task(path: str | Path, name: str | None = None, block: int = 64, d_mode
         return TaskData(xtr, ytr, xte[:max_test_windows], yte[:max_test_windows])
 
     return check_defaults(Task(
-        name=name or f"text:{path}", description=f"character-level LM on {path.name} ({len(text)} chars, {len(vocab)} symbols)",
+        name=name or f"text:{path}",
+        description=f"character-level LM on {path.name} ({len(text)} chars, {len(vocab)} symbols)",
         make_data=make_data, make_model=lambda: CharLM(len(vocab), d_model, n_layers, n_heads, block),
-        loss="ce", make_graph=_inner_graph(None, [repr(c)[1:-1] for c in vocab]), output_labels=[repr(c)[1:-1] for c in vocab],
+        loss="ce", make_graph=_inner_graph(None, [repr(c)[1:-1] for c in vocab]),
+        output_labels=[repr(c)[1:-1] for c in vocab],
         metric_name="bpc", evaluate=bits_per_char,
         # agg="sum": a per-weight penalty gradient of ~λ(wf·d + l0), comparable to the task's gradients
         # at λ ~ 1e-4 ("mean" would divide it by ~65k weights per layer). At 5k steps λ = 3e-5 costs
