@@ -323,8 +323,8 @@ def _adjacency_score(s: Tensor, sheet: LatentSheet) -> float:
     return float(s[p[:, 0], p[:, 1]].sum())
 
 
-def solve_placement(s: Tensor, sheet: LatentSheet, sigmas: Sequence[float] | None = None, max_rounds: int = 100,
-                    assign: bool = True, tol: float = 1e-6, rel_tol: float = 1e-4) -> tuple[Tensor, PlacementStats]:
+def solve_placement(s: Tensor, sheet: LatentSheet, sigmas: Sequence[float] | None = None, max_rounds: int = 25,
+                    assign: bool = True, tol: float = 1e-6, rel_tol: float = 1e-3) -> tuple[Tensor, PlacementStats]:
     """A placement of latents on the sheet that puts similar ones (large S_ij) next to each other.
 
     Maximises F = Σ_{i<j} S_ij K(slot_i, slot_j) for each kernel of an annealing schedule — Gaussians of
@@ -354,7 +354,7 @@ def _solve(s, sheet, sigmas, max_rounds, assign, tol, rel_tol) -> tuple[Tensor, 
     s = s64.to(torch.float32)  # the search in float32: half the memory traffic; the final check in float64
     if sigmas is None:
         top = max(sheet.h, sheet.w) / 4
-        sigmas = [top * 0.5**i for i in range(20) if top * 0.5**i >= 0.7] or [0.7]
+        sigmas = [top * 0.4**i for i in range(20) if top * 0.4**i >= 0.7] or [0.7]
     order = torch.arange(n)
     before = _adjacency_score(s64, sheet)
     stats = PlacementStats(before, before)

@@ -1,0 +1,422 @@
+"""SAE quality on identical activations: our dictionaries vs sparsify's TopK, CE-loss recovered, dead latents,
+the topographic SAE (neighbour similarity vs a shuffled baseline, and what it costs in FVU), and how latents
+tile curved representations (a synthetic curve, the modular-addition embedding circle of a BIMT model, and
+latents vs its modules).
+
+Activations: the residual stream after block ``--hook`` of the shakespeare-char GPT (d_model 128, 4 blocks,
+trained here for ``--gpt-steps`` steps, or reused from ``--gpt-run``). Every dictionary sees the same
+training tokens in the same order (``--steps`` batches of ``--batch`` tokens, equal tokens) and is scored on
+the same held-out tokens (the text's last 10%). The peer is EleutherAI ``sparsify`` (pip-installed): its own
+``SparseCoder`` trained with its trainer's loop for ``loss_fn="fvu"`` — b_dec at the batch mean on the first
+step, decoder renormalised before each forward, FVU (+ AuxK when on) backward, parallel gradient removed,
+its default optimizer (SignSGD in a schedule-free wrapper, momentum 0.95, lr 5e-3/√(n/2¹⁴), ``eval()``
+before use, as its ``save`` does) and, as a second peer row, its Adam option (lr 2e-4/√(n/2¹⁴), linear
+warm-up then decay). Ours are ``train_sae`` with their defaults (Adam, geometric-median b_dec, warm-up +
+linear decay, AuxK α = 1/32 unless "no AuxK").
+
+Topographic: (1) relocation of the trained TopK SAE by co-activation and decoder similarity (its output is
+unchanged, FVU cost 0); (2) ``train_topographic``: τ·TopoLoss on the decoder sheet + relocation at 25% of
+the run + a final one. Measures on the held-out codes: decoder |cos| and co-activation (uncentred)
+correlation of 4-neighbours / their all-pairs mean (= the shuffled-position expectation).
+
+    .venv/bin/python benchmarks/sae_quality.py --json results/sae_quality.json --pictures docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # CPU: sparsify's eager decoder (its Triton path needs CUDA)
+
+from topotorch.checkpoint import atomic_write_json
+from topotorch.sae.dictionary import SAEConfig
+from topotorch.sae.geometry import (
+    circle_angles,
+    curve_tiling,
+    draw_curve_tiling,
+    module_purity,
+    synthetic_curve,
+)
+from topotorch.sae.splice import splice_eval
+from topotorch.sae.topographic import (
+    LatentSheet,
+    draw_latent_sheet,
+    latent_labels,
+    relocate,
+    topographic_measures,
+    train_topographic,
+)
+from topotorch.sae.train import train_sae
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ---- the GPT and its activations -----------------------------------------------------------------------------------
+
+
+def gpt_model(run: Path, steps: int, seed: int):
+    """The shakespeare-char GPT: loaded from ``run`` when it holds a finished run, else trained there."""
+    from topotorch.training import TrainConfig, load_run, train
+
+    if (run / "summary.json").is_file():
+        r = load_run(run)
+        return r.model, r.data, {"reused": str(run), "steps": r.config.steps}
+    t0 = time.perf_counter()
+    cfg = TrainConfig.for_task("shakespeare-char", method="none", steps=steps, seed=seed, animation=False,
+                               progress=False, out=str(run), log_every=max(1, steps // 4))
+    r = train(cfg, overwrite=True)
+    return r.model, r.data, {"trained": str(run), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
+                             "test_bpc": r.summary.get("test_metric", r.summary.get("test_bpc"))}
+
+
+@torch.no_grad()
+def residual(model, windows: torch.Tensor, hook: str, per: int = 32) -> torch.Tensor:
+    """[windows·T, d] activations at ``hook`` (sae-io's capture: plain forward hooks, forward stopped there)."""
+    from topotorch.sae.activations import ModelActivations
+
+    acts = ModelActivations(model, [windows[i:i + per] for i in range(0, len(windows), per)], hook)
+    return torch.cat([b if isinstance(b, torch.Tensor) else b[0] for b in acts]).float()
+
+
+# ---- the peer: sparsify's SparseCoder with its trainer's loop ------------------------------------------------------
+
+
+def train_sparsify(x: torch.Tensor, n: int, k: int, steps: int, batch: int, optimizer: str, auxk_alpha: float = 0.0,
+                   seed: int = 0):
+    from sparsify import SparseCoder as PeerCoder
+    from sparsify.config import SparseCoderConfig
+
+    torch.manual_seed(seed)
+    d = x.shape[1]
+    sae = PeerCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+    if optimizer == "signum":
+        from schedulefree import ScheduleFreeWrapper
+        from sparsify.sign_sgd import SignSGD
+
+        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]),
+                                  momentum=0.95)
+        opt.train()
+        sched = None
+    else:
+        from transformers import get_linear_schedule_with_warmup
+
+        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (n / 2**14) ** 0.5)
+        sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
+    since = torch.zeros(n, dtype=torch.long)
+    dead_tokens = max(batch, steps * batch // 10)  # the same dead window as ours (10M tokens on a long run)
+    for step in range(steps):
+        xb = x[step * batch:(step + 1) * batch]
+        if step == 0:
+            sae.b_dec.data = xb.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        dead = since > dead_tokens if auxk_alpha > 0 else None
+        out = sae(xb, dead_mask=dead)
+        loss = out.fvu + auxk_alpha * out.auxk_loss
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            since += len(xb)
+            since[out.latent_indices.flatten()] = 0
+    if optimizer == "signum":
+        opt.eval()
+    sae.eval()
+    return sae, float((since > dead_tokens).float().mean())
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def char_groups(vocab: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Character classes for colouring: space, newline, vowel, consonant, capital, punctuation, other."""
+    names = ["space", "newline", "vowel", "consonant", "capital", "punctuation", "other"]
+
+    def g(c: str) -> int:
+        if c == " ":
+            return 0
+        if c == "\n":
+            return 1
+        if c in "aeiou":
+            return 2
+        if c.isalpha() and c.islower():
+            return 3
+        if c.isalpha():
+            return 4
+        if c in ".,;:!?'-&$":
+            return 5
+        return 6
+    return np.array([g(c) for c in vocab]), names
+
+
+def score(name: str, fn, encode, x_eval: torch.Tensor, model, test_windows: torch.Tensor, hook: str,
+          n: int) -> dict:
+    """FVU, L0, dead-on-eval and CE-loss recovered of a reconstruction ``fn`` (rows → rows)."""
+    with torch.no_grad():
+        xh = fn(x_eval)
+        e = (x_eval.double() - xh.double()).pow(2).sum()
+        tv = (x_eval.double() - x_eval.double().mean(0)).pow(2).sum()
+        z = encode(x_eval)
+        fired = (z != 0).any(0)
+    ce = splice_eval(model, fn, [test_windows[i:i + 32] for i in range(0, len(test_windows), 32)], hook)
+    row = {"name": name, "fvu": float(e / tv), "l0": float((z != 0).sum(1).double().mean()),
+           "dead_eval": int((~fired).sum()), "dead_eval_frac": round(float((~fired).double().mean()), 4),
+           "ce_recovered": round(ce["ce_recovered"], 4), "kl": round(ce["kl"], 4),
+           "ce_clean": round(ce["ce_clean"], 4), "ce_spliced": round(ce["ce_spliced"], 4),
+           "ce_zero": round(ce["ce_zero"], 4)}
+    row["fvu"] = round(row["fvu"], 5)
+    log(f"  {name:<28} FVU {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead(eval) {row['dead_eval']}/{n}  "
+        f"CE rec {row['ce_recovered']:.3f}  KL {row['kl']:.4f}")
+    return row
+
+
+def measures(sae, x_eval: torch.Tensor, sheet: LatentSheet) -> dict:
+    with torch.no_grad():
+        m = topographic_measures(sae.W_dec, sae.encode(x_eval), sheet)
+    return {k: v.to_dict() for k, v in m.items()}
+
+
+def sheet_picture(sae, x_eval, tokens, vocab, sheet, path: Path, title: str) -> str:
+    groups, names = char_groups(vocab)
+    with torch.no_grad():
+        top, purity = latent_labels(sae.encode(x_eval), torch.as_tensor(groups[tokens.numpy()]), len(names))
+    draw_latent_sheet(top, purity, sheet, path, names=names, title=title)
+    return str(path)
+
+
+# ---- geometry ------------------------------------------------------------------------------------------------------
+
+
+def geometry_part(args, pictures: Path | None) -> dict:
+    from topotorch.analysis.modularity import detect_communities
+
+    out: dict = {}
+    # a synthetic curve that bends through 4 dimensions (frequencies 1 and 2)
+    x, t = synthetic_curve(2048, d=16, frequencies=(1, 2), seed=args.seed)
+    sae, _ = train_sae(SAEConfig(d_in=16, n_latents=32, k=2), [x[i:i + 256] for i in range(0, 2048, 256)],
+                       steps=300, lr=3e-3, seed=args.seed)
+    with torch.no_grad():
+        z = sae.encode(x)
+        fvu = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    out["synthetic_curve"] = {"d": 16, "frequencies": [1, 2], "n_latents": 32, "k": 2, "fvu": round(fvu, 4),
+                              **curve_tiling(z, t).to_dict()}
+    if pictures:
+        out["synthetic_curve"]["picture"] = str(draw_curve_tiling(
+            x, z, t, pictures / "sae_curve_tiling.png", title="TopK SAE (32 latents, k=2) on a closed curve in 16-d"))
+    log(f"  synthetic curve: {out['synthetic_curve']}")
+
+    # the modular-addition embedding circle of a BIMT-trained TokenMLP, and latents vs its modules
+    from topotorch.training import TrainConfig, load_run, train
+
+    run = Path(args.ma_run)
+    if (run / "summary.json").is_file():
+        r = load_run(run)
+    else:
+        s = args.ma_steps
+        cfg = TrainConfig.for_task("modular-addition", steps=s, lam=f"0:0.1,{s // 4}:1.0,{3 * s // 4}:0.1",
+                                   relocation="assign", animation=False, progress=False, out=str(run))
+        r = train(cfg, overwrite=True)
+    model = r.model.double()
+    emb = model.embedding.weight.detach()
+    theta, freq = circle_angles(emb)
+    parts = detect_communities(r.graph, threshold=r.config.threshold)
+    p = emb.shape[0]
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+    with torch.no_grad():
+        h1 = model.mlp[1](model.mlp[0](model.embedding(pairs).flatten(1)))   # hidden1 activations [p², 50]
+    res = {"run": str(run), "steps": r.config.steps, "modularity_q": round(parts.q, 3),
+           "modules": parts.n_communities, "dominant_frequency": freq}
+    # (1) the embedding circle: SAE on the 59 embedding rows (each residue once per batch, many batches)
+    e32 = emb.float()
+    sae_e, _ = train_sae(SAEConfig(d_in=e32.shape[1], n_latents=16, k=2), [e32], steps=400, lr=3e-3, seed=args.seed)
+    with torch.no_grad():
+        ze = sae_e.encode(e32)
+        fvu_e = float((e32 - sae_e(e32)).pow(2).sum() / (e32 - e32.mean(0)).pow(2).sum())
+    res["embedding_circle"] = {"n_latents": 16, "k": 2, "fvu": round(fvu_e, 4), **curve_tiling(ze, theta).to_dict()}
+    res["embedding_vs_modules"] = module_purity(sae_e.W_enc, parts.membership["embed"], seed=args.seed)
+    if pictures:
+        res["embedding_circle"]["picture"] = str(draw_curve_tiling(
+            emb, ze, theta, pictures / "sae_modular_circle.png",
+            title=f"modular addition (p={p}, BIMT): embedding circle of frequency {freq}, 16-latent TopK SAE, k=2"))
+    # (2) hidden1: SAE on its activations over every pair; does each latent read from one BIMT module?
+    h = h1.float()
+    sae_h, _ = train_sae(SAEConfig(d_in=h.shape[1], n_latents=64, k=4), [h[i:i + 512] for i in range(0, len(h), 512)],
+                         steps=400, lr=3e-3, seed=args.seed)
+    res["hidden1_vs_modules"] = module_purity(sae_h.W_enc, parts.membership["hidden1"], seed=args.seed)
+    with torch.no_grad():
+        res["hidden1_vs_modules"]["fvu"] = round(float((h - sae_h(h)).pow(2).sum() / (h - h.mean(0)).pow(2).sum()), 4)
+    out["modular_addition"] = res
+    log(f"  modular addition: {json.dumps(res)[:600]}")
+    return out
+
+
+# ---- main ----------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpt-run", default="runs/sae_quality/gpt")
+    ap.add_argument("--gpt-steps", type=int, default=300)
+    ap.add_argument("--hook", default="gpt.blocks.1", help="residual stream after this block")
+    ap.add_argument("--expansion", type=int, default=16)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 64 tokens")
+    ap.add_argument("--taus", default="0.02,0.1", help="TopoLoss weights for train_topographic")
+    ap.add_argument("--factor", type=float, default=3.0)
+    ap.add_argument("--parts", default="quality,topographic,geometry")
+    ap.add_argument("--ma-run", default="runs/sae_quality/modular")
+    ap.add_argument("--ma-steps", type=int, default=3000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pictures", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)  # measured: 1 thread beats 2 for these small matmuls on a shared box
+    parts = set(args.parts.split(","))
+    t_all = time.perf_counter()
+    result: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
+                    "python": sys.version.split()[0]}
+
+    if parts & {"quality", "topographic"}:
+        torch.manual_seed(args.seed)
+        model, data, gpt_info = gpt_model(Path(args.gpt_run), args.gpt_steps, args.seed)
+        model.eval()
+        result["gpt"] = gpt_info
+        from topotorch.tasks.sequence import SHAKESPEARE, char_windows
+
+        vocab = char_windows(SHAKESPEARE.read_text(encoding="utf-8"), 64)[0]
+        need = args.steps * args.batch
+        n_win = math.ceil(need / 64)
+        g = torch.Generator().manual_seed(args.seed)
+        train_w = data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_win]]
+        test_w = data.x_test[: args.eval_windows]
+        t0 = time.perf_counter()
+        x_all = residual(model, train_w, args.hook)
+        x_all = x_all[torch.randperm(len(x_all), generator=g)][:need]      # shuffled tokens, the same for all
+        x_eval = residual(model, test_w, args.hook)
+        tok_eval = test_w.reshape(-1)
+        d = x_all.shape[1]
+        n = d * args.expansion
+        sheet = LatentSheet.of(n)
+        result["data"] = {"hook": args.hook, "d": d, "n_latents": n, "k": args.k, "train_tokens": len(x_all),
+                          "eval_tokens": len(x_eval), "steps": args.steps, "batch": args.batch,
+                          "sheet": [sheet.h, sheet.w], "activation_seconds": round(time.perf_counter() - t0, 1)}
+        log(f"activations: {result['data']}")
+        batches = [x_all[i:i + args.batch] for i in range(0, len(x_all), args.batch)]
+        rows, trained = [], {}
+
+        def ours(name: str, **cfg_kw):
+            t = time.perf_counter()
+            cfg = SAEConfig(d_in=d, n_latents=n, **cfg_kw)
+            sae, hist = train_sae(cfg, batches, steps=args.steps, seed=args.seed)
+            row = score(name, sae, sae.encode, x_eval, model, test_w, args.hook, n)
+            row.update(dead_train_frac=round(hist["dead_final"], 4), seconds=round(time.perf_counter() - t, 1))
+            rows.append(row)
+            trained[name] = sae
+            return sae
+
+        log("dictionaries (equal tokens, held-out FVU):")
+        ours("ours topk (AuxK)", architecture="topk", k=args.k)
+        if "quality" in parts:
+            ours("ours topk (no AuxK)", architecture="topk", k=args.k, aux_alpha=0.0)
+            ours("ours batchtopk", architecture="batchtopk", k=args.k)
+            ours("ours jumprelu (target L0)", architecture="jumprelu", target_l0=float(args.k))
+            ours("ours relu+L1", architecture="relu")
+            for opt_name in ("signum", "adam"):
+                t = time.perf_counter()
+                peer, dead_frac = train_sparsify(x_all, n, args.k, args.steps, args.batch, opt_name, seed=args.seed)
+
+                def fn(a, peer=peer):
+                    return peer(a).sae_out
+
+                def enc(a, peer=peer):
+                    out = peer.encode(a)
+                    z = torch.zeros(len(a), n)
+                    return z.scatter_(1, out.top_indices, out.top_acts.float())
+                row = score(f"sparsify topk ({opt_name})", fn, enc, x_eval, model, test_w, args.hook, n)
+                row.update(dead_train_frac=round(dead_frac, 4), seconds=round(time.perf_counter() - t, 1))
+                rows.append(row)
+            peers = [r["fvu"] for r in rows if r["name"].startswith("sparsify")]
+            result["fvu_ours_vs_best_peer"] = {"ours": rows[0]["fvu"], "best_peer": min(peers),
+                                               "ours_le_peer": rows[0]["fvu"] <= min(peers)}
+        result["dictionaries"] = rows
+
+        if "topographic" in parts:
+            log("topographic:")
+            import copy
+
+            base = trained["ours topk (AuxK)"]
+            base_fvu = rows[0]["fvu"]
+            topo = {"sheet": [sheet.h, sheet.w], "plain": measures(base, x_eval, sheet)}
+            rel = copy.deepcopy(base)
+            t = time.perf_counter()
+            with torch.no_grad():
+                z = rel.encode(x_all[:16384])
+            st = relocate(rel, z, sheet)
+            with torch.no_grad():
+                same = float((rel(x_eval) - base(x_eval)).abs().max())
+            topo["relocated"] = {"measures": measures(rel, x_eval, sheet), "max_output_change": same,
+                                 "fvu_cost": 0.0, "placement": {"before": st.before, "after": st.after,
+                                                                "swaps": st.swaps, "rounds": st.rounds},
+                                 "seconds": round(time.perf_counter() - t, 1)}
+            log(f"  relocated (output change {same:.1e}): {topo['relocated']['measures']['decoder']} "
+                f"{topo['relocated']['measures']['coactivation']}")
+            if args.pictures:
+                topo["plain"]["picture"] = sheet_picture(base, x_eval, tok_eval, vocab, sheet,
+                                                         args.pictures / "sae_sheet_plain.png",
+                                                         "TopK SAE as trained: latent sheet by character class")
+                topo["relocated"]["picture"] = sheet_picture(rel, x_eval, tok_eval, vocab, sheet,
+                                                             args.pictures / "sae_sheet_relocated.png",
+                                                             "after relocation by co-activation (output unchanged)")
+            topo["trained"] = []
+            for tau in [float(v) for v in args.taus.split(",") if v.strip()]:
+                t = time.perf_counter()
+                cfg = SAEConfig(d_in=d, n_latents=n, architecture="topk", k=args.k)
+                sae, hist = train_topographic(cfg, batches, args.steps, sheet, tau=tau, factor=args.factor,
+                                              relocate_at=(0.25,), seed=args.seed)
+                row = score(f"topographic τ={tau:g}", sae, sae.encode, x_eval, model, test_w, args.hook, n)
+                row.update(tau=tau, measures=measures(sae, x_eval, sheet),
+                           fvu_rel_cost=round(row["fvu"] / base_fvu - 1, 4), relocations=hist["relocations"],
+                           seconds=round(time.perf_counter() - t, 1))
+                m = row["measures"]
+                row["meets_goal"] = bool(m["decoder"]["ratio"] >= 3 and m["coactivation"]["ratio"] >= 3
+                                         and row["fvu_rel_cost"] <= 0.02)
+                log(f"    decoder ×{m['decoder']['ratio']:.2f}  coact ×{m['coactivation']['ratio']:.2f}  "
+                    f"FVU cost {row['fvu_rel_cost']:+.2%}")
+                if args.pictures:
+                    row["picture"] = sheet_picture(sae, x_eval, tok_eval, vocab, sheet,
+                                                   args.pictures / f"sae_sheet_topo_tau{tau:g}.png",
+                                                   f"topographic SAE τ={tau:g}: latent sheet by character class")
+                topo["trained"].append(row)
+            result["topographic"] = topo
+
+    if "geometry" in parts:
+        log("geometry:")
+        result["geometry"] = geometry_part(args, args.pictures)
+    result["seconds"] = round(time.perf_counter() - t_all, 1)
+    result["load_end"] = os.getloadavg()[0]
+    log(f"total {result['seconds']} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
