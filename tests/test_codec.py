@@ -8,8 +8,14 @@ from torch import nn
 
 pytest.importorskip("PIL", reason="Pillow (installed with matplotlib) is needed for codec storage")
 
-from topotorch.compression.codec import (available_formats, blob_bytes, codec_roundtrip, decode_bias,  # noqa: E402
-                             decode_sheet, encode_sheet)
+from topotorch.compression.codec import (
+    available_formats,
+    blob_bytes,
+    codec_roundtrip,
+    decode_bias,
+    decode_sheet,
+    encode_sheet,
+)
 
 FORMATS = ("webp", "jpeg", "avif")
 

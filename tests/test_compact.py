@@ -12,8 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from topotorch.compression.compact import (FORMATS, CompactError, compact_mlp, load_compact, save_compact, thresholded_copy,
-                               verify)
+from topotorch.compression.compact import (
+    FORMATS,
+    CompactError,
+    compact_mlp,
+    load_compact,
+    save_compact,
+    thresholded_copy,
+    verify,
+)
 from topotorch.models import MLP, TokenMLP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,8 +252,8 @@ def test_cli_compress_threshold_writes_report(tmp_path):
 
 def test_compress_run_of_a_transformer_goes_through_shrink(tmp_path):
     """A GPT run (wrapped by its task) is shrunk through its coupling graph and saved loadable."""
-    from topotorch.experiments.compress import compress_run
     from topotorch.compression.shrink import load_shrunk, shrink
+    from topotorch.experiments.compress import compress_run
     from topotorch.training import TrainConfig, load_run, train
 
     run = tmp_path / "mat"

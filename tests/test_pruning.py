@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import copy
 import csv
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from topotorch.compression import pruning
 from topotorch.cli import app
-from topotorch.compression.pruning import (MaskSet, average_models, global_magnitude_masks, layerwise_magnitude_masks,
-                               mask_sparsity, nm_mask, prunable_weights, random_masks, semi_structured_masks)
+from topotorch.compression import pruning
+from topotorch.compression.pruning import (
+    MaskSet,
+    average_models,
+    global_magnitude_masks,
+    layerwise_magnitude_masks,
+    mask_sparsity,
+    nm_mask,
+    prunable_weights,
+    random_masks,
+    semi_structured_masks,
+)
 from topotorch.experiments import retrain
 from topotorch.experiments.retrain import imp_rewind, sparse_soup
 from topotorch.experiments.sweep import SweepConfig, parse_methods, parse_sparsities

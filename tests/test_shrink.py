@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from topotorch.compression.shrink import dead_neurons, load_shrunk, save_shrunk, shrink, threshold_model
 from topotorch.graph import SpatialGraph
-from topotorch.graph.traced import coupling_graph
 from topotorch.graph.conv import conv_graph
+from topotorch.graph.traced import coupling_graph
 from topotorch.graph.transformer import transformer_graph
 from topotorch.models import MLP, SmallResNet, TinyGPT, TokenMLP
-from topotorch.compression.shrink import dead_neurons, load_shrunk, save_shrunk, shrink, threshold_model
 
 
 def n_params(m: nn.Module) -> int:

@@ -6,7 +6,6 @@ Models (tests/byom_models.py): Hugging Face GPT-2, BERT, Llama (grouped-query at
 concatenates two conv branches.
 """
 
-import copy
 import sys
 from pathlib import Path
 
@@ -15,11 +14,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, build, cached_graph  # noqa: E402
-
-from topotorch.compression.shrink import load_shrunk, save_shrunk, shrink, threshold_model  # noqa: E402
-from topotorch.graph.core import SpatialGraph  # noqa: E402
-from topotorch.graph.flow import flow_graph, output_tensors, run_model  # noqa: E402
+from byom_models import HF, TORCH, cached_graph
+from topotorch.compression.shrink import load_shrunk, save_shrunk, shrink, threshold_model
+from topotorch.graph.core import SpatialGraph
+from topotorch.graph.flow import output_tensors, run_model
 
 NAMES = list(HF) + list(TORCH)
 # heads nn.MultiheadAttention cannot lose (its inner width is its input width): kept, and said why

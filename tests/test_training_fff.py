@@ -12,8 +12,15 @@ from typer.testing import CliRunner
 from topotorch.cli import app
 from topotorch.layers import FFF
 from topotorch.tasks import get_task
-from topotorch.training_fff import (FFFRecipe, FFFRunConfig, accuracy, fit_classifier, load_fff_run, make_classifier,
-                                    train_fff_run)
+from topotorch.training_fff import (
+    FFFRecipe,
+    FFFRunConfig,
+    accuracy,
+    fit_classifier,
+    load_fff_run,
+    make_classifier,
+    train_fff_run,
+)
 
 QUICK = FFFRecipe(epochs=60, batch_size=32, noise=0.1)
 

@@ -12,8 +12,8 @@ never loses the last good one; a truncated or corrupted file is detected by its 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

@@ -23,8 +23,9 @@ their meaning. Either way the network computes exactly the same function.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -207,7 +208,7 @@ def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | N
     return score
 
 
-def greedy_swap_permutation(m: "torch.Tensor | Placement", candidates: torch.Tensor, tol: float = 0.0,
+def greedy_swap_permutation(m: torch.Tensor | Placement, candidates: torch.Tensor, tol: float = 0.0,
                             groups: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """The paper's greedy swaps, scored in closed form from the placement-cost matrix.
 

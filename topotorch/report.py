@@ -39,11 +39,17 @@ import numpy as np
 import torch
 
 from topotorch.analysis import structure
-from topotorch.analysis.ablation import (ablation_table, attention_layers, embedding_module_ablation, head_ablation_table,
-                                         leaf_ablation_table, module_groups)
-from topotorch.graph import SpatialGraph, active_mask, aggregate
+from topotorch.analysis.ablation import (
+    ablation_table,
+    attention_layers,
+    embedding_module_ablation,
+    head_ablation_table,
+    leaf_ablation_table,
+    module_groups,
+)
 from topotorch.analysis.modularity import detect_communities, importance
 from topotorch.checkpoint import FallbackWarning
+from topotorch.graph import SpatialGraph, active_mask, aggregate
 
 MAX_GIF_BYTES = 20_000_000
 # the extra panels (heads, maps, FFF) evaluate at most this many test samples, and at most
@@ -192,7 +198,7 @@ def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = N
     spaces = [{"name": s.name, "size": s.size, "role": s.role, "height": s.height} for s in graph.spaces if s.name in layout]
     return {"nodes": nodes, "edges": {"source": src[order].tolist(), "target": tgt[order].tolist(),
                                       "weight": np.round(val[order], 6).tolist()},
-            "n_edges_total": int(n_all), "n_edges_drawn": int(len(val)), "spaces": spaces}
+            "n_edges_total": int(n_all), "n_edges_drawn": len(val), "spaces": spaces}
 
 
 def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[str, np.ndarray] | None = None):
@@ -296,7 +302,13 @@ def maps_panel(r, max_layers: int = 4, classes: int = 10, max_samples: int = PAN
     """
     if not getattr(r.config, "topo_tau", 0.0) > 0:
         return None
-    from topotorch.analysis.maps import draw_maps, effective_dimensionality, layer_activations, selectivity_maps, smoothness
+    from topotorch.analysis.maps import (
+        draw_maps,
+        effective_dimensionality,
+        layer_activations,
+        selectivity_maps,
+        smoothness,
+    )
     from topotorch.sheets import default_layers, find_sheets
 
     pattern = default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
@@ -484,7 +496,7 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
         "modules": comms.modules, "output_labels": structure.neuron_labels(out_space),
         "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
-        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": int(len(fx)), "notices": notices,
+        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": len(fx), "notices": notices,
     }
     figures["notices"] = notices
     if cortical:

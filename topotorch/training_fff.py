@@ -22,9 +22,10 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -202,7 +203,7 @@ class FFFRunConfig:
         validate(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FFFRunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> FFFRunConfig:
         """Rebuild from ``to_dict`` output (config.json); unknown keys are an error naming them."""
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
@@ -237,9 +238,9 @@ def train_fff_run(config: FFFRunConfig, overwrite: bool | None = None) -> FFFRun
 
 def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult:
     from topotorch.checkpoint import atomic_write_bytes, atomic_write_json, prepare_run_folder, save_checkpoint
-    from topotorch.training import choose_threads, step_work
     from topotorch.layers.fff_regions import class_leaf_table, draw_regions, format_class_leaf_table, leaf_usage
     from topotorch.tasks import get_task
+    from topotorch.training import choose_threads, step_work
 
     task = get_task(config.task)
     if task.loss != "ce":

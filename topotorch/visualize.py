@@ -25,9 +25,10 @@ the user's backend is never changed. matplotlib and imageio are imported on firs
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -179,7 +180,7 @@ def _label_text(space, i: int) -> str:
 
 
 def _draw(
-    ax: "Axes",
+    ax: Axes,
     graph: SpatialGraph,
     snapshot: Snapshot | None,
     threshold: float,
@@ -298,7 +299,7 @@ def _draw(
         ax.set_title(title, y=1.0)  # a fixed y: matplotlib skips measuring the (hidden) axes' ticks to place it
 
 
-def _new_figure(figsize: tuple[float, float], dpi: float) -> "Figure":
+def _new_figure(figsize: tuple[float, float], dpi: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -308,7 +309,7 @@ def _new_figure(figsize: tuple[float, float], dpi: float) -> "Figure":
     return fig
 
 
-def _add_axes(fig: "Figure", three_d: bool) -> "Axes":
+def _add_axes(fig: Figure, three_d: bool) -> Axes:
     if three_d:
         import mpl_toolkits.mplot3d  # noqa: F401  registers the "3d" projection
 
@@ -323,7 +324,7 @@ def draw_connectivity(
     graph: SpatialGraph,
     snapshot: Snapshot | None = None,
     path: str | Path | None = None,
-    ax: "Axes | None" = None,
+    ax: Axes | None = None,
     threshold: float = 0.0,
     title: str | None = None,
     *,
@@ -332,7 +333,7 @@ def draw_connectivity(
     max_labels: int = 64,
     figsize: tuple[float, float] = (8.0, 6.0),
     dpi: float = 100,
-) -> "Figure":
+) -> Figure:
     """Draw the network as the BIMT paper does and return the matplotlib ``Figure``.
 
     Weights come from ``snapshot`` if given (its coordinates too), else from the live model.
@@ -402,7 +403,7 @@ def render_animation(
     linewidth: float = 2.0,
     figsize: tuple[float, float] = (8.0, 6.0),
     dpi: float = 80,
-    on_frame: "Callable[[int, int], None] | None" = None,
+    on_frame: Callable[[int, int], None] | None = None,
 ) -> int:
     """Draw each snapshot (evenly subsampled to at most ``max_frames``) into a GIF and/or MP4.
 
@@ -418,10 +419,10 @@ def render_animation(
         raise ValueError("render_animation needs at least one snapshot")
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    import os
+
     import imageio
     import imageio.v3 as iio
-
-    import os
 
     from topotorch.checkpoint import set_file_mode
 

@@ -2,10 +2,10 @@
 knock-outs (`ablation`), exact formulas (`formulas`), cortical maps (`maps`), concept localisation (`localize`)."""
 
 from .structure import (  # noqa: F401  (the core API, importable from the package)
-    active_weights,
-    neuron_activity,
     active_neurons,
-    modules,
+    active_weights,
     describe_group,
+    modules,
+    neuron_activity,
     thresholded,
 )

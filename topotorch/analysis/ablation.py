@@ -32,7 +32,8 @@ The other parts are knocked out with forward hooks, removed on exit (the model i
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Sequence, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from topotorch.analysis import structure
-from topotorch.graph import SpatialGraph
 from topotorch.analysis.modularity import Communities, detect_communities
+from topotorch.graph import SpatialGraph
 from topotorch.tasks import Task
 
 NeuronSet = Mapping[str, Sequence[int] | np.ndarray | torch.Tensor]

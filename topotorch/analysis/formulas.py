@@ -14,8 +14,8 @@ x·sigmoid(x) = x / (1 + e^(−x)).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import sympy as sp

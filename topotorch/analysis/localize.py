@@ -14,7 +14,7 @@ more than to another, and what ablating it does.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -13,7 +13,7 @@ outgoing, outputs only incoming).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ def describe_group(spaces, members: dict[str, np.ndarray]) -> dict:
         idx = np.nonzero(mask)[0] if mask is not None else []
         if len(idx) == 0:
             continue
-        mod["sizes"][s.name] = int(len(idx))
+        mod["sizes"][s.name] = len(idx)
         labels = neuron_labels(s)
         if s.role == "input":
             mod["inputs"] += [labels[i] for i in idx]

@@ -33,8 +33,9 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,7 @@ class DenseLayer(_Layer):
         self.register_buffer("cols", None if cols is None else cols.to(torch.long).contiguous())
 
     @classmethod
-    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> "DenseLayer":
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> DenseLayer:
         used = (w != 0).any(0).nonzero().flatten()
         cols = None if len(used) == w.shape[1] else used
         return cls((w if cols is None else w[:, cols]).t(), b, w.shape[1], activation, cols)
@@ -219,7 +220,7 @@ class CSRLayer(_Layer):
         return out
 
     @classmethod
-    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> "CSRLayer":
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **_) -> CSRLayer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             s = w.to_sparse_csr()
@@ -273,7 +274,7 @@ class BlockLayer(_Layer):
         return out
 
     @classmethod
-    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, modules: list | None = None, **_) -> "BlockLayer":
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, modules: list | None = None, **_) -> BlockLayer:
         if not modules:
             modules = [(torch.arange(w.shape[0]), torch.arange(w.shape[1]))]
         kin = max(1, max(len(c) for _, c in modules))
@@ -464,7 +465,7 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
                    "embed_dims_kept": int(embed.shape[1])} if embed is not None else {"kind": "features", "n_in": n_in_orig}),
         "layers": layer_desc,
         "n_out": n_out,
-        "n_live_outputs": int(len(out_live)),
+        "n_live_outputs": len(out_live),
         "modules": module_sizes,
         "hidden_sizes_before": [lin.out_features for lin in linears0[:-1]],
         "hidden_sizes_after": [w.shape[0] for w in ws[:-1]] if ws else [0] * (len(linears) - 1),

@@ -221,7 +221,7 @@ class MaskSet:
         return out
 
     @torch.no_grad()
-    def apply(self, model: nn.Module) -> "MaskSet":
+    def apply(self, model: nn.Module) -> MaskSet:
         """Zero every pruned weight of ``model`` in place; returns self."""
         for p, pruned in self._params(model):
             p.masked_fill_(pruned, 0.0)  # not p * mask: inf or NaN * 0 is NaN

@@ -21,8 +21,8 @@ dead heads (no output, or a constant value folded into the output bias) from liv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

@@ -234,7 +234,7 @@ def _constants(model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[C
 
 @torch.no_grad()
 def _fold(model: nn.Module, reader: Connection, const: torch.Tensor, which: torch.Tensor) -> \
-        tuple[str, torch.Tensor] | None | bool:
+        tuple[str, torch.Tensor] | bool | None:
     """Bias change that replaces neurons ``which`` (with outputs ``const``) in ``reader``.
 
     Returns (bias name, delta), True if nothing needs adding (zero contribution), or None if impossible.

@@ -11,16 +11,24 @@ training layer, so they live here, a floor above it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
 from topotorch.analysis import thresholded
 from topotorch.artifacts import atomic_write_json
-from topotorch.compression.compact import (Choice, CompactError, compact_mlp, dense_flops, save_compact, speed_table,
-                                           thresholded_copy, verify)
+from topotorch.compression.compact import (
+    Choice,
+    CompactError,
+    compact_mlp,
+    dense_flops,
+    save_compact,
+    speed_table,
+    thresholded_copy,
+    verify,
+)
 from topotorch.compression.shrink import save_shrunk, shrink
 from topotorch.compression.topographic import read_compressed, rebuild_compressed
 from topotorch.training import TrainResult, evaluate, load_run
@@ -110,7 +118,7 @@ def shrink_run(r: TrainResult, thr: float, folder: Path, batch_sizes: Sequence[i
         "via": "topotorch.compression.shrink", "removed": res.removed, "kept_why": res.kept_why,
         "threads": torch.get_num_threads(), "params_before": n(model), "params_after": n(small),
         "param_ratio": n(model) / max(n(small), 1),
-        "kept": {k: int(len(v)) for k, v in getattr(res, "kept", {}).items()},
+        "kept": {k: len(v) for k, v in getattr(res, "kept", {}).items()},
         "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
         f"test_{metric}_compact": after, "max_abs_diff": diff,
         "speed": speed_table(ref_model, small, x_test, [b for b in batch_sizes if b <= 256], budget_s),

@@ -27,8 +27,9 @@ Three small objects describe a network in space:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable, Iterator, Literal, Mapping, TypeVar
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -273,7 +274,7 @@ class SpatialGraph:
         output_labels: list[str] | None = None,
         example_inputs=None,
         verify: bool = True,
-    ) -> "SpatialGraph":
+    ) -> SpatialGraph:
         """Spatial graph of a chain of ``nn.Linear`` layers, optionally fed by ``nn.Embedding`` tables.
 
         Layers are taken in registration order and must chain (each ``in_features`` equals the
