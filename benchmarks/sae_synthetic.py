@@ -26,8 +26,8 @@ from topotorch.timing import conditions
 ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k
     "topk": {},
     "batchtopk": {},
-    "jumprelu": {"l0_coeff": 1.0},          # + target_l0 = k (λ(L0/L0* − 1)²)
-    "relu": {"l1_coeff": 0.03},
+    "jumprelu": {"l0_coeff": 10.0},         # + target_l0 = k (λ(L0/L0* − 1)²)
+    "relu": {"l1_coeff": 0.3},
 }
 
 
