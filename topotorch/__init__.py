@@ -1,5 +1,6 @@
 """topotorch: give neural networks a body in space, train brain-like structure, see it, cash it in."""
 
+from topotorch.body import Body
 from topotorch.geometry import circle, grid, line, make_layout, pairwise_distance
 from topotorch.graph import Connection, Slice, Space, SpatialGraph
 from topotorch.graph.conv import conv_graph
@@ -11,6 +12,7 @@ from topotorch.relocation import apply_permutation, placement_cost, relocate
 __version__ = "0.1.0"
 
 __all__ = [
+    "Body",
     "circle", "grid", "line", "make_layout", "pairwise_distance",
     "Connection", "Slice", "Space", "SpatialGraph", "transformer_graph", "conv_graph", "coupling_graph",
     "WiringConfig", "wiring_cost",
