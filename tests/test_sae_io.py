@@ -90,6 +90,7 @@ def test_hooks_on_sequential_and_flattening():
 
 
 def test_hooks_on_hugging_face_gpt2_with_bos_and_padding_dropped():
+    # its time is transformers' first import (~10 s on a busy box, shared with the other HF tests); the model is tiny
     from topotorch.user_models import hugging_face_lm
 
     torch.manual_seed(0)
