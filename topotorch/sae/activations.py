@@ -630,7 +630,7 @@ def activations(source: Any, *args: Any, **kwargs: Any) -> ModelActivations | Ca
     :class:`ModelActivations`. Usage: ``activations("cache/b1", batch_size=4096)`` or
     ``activations(model, batches, "gpt.blocks.1", batch_size=4096)``."""
     if isinstance(source, (str, os.PathLike)):
-        return CachedActivations(source, *args, **kwargs)
+        return CachedActivations(Path(source), *args, **kwargs)
     if isinstance(source, nn.Module):
         return ModelActivations(source, *args, **kwargs)
     raise TypeError(f"activations(): give a cache folder or an nn.Module, not {type(source).__name__}")

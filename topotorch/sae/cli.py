@@ -134,7 +134,8 @@ def top_examples(sae: Any, acts: Any, windows: Any, labels: list[str] | None, la
     T = windows.shape[1]
     kept = T - skip_first
     lat = torch.as_tensor(latents, dtype=torch.long)
-    best_v = best_i = None
+    best_v: Any = None
+    best_i: Any = None
     offset = 0
     for x in acts:
         x = x[0] if isinstance(x, tuple) else x
@@ -183,8 +184,10 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
     find_hook_points(src.model, cfg.hook)  # a bad pattern fails before anything is written
     T = src.x_train.shape[1]
     rows = max(1, math.ceil(cfg.batch_size / max(1, T - cfg.skip_first)))  # windows per model batch
-    opts = dict(hook=cfg.hook, transcoder=cfg.transcoder, skip_first=cfg.skip_first, dtype=torch.float32)
-    train_acts = ModelActivations(src.model, _batches(src.x_train, rows, cfg.seed), batch_size=cfg.batch_size, **opts)
+    opts: dict[str, Any] = dict(hook=cfg.hook, transcoder=cfg.transcoder, skip_first=cfg.skip_first,
+                                dtype=torch.float32)
+    train_acts: ModelActivations | CachedActivations = ModelActivations(
+        src.model, _batches(src.x_train, rows, cfg.seed), batch_size=cfg.batch_size, **opts)
     prepare_run_folder(out, overwrite, resume_hint=False)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
@@ -315,8 +318,8 @@ def sae(
             for msg in dict.fromkeys(" ".join(str(w.message).split()) for w in caught
                                      if issubclass(w.category, UserWarning)):
                 typer.echo(f"warning: {msg}", err=True)
-    e = summary["eval"]
-    typer.echo(f"{summary['source']} @ {hook}: FVU {e['fvu']:.4f}, L0 {e['l0']:.1f}, dead {100 * e['dead']:.1f}%, "
-               f"CE recovered {e['ce_recovered']:.3f}, KL {e['kl']:.4f} ({summary['train']['steps']} steps, "
+    ev = summary["eval"]
+    typer.echo(f"{summary['source']} @ {hook}: FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {100 * ev['dead']:.1f}%, "
+               f"CE recovered {ev['ce_recovered']:.3f}, KL {ev['kl']:.4f} ({summary['train']['steps']} steps, "
                f"{summary['train']['seconds']:.1f} s)")
     typer.echo(f"wrote {folder} (summary.json, metrics.csv, sae/{''.join(', ' + f + '/' for f in formats)})")

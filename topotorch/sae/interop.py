@@ -240,7 +240,8 @@ def read_saelens_cfg(folder: str | Path) -> dict:
     with ``hook_name`` at the top level. Usage: ``read_saelens_cfg("sae")["hook_name"]``."""
     path = Path(folder) / CFG
     cfg = _read_json(path)
-    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    raw_meta = cfg.get("metadata")
+    meta: dict = raw_meta if isinstance(raw_meta, dict) else {}
     cfg = {**cfg, "metadata": meta}
     cfg["hook_name"] = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     if "architecture" not in cfg:  # SAELens < 6
