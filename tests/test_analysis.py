@@ -116,7 +116,7 @@ def test_active_neurons_need_in_and_out():
 def test_thresholded_zeroes_small_weights_and_restores_exactly():
     net, g = block_net(noise=0.02)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    params = {k: p for k, p in net.named_parameters()}
+    params = dict(net.named_parameters())
     with thresholded(g, THR) as tg:
         assert tg is g
         assert torch.equal(net[0].weight, W1) and torch.equal(net[2].weight, W2)

@@ -135,7 +135,7 @@ def test_truncated_checkpoint_is_detected_by_checksum(tmp_path):
     with pytest.raises(CheckpointError, match="checksum"):
         read_checkpoint(base)
     net2, graph2, opt2 = make(seed=1)
-    with pytest.raises(CheckpointError, match="corrupt or truncated.*checksum"):
+    with pytest.raises(CheckpointError, match=r"corrupt or truncated.*checksum"):
         load_checkpoint(base, net2, opt2, graph2)  # no .prev to fall back to
 
 

@@ -77,7 +77,7 @@ def test_codec_roundtrip_report_and_errors():
     assert not torch.equal(c[0].bias, net[0].bias) and (c[0].bias - net[0].bias).abs().max() < 0.01
     x = torch.randn(20, 8)
     assert (c(x) - net(x)).abs().max() < 0.2
-    c16, rep16 = codec_roundtrip(net, "0", quality={"0": 90}, side="float16")
+    _c16, rep16 = codec_roundtrip(net, "0", quality={"0": 90}, side="float16")
     assert rep16["bytes"] > rep["bytes"]                      # float16 side information costs more
     with pytest.raises(ValueError, match="quality"):
         encode_sheet(smooth_sheet(), quality=0)

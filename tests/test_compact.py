@@ -187,7 +187,7 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     st, js = save_compact(tmp_path, small)
     good_js, good_st = js.read_bytes(), st.read_bytes()
     js.write_text("{not json")
-    with pytest.raises(CompactError, match="compact.json is corrupt"):
+    with pytest.raises(CompactError, match=r"compact\.json is corrupt"):
         load_compact(tmp_path)
     js.write_bytes(good_js)
     st.write_bytes(good_st[: len(good_st) // 2])
@@ -197,13 +197,13 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     st.write_bytes(b"\x00" * 16)
     spec["sha256"] = __import__("hashlib").sha256(b"\x00" * 16).hexdigest()
     js.write_text(json.dumps(spec))
-    with pytest.raises(CompactError, match="compact.safetensors is corrupt"):
+    with pytest.raises(CompactError, match=r"compact\.safetensors is corrupt"):
         load_compact(tmp_path)
     spec = json.loads(good_js)
     spec["shapes"]["layers.0.values"] = [999]
     js.write_text(json.dumps(spec))
     st.write_bytes(good_st)
-    with pytest.raises(CompactError, match="layers.0.values"):
+    with pytest.raises(CompactError, match=r"layers\.0\.values"):
         load_compact(tmp_path)
     st.unlink()
     with pytest.raises(CompactError, match="missing"):
@@ -211,7 +211,7 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
 
 
 def test_unsupported_models_are_refused():
-    with pytest.raises(CompactError, match="nn.Sequential"):
+    with pytest.raises(CompactError, match=r"nn\.Sequential"):
         compact_mlp(nn.Conv2d(1, 2, 3), 0.1)
     with pytest.raises(CompactError, match="LayerNorm"):
         compact_mlp(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1)), 0.1)

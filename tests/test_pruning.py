@@ -277,7 +277,7 @@ def test_previous_mask_of_the_wrong_shape_is_named():
     prev["2.weight"] = prev["2.weight"].t()
     with pytest.raises(ValueError, match=r"previous mask for '2.weight' has shape \(16, 8\)"):
         global_magnitude_masks(m, 0.8, previous=prev)
-    with pytest.raises(ValueError, match="'2.weight'"):
+    with pytest.raises(ValueError, match=r"'2\.weight'"):
         layerwise_magnitude_masks(m, 0.8, previous=prev)
 
 

@@ -256,10 +256,10 @@ def test_bad_threshold_and_corrupt_description_are_named(tmp_path):
     save_shrunk(tmp_path, shrink(net, g, 0.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "shrunk.json"]  # no temporary left
     (tmp_path / "shrunk.json").write_text("{half a file")
-    with pytest.raises(ValueError, match="shrunk.json is corrupt"):
+    with pytest.raises(ValueError, match=r"shrunk\.json is corrupt"):
         load_shrunk(tmp_path)
     (tmp_path / "shrunk.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="shrunk.json is corrupt"):
+    with pytest.raises(ValueError, match=r"shrunk\.json is corrupt"):
         load_shrunk(tmp_path)
 
 
@@ -388,7 +388,7 @@ def test_load_refuses_hostile_functions_and_configs(tmp_path):
     meta = json.loads((tmp_path / "shrunk.json").read_text())
     meta["spec"]["objects"]["config0"]["class"] = "transformers.models.bert.modeling_bert:BertModel"
     (tmp_path / "shrunk.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="refusing to load config class 'transformers.models.bert.modeling_bert:Bert"):
+    with pytest.raises(ValueError, match=r"refusing to load config class 'transformers\.models\.bert\.modeling_bert:Bert"):
         load_shrunk(tmp_path)
 
 

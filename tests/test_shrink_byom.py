@@ -125,7 +125,7 @@ def test_hf_attributes_follow_the_removed_heads():
 
 def test_partly_dead_heads_stay_whole_and_say_why():
     pytest.importorskip("transformers")
-    model, x, g = graph_of("bert")
+    model, _x, g = graph_of("bert")
     name = "bert.encoder.layer.0.attention.self"
     sp = g.space(name)
     with torch.no_grad():  # 3 of head 0's 8 dims have no output: the head keeps its width

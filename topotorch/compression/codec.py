@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from topotorch.sheets import CorticalSheet, find_sheets
+from topotorch.sheets import CorticalSheet, find_sheets, layer_tensor
 
 Format = Literal["webp", "jpeg", "avif"]
 SideInfo = Literal["uint8", "float16"]
@@ -185,11 +185,14 @@ def codec_roundtrip(model: nn.Module, layers: str, quality: int | dict[str, int]
         if s.side != "output" or s.bias:
             raise ValueError("codec storage works on output sheets without the bias feature")
         q = quality[s.name] if isinstance(quality, dict) else quality
-        wt, b = s.module.weight, s.module.bias
+        wt, bias = layer_tensor(s.module, "weight"), s.module.bias
+        b = bias if isinstance(bias, torch.Tensor) else None  # None: no bias
         blob = encode_sheet(s.features(), q, fmt, side, bias=b)
         wt.copy_(decode_sheet(blob).reshape(wt.shape).to(wt.dtype))
         if b is not None:
-            b.copy_(decode_bias(blob).reshape(b.shape).to(b.dtype))
+            db = decode_bias(blob)
+            assert db is not None  # encoded with bias=b just above
+            b.copy_(db.reshape(b.shape).to(b.dtype))
         n = blob_bytes(blob)
         total += n
         raw += 4 * wt.numel() + (4 * b.numel() if b is not None else 0)

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +99,11 @@ def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _chain(model: nn.Module) -> tuple[torch.Tensor | None, int, list[nn.Linear], list[str]]:
     """(embedding weight or None, tokens per input, linear layers, activation after each layer)."""
-    emb, n_tok, seq = None, 0, model
+    emb: torch.Tensor | None = None
+    n_tok, seq = 0, model
     if isinstance(getattr(model, "embedding", None), nn.Embedding) and isinstance(getattr(model, "mlp", None), nn.Sequential):
-        emb, n_tok, seq = model.embedding.weight, int(model.n_tokens), model.mlp  # TokenMLP: folded embeddings
+        duck: Any = model  # a TokenMLP-like model, checked just above
+        emb, n_tok, seq = duck.embedding.weight, int(duck.n_tokens), duck.mlp  # TokenMLP: folded embeddings
     if not isinstance(seq, nn.Sequential):
         raise CompactError(f"compact_mlp handles nn.Sequential chains of nn.Linear with element-wise activations "
                            f"(e.g. topotorch.models.MLP / TokenMLP), not a {type(model).__name__}; "
@@ -151,6 +153,7 @@ class _Layer(nn.Module):
     """One linear layer of a compact model in one storage format; ``forward`` takes and gives flat (B, n) tensors."""
 
     fmt = ""
+    _act: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(self, n_in: int, n_out: int, activation: str):
         super().__init__()
@@ -167,11 +170,19 @@ class _Layer(nn.Module):
     def flops(self) -> int:  # multiply-adds x 2 per sample
         raise NotImplementedError
 
+    @classmethod
+    def build(cls, w: torch.Tensor, b: torch.Tensor, activation: str, **kw: Any) -> _Layer:
+        """The layer computing ``act(x @ w.T + b)`` in this format (``kw``: format options, e.g. ``modules``)."""
+        raise NotImplementedError
+
 
 class DenseLayer(_Layer):
     """``y = act(x[:, cols] @ W.T + b)``: the small dense matrix left after removal (the gather only when needed)."""
 
     fmt = "dense"
+    wt: torch.Tensor  # buffers, declared for the type checker (nn.Module.__getattr__ returns Tensor | Module)
+    bias: torch.Tensor
+    cols: torch.Tensor | None
 
     def __init__(self, wt: torch.Tensor, bias: torch.Tensor, n_in: int, activation: str, cols: torch.Tensor | None = None):
         super().__init__(n_in, wt.shape[1], activation)
@@ -198,6 +209,10 @@ class CSRLayer(_Layer):
     """``y = act((W_csr @ x.T).T + b)`` with ``W`` a ``torch.sparse_csr`` matrix: work proportional to the non-zeros."""
 
     fmt = "csr"
+    crow: torch.Tensor  # buffers
+    col: torch.Tensor
+    values: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
                  n_in: int, activation: str):
@@ -242,10 +257,15 @@ class BlockLayer(_Layer):
     """
 
     fmt = "block"
+    blocks: torch.Tensor  # buffers
+    idx_in: torch.Tensor
+    out_pos: torch.Tensor
+    bias: torch.Tensor
+    _select: torch.Tensor | None
 
     def __init__(self, blocks: torch.Tensor, idx_in: torch.Tensor, out_pos: torch.Tensor, bias: torch.Tensor,
                  n_in: int, activation: str):
-        m, kin, kout = blocks.shape
+        _m, _kin, _kout = blocks.shape
         super().__init__(n_in, len(bias), activation)
         self.register_buffer("blocks", blocks.contiguous())          # (M, Kin, Kout)
         self.register_buffer("idx_in", idx_in.to(torch.long).contiguous())   # (M*Kin,), padding -> 0
@@ -295,7 +315,7 @@ class BlockLayer(_Layer):
         y = torch.bmm(g, self.blocks).transpose(0, 1).reshape(-1, m * kout)  # (B, M*Kout)
         if self._mode == "identity":
             out = y + self.bias
-        elif self._mode == "select":
+        elif self._mode == "select" and self._select is not None:  # "select" always sets _select
             out = y.index_select(1, self._select) + self.bias
         else:
             out = y.new_zeros(y.shape[0], self.n_out + 1).index_add_(1, self.out_pos, y)[:, : self.n_out] + self.bias
@@ -322,6 +342,10 @@ class CompactMLP(nn.Module):
     ``TokenMLP``. ``description`` records formats, shapes, activations, modules and the measured
     format timings. Usage: ``y = small(x)``; ``small.stored_values()``; ``small.flops()``.
     """
+
+    embed: torch.Tensor | None  # buffers
+    out_live: torch.Tensor
+    out_const: torch.Tensor
 
     def __init__(self, layers: Sequence[_Layer], n_in: int, n_out: int, out_live: torch.Tensor,
                  out_const: torch.Tensor, embed: torch.Tensor | None = None, n_tokens: int = 0,
@@ -351,29 +375,41 @@ class CompactMLP(nn.Module):
             out.index_copy_(1, self.out_live, x)
         return out
 
+    def typed_layers(self) -> list[_Layer]:
+        """The layers as :class:`_Layer` (``nn.ModuleList`` yields plain modules to a type checker).
+
+        Usage: ``[layer.fmt for layer in small.typed_layers()]``.
+        """
+        return [layer for layer in self.layers if isinstance(layer, _Layer)]  # all of them: built from _Layer only
+
     def stored_values(self) -> int:
         """Floating-point values the model stores (its parameter count; padding of blocks included)."""
-        n = sum(layer.stored_values() for layer in self.layers) + self.out_const.numel() * (not self._all_live)
+        n = sum(layer.stored_values() for layer in self.typed_layers()) + self.out_const.numel() * (not self._all_live)
         return n + (self.embed.numel() if self.embed is not None else 0)
 
     def nonzeros(self) -> int:
         """Non-zero weights and biases stored."""
-        ts = [t for layer in self.layers for t in layer.tensors().values() if t.is_floating_point()]
+        ts = [t for layer in self.typed_layers() for t in layer.tensors().values() if t.is_floating_point()]
         ts += [self.embed] if self.embed is not None else []
         return int(sum(int((t != 0).sum()) for t in ts))
 
     def flops(self) -> int:
         """Multiply-adds x 2 per sample (embedding gathers and bias adds not counted)."""
-        return sum(layer.flops() for layer in self.layers)
+        return sum(layer.flops() for layer in self.typed_layers())
 
     @property
     def formats(self) -> list[str]:
-        return [layer.fmt for layer in self.layers]
+        return [layer.fmt for layer in self.typed_layers()]
 
 
 def dense_flops(model: nn.Module) -> int:
     """Multiply-adds x 2 per sample of an MLP's linear layers run dense. Usage: ``dense_flops(mlp)``."""
     return sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def _call_seconds(layer: nn.Module, xb: torch.Tensor, reps: int, device: torch.device) -> float:
+    """Median seconds of one ``layer(xb)`` call (a function, so the timed call binds its own layer and batch)."""
+    return median_seconds(lambda: layer(xb), reps, device=device)
 
 
 def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -434,21 +470,22 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
         if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
             raise CompactError(f"batch_sizes must be positive integers, got {list(batch_sizes or [])}")
     for i, (w, b) in enumerate(zip(ws, bs)):
-        kw = dict(modules=modules_per_layer[i])
+        mods = modules_per_layer[i]
+        kw = dict(modules=mods)
         if choose == "auto":
-            timings = {}
-            cands = {}
+            assert x is not None  # set above: choose == "auto" and there are layers
+            timings: dict[str, float] = {}
+            cands: dict[str, _Layer] = {}
             for fmt in FORMATS:
                 if fmt == "block" and kw["modules"] is None:  # too many modules to block (see _modules)
                     continue
                 cand = _LAYER_CLASSES[fmt].build(w, b, acts[i], **kw).to(device)
                 cands[fmt] = cand
-                timings[fmt] = sum(median_seconds(lambda: cand(xb), reps, device=device) / n
-                                   for n in sizes for xb in [_batch_like(x, n)])
-            fmt = min(timings, key=timings.get)
+                timings[fmt] = sum(_call_seconds(cand, _batch_like(x, n), reps, device) / n for n in sizes)
+            fmt = min(timings, key=timings.__getitem__)
             layer = cands[fmt]
             x = layer(x)
-            info = {"choice": "measured", "seconds_per_sample": {k: v for k, v in timings.items()},
+            info = {"choice": "measured", "seconds_per_sample": dict(timings),
                     "batch_sizes": sizes}
         else:
             layer = _LAYER_CLASSES[choose].build(w, b, acts[i], **kw)
@@ -456,13 +493,13 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
         layers.append(layer)
         layer_desc.append({"format": layer.fmt, "n_in": w.shape[1], "n_out": w.shape[0], "activation": acts[i],
                            "nonzeros": int((w != 0).sum()),
-                           "modules": len(modules_per_layer[i] if modules_per_layer[i] is not None else module_sizes),
+                           "modules": len(mods if mods is not None else module_sizes),
                            **info})
     desc = {
         "threshold": threshold,
         "dtype": str(dt).replace("torch.", ""),
         "input": ({"kind": "tokens", "n_tokens": n_tok, "vocab": int(emb0.shape[0]), "embed_dim_before": int(emb0.shape[1]),
-                   "embed_dims_kept": int(embed.shape[1])} if embed is not None else {"kind": "features", "n_in": n_in_orig}),
+                   "embed_dims_kept": int(embed.shape[1])} if embed is not None and emb0 is not None else {"kind": "features", "n_in": n_in_orig}),
         "layers": layer_desc,
         "n_out": n_out,
         "n_live_outputs": len(out_live),
@@ -486,7 +523,7 @@ def _example_input(example, tokens: bool, n_in: int, n_tok: int, vocab: int, dt)
     return torch.randn(256, n_in, generator=g, dtype=dt)
 
 
-def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list], list[list[int]]]:
+def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list | None], list[list[int]]]:
     """In place: reorder hidden neurons module by module. Returns, per layer, the modules' (rows, cols)
     index tensors (None for every layer when there are more than ``MAX_BLOCK_MODULES`` modules), and
     each module's size per hidden space."""
@@ -524,7 +561,7 @@ def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list]
     module_sizes = torch.stack([torch.bincount(lab, minlength=n_mod) for lab in labels], 1).tolist()
     if n_mod > MAX_BLOCK_MODULES:  # e.g. one hidden layer: every neuron its own module; blocks of 1 never pay
         return [None] * n_layers, module_sizes
-    per_layer: list[list] = []
+    per_layer: list[list | None] = []
     for i in range(n_layers):
         mods = []
         for m in range(n_mod):
@@ -578,7 +615,7 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
     if compact.embed is not None:
         tensors["embed"] = compact.embed
     layers = []
-    for i, layer in enumerate(compact.layers):
+    for i, layer in enumerate(compact.typed_layers()):
         names = []
         for k, t in layer.tensors().items():
             tensors[f"layers.{i}.{k}"] = t
@@ -627,10 +664,13 @@ def load_compact(path_dir: str | Path) -> CompactMLP:
             fmt = ls["format"]
             if fmt not in _LAYER_CLASSES:
                 raise ValueError(f"layer {i}: unknown format {fmt!r}")
-            t = {k: tensors.get(f"layers.{i}.{k}") for k in _LAYER_TENSORS[fmt]}
+            t = {k: tensors[f"layers.{i}.{k}"] for k in _LAYER_TENSORS[fmt] if f"layers.{i}.{k}" in tensors}
+            missing = [k for k in _LAYER_TENSORS[fmt] if k not in t and k != "cols"]  # cols: None when all are used
+            if missing:
+                raise ValueError(f"layer {i}: tensors {missing} are missing")
             act, lin = ls["activation"], int(ls["n_in"])
             if fmt == "dense":
-                layers.append(DenseLayer(t["wt"], t["bias"], lin, act, t["cols"]))
+                layers.append(DenseLayer(t["wt"], t["bias"], lin, act, t.get("cols")))
             elif fmt == "csr":
                 layers.append(CSRLayer(t["crow"], t["col"], t["values"], t["bias"], lin, act))
             else:

@@ -52,8 +52,8 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """
     out: dict[str, nn.Parameter] = {}
     for mname, mod in model.named_modules():
-        if isinstance(mod, PRUNABLE_TYPES) and isinstance(getattr(mod, "weight", None), nn.Parameter):
-            out[f"{mname}.weight" if mname else "weight"] = mod.weight
+        if isinstance(mod, PRUNABLE_TYPES) and isinstance(w := getattr(mod, "weight", None), nn.Parameter):
+            out[f"{mname}.weight" if mname else "weight"] = w
     if not out:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv weights to prune")
     return out
@@ -68,7 +68,7 @@ def check_sparsity(sparsity: float) -> float:
 
 
 def _n_keep(n: int, sparsity: float) -> int:
-    return max(0, min(n, int(round((1.0 - sparsity) * n))))
+    return max(0, min(n, round((1.0 - sparsity) * n)))
 
 
 def _weights(model_or_weights: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

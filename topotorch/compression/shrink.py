@@ -46,6 +46,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -115,8 +116,8 @@ def _replace(model: nn.Module, name: str, new: torch.Tensor) -> None:
         for k, v in list(m._parameters.items()):
             if v is old:
                 m._parameters[k] = param
-        for k, v in list(m._buffers.items()):
-            if v is old:
+        for k, buf in list(m._buffers.items()):
+            if buf is old:
                 m._buffers[k] = new
 
 
@@ -195,9 +196,8 @@ def _path_between(model: nn.Module, writer: str, reader: str) -> list[nn.Module]
     if wn not in names or rn not in names or names.index(wn) >= names.index(rn):
         return None
     between = [parent._modules[n] for n in names[names.index(wn) + 1:names.index(rn)]]
-    if all(isinstance(m, ELEMENTWISE + CHANNEL_NORMS + (nn.Flatten,)) for m in between):
-        return between
-    return None
+    passing: list[nn.Module] = [m for m in between if isinstance(m, ELEMENTWISE + CHANNEL_NORMS + (nn.Flatten,))]
+    return passing if len(passing) == len(between) else None
 
 
 @torch.no_grad()
@@ -234,7 +234,7 @@ def _constants(model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[C
 
 @torch.no_grad()
 def _fold(model: nn.Module, reader: Connection, const: torch.Tensor, which: torch.Tensor) -> \
-        tuple[str, torch.Tensor] | bool | None:
+        tuple[str, torch.Tensor] | Literal[True] | None:
     """Bias change that replaces neurons ``which`` (with outputs ``const``) in ``reader``.
 
     Returns (bias name, delta), True if nothing needs adding (zero contribution), or None if impossible.
@@ -430,7 +430,7 @@ def _heads(model: nn.Module, graph: SpatialGraph, sp: Space, prefix: str, module
     if need.any():
         wo = _get(model, o.weight) if o is not None else None
         ko = o.source_slice.index.shape[1] if o is not None else 0
-        if wo is None or wo.dim() != 2 or ko % vidx.shape[1] or o.bias is None:
+        if o is None or wo is None or wo.dim() != 2 or ko % vidx.shape[1] or o.bias is None:
             foldable = ~need
     removable = out_dead | (v_dead & foldable)
     n_units = int(units.max()) + 1
@@ -439,6 +439,8 @@ def _heads(model: nn.Module, graph: SpatialGraph, sp: Space, prefix: str, module
     folds: list[tuple[str, torch.Tensor]] = []
     fold = need & remove
     if fold.any():
+        # fold ⊆ need: the foldable test above saw one reader with a bias, and need needs the value biases
+        assert o is not None and o.bias is not None and bv is not None
         wo = _get(model, o.weight)
         sd = o.source_slice.dim
         ocol = o.source_slice.index
@@ -512,13 +514,13 @@ def _plan_cut(model: nn.Module, spaces: list[Space], conns: list[Connection], sp
         newpos[(name, dim)] = pos
     new_index: dict[int, torch.Tensor] = {}
     for sl in _all_slices(spaces, conns):
-        pos = newpos.get((sl.name, sl.dim))
-        if pos is None:
+        moved = newpos.get((sl.name, sl.dim))
+        if moved is None:
             continue
         if id(sl) in mine_ids:
-            new_index[id(sl)] = pos[sl.index[keep]]
+            new_index[id(sl)] = moved[sl.index[keep]]
             continue
-        mapped = pos[sl.index]
+        mapped = moved[sl.index]
         alive = mapped >= 0
         per_row = alive.sum(1)
         if not bool((per_row == per_row[0]).all()) or int(per_row[0]) == 0:
@@ -632,8 +634,9 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
                 b.add_(delta.to(b.dtype))
             _remove(work, spaces, conns, sp, keep, cuts, new_index)
             orig[sp.name] = orig[sp.name][keep]
-            if found is not None:
-                _update_attention(work, sp, *_attention_module(work, sp))
+            again = _attention_module(work, sp) if found is not None else None
+            if again is not None:
+                _update_attention(work, sp, *again)
             changed = True
         if not changed:
             break
@@ -646,6 +649,7 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
 def _update_attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention) -> None:
     if attn.scale is None:
         attn.scale = 1.0 / math.sqrt(attn.head_dims[0])  # original heads share one width
+    assert sp.groups is not None  # called for attention spaces only, which have head groups
     _, counts = sp.groups.unique_consecutive(return_counts=True)
     attn.head_dims = [int(c) for c in counts]
     attn.n_heads = len(attn.head_dims)
@@ -844,12 +848,12 @@ def model_spec(model: nn.Module) -> dict:
 
     def walk(m: nn.Module, prefix: str) -> dict:
         cls = type(m)
-        node = {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
+        node: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
         state = vars(m)
         if type(m).__getstate__ is not nn.Module.__getstate__:  # a class that leaves caches out of its state
             try:
                 state = m.__getstate__()
-            except Exception:  # e.g. a parametrised module refusing it: its plain attributes then
+            except Exception:  # noqa: BLE001 - any refusal (e.g. a parametrised module's): its plain attributes then
                 state = vars(m)
         for k, v in state.items():
             if k in _BASE_KEYS or (k == "_flat_weights" and isinstance(m, nn.RNNBase)):  # rebuilt on load
@@ -910,7 +914,7 @@ def _source_rule(mod_name: str, qual: str, sources: tuple[tuple[str, bool], ...]
 
 
 def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...], bases: tuple[type, ...],
-             what: str = "class") -> type:
+             what: str = "class") -> type[Any]:
     """The class named ``qual`` ("module:Qualname") if it is exactly an allowed entry, else ValueError.
 
     Nothing outside the allowed sources is imported, no dunder module (``__main__``) ever, and the
@@ -941,11 +945,14 @@ def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...]
             mod = importlib.import_module(mod_name)
         except ImportError as e:
             raise ValueError(f"cannot load {what} {qual!r}: importing {mod_name} failed ({e})") from None
-    obj = mod
+    scope: object = mod
+    obj: type | None = None
     for part in qparts:
-        obj = vars(obj).get(part)
-        if not isinstance(obj, type):
+        found_obj = vars(scope).get(part)
+        if not isinstance(found_obj, type):
             raise ValueError(f"refusing to load {what} {qual!r}: {part!r} is not a class defined in {mod_name}")
+        scope = obj = found_obj
+    assert obj is not None  # qualname.split(".") has at least one part
     if obj.__module__ != mod_name or obj.__qualname__ != qualname:
         raise ValueError(f"refusing to load {what} {qual!r}: it is {obj.__module__}:{obj.__qualname__}, "
                          "defined outside the name saved")
@@ -972,7 +979,8 @@ def build_from_spec(spec: dict, tensors: dict[str, torch.Tensor], allow: tuple[s
 
     def build(node: dict, prefix: str) -> nn.Module:
         cls = _resolve(node["class"], MODEL_CLASS_SOURCES, allow, (nn.Module,), "class")
-        m = cls.__new__(cls)
+        new: Any = cls.__new__  # the class's own __new__ (typeshed types type.__new__ for a bare type[Any])
+        m = new(cls)
         nn.Module.__init__(m)
         for k, v in node["attrs"].items():
             m.__dict__[k] = decode(v)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from topotorch.objectives.topoloss import axis_operators
-from topotorch.sheets import SHEET_LAYERS, CorticalSheet, find_sheets
+from topotorch.sheets import SHEET_LAYERS, CorticalSheet, find_sheets, layer_tensor
 
 PASS_THROUGH = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout, nn.LeakyReLU)
 
@@ -45,15 +45,18 @@ def coarse_shape(h: int, w: int, factor: float | None = None, removed: float | N
             raise ValueError(f"downsampling factor φ must be finite and >= 1, got {factor!r}")
         hp, wp = int(h // factor), int(w // factor)
     else:
+        assert removed is not None  # exactly one of factor / removed is given (checked above)
         if not 0 <= removed < 1:
             raise ValueError(f"removed must be a fraction in [0, 1), got {removed!r}")
         keep = (1 - removed) * h * w
-        best = None
+        best: tuple[float, int, int] | None = None
         for hp in range(1, h + 1):  # at most h candidates: relative count error + log-aspect error
             for wp in {max(1, min(w, math.floor(keep / hp))), max(1, min(w, math.ceil(keep / hp)))}:
                 score = abs(hp * wp - keep) / keep + abs(math.log((hp / wp) / (h / w)))
                 if best is None or score < best[0]:
                     best = (score, hp, wp)
+        if best is None:
+            raise ValueError(f"no coarse grid fits a {h}x{w} sheet")
         hp, wp = best[1], best[2]
     if hp < 1 or wp < 1:
         raise ValueError(f"φ={factor} does not fit a {h}x{w} sheet")
@@ -80,13 +83,21 @@ def next_layer_name(model: nn.Module, name: str) -> str:
     raise ValueError(f"{name!r} is the last layer of its nn.Sequential: nothing reads it to rebuild")
 
 
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` when it has one (nn.Module types its attributes ``Tensor | Module``)."""
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
 def _new_like(old: nn.Module, n_out: int | None = None, n_in: int | None = None) -> nn.Module:
-    kw = dict(bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
+    wt = layer_tensor(old, "weight")
+    kw: dict[str, Any] = dict(bias=_bias(old) is not None, dtype=wt.dtype, device=wt.device)
     if isinstance(old, nn.Linear):
         return nn.Linear(n_in or old.in_features, n_out or old.out_features, **kw)
-    cls = type(old)
-    return cls(n_in or old.in_channels, n_out or old.out_channels, old.kernel_size, stride=old.stride,
-               padding=old.padding, dilation=old.dilation, groups=old.groups, padding_mode=old.padding_mode, **kw)
+    conv: Any = old  # nn.Conv1d / nn.Conv2d (a sheet layer that is not a Linear)
+    return type(old)(n_in or conv.in_channels, n_out or conv.out_channels, conv.kernel_size, stride=conv.stride,
+                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode,
+                     **kw)
 
 
 @torch.no_grad()
@@ -105,29 +116,32 @@ def compress_layer(model: nn.Module, name: str, factor: float | None = None, rem
         raise ValueError(f"next layer {nxt_name!r} is a {type(nxt).__name__}, not a Linear/Conv")
     if getattr(layer, "groups", 1) != 1 or getattr(nxt, "groups", 1) != 1:
         raise ValueError("grouped convolutions cannot be compressed this way")
-    if nxt.weight.shape[1] != sheet.units:
-        raise ValueError(f"{nxt_name!r} reads {nxt.weight.shape[1]} units but {name!r} has {sheet.units}")
+    wa0, ba0 = layer_tensor(layer, "weight"), _bias(layer)
+    wb0, bb0 = layer_tensor(nxt, "weight"), _bias(nxt)
+    if wb0.shape[1] != sheet.units:
+        raise ValueError(f"{nxt_name!r} reads {wb0.shape[1]} units but {name!r} has {sheet.units}")
     h, w = sheet.h, sheet.w
     hp, wp = coarse_shape(h, w, factor, removed)
     dt = torch.float64
     # φ given: the very resampling TopoLoss trained against (scale 1/φ), so a sheet with TopoLoss 0 is cut losslessly
     size = None if factor is not None else (hp, wp)
-    dh, uh, dw, uw = axis_operators(h, w, 1.0 if size else factor, mode, size=size, dtype=dt, device=layer.weight.device)
+    scale = factor if factor is not None else 1.0  # factor None: size given instead
+    dh, uh, dw, uw = axis_operators(h, w, scale, mode, size=size, dtype=dt, device=wa0.device)
     hp, wp = dh.shape[0], dw.shape[0]
-    wa = layer.weight.to(dt)
+    wa = wa0.to(dt)
     s = wa.reshape(h, w, -1)
     s2 = torch.einsum("ph,hwe,qw->pqe", dh, s, dw)  # downsampled feature sheet
     new_a = _new_like(layer, n_out=hp * wp)
-    new_a.weight.copy_(s2.reshape(hp * wp, *wa.shape[1:]).to(layer.weight.dtype))
-    if layer.bias is not None:
-        b2 = dh @ layer.bias.to(dt).reshape(h, w) @ dw.T
-        new_a.bias.copy_(b2.reshape(-1).to(layer.bias.dtype))
-    wb = nxt.weight.to(dt)  # (O, N, *k): contract N with U_h ⊗ U_w
+    layer_tensor(new_a, "weight").copy_(s2.reshape(hp * wp, *wa.shape[1:]).to(wa0.dtype))
+    if ba0 is not None:
+        b2 = dh @ ba0.to(dt).reshape(h, w) @ dw.T
+        layer_tensor(new_a, "bias").copy_(b2.reshape(-1).to(ba0.dtype))
+    wb = wb0.to(dt)  # (O, N, *k): contract N with U_h ⊗ U_w
     wb2 = torch.einsum("ohw...,hp,wq->opq...", wb.reshape(wb.shape[0], h, w, *wb.shape[2:]), uh, uw)
     new_b = _new_like(nxt, n_in=hp * wp)
-    new_b.weight.copy_(wb2.reshape(wb.shape[0], hp * wp, *wb.shape[2:]).to(nxt.weight.dtype))
-    if nxt.bias is not None:
-        new_b.bias.copy_(nxt.bias)
+    layer_tensor(new_b, "weight").copy_(wb2.reshape(wb.shape[0], hp * wp, *wb.shape[2:]).to(wb0.dtype))
+    if bb0 is not None:
+        layer_tensor(new_b, "bias").copy_(bb0)
     for n, m in ((name, new_a), (nxt_name, new_b)):
         parent_name, _, child = n.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, m)
@@ -161,9 +175,10 @@ def refit_reader(original: nn.Module, small: nn.Module, reader: str, x: torch.Te
     finally:
         original.train(was[0]), small.train(was[1])
     ref = original.get_submodule(reader)
-    target = a @ ref.weight.to(torch.float64).T
-    if ref.bias is not None:
-        target = target + ref.bias.to(torch.float64)
+    ref_bias = _bias(ref)
+    target = a @ layer_tensor(ref, "weight").to(torch.float64).T
+    if ref_bias is not None:
+        target = target + ref_bias.to(torch.float64)
     if lin.bias is not None:
         ap = torch.cat([ap, torch.ones(len(ap), 1, dtype=ap.dtype)], dim=1)
     g = ap.T @ ap
