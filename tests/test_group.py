@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from topotorch import body as body_module
 from topotorch import training
 from topotorch.compression.shrink import shrink
 from topotorch.graph import SpatialGraph
@@ -141,7 +142,7 @@ def test_group_lam_kills_whole_neurons_that_shrink_removes():
 def test_group_lam_zero_is_the_old_trainer(monkeypatch):
     """group_lam = 0 never touches the group term: the run is bit-identical to one where it cannot run."""
     base = train(_digits(steps=120, dtype="float64"))
-    monkeypatch.setattr(training, "neuron_group_norm", lambda *a, **k: pytest.fail("group term evaluated"))
+    monkeypatch.setattr(body_module, "neuron_group_norm", lambda *a, **k: pytest.fail("group term evaluated"))
     again = train(_digits(steps=120, dtype="float64", group_lam=0.0))
     for (k, a), (_, b) in zip(base.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), k

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -80,14 +79,15 @@ CHILD = textwrap.dedent("""
     import sys, time
     import torch
     torch.set_num_threads(1)
-    from topotorch import cli, training
-    real = training.task_loss
+    from topotorch import cli
+    from topotorch.training import strategies
+    real = strategies.task_loss
     calls = [0]
     def slow(*a, **k):  # crawl after the checkpoint at step 100 so the SIGKILL lands mid-run; numerics untouched
         calls[0] += 1
         time.sleep(0.2 if calls[0] > 100 else 0.0)
         return real(*a, **k)
-    training.task_loss = slow
+    strategies.task_loss = slow
     sys.argv = ["topotorch"] + sys.argv[1:]
     cli.main()
 """)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from topotorch import training
+from topotorch import body as body_module
 from topotorch.analysis import thresholded
 from topotorch.checkpoint import load_checkpoint
 from topotorch.objectives.wiring import wiring_cost
@@ -24,6 +24,7 @@ from topotorch.training import (
     load_run,
     parse_schedule,
     schedule_value,
+    strategies,
     train,
 )
 from topotorch.visualize import load_snapshots
@@ -58,14 +59,14 @@ def assert_equal_states(a: dict, b: dict) -> None:
 ])
 def test_float64_runs_are_bit_reproducible(method, extra, monkeypatch):
     moved = []
-    orig = training.relocate
+    orig = body_module.relocate  # Body decides relocations (topotorch.body.relocate_everywhere)
 
     def counting(*a, **k):
         stats = orig(*a, **k)
         moved.append(sum(stats.moved.values()))
         return stats
 
-    monkeypatch.setattr(training, "relocate", counting)
+    monkeypatch.setattr(body_module, "relocate", counting)
     runs = [train(config(method=method, seed=3, **extra)) for _ in range(2)]
     assert sum(moved) > 0  # relocation really happened, so it is part of what is reproduced
     a, b = runs
@@ -88,14 +89,14 @@ def test_different_seeds_differ():
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_and_relocates_only_if_it_should(method, monkeypatch):
     calls = []
-    orig = training.relocate
+    orig = body_module.relocate
 
     def spy(graph, cfg, *a, **k):
         stats = orig(graph, cfg, *a, **k)
         calls.append((cfg.wf, sum(stats.moved.values())))
         return stats
 
-    monkeypatch.setattr(training, "relocate", spy)
+    monkeypatch.setattr(body_module, "relocate", spy)
     seen = []
     cfg = config(method=method, steps=200, swap_every=50, lam="0:1e-2")
     _, _, fresh = build(cfg)
@@ -266,7 +267,7 @@ def test_huge_learning_rate_raises_training_diverged(tmp_path):
 
 
 def test_nan_loss_keeps_the_last_checkpoint_intact(tmp_path, monkeypatch):
-    orig = training.task_loss
+    orig = strategies.task_loss  # the strategies compute the step's loss
     calls = {"n": 0}
 
     def poisoned(task, out, y):
@@ -274,7 +275,7 @@ def test_nan_loss_keeps_the_last_checkpoint_intact(tmp_path, monkeypatch):
         loss = orig(task, out, y)
         return loss * float("nan") if calls["n"] > 35 else loss
 
-    monkeypatch.setattr(training, "task_loss", poisoned)
+    monkeypatch.setattr(strategies, "task_loss", poisoned)
     at = {}
     cfg = config(method="bimt", steps=100, swap_every=10, checkpoint_every=10, log_every=10, out=str(tmp_path))
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 35\b"):
