@@ -20,8 +20,19 @@ from topotorch.training import TrainConfig, build, train
 ROOT = Path(__file__).resolve().parents[1]
 # digits MLP 64-100-100-10 in float64, mini-batches of 64 (32 per rank), wiring cost, relocation every 50
 # steps of hidden layers and inputs/outputs
-SETTINGS = dict(steps=200, dtype="float64", batch_size=64, swap_every=50, top_k=10, relocate_inputs=True,
-                lam="0:0.01,100:0.1", log_every=50, checkpoint_every=100, animation=False, progress=False)
+SETTINGS = dict(
+    steps=200,
+    dtype="float64",
+    batch_size=64,
+    swap_every=50,
+    top_k=10,
+    relocate_inputs=True,
+    lam="0:0.01,100:0.1",
+    log_every=50,
+    checkpoint_every=100,
+    animation=False,
+    progress=False,
+)
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -72,15 +83,28 @@ def launch(out: Path, world: int, record_every: int, **settings) -> list[dict]:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        args = [sys.executable, "-c", WORKER, str(out), str(rank), json.dumps({**settings, "record_every": record_every})]
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
+        args = [
+            sys.executable,
+            "-c",
+            WORKER,
+            str(out),
+            str(rank),
+            json.dumps({**settings, "record_every": record_every}),
+        ]
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         log = p.communicate(timeout=240)[0].decode()
         assert p.returncode == 0, log[-3000:]
     return [load_file(str(out / f"rank{r}.safetensors")) for r in range(world)]
-
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +135,9 @@ def test_ddp_two_ranks_match_one_process_replicas_identical_rank0_writes(tmp_pat
         worst = max(worst, float((rank0[k] - v).abs().max()))
     assert worst <= 1e-9, worst
     # relocation really moved things (the test would be weak otherwise)
-    assert not torch.equal(record["200/pos/input"], record["50/pos/input"]) or \
-        not torch.equal(record["200/pos/output"], record["50/pos/output"])
+    assert not torch.equal(record["200/pos/input"], record["50/pos/input"]) or not torch.equal(
+        record["200/pos/output"], record["50/pos/output"]
+    )
 
     # 2. replicas bit-identical after every relocation: one decision, applied everywhere
     assert rank0.keys() == rank1.keys() and {k.split("/")[0] for k in rank0} == {"50", "100", "150", "200"}
@@ -159,7 +184,9 @@ def test_diloco_replicas_identical_and_resume_bit_identical(tmp_path):
         assert torch.equal(res0[k], rank0[k]) and torch.equal(res1[k], rank1[k]), k
     assert json.loads((tmp_path / "resumed" / "summary0.json").read_text())["resumed_from_step"] == 40
     assert sorted(p.name for p in (tmp_path / "resumed" / "run").glob("inner-rank1-*.json")) == [
-        "inner-rank1-step000000040.json", "inner-rank1-step000000060.json"]
+        "inner-rank1-step000000040.json",
+        "inner-rank1-step000000060.json",
+    ]
 
 
 def outputs(result) -> torch.Tensor:

@@ -24,9 +24,19 @@ from topotorch.visualize import load_snapshots
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits MLP, float64, mini-batches from the generator, wiring cost + relocation of inputs/outputs too
-SETTINGS = dict(steps=200, dtype="float64", batch_size=64, swap_every=50, checkpoint_every=50, log_every=25,
-                top_k=10, relocate_inputs=True, lam="0:0.01,120:0.1", animation=False, progress=False)
-
+SETTINGS = dict(
+    steps=200,
+    dtype="float64",
+    batch_size=64,
+    swap_every=50,
+    checkpoint_every=50,
+    log_every=25,
+    top_k=10,
+    relocate_inputs=True,
+    lam="0:0.01,120:0.1",
+    animation=False,
+    progress=False,
+)
 
 
 def config(out: Path, **kw) -> TrainConfig:
@@ -95,15 +105,37 @@ CHILD = textwrap.dedent("""
 
 def cli_args(out: Path) -> list[str]:
     s = SETTINGS
-    return ["train", "digits", "--steps", str(s["steps"]), "--dtype", "float64", "--batch-size", "64",
-            "--swap-every", "50", "--checkpoint-every", "50", "--log-every", "25", "--top-k", "10",
-            "--lam", s["lam"], "--no-animation", "--no-progress", "--out", str(out)]
+    return [
+        "train",
+        "digits",
+        "--steps",
+        str(s["steps"]),
+        "--dtype",
+        "float64",
+        "--batch-size",
+        "64",
+        "--swap-every",
+        "50",
+        "--checkpoint-every",
+        "50",
+        "--log-every",
+        "25",
+        "--top-k",
+        "10",
+        "--lam",
+        s["lam"],
+        "--no-animation",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path, reference):
     out = tmp_path / "run"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, *cli_args(out)], cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, *cli_args(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait for the checkpoint at step 100 (the second one)
@@ -177,8 +209,15 @@ def test_checkpoint_holds_every_state_without_pickle(tmp_path):
     with safe_open(str(out / "checkpoint.safetensors"), "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("optim/0.weight/step").ndim == 0  # Adam's step: a tensor, not pickled
-    assert {"extra/rng/torch", "extra/rng/batch", "extra/rng/numpy_keys", "positions/input", "positions/output",
-            "optim/0.weight/exp_avg", "optim/0.weight/exp_avg_sq"} <= keys
+    assert {
+        "extra/rng/torch",
+        "extra/rng/batch",
+        "extra/rng/numpy_keys",
+        "positions/input",
+        "positions/output",
+        "optim/0.weight/exp_avg",
+        "optim/0.weight/exp_avg_sq",
+    } <= keys
     assert not any(p.suffix in (".pt", ".pkl", ".pth") for p in out.iterdir())
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from topotorch import body as body_module
+from topotorch import training as training_pkg
 from topotorch.analysis import thresholded
 from topotorch.checkpoint import load_checkpoint
 from topotorch.objectives.wiring import wiring_cost
@@ -53,10 +54,14 @@ def assert_equal_states(a: dict, b: dict) -> None:
 
 # -- reproducibility ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, extra", [
-    ("bimt", dict(steps=400, swap_every=100)),
-    ("swap", dict(steps=200, swap_every=50, relocation="assign", batch_size=32)),
-])
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("bimt", dict(steps=400, swap_every=100)),
+        ("swap", dict(steps=200, swap_every=50, relocation="assign", batch_size=32)),
+    ],
+)
 def test_float64_runs_are_bit_reproducible(method, extra, monkeypatch):
     moved = []
     orig = body_module.relocate  # Body decides relocations (topotorch.body.relocate_everywhere)
@@ -85,6 +90,7 @@ def test_different_seeds_differ():
 
 
 # -- the five methods --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_runs_and_relocates_only_if_it_should(method, monkeypatch):
@@ -147,8 +153,10 @@ def test_relocating_methods_train_like_their_twin_until_the_first_relocation(rel
     every = 30
     got = {}
     for method in (relocating, penalty_twin):
-        train(config(method=method, steps=every, swap_every=every, lam="0:1e-2"),
-              on_step=lambda s, model, g, m=method: got.__setitem__(m, state(model)) if s == every - 1 else None)
+        train(
+            config(method=method, steps=every, swap_every=every, lam="0:1e-2"),
+            on_step=lambda s, model, g, m=method: got.__setitem__(m, state(model)) if s == every - 1 else None,
+        )
     assert_equal_states(got[relocating], got[penalty_twin])
 
 
@@ -162,6 +170,7 @@ def test_bimt_wires_cheaper_than_none():
 
 # -- λ schedules -------------------------------------------------------------------------------
 
+
 def test_parse_schedule_phases_and_values():
     ph = parse_schedule("0:1e-3, 5000:1e-2,15000:1e-3")
     assert ph == [(0, 1e-3), (5000, 1e-2), (15000, 1e-3)]
@@ -173,19 +182,22 @@ def test_parse_schedule_phases_and_values():
     assert parse_schedule([[0, 1], [10, 2]]) == [(0, 1.0), (10, 2.0)]
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("abc", "bad schedule phase 'abc'"),
-    ("0:1,10:x", "bad schedule phase '10:x'"),
-    ("", "bad schedule phase"),
-    ("5:1e-3", "must start at step 0"),
-    ("0:1,10:2,5:3", "must increase"),
-    ("0:1,0:2", "must increase"),
-    ("0:-1", "finite and >= 0"),
-    ("0:1,10:nan", "finite and >= 0"),
-    ("0:inf", "finite and >= 0"),
-    (-0.1, "finite and >= 0"),
-    ([], "empty schedule"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("abc", "bad schedule phase 'abc'"),
+        ("0:1,10:x", "bad schedule phase '10:x'"),
+        ("", "bad schedule phase"),
+        ("5:1e-3", "must start at step 0"),
+        ("0:1,10:2,5:3", "must increase"),
+        ("0:1,0:2", "must increase"),
+        ("0:-1", "finite and >= 0"),
+        ("0:1,10:nan", "finite and >= 0"),
+        ("0:inf", "finite and >= 0"),
+        (-0.1, "finite and >= 0"),
+        ([], "empty schedule"),
+    ],
+)
 def test_parse_schedule_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_schedule(spec)
@@ -196,36 +208,41 @@ def test_schedule_drives_the_logged_lambda(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     # the λ logged at step `done` is the one used for the update that reached it (step done-1)
-    assert [(int(x["step"]), float(x["lambda"])) for x in rows] == [(10, 0.1), (20, 0.1), (30, 0.2), (40, 0.2), (50, 0.0)]
+    logged = [(int(x["step"]), float(x["lambda"])) for x in rows]
+    assert logged == [(10, 0.1), (20, 0.1), (30, 0.2), (40, 0.2), (50, 0.0)]
     assert r.summary["steps"] == 50
 
 
 # -- config validation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(task="mnist"), r"unknown task 'mnist'; known tasks: .*independence"),
-    (dict(method="sgd"), r"unknown method 'sgd'; use one of none, l1, local, swap, bimt"),
-    (dict(dtype="float16"), "unknown dtype 'float16'"),
-    (dict(relocation="magic"), "unknown relocation 'magic'"),
-    (dict(steps=0), "steps must be a positive integer, got 0"),
-    (dict(steps=-5), "steps must be a positive integer"),
-    (dict(steps=2.5), "steps must be a positive integer"),
-    (dict(swap_every=0), "swap_every must be a positive integer"),
-    (dict(lr=0.0), "lr must be a positive number"),
-    (dict(lr=-1e-3), "lr must be a positive number"),
-    (dict(lr=float("nan")), "lr must be a positive number"),
-    (dict(lr=float("inf")), "lr must be a positive number"),
-    (dict(lam="bad"), "bad schedule phase 'bad'"),
-    (dict(lam="100:1e-3"), "must start at step 0"),
-    (dict(lam="0:-1"), "finite and >= 0"),
-    (dict(l0=-0.1), "l0 must be >= 0"),
-    (dict(wf=-1.0), "wf must be >= 0"),
-    (dict(metric="cosine"), "unknown metric 'cosine'; use 'l1' or 'l2'"),
-    (dict(batch_size=0), "batch_size must be a positive integer or None"),
-    (dict(seed=-1), "seed must be a non-negative integer"),
-    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
-    (dict(threshold=0.0), "threshold must be a positive number"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(task="mnist"), r"unknown task 'mnist'; known tasks: .*independence"),
+        (dict(method="sgd"), r"unknown method 'sgd'; use one of none, l1, local, swap, bimt"),
+        (dict(dtype="float16"), "unknown dtype 'float16'"),
+        (dict(relocation="magic"), "unknown relocation 'magic'"),
+        (dict(steps=0), "steps must be a positive integer, got 0"),
+        (dict(steps=-5), "steps must be a positive integer"),
+        (dict(steps=2.5), "steps must be a positive integer"),
+        (dict(swap_every=0), "swap_every must be a positive integer"),
+        (dict(lr=0.0), "lr must be a positive number"),
+        (dict(lr=-1e-3), "lr must be a positive number"),
+        (dict(lr=float("nan")), "lr must be a positive number"),
+        (dict(lr=float("inf")), "lr must be a positive number"),
+        (dict(lam="bad"), "bad schedule phase 'bad'"),
+        (dict(lam="100:1e-3"), "must start at step 0"),
+        (dict(lam="0:-1"), "finite and >= 0"),
+        (dict(l0=-0.1), "l0 must be >= 0"),
+        (dict(wf=-1.0), "wf must be >= 0"),
+        (dict(metric="cosine"), "unknown metric 'cosine'; use 'l1' or 'l2'"),
+        (dict(batch_size=0), "batch_size must be a positive integer or None"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (dict(threshold=0.0), "threshold must be a positive number"),
+    ],
+)
 def test_config_validation_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
@@ -246,11 +263,12 @@ def test_for_task_uses_task_defaults_and_ignores_none(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
     assert TrainConfig.from_json(tmp_path / "c.json") == cfg
     (tmp_path / "d.json").write_text(json.dumps({**cfg.to_dict(), "bogus": 1}))
-    with pytest.raises(ValueError, match="unknown config field.*bogus"):
+    with pytest.raises(ValueError, match=r"unknown config field.*bogus"):
         TrainConfig.from_json(tmp_path / "d.json")
 
 
 # -- divergence --------------------------------------------------------------------------------
+
 
 def test_huge_learning_rate_raises_training_diverged(tmp_path):
     cfg = config(dtype="float32", lr=1e10, steps=100, checkpoint_every=1, out=str(tmp_path))
@@ -292,6 +310,7 @@ def test_nan_loss_keeps_the_last_checkpoint_intact(tmp_path, monkeypatch):
 
 # -- the run folder ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -302,8 +321,15 @@ def run(tmp_path_factory):
 def test_run_folder_contents(run):
     result, out = run
     names = {p.name for p in out.iterdir()}
-    for f in ("config.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json",
-              "snapshots.safetensors", "connectivity.png", "summary.json"):
+    for f in (
+        "config.json",
+        "metrics.csv",
+        "checkpoint.safetensors",
+        "checkpoint.json",
+        "snapshots.safetensors",
+        "connectivity.png",
+        "summary.json",
+    ):
         assert f in names, f
     assert not any(n.endswith(".tmp") for n in names)
     assert "training.gif" not in names  # animation=False
@@ -316,8 +342,17 @@ def test_metrics_csv(run):
     result, out = run
     with open(out / "metrics.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "lambda", "train_loss", "task_loss", "penalty", "wiring_cost", "test_mse",
-                       "active_weight_fraction", "seconds"]
+    assert rows[0] == [
+        "step",
+        "lambda",
+        "train_loss",
+        "task_loss",
+        "penalty",
+        "wiring_cost",
+        "test_mse",
+        "active_weight_fraction",
+        "seconds",
+    ]
     assert [int(r[0]) for r in rows[1:]] == [50, 100, 150, 200]
     for r in rows[1:]:
         values = [float(v) for v in r]
@@ -381,3 +416,60 @@ def test_load_run_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         load_run(tmp_path)
+
+
+# -- the package's shape: one loop, strategies, callbacks; no import of a higher floor ------------
+
+
+def test_callbacks_see_every_step_in_order_and_draw_false_draws_nothing(tmp_path):
+    from topotorch.training import Callback, DistContext, strategy_name
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_begin(self, run):
+            self.seen.append(("begin", run.start))
+
+        def on_step(self, run, step, loss):
+            self.seen.append(("step", step, run.body.step))  # the body has counted the step already
+
+        def on_end(self, run, summary):
+            self.seen.append(("end", "summary.json" in {p.name for p in tmp_path.iterdir()}))
+
+        def close(self):
+            self.seen.append(("close",))
+
+    rec = Recorder()
+    train(config(steps=5, log_every=5, out=str(tmp_path)), callbacks=[rec], draw=False)
+    assert rec.seen == [("begin", 0), *[("step", s, s + 1) for s in range(5)], ("close",), ("end", True)]
+    assert not (tmp_path / "connectivity.png").exists()  # no drawing: visualize draws nothing
+    assert [strategy_name(DistContext(w), config(local_steps=h)) for w, h in ((1, 0), (2, 0), (1, 5), (2, 5))] == [
+        "single",
+        "ddp",
+        "diloco",
+        "diloco",
+    ]
+
+
+def test_trainer_never_imports_a_higher_floor_and_its_functions_are_short():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    higher = ("topotorch.cli", "topotorch.report", "topotorch.experiments", "topotorch.training_fff")
+    code = "import sys, topotorch.training; print(sorted(m for m in sys.modules if m.startswith('topotorch.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "topotorch.visualize" not in loaded and not any(h in loaded for h in higher), loaded
+    for path in sorted((Path(training_pkg.__file__).parent).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith(higher) for n in names), (path.name, node.lineno)
+                if node in top:  # pictures only when drawn: never at import
+                    assert not any(n.startswith("topotorch.visualize") for n in names), (path.name, node.lineno)
+            if isinstance(node, ast.FunctionDef):
+                assert node.end_lineno - node.lineno + 1 <= 60, (path.name, node.name)

@@ -57,7 +57,7 @@ from topotorch.training.core import (
 from topotorch.training.distributed import DistContext, dist_context
 from topotorch.training.loop import fit, run_steps, train
 from topotorch.training.run import Run, load_run, read_summary, start_run, summarise
-from topotorch.training.strategies import DDP, STRATEGIES, DiLoCo, Single, make_strategy
+from topotorch.training.strategies import DDP, STRATEGIES, DiLoCo, Single, make_strategy, strategy_name
 from topotorch.training.threads import ONE_THREAD_WORK, choose_threads, step_work
 
 __all__ = [
@@ -100,6 +100,7 @@ __all__ = [
     "standard_callbacks",
     "start_run",
     "step_work",
+    "strategy_name",
     "structure_summary",
     "summarise",
     "task_loss",
