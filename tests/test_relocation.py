@@ -366,7 +366,7 @@ def test_assignment_on_optimal_space_is_identity():
     cfg = CFGS[0]
     g = make_mlp_graph(13)
     relocate(g, cfg, "assign", spaces=["hidden1"])
-    perm, d = assignment_permutation(placement_cost(g, "hidden1", cfg))
+    _perm, d = assignment_permutation(placement_cost(g, "hidden1", cfg))
     assert d <= 0 and abs(d) <= 1e-12
     before = cost(g, cfg)
     stats = relocate(g, cfg, "assign", spaces=["hidden1"])

@@ -23,7 +23,7 @@ their meaning. Either way the network computes exactly the same function.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -83,6 +83,7 @@ class _L1Term:
                 xp = x[slots]
             part = xp * lw - lwy + (twy - lwy) - xp * (tw - lw)
             out = part if out is None else out + part
+        assert out is not None  # one coordinate at least (positions are (N, D), D >= 1)
         base = self.total[rows].unsqueeze(1) if outer else self.total[neurons]
         return self.wf * out + self.l0 * base
 
@@ -125,10 +126,10 @@ class Placement:
             a = aggregate(w, conn, t.size, s.size)
             if cfg.agg == "mean":
                 a = a / w.numel()
-            mine, other = (t, s) if conn.target == sp.name else (s, t)
+            mine, other = (t.positions, s.positions) if conn.target == sp.name else (s.positions, t.positions)
             a = a if conn.target == sp.name else a.T
-            if cfg.metric == "l1" or (mine.positions.shape[1] == 1 and other.positions.shape[1] == 1):
-                x, y = mine.positions, other.positions
+            if cfg.metric == "l1" or (mine.shape[1] == 1 and other.shape[1] == 1):
+                x, y = mine, other
                 if x.shape[1] != y.shape[1]:
                     x, y = as_plane(x), as_plane(y)
                 self.terms.append(_L1Term(a, x.to(a.device, a.dtype), y.to(a.device, a.dtype), cfg.wf, cfg.l0))
@@ -219,6 +220,9 @@ def greedy_swap_permutation(m: torch.Tensor | Placement, candidates: torch.Tenso
     With ``groups`` (one id per slot), a neuron only swaps with neurons of its own group.
     ``m`` may be a :class:`Placement`, which multiplies out only the rows and columns needed.
     """
+    row: Callable[[int], torch.Tensor]  # M[neuron, :]
+    col: Callable[[int], torch.Tensor]  # M[:, slot]
+    at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # M[neurons, slots]
     if isinstance(m, Placement):
         n, device = m.size, m.device
         row, col, at = m.row, m.col, m.at
@@ -326,6 +330,8 @@ def apply_permutation(
         raise ValueError(f"permutation splits groups of space {sp.name!r} (e.g. attention heads): each group's "
                          "slots must receive all the neurons of one group")
     if sp.relocate == "positions":
+        if sp.positions is None:
+            raise ValueError(f"space {sp.name!r} relocates its positions but has none")
         new = sp.positions.clone()
         new[perm] = sp.positions
         graph.set_positions(sp.name, new)

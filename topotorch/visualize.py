@@ -28,7 +28,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ def save_snapshots(snapshots: Sequence[Snapshot], path: str | Path) -> None:
         if key in used:
             key = f"{key}_{i}"
         used.add(key)
-        entry = {"key": key, "step": int(snap.step), "weights": list(snap.weights), "positions": {}}
+        entry: dict[str, Any] = {"key": key, "step": int(snap.step), "weights": list(snap.weights), "positions": {}}
         for name, w in snap.weights.items():
             tensors[f"{key}/{name}"] = w.detach().cpu().contiguous().clone()
         for name, p in snap.positions.items():
@@ -151,9 +151,9 @@ def connection_matrices(
     return aggregate(w, conn, nt, ns), aggregate(w, conn, nt, ns, absolute=False)
 
 
-def _positions(graph: SpatialGraph, snapshot: Snapshot | None) -> dict[str, np.ndarray]:
+def _positions(graph: SpatialGraph, snapshot: Snapshot | None) -> dict[str, torch.Tensor]:
     """Coordinates of every drawn space (spaces without coordinates are left out)."""
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for s in graph.spaces:
         p = snapshot.positions.get(s.name, s.positions) if snapshot is not None else s.positions
         if p is not None:
@@ -192,6 +192,7 @@ def _draw(
 ) -> None:
     from matplotlib.collections import LineCollection
 
+    ax3d: Any = ax  # an mplot3d Axes3D when three_d (mpl_toolkits is untyped here): x, y, z calls
     pos = _positions(graph, snapshot)
     pts = {s.name: _point_array(pos[s.name], s.height, three_d) for s in graph.spaces if s.name in pos}
     heights = [s.height for s in graph.spaces if s.name in pos]
@@ -233,22 +234,22 @@ def _draw(
 
             coll = Line3DCollection(segs, colors=colors, linewidths=widths)
         else:
-            coll = LineCollection(segs, colors=colors, linewidths=widths)
+            coll = LineCollection(list(segs), colors=colors, linewidths=widths)
         coll.set_gid(f"edges:{conn.weight}")
         ax.add_collection(coll)
 
     # the stream's skip connections: each copy to the next one up, drawn faint
     for name in {n for n, _ in stream_pts}:
         copies = sorted(h for n, h in stream_pts if n == name)
-        segs = np.concatenate([np.stack([stream_pts[(name, a)], stream_pts[(name, b)]], axis=1)
-                               for a, b in zip(copies, copies[1:])]) if len(copies) > 1 else None
-        if segs is not None:
+        skips = np.concatenate([np.stack([stream_pts[(name, a)], stream_pts[(name, b)]], axis=1)
+                                for a, b in zip(copies, copies[1:])]) if len(copies) > 1 else None
+        if skips is not None:
             if three_d:
                 from mpl_toolkits.mplot3d.art3d import Line3DCollection
 
-                coll = Line3DCollection(segs, colors=[STREAM], linewidths=0.4)
+                coll = Line3DCollection(skips, colors=[STREAM], linewidths=0.4)
             else:
-                coll = LineCollection(segs, colors=[STREAM], linewidths=0.4)
+                coll = LineCollection(list(skips), colors=[STREAM], linewidths=0.4)
             coll.set_gid(f"stream:{name}")
             ax.add_collection(coll)
         heights += copies
@@ -257,11 +258,11 @@ def _draw(
     for s in graph.spaces:
         if s.name not in pts:
             continue
-        copies = [stream_pts[k] for k in stream_pts if k[0] == s.name] if s.stream else [pts[s.name]]
-        p = np.concatenate(copies) if copies else pts[s.name]
+        layers = [stream_pts[k] for k in stream_pts if k[0] == s.name] if s.stream else [pts[s.name]]
+        p = np.concatenate(layers) if layers else pts[s.name]
         size = float(np.clip(2000.0 / max(s.size, 1), 2.0, 40.0))
         if three_d:
-            sc = ax.scatter(p[:, 0], p[:, 1], p[:, 2], s=size, c="black", depthshade=False, zorder=3)
+            sc = ax3d.scatter(p[:, 0], p[:, 1], p[:, 2], s=size, c="black", depthshade=False, zorder=3)
         else:
             sc = ax.scatter(p[:, 0], p[:, 1], s=size, c="black", zorder=3)
         sc.set_gid(f"neurons:{s.name}")
@@ -273,7 +274,7 @@ def _draw(
         for i in range(s.size):
             txt = _label_text(s, i)
             if three_d:
-                t = ax.text(p[i, 0], p[i, 1], p[i, 2] + offset, txt, ha="center", va="center", fontsize=fs)
+                t = ax3d.text(p[i, 0], p[i, 1], p[i, 2] + offset, txt, ha="center", va="center", fontsize=fs)
             else:
                 t = ax.text(p[i, 0], p[i, 1] + offset, txt, ha="center", va="top" if below else "bottom", fontsize=fs)
             t.set_gid(f"label:{s.name}:{i}")
@@ -288,7 +289,7 @@ def _draw(
     if three_d:
         pad_y = 0.05 * max(hi[1] - lo[1], 1e-9) + 0.02
         ax.set_ylim(lo[1] - pad_y, hi[1] + pad_y)
-        ax.set_zlim(zl - pad_z, zh + pad_z)
+        ax3d.set_zlim(zl - pad_z, zh + pad_z)
         ax.set_axis_off()
     else:
         ax.set_ylim(zl - pad_z, zh + pad_z)
@@ -351,7 +352,10 @@ def draw_connectivity(
         fig = _new_figure(figsize, dpi)
         ax = _add_axes(fig, three_d)
     else:
-        fig = ax.get_figure()
+        root = ax.get_figure(root=True)
+        if root is None:
+            raise ValueError("ax belongs to no figure")
+        fig = root
         if three_d and getattr(ax, "name", "") != "3d":
             raise ValueError("this network has 2-D coordinates and needs 3-D axes (projection='3d')")
     _draw(ax, graph, snapshot, threshold, title, max_edges, linewidth, max_labels, three_d)
@@ -386,7 +390,7 @@ def ffmpeg_available() -> bool:
 
         imageio_ffmpeg.get_ffmpeg_exe()
         return True
-    except Exception:
+    except (ImportError, RuntimeError):  # not installed, or it found no ffmpeg binary (its documented error)
         return False
 
 
@@ -423,12 +427,15 @@ def render_animation(
 
     import imageio
     import imageio.v3 as iio
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from topotorch.checkpoint import set_file_mode
 
     chosen = [snapshots[i] for i in _frame_indices(len(snapshots), max_frames)]
     three_d = any(_needs_3d(_positions(graph, s)) for s in chosen)
     fig = _new_figure(figsize, dpi)
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)  # _new_figure attaches an Agg canvas (buffer_rgba)
     writer = None
     tmp_gif = Path(gif_path).with_name(Path(gif_path).stem + ".part.gif") if gif_path is not None else None
     tmp_mp4 = Path(mp4_path).with_name(Path(mp4_path).stem + ".part.mp4") if mp4_path is not None else None
@@ -447,8 +454,8 @@ def render_animation(
             for artist in [*ax.collections, *ax.texts, *ax.lines, *ax.patches]:
                 artist.remove()
             _draw(ax, graph, snap, threshold, None, max_edges, linewidth, 64, three_d)
-            fig.canvas.draw()
-            frame = _even(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
+            canvas.draw()
+            frame = _even(np.asarray(canvas.buffer_rgba())[..., :3].copy())
             if writer is not None:
                 writer.append_data(frame)
             if gif_path is not None:
@@ -461,7 +468,7 @@ def render_animation(
         if gif_path is not None:
             iio.imwrite(str(tmp_gif), np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
         for tmp, final in ((tmp_mp4, mp4_path), (tmp_gif, gif_path)):
-            if tmp is not None:
+            if tmp is not None and final is not None:  # both or neither
                 set_file_mode(tmp)
                 os.replace(tmp, final)
         done = True

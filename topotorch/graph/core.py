@@ -197,6 +197,8 @@ class SpatialGraph:
     def set_positions(self, space: str, positions: torch.Tensor) -> None:
         """Move a space's neurons to new coordinates (invalidates cached distances)."""
         s = self.space(space)
+        if s.positions is None:
+            raise ValueError(f"space {space!r} has no coordinates (positions None): it is not placed in space")
         if positions.shape != s.positions.shape:
             raise ValueError(f"space {space!r}: expected coordinates of shape {tuple(s.positions.shape)}")
         s.positions = positions.detach().to(torch.float64).clone()
@@ -295,12 +297,12 @@ class SpatialGraph:
         unsupported = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))]
         if unsupported:
             raise ValueError(f"from_chain handles Linear/Embedding chains only; cannot place layer {unsupported[0]!r}")
-        embeds = []
-        while mods and isinstance(mods[0][1], nn.Embedding):
-            embeds.append(mods.pop(0))
+        embeds: list[tuple[str, nn.Embedding]] = []
+        while mods and isinstance(first := mods[0][1], nn.Embedding):
+            embeds.append((mods.pop(0)[0], first))
         if any(isinstance(m, nn.Embedding) for _, m in mods):
             raise ValueError("embeddings must come before the linear layers of the chain")
-        linears = mods
+        linears = [(n, m) for n, m in mods if isinstance(m, nn.Linear)]  # all of mods: embeddings refused above
         for (pn, prev), (n, cur) in zip(linears, linears[1:]):
             if prev.out_features != cur.in_features:
                 raise ValueError(

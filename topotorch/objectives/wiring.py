@@ -134,6 +134,7 @@ def _chunks(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, w: torch.T
             else:
                 diff.square_()
             f = diff if f is None else f.add_(diff)
+        assert f is not None  # one coordinate at least (positions are (N, D), D >= 1)
         if l1:
             f.add_(cfg.l0 * scale)
         else:
