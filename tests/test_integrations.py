@@ -138,9 +138,9 @@ def hf_train(model, body, out, steps=6, extra=(), resume=None, **args):
     ids = hf_ids()
     data = [{"input_ids": r, "labels": r} for r in ids]
     targs = TrainingArguments(
-        str(out), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=1e-3,
-        use_cpu=True, report_to=[], train_sampling_strategy="sequential", logging_strategy="no",
-        disable_tqdm=True, optim="adamw_torch", seed=0, **{"save_strategy": "no", **args},
+        str(out), max_steps=steps, learning_rate=1e-2, weight_decay=1e-3, use_cpu=True, report_to=[],
+        train_sampling_strategy="sequential", logging_strategy="no", disable_tqdm=True, optim="adamw_torch", seed=0,
+        **{"save_strategy": "no", "per_device_train_batch_size": 4, **args},
     )
     trainer = Trainer(model, targs, train_dataset=data, callbacks=[BodyCallback(body), *extra])
     trainer.train(resume_from_checkpoint=resume)
