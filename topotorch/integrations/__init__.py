@@ -20,6 +20,7 @@ for the step, relocation count and settings) written by :mod:`topotorch.artifact
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from topotorch.artifacts import read_artifact, write_artifact
@@ -29,13 +30,13 @@ BODY_TENSORS = "topotorch_body.safetensors"
 BODY_JSON = "topotorch_body.json"
 
 
-def body_files(folder: str | Path) -> tuple[Path, Path]:
+def body_files(folder: str | os.PathLike) -> tuple[Path, Path]:
     """The (tensor file, JSON file) a body state occupies in ``folder``. Usage: ``st, js = body_files(ckpt)``."""
     folder = Path(folder)
     return folder / BODY_TENSORS, folder / BODY_JSON
 
 
-def save_body_state(body: Body, folder: str | Path) -> Path:
+def save_body_state(body: Body, folder: str | os.PathLike) -> Path:
     """Write ``body.state_dict()`` into ``folder`` atomically: coordinates as safetensors, the rest as JSON.
 
     Returns the JSON path. Usage: ``save_body_state(body, "out/checkpoint-400")``.
@@ -52,7 +53,7 @@ def save_body_state(body: Body, folder: str | Path) -> Path:
     return js
 
 
-def load_body_state(body: Body, folder: str | Path) -> dict:
+def load_body_state(body: Body, folder: str | os.PathLike) -> dict:
     """Restore a state written by :func:`save_body_state` into ``body`` (checksum verified first); return it.
 
     Usage: ``load_body_state(body, "out/checkpoint-400")``.
@@ -65,7 +66,7 @@ def load_body_state(body: Body, folder: str | Path) -> dict:
     return state
 
 
-def has_body_state(folder: str | Path) -> bool:
+def has_body_state(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a saved body state (both files). Usage: ``has_body_state(ckpt)``."""
     st, js = body_files(folder)
     return st.is_file() and js.is_file()
