@@ -154,7 +154,8 @@ def test_private_checker_finds_imports_and_attributes():
         "topotorch.relocation": "def _aggregate_abs(w):\n    return w\n",
         "topotorch.analysis.a": "from topotorch.relocation import _aggregate_abs\n\ndef f(graph, w):\n"
                                 "    graph._cache.clear()\n    return _aggregate_abs(w)\n",
-        "topotorch.analysis.b": "from topotorch import relocation\n\ndef g(w):\n    return relocation._aggregate_abs(w)\n",
+        "topotorch.analysis.b": "from topotorch import relocation\n\ndef g(w):\n"
+                                "    return relocation._aggregate_abs(w)\n",
         "topotorch.layers": "",
         "topotorch.layers._kern": "ACT = 1\n",
         "topotorch.layers.fff": "from topotorch.layers import _kern\nfrom topotorch.layers._kern import ACT\n",

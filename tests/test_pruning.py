@@ -1,4 +1,5 @@
-"""Pruning baselines (topotorch.compression.pruning, topotorch.experiments.retrain) and the accuracy-vs-sparsity sweep (topotorch.experiments.sweep, sweep-sparsity)."""
+"""Pruning baselines (topotorch.compression.pruning, topotorch.experiments.retrain) and the
+accuracy-vs-sparsity sweep (topotorch.experiments.sweep, sweep-sparsity)."""
 
 from __future__ import annotations
 

@@ -97,9 +97,11 @@ def test_report_in_headless_chromium(runs, tmp_path):
         assert page.evaluate("document.body.dataset.rendered") == "yes"
         n_lines = page.evaluate("document.querySelectorAll('#graph line').length")
         n_nodes = page.evaluate("document.querySelectorAll('#graph circle').length")
-        curves = page.evaluate("[...document.querySelectorAll('#curves polyline')].filter(p => p.getAttribute('points').split(' ').length > 2).length")
+        curves = page.evaluate("[...document.querySelectorAll('#curves polyline')]"
+                               ".filter(p => p.getAttribute('points').split(' ').length > 2).length")
         bbox = page.evaluate("(() => { const r = document.getElementById('viewport').getBBox(); return [r.width, r.height]; })()")
-        gif_ok = page.evaluate("(() => { const i = document.querySelector('img[alt=\"training animation\"]'); return i.complete && i.naturalWidth > 0; })()")
+        gif_ok = page.evaluate("(() => { const i = document.querySelector('img[alt=\"training animation\"]'); "
+                               "return i.complete && i.naturalWidth > 0; })()")
         # zoom: a wheel event changes the viewport transform
         page.send("Input.dispatchMouseEvent", type="mouseWheel", x=300, y=300, deltaX=0, deltaY=-300)
         zoomed = page.evaluate("document.getElementById('viewport').getAttribute('transform') || ''")

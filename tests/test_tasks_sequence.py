@@ -25,7 +25,7 @@ def test_in_context_sequences_follow_the_paper():
 
 def test_probe_is_pearson_correlation_per_residual_neuron():
     cfg = TrainConfig.for_task("in-context-regression", dtype="float64", progress=False)
-    task, model, graph = build(cfg)
+    _task, model, _graph = build(cfg)
     x, _, w = in_context_data(300, torch.Generator().manual_seed(1), torch.float64)
     r = probe_residual(model, x, w, min_activity=0.0)
     assert set(r) == {"embed", "blocks.0", "blocks.1"}
@@ -46,7 +46,7 @@ def test_text_file_task(tmp_path):
     task = get_task(f"text:{path}")
     assert task.metric == "bpc"
     data = task.make_data(0, torch.float32)
-    vocab, xtr, ytr, xte, yte = char_windows(text, 64)
+    vocab, xtr, ytr, xte, _yte = char_windows(text, 64)
     assert torch.equal(ytr[:, :-1], xtr[:, 1:])  # targets are the next characters
     assert data.x_train.shape[1] == 64 and len(vocab) == len(set(text))
     assert xtr.numel() + xte.numel() <= len(text)
@@ -94,7 +94,7 @@ def test_cli_rejects_missing_text_file(tmp_path):
 def test_probe_ignores_neurons_without_signal():
     cfg = TrainConfig.for_task("in-context-regression", dtype="float64", progress=False)
     _, model, _ = build(cfg)
-    x, _, w = in_context_data(200, torch.Generator().manual_seed(2), torch.float64)
+    x, _, _w = in_context_data(200, torch.Generator().manual_seed(2), torch.float64)
     with torch.no_grad():  # silence residual neuron 5 everywhere except a 1e-6 trace of the signal
         gpt = model.gpt
         for lin in [gpt.embed] + [b.attn.proj for b in gpt.blocks] + [b.mlp[2] for b in gpt.blocks]:

@@ -116,7 +116,7 @@ def test_run_folder_round_trips_and_corruption_is_named(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_fff_run(out)
     (out / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors is missing"):
         load_fff_run(out)
 
 

@@ -192,6 +192,6 @@ def read_artifact(tensor_path: str | Path, json_path: str | Path, kind: str | No
         raise error(f"{st} is corrupt or truncated: its checksum does not match {js.name}")
     try:
         tensors = load_file(str(st))
-    except Exception as e:  # safetensors raises several error types for a bad header
+    except Exception as e:  # noqa: BLE001 - safetensors raises several error types (SafetensorError, OSError, ...) for a bad header
         raise error(f"{st} is corrupt: {e}") from None
     return tensors, meta

@@ -43,7 +43,7 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer 
     scalars: dict[str, dict[str, float]] = {}
     if optimizer is None:
         return tensors, scalars
-    names = {p: n for n, p in model.named_parameters()}
+    names: dict[torch.Tensor, str] = {p: n for n, p in model.named_parameters()}
     for p, state in optimizer.state.items():
         n = names.get(p)
         if n is None:

@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import typer
 from typer.core import TyperGroup
@@ -209,7 +209,8 @@ def train(
                f"wiring_cost={s['wiring_cost']:.4g} active_weights={s['active_weights']['active']}/"
                f"{s['active_weights']['total']} modules={s['n_modules']} ({s['train_seconds']:.1f}s)")
     for i, mod in enumerate(s["modules"]):
-        typer.echo(f"  module {i + 1}: inputs {mod['inputs'] or '-'} -> outputs {mod['outputs'] or '-'} ({mod['neurons']} neurons)")
+        typer.echo(f"  module {i + 1}: inputs {mod['inputs'] or '-'} -> outputs {mod['outputs'] or '-'} "
+                   f"({mod['neurons']} neurons)")
     typer.echo(f"run folder: {cfg.out}")
 
 
@@ -246,7 +247,9 @@ def fff(
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
     settings: dict | None = None,
 ) -> None:
-    """Train an FFF (or same-width FF) classifier; writes summary.json, model.safetensors, leaves.md (and regions.png for 2-D inputs)."""
+    """Train an FFF (or same-width FF) classifier.
+
+    Writes summary.json, model.safetensors, leaves.md (and regions.png for 2-D inputs)."""
     from topotorch.training_fff import train_fff_run
 
     given = dict(settings or {})
@@ -347,10 +350,12 @@ def _echo_warnings(caught: list) -> None:
 
 def _compress_compact(run: Path, threshold: float | None, choose: str, threads: int) -> None:
     from topotorch.checkpoint import CheckpointError
-    from topotorch.compression.compact import FORMATS, CompactError
+    from topotorch.compression.compact import FORMATS, Choice, CompactError
     from topotorch.experiments.compress import compress_run
 
-    if choose not in ("auto", *FORMATS):
+    choices: tuple[Choice, ...] = ("auto", "dense", "block", "csr")
+    picked = next((c for c in choices if c == choose), None)  # the typed Literal, or None
+    if picked is None:
         _fail(f"unknown --choose {choose!r}; use auto, {', '.join(FORMATS)}")
     if threshold is not None and not threshold >= 0:
         _fail(f"threshold must be >= 0, got {threshold}")
@@ -358,7 +363,7 @@ def _compress_compact(run: Path, threshold: float | None, choose: str, threads: 
         _fail(f"threads must be >= 1, got {threads}")
     with _warnings_to_stderr():  # e.g. "checkpoint corrupt; using the previous checkpoint": never swallowed
         try:
-            rep = compress_run(run, threshold=threshold, choose=choose, threads=threads)
+            rep = compress_run(run, threshold=threshold, choose=picked, threads=threads)
         except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
             _fail(str(e))
     m = rep["metric"]
@@ -409,28 +414,30 @@ def compress(
         return _compress_compact(run, threshold, choose, threads)
     if downsample is not None and removed is not None:
         _fail("give exactly one of --downsample PHI or --removed FRACTION")
-    if mode not in ("nearest", "bilinear", "area"):
+    modes: tuple[Literal["nearest", "bilinear", "area"], ...] = ("nearest", "bilinear", "area")
+    resample = next((m for m in modes if m == mode), None)  # the typed Literal, or None
+    if resample is None:
         _fail(f"unknown mode {mode!r}; use nearest, bilinear or area")
     r = _load_for_topo(run)
     try:
         pattern = _topo_pattern(r, layers)
-        from topotorch.sheets import find_sheets
+        from topotorch.sheets import find_sheets, layer_tensor
 
         names = [s.name for s in find_sheets(r.model, pattern)]
         calib = r.data.x_train[:2048] if calibrate else None
-        small = do_compress(r.model, names, factor=downsample, removed=removed, mode=mode, calibrate=calib)
+        small = do_compress(r.model, names, factor=downsample, removed=removed, mode=resample, calibrate=calib)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     m = f"test_{r.task.metric}"
     before = evaluate(r.task, r.model, r.data.x_test, r.data.y_test)
     after = evaluate(r.task, small, r.data.x_test, r.data.y_test)
+    units = {n: [layer_tensor(r.model.get_submodule(n), "weight").shape[0],
+                 layer_tensor(small.get_submodule(n), "weight").shape[0]] for n in names}
     spec = {"layers": names, "factor": downsample, "removed": removed, "mode": mode, "calibrated": calibrate,
             "params_before": parameter_count(r.model), "params_after": parameter_count(small),
-            f"{m}_before": before, f"{m}_after": after,
-            "units": {n: [r.model.get_submodule(n).weight.shape[0], small.get_submodule(n).weight.shape[0]]
-                      for n in names}}
+            f"{m}_before": before, f"{m}_after": after, "units": units}
     paths = save_compressed(run, small, spec)
-    cut = ", ".join(f"{n}: {a}->{b}" for n, (a, b) in spec["units"].items())
+    cut = ", ".join(f"{n}: {a}->{b}" for n, (a, b) in units.items())
     typer.echo(f"compressed {cut}; params {spec['params_before']} -> {spec['params_after']}; "
                f"{m} {before:.4g} -> {after:.4g}")
     typer.echo(f"wrote {paths[0]} and {paths[1].name}")
@@ -558,7 +565,7 @@ def sweep_sparsity(
 ) -> None:
     """Accuracy vs sparsity of BIMT, L1 and the pruning baselines (IMP with rewinding, sparse model soups,
     random, magnitude): writes sweep.csv, table.md (medians of the seeds), sweep.png and summary.json."""
-    from topotorch.experiments.sweep import SweepConfig, run_sweep
+    from topotorch.experiments.sweep import SweepConfig, parse_methods, parse_seeds, parse_sparsities, run_sweep
 
     if threads is not None:
         if threads < 1:
@@ -568,7 +575,8 @@ def sweep_sparsity(
         torch.set_num_threads(threads)
     folder = out or Path("runs") / f"sparsity-{task}"
     try:
-        cfg = SweepConfig(task, methods=methods, sparsities=sparsities, seeds=seeds, out=str(folder),
+        cfg = SweepConfig(task, methods=parse_methods(methods), sparsities=parse_sparsities(sparsities),
+                          seeds=parse_seeds(seeds), out=str(folder),
                           dense_steps=dense_steps, cycle_steps=cycle_steps, soup_size=soup_size,
                           rewind_fraction=rewind, lr=lr, batch_size=batch_size, lam=lam, progress=progress)
     except (ValueError, TypeError) as e:

@@ -138,11 +138,11 @@ def graph_layout(graph: SpatialGraph) -> dict[str, np.ndarray]:
     Planar layers are drawn in an oblique projection (x + 0.35·y, height + 0.55·y) so a
     3-D network reads as stacked sheets; line layers then sit at y = 0.5 like the 3-D drawing.
     """
-    spaces = [s for s in graph.spaces if s.positions is not None]
-    planar = any(s.positions.shape[1] >= 2 for s in spaces)
+    placed = [(s, s.positions) for s in graph.spaces if s.positions is not None]
+    planar = any(pos.shape[1] >= 2 for _, pos in placed)
     out = {}
-    for s in spaces:
-        p = s.positions.to(torch.float64).numpy()
+    for s, pos in placed:
+        p = pos.to(torch.float64).numpy()
         x = p[:, 0]
         y = p[:, 1] if p.shape[1] >= 2 else np.full(len(p), 0.5 if planar else 0.0)
         out[s.name] = np.stack([x + 0.35 * y, s.height + 0.55 * y], 1) if planar else np.stack([x, np.full(len(p), s.height)], 1)
@@ -313,7 +313,7 @@ def maps_panel(r, max_layers: int = 4, classes: int = 10, max_samples: int = PAN
 
     pattern = default_layers(r.model) if r.config.topo_layers == "auto" else r.config.topo_layers
     sheets = find_sheets(r.model, pattern)
-    out = {"pattern": pattern, "layers": [], "note": ""}
+    out: dict[str, Any] = {"pattern": pattern, "layers": [], "note": ""}
     if len(sheets) > max_layers:
         out["note"] = f"first {max_layers} of {len(sheets)} sheets shown"
     x, y = _panel_set(r, max_samples)
@@ -368,7 +368,7 @@ def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
             labelled = y is not None and not y.is_floating_point() and y.reshape(-1).shape[0] == leaves.shape[0]
             used = [int(j) for j in torch.argsort(counts, descending=True, stable=True) if counts[j] > 0]
             rows = []
-            if labelled:
+            if labelled and y is not None:
                 yl = y.reshape(-1).cpu().long()
                 c = int(yl.max()) + 1
                 table = torch.bincount(leaves * c + yl, minlength=layer.n_leaves * c).view(layer.n_leaves, c)
@@ -384,7 +384,7 @@ def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
                 d["ablation"] = leaf_ablation_table(model, name, x, y, metric, leaves=used[:max_ablated])
             if layer.input_width == 2:
                 pts = inp.reshape(-1, 2)
-                d["png"] = _png_b64(draw_regions(layer, pts, y.reshape(-1) if labelled else None))
+                d["png"] = _png_b64(draw_regions(layer, pts, y.reshape(-1) if labelled and y is not None else None))
             out.append(d)
     finally:
         model.train(was)

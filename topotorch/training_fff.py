@@ -346,7 +346,7 @@ def load_fff_run(run_dir: str | Path) -> FFFRunResult:
         try:
             state = load_file(str(run_dir / "model.safetensors"))
             model.load_state_dict(state)
-        except Exception as e:  # safetensors raises its own error types on a damaged file
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
             raise ValueError(f"{run_dir / 'model.safetensors'} is corrupt: {' '.join(str(e).split())}") from None
         warnings.warn(f"{run_dir / 'model.safetensors'} has no checksum (no model.json: written by an older "
                       "version); loaded unverified", FallbackWarning, stacklevel=2)

@@ -32,8 +32,8 @@ The other parts are knocked out with forward hooks, removed on exit (the model i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +180,7 @@ def embedding_modules(graph: SpatialGraph, threshold: float, space: str = "embed
 
     from topotorch.analysis.modularity import node_spaces, weighted_adjacency
 
-    _, offset, total = node_spaces(graph, outputs)
+    _, offset, _total = node_spaces(graph, outputs)
     a = weighted_adjacency(graph, threshold, outputs)
     _, comp = connected_components(a, directed=False)
     label = comp[offset[space]: offset[space] + graph.space(space).size]
@@ -226,7 +226,7 @@ def embedding_module_ablation(result, threshold: float | None = None, space: str
 # heads, sheet regions and FFF leaves: forward hooks, removed on exit
 # ---------------------------------------------------------------------------------------------
 
-Units = Union[Sequence[int], np.ndarray, torch.Tensor]
+Units = Sequence[int] | np.ndarray | torch.Tensor
 
 
 def _submodule(model: nn.Module, name: str, what: str, known: list[str]) -> nn.Module:
@@ -243,7 +243,9 @@ def _head_dims(m: nn.Module) -> list[int]:
     if isinstance(m, CausalSelfAttention):
         dims = getattr(m, "head_dims", None)
         return list(dims) if dims is not None else [m.proj.in_features // m.n_heads] * m.n_heads
-    return [m.embed_dim // m.num_heads] * m.num_heads  # nn.MultiheadAttention
+    if not isinstance(m, nn.MultiheadAttention):
+        raise TypeError(f"{type(m).__name__} is not an attention layer (CausalSelfAttention / nn.MultiheadAttention)")
+    return [m.embed_dim // m.num_heads] * m.num_heads
 
 
 def attention_layers(model: nn.Module) -> dict[str, int]:
@@ -314,7 +316,7 @@ def heads_knocked_out(model: nn.Module, heads: Mapping[str, Units]) -> Iterator[
             else:
                 def pre(_m, args, drop=drop):
                     return (args[0].masked_fill(drop.to(args[0].device), 0.0), *args[1:])
-                handles.append(m.proj.register_forward_pre_hook(pre))
+                handles.append(m.get_submodule("proj").register_forward_pre_hook(pre))
         yield model
     finally:
         for h in handles:
@@ -326,11 +328,11 @@ def heads_knocked_out(model: nn.Module, heads: Mapping[str, Units]) -> Iterator[
 
 def _sheet_units(module: nn.Module, name: str, units: Units, shape) -> torch.Tensor:
     """(n_units,) boolean: True on the units to knock out (indices, or an (h, w) boolean mask on the sheet)."""
-    from topotorch.sheets import SHEET_LAYERS, CorticalSheet
+    from topotorch.sheets import SHEET_LAYERS, CorticalSheet, layer_tensor
 
     if not isinstance(module, SHEET_LAYERS):
         raise TypeError(f"layer {name!r} is a {type(module).__name__}; region ablation needs nn.Linear, nn.Conv1d or nn.Conv2d")
-    n = int(module.weight.shape[0])
+    n = int(layer_tensor(module, "weight").shape[0])
     u = units.detach().cpu() if isinstance(units, torch.Tensor) else torch.as_tensor(np.asarray(units))
     if u.dtype == torch.bool:
         sheet = CorticalSheet.of(module, name, shape)
@@ -411,7 +413,8 @@ def leaves_knocked_out(model: nn.Module, leaves: Mapping[str, Units]) -> Iterato
             h.remove()
 
 
-def _sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str, parts: list[tuple[dict, object]],
+def _sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
+           parts: Sequence[tuple[dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]],
            batch_size: int | None) -> list[dict]:
     """Rows: intact first, then one per (row fields, context manager factory)."""
     was = model.training

@@ -112,8 +112,7 @@ def network_formula(model: nn.Module, threshold: float, input_names: Sequence[st
         raise ValueError(f"{len(names)} input names for {n_in} inputs")
     outs = list(output_names) if output_names is not None else [f"y{i + 1}" for i in range(n_out)]
     # neurons needed by the outputs (backward), and reachable from the inputs (forward)
-    needed = [None] * (len(ws) + 1)
-    needed[-1] = np.ones(n_out, dtype=bool)
+    needed = [np.ones(n_out, dtype=bool)] * (len(ws) + 1)  # the last is the outputs; each other one is set below
     for k in range(len(ws) - 1, -1, -1):
         needed[k] = (ws[k][needed[k + 1]] != 0).any(0)
     reach = np.ones(n_in, dtype=bool)
@@ -126,7 +125,7 @@ def network_formula(model: nn.Module, threshold: float, input_names: Sequence[st
                          f"max_neurons={max_neurons}; raise the threshold or max_neurons")
     symbols = [sp.Symbol(n) for n in names]
     h: list[sp.Expr] = list(symbols)
-    for k, ((lin, act), w, b) in enumerate(zip(pairs, ws, bs)):
+    for k, ((_lin, act), w, b) in enumerate(zip(pairs, ws, bs)):
         rows = np.nonzero(needed[k + 1])[0]
         z: list[sp.Expr] = [sp.Integer(0)] * w.shape[0]
         for i in rows:  # one expression per kept neuron: building symbols is inherently per neuron

@@ -5,8 +5,8 @@ more than to another, and what ablating it does.
 2. Region: units with t above ``threshold`` (default: half the peak t, like a full width at half
    maximum, and at least 2; or the top ``top`` fraction of units), split into 4-connected components
    on the sheet; the region is the component with the largest Σt.
-3. Ablation: the region's outputs are zeroed (:func:`~topotorch.analysis.ablation.region_knocked_out`) and the task metric is measured on
-   both sets, next to a control ablation of as many randomly chosen units.
+3. Ablation: the region's outputs are zeroed (:func:`~topotorch.analysis.ablation.region_knocked_out`)
+   and the task metric is measured on both sets, next to a control ablation of as many randomly chosen units.
 
     >>> res = localize(model, "gpt.blocks.0.mlp.0", x_target, x_other, metric=lambda m, x: bpc(m, x))
     >>> res["region_units"], res["target"], res["other"]
@@ -33,7 +33,7 @@ def find_region(t: torch.Tensor, h: int, w: int, threshold: float | None = None,
 
     t = t.reshape(-1).to(torch.float64)
     if threshold is None and top is not None:
-        k = max(1, int(round(top * t.numel())))
+        k = max(1, round(top * t.numel()))
         threshold = max(2.0, float(t.topk(k).values[-1]) - 1e-12)
     elif threshold is None:
         threshold = max(2.0, 0.5 * float(t.max()))
@@ -48,7 +48,9 @@ def find_region(t: torch.Tensor, h: int, w: int, threshold: float | None = None,
 
 
 def ablated(model: nn.Module, layer: str, units: torch.Tensor):
-    """Within the block, the outputs ``units`` of module ``layer`` are zero: :func:`topotorch.analysis.ablation.region_knocked_out`.
+    """Within the block, the outputs ``units`` of module ``layer`` are zero.
+
+    The same as :func:`topotorch.analysis.ablation.region_knocked_out`.
 
     Usage: ``with ablated(m, "0", idx): ...``.
     """

@@ -117,7 +117,10 @@ def effective_dimensionality(acts: torch.Tensor) -> float:
 
 def draw_maps(maps: torch.Tensor, h: int, w: int, path: str | Path, titles: list[str] | None = None,
               suptitle: str = "") -> Path:
-    """Save K t-maps as one PNG of K panels (diverging colours, symmetric range). Usage: ``draw_maps(t, 10, 10, "m.png")``."""
+    """Save K t-maps as one PNG of K panels (diverging colours, symmetric range).
+
+    Usage: ``draw_maps(t, 10, 10, "m.png")``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -51,7 +51,10 @@ class Communities:
         return len(self.modules)
 
     def neurons(self, community: int, roles: tuple[str, ...] = ("hidden",), graph: SpatialGraph | None = None) -> dict[str, np.ndarray]:
-        """Indices per space of the neurons of ``community`` (only spaces whose role is in ``roles`` when a graph is given)."""
+        """Indices per space of the neurons of ``community``.
+
+        Only spaces whose role is in ``roles`` when a graph is given.
+        """
         out = {}
         for name, mem in self.membership.items():
             if graph is not None and graph.space(name).role not in roles:

@@ -98,9 +98,9 @@ def modules(graph: SpatialGraph, threshold: float, exclude: tuple[str, ...] = ()
         if c.target not in offset or c.source not in offset:
             continue
         mask = _active_pairs(graph, c, threshold)
-        t, s = mask.nonzero(as_tuple=True)
-        rows.append(t.cpu().numpy() + offset[c.target])
-        cols.append(s.cpu().numpy() + offset[c.source])
+        ti, si = mask.nonzero(as_tuple=True)
+        rows.append(ti.cpu().numpy() + offset[c.target])
+        cols.append(si.cpu().numpy() + offset[c.source])
     r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     cc = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
     adj = coo_matrix((np.ones(len(r)), (r, cc)), shape=(total, total))
@@ -124,7 +124,7 @@ def describe_group(spaces, members: dict[str, np.ndarray]) -> dict:
     mod: dict = {"inputs": [], "outputs": [], "sizes": {}}
     for s in spaces:
         mask = members.get(s.name)
-        idx = np.nonzero(mask)[0] if mask is not None else []
+        idx = np.nonzero(mask)[0] if mask is not None else np.zeros(0, dtype=np.int64)
         if len(idx) == 0:
             continue
         mod["sizes"][s.name] = len(idx)

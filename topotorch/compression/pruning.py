@@ -48,7 +48,8 @@ Masks = dict[str, torch.Tensor]
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The weights pruning acts on: ``{name: weight}`` of every Linear / Conv layer, in module order.
 
-    Usage: ``prunable_weights(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))`` → ``{"0.weight": ..., "1.weight": ...}``.
+    Usage: ``prunable_weights(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)))``
+    → ``{"0.weight": ..., "1.weight": ...}``.
     """
     out: dict[str, nn.Parameter] = {}
     for mname, mod in model.named_modules():
@@ -133,7 +134,8 @@ def random_masks(model: nn.Module | dict[str, torch.Tensor], sparsity: float,
 
     The per-layer counts are those of :func:`layerwise_magnitude_masks` (uniform sparsity per layer), so
     random pruning differs from layer-wise magnitude pruning only in *which* weights go. ``generator``
-    (a CPU ``torch.Generator``) makes it reproducible. Usage: ``random_masks(model, 0.9, torch.Generator().manual_seed(0))``.
+    (a CPU ``torch.Generator``) makes it reproducible.
+    Usage: ``random_masks(model, 0.9, torch.Generator().manual_seed(0))``.
     """
     sparsity = check_sparsity(sparsity)
     out = {}

@@ -1,8 +1,9 @@
 """Remove dead neurons, channels and heads through the coupling graph: a smaller model, the same function.
 
 First every connection weight of the graph is thresholded (``|w| <= threshold`` → 0, the rule of
-:func:`topotorch.graph.active_mask`; biases, norm parameters and position tables are left alone): that is *the thresholded original*. Then, for
-every hidden space, repeated until nothing changes (a removal can kill a neighbour):
+:func:`topotorch.graph.active_mask`; biases, norm parameters and position tables are left alone): that
+is *the thresholded original*. Then, for every hidden space, repeated until nothing changes (a removal can
+kill a neighbour):
 
 * a neuron whose **outgoing** weights are all zero is dropped — every slice it owns (rows,
   columns, biases, BatchNorm statistics) is cut out with one ``index_select`` per tensor;

@@ -111,7 +111,10 @@ def parse_seeds(spec: str | list[int]) -> list[int]:
 
 @dataclass
 class SweepConfig:
-    """What a sparsity sweep runs. ``None`` fields take the task's settings. Usage: ``SweepConfig("digits", out="runs/sw")``."""
+    """What a sparsity sweep runs. ``None`` fields take the task's settings.
+
+    Usage: ``SweepConfig("digits", out="runs/sw")``.
+    """
 
     task: str
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
@@ -156,11 +159,13 @@ def _scaled_schedule(lam: Any, factor: float) -> Any:
     if factor == 1.0:
         return lam
     phases = parse_schedule(lam)
-    return ",".join(f"{int(round(s * factor))}:{v:g}" for s, v in phases)
+    return ",".join(f"{round(s * factor)}:{v:g}" for s, v in phases)
 
 
 def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step: int | None, lam: str | None = None):
-    """Train with topotorch's trainer (task defaults; ``lam`` overrides λ); returns (result, state at ``rewind_step``)."""
+    """Train with topotorch's trainer (task defaults; ``lam`` overrides λ).
+
+    Returns (result, state at ``rewind_step``)."""
 
     defaults = get_task(task_name).defaults
     task_steps = int(defaults.get("steps", steps))
@@ -169,7 +174,7 @@ def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step:
         f = steps / task_steps
         over["lam"] = _scaled_schedule(defaults.get("lam", "0:1e-3"), f)
         if defaults.get("bias_penalty_from"):
-            over["bias_penalty_from"] = int(round(defaults["bias_penalty_from"] * f))
+            over["bias_penalty_from"] = round(defaults["bias_penalty_from"] * f)
     if lam is not None and method != "none":
         over["lam"] = lam
     captured: dict[str, torch.Tensor] = {}
@@ -202,7 +207,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     R = cfg.cycle_steps
     lr = cfg.lr or float(d.get("lr", 1e-3))
     bs = cfg.batch_size or d.get("batch_size") or 128
-    k = max(1, int(round(cfg.rewind_fraction * T)))
+    k = max(1, round(cfg.rewind_fraction * T))
     levels = cfg.sparsities
     L = len(levels)
     need_dense = any(m not in BASE for m in cfg.methods)
@@ -264,6 +269,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                         rows.append(_row(method, s, seed, acc, acc0, T + i * R, T + i * R, t0))
                         advance(i * R, f"seed {seed}: {method} {s:.0%}")
                 elif method == "imp":
+                    assert rewind_state is not None  # captured while training the dense "none" base, which imp needs
                     for c in retrain.imp_rewind(task, base, rewind_state, data, levels, R, lr, bs, seed=seed,
                                                 base_steps=T, rewind_step=k):
                         rows.append(_row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0))
@@ -320,11 +326,13 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
             winners[str(s)] = sorted(m for m, v in cands.items() if v == best)
     soup_vs = {}
     for s in levels:
-        entry = {m: med[m].get(s) for m in ("soup", "imp", "imp-ft") if m in med}
-        if "soup" in entry and entry["soup"] is not None:
+        entry: dict[str, float | None] = {m: med[m].get(s) for m in ("soup", "imp", "imp-ft") if m in med}
+        soup = entry.get("soup")
+        if soup is not None:
             for ref in ("imp", "imp-ft"):
-                if entry.get(ref) is not None:
-                    entry[f"soup_minus_{ref}"] = round(entry["soup"] - entry[ref], 6)
+                other = entry.get(ref)
+                if other is not None:
+                    entry[f"soup_minus_{ref}"] = round(soup - other, 6)
             members = extra["soup_members"].get(str(s), {})
             if members:
                 entry["best_member"] = statistics.median(max(v) for v in members.values())
@@ -366,8 +374,8 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
     if soup_vs:
         lines += ["", "Soup vs IMP at equal sparsity (median accuracy %; members: the soup's ingredients before averaging):", "",
                   "| sparsity | soup | imp (rewind) | imp-ft (m = 1) | best member | mean member |", "|---|---|---|---|---|---|"]
-        for s, e in soup_vs.items():
-            lines.append(f"| {100 * float(s):g}% | {pct(e.get('soup'))} | {pct(e.get('imp'))} | {pct(e.get('imp-ft'))} "
+        for level, e in soup_vs.items():
+            lines.append(f"| {100 * float(level):g}% | {pct(e.get('soup'))} | {pct(e.get('imp'))} | {pct(e.get('imp-ft'))} "
                          f"| {pct(e.get('best_member'))} | {pct(e.get('mean_member'))} |")
     lines += ["", f"Whole sweep: {seconds / 60:.1f} min. Command: `topotorch sweep-sparsity {cfg.task} --methods "
               f"{','.join(cfg.methods)} --sparsities {','.join(f'{s:g}' for s in levels)} --seeds "
@@ -407,13 +415,13 @@ def plot(path: Path, rows: list[dict], levels: list[float], methods: list[str], 
                 pts.append((xs[s], statistics.median(v), min(v), max(v)))
         if not pts:
             continue
-        x, med, lo, hi = zip(*pts)
-        (line,) = ax.plot(x, [100 * v for v in med], marker="o", label=meth, lw=2 if meth in ("bimt", "soup") else 1.3)
-        ax.fill_between(x, [100 * v for v in lo], [100 * v for v in hi], color=line.get_color(), alpha=0.12)
+        x, mid, lo, hi = zip(*pts)
+        (line,) = ax.plot(x, [100 * a for a in mid], marker="o", label=meth, lw=2 if meth in ("bimt", "soup") else 1.3)
+        ax.fill_between(x, [100 * a for a in lo], [100 * a for a in hi], color=line.get_color(), alpha=0.12)
     if dense:  # the unpruned reference: plain training if it ran, else the first trained base
-        b, v = ("none", dense["none"]) if "none" in dense else next(iter(dense.items()))
-        ax.axhline(100 * v, ls="--", lw=0.8, color="grey")
-        ax.text(xs[levels[0]], 100 * v, f" dense ({b}) {100 * v:.1f}%", va="top", ha="left", fontsize=7,
+        b, ref = ("none", dense["none"]) if "none" in dense else next(iter(dense.items()))
+        ax.axhline(100 * ref, ls="--", lw=0.8, color="grey")
+        ax.text(xs[levels[0]], 100 * ref, f" dense ({b}) {100 * ref:.1f}%", va="top", ha="left", fontsize=7,
                 color="grey")
     ax.set_xticks(list(xs.values()), [f"{100 * s:g}%" for s in levels])
     ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")

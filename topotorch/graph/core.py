@@ -230,7 +230,10 @@ class SpatialGraph:
         self._cache.clear()
 
     def cache_values(self) -> list[object]:
-        """The values cached now (for memory accounting). Usage: ``sum(t.nbytes for t in graph.cache_values() if ...)``."""
+        """The values cached now (for memory accounting).
+
+        Usage: ``sum(t.nbytes for t in graph.cache_values() if ...)``.
+        """
         return [v for _, v in self._cache.values()]
 
     def _store(self, key: Hashable, value: object) -> None:
