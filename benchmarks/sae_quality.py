@@ -404,7 +404,7 @@ def main() -> None:
                                                          "TopK SAE as trained: latent sheet by character class")
                 topo["relocated"]["picture"] = sheet_picture(rel, x_eval, tok_eval, vocab, sheet,
                                                              args.pictures / "sae_sheet_relocated.png",
-                                                             "after relocation by co-activation (output unchanged)")
+                                                             "after relocation by co-activation and decoder similarity")
             topo["trained"] = []
             for tau in [float(v) for v in args.taus.split(",") if v.strip()]:
                 t = time.perf_counter()
