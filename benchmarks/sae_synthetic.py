@@ -7,14 +7,23 @@ magnitudes). Every architecture trains on the same fresh batches (``--batches`` 
 against the true features), FVU, L0, dead (never firing on the held-out tokens) and the training-time
 dead fraction (not fired in the last ``dead_tokens`` tokens).
 
-Dead-latent study: a TopK SAE at 16× (1024 latents on d = 64) with AuxK (α = 1/32) and without (α = 0).
+Sparsity knobs (:data:`ARCH_OPTIONS`) are calibrated to L0 ≈ k on the easy setting: TopK/BatchTopK take k
+directly; JumpReLU uses its target-L0 penalty λ(L0/k − 1)² with a bandwidth and initial θ on the scale of the
+normalised pre-activations (ε = 0.001 and θ₀ = 0.001, the LLM defaults, leave θ unable to move in 1500 steps:
+L0 stayed at 33); ReLU + L1 uses the coefficient that lands at L0 ≈ 8 in a sweep (0.03 → L0 158, 1.0 → L0 1.6).
 
-    python benchmarks/sae_synthetic.py --json results/sae_synthetic.json
+Dead-latent study: a TopK SAE at 16× (``--dead-latents`` 1024 on d = 64) on the same tokens with AuxK
+(α = 1/32) and without (α = 0).
+
+The JSON is rewritten (atomically) after every run, so a killed run leaves the rows it finished.
+
+    python benchmarks/sae_synthetic.py --settings easy --threads 1 --json results/sae_synthetic.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -23,10 +32,10 @@ from topotorch.checkpoint import atomic_write_json
 from topotorch.sae import SAEConfig, SyntheticFeatures, evaluate_sae, mcc, train_sae
 from topotorch.timing import conditions
 
-ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k
+ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k (see the module docstring)
     "topk": {},
     "batchtopk": {},
-    "jumprelu": {"l0_coeff": 10.0},         # + target_l0 = k (λ(L0/L0* − 1)²)
+    "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.05, "threshold_init": 0.5},   # + target_l0 = k
     "relu": {"l1_coeff": 0.3},
 }
 
@@ -45,17 +54,24 @@ def run(setting: str, arch: str, n_latents: int, k: int, steps: int, batch: int,
     sae, hist = train_sae(cfg, data, steps=steps, lr=lr, seed=seed, log_every=max(1, steps // 10))
     secs = time.perf_counter() - t0
     ev = evaluate_sae(sae, test)
-    return {"setting": setting, "architecture": arch, "n_latents": n_latents, "k": k, "options": opts,
+    return {"setting": setting, "architecture": arch, "n_latents": n_latents, "k": k, "options": opts, "lr": lr,
             "mcc": mcc(sae.W_dec, gen.features), "fvu": ev["fvu"], "l0": ev["l0"], "dead_eval": ev["dead"],
-            "dead_train": hist["dead_final"], "dead_tokens": hist["dead_tokens"], "dense": ev["dense"],
+            "dead_train": hist["dead_final"],
+            "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
+            "dead_tokens": hist["dead_tokens"], "dense": ev["dense"],
             "rrb": ev["relative_reconstruction_bias"], "train_seconds": round(secs, 1), "steps": steps,
-            "tokens": steps * batch, "fvu_history": hist["fvu"], "dead_history": hist["dead"]}
+            "tokens": steps * batch, "fvu_history": hist["fvu"], "l0_history": hist["l0"],
+            "dead_history": hist["dead"]}
+
+
+def _names(s: str) -> list[str]:
+    return [t for t in s.split(",") if t]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=str, default=None)
-    ap.add_argument("--settings", default="easy,hard")
+    ap.add_argument("--settings", default="easy,hard", help="comma list; empty for none")
     ap.add_argument("--archs", default="topk,batchtopk,jumprelu,relu")
     ap.add_argument("--latents", type=int, default=512)
     ap.add_argument("--k", type=int, default=8)
@@ -64,31 +80,44 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dead-study", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dead-setting", default="hard")
+    ap.add_argument("--dead-latents", type=int, default=1024)
+    ap.add_argument("--aux-alphas", default="0.03125,0", help="AuxK α values of the dead-latent study")
+    ap.add_argument("--opts", default="{}",
+                    help='JSON merged into every architecture\'s options, e.g. \'{"l1_coeff": 0.1}\'')
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    rows = []
-    for setting in a.settings.split(","):
-        for arch in a.archs.split(","):
-            r = run(setting, arch, a.latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed)
-            rows.append(r)
+    out = {"command": "python benchmarks/sae_synthetic.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
+           "conditions": conditions(), "architectures": [], "dead_study": []}
+
+    def save() -> None:  # after every run: a killed run keeps what it finished
+        if a.json:
+            atomic_write_json(a.json, out)
+
+    extra = json.loads(a.opts)
+    for setting in _names(a.settings):
+        for arch in _names(a.archs):
+            r = run(setting, arch, a.latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed, **extra)
+            out["architectures"].append(r)
+            save()
             print(f"{setting:5s} {arch:10s} MCC {r['mcc']:.3f}  FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  "
                   f"dead(eval) {r['dead_eval']:.3f}  dead(train) {r['dead_train']:.3f}  {r['train_seconds']} s",
                   flush=True)
-    dead = []
     if a.dead_study:
-        for alpha in (1.0 / 32, 0.0):
-            r = run("easy", "topk", 16 * 64, a.k, a.steps, a.batch, a.batches, a.lr, a.seed, aux_alpha=alpha)
+        for alpha in (float(v) for v in _names(a.aux_alphas)):
+            r = run(a.dead_setting, "topk", a.dead_latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed,
+                    aux_alpha=alpha)
             r["aux_alpha"] = alpha
-            dead.append(r)
-            print(f"16x TopK aux_alpha={alpha:.4f}: dead(train) {r['dead_train']:.4f} "
-                  f"({round(r['dead_train'] * 1024)} of 1024), dead(eval) {r['dead_eval']:.4f}, FVU {r['fvu']:.3f}, "
-                  f"MCC {r['mcc']:.3f}", flush=True)
-    out = {"command": "python benchmarks/sae_synthetic.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
-           "conditions": conditions(), "architectures": rows, "dead_study": dead}
-    if a.json:
-        atomic_write_json(a.json, out)
+            out["dead_study"].append(r)
+            save()
+            print(f"{a.dead_setting} {a.dead_latents} latents TopK aux_alpha={alpha:.4f}: dead(train) "
+                  f"{r['dead_train_count']} of {a.dead_latents} ({r['dead_train']:.4f}), "
+                  f"dead(eval) {r['dead_eval']:.4f}, "
+                  f"FVU {r['fvu']:.3f}, MCC {r['mcc']:.3f}", flush=True)
+    out["conditions_end"] = conditions()
+    save()
 
 
 if __name__ == "__main__":

@@ -105,6 +105,47 @@ def test_sae_loss_with_auxk_matches_dense_reference():
         assert (a - p.grad).abs().max() < 1e-10
 
 
+def test_batchtopk_training_step_matches_dense_reference():
+    # The BatchTopK check of issue 17 (its synthetic MCC trailed TopK): the training forward selects the B·k
+    # largest pre-activations of the batch (never θ), AuxK sees the dead latents, and the gradients written
+    # into kept .grad buffers by the trainer's path equal plain autograd on the dense formula.
+    from topotorch.sae.kernels import accumulate_into_grad
+
+    sae = _coder("batchtopk")
+    with torch.no_grad():
+        sae.threshold.fill_(5.0)  # a θ far off the batch threshold: training must not use it
+    x = _x()
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[1::4] = True
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    out = sae.loss(x, dead_mask=dead)
+    with accumulate_into_grad():
+        out.loss.backward()
+    fast = [p.grad.clone() for p in params]
+
+    W_enc, b_enc, W_dec, b_dec = (p.detach().clone().requires_grad_() for p in params)
+    pre = (x - b_dec) @ W_enc.t() + b_enc
+    t = pre.detach().reshape(-1).topk(32 * 4).values.min()
+    z = F.relu(pre) * (pre.detach() >= t)
+    e = x - (z @ W_dec + b_dec)
+    tv = (x - x.mean(0)).pow(2).sum()
+    atop = pre.masked_fill(~dead, float("-inf")).topk(sae.cfg.aux_k_effective, dim=-1)
+    z_aux = torch.zeros(32, 40, dtype=D).scatter(1, atop.indices, F.relu(atop.values))
+    loss = e.pow(2).sum() / tv + sae.cfg.aux_alpha * (e.detach() - z_aux @ W_dec).pow(2).sum() / tv
+    loss.backward()
+    assert int((z != 0).sum()) == int((out.codes.values != 0).sum()) == 32 * 4
+    assert abs(float((out.loss - loss).detach())) < 1e-12 and float(out.aux) > 0
+    for a, p in zip(fast, (W_enc, b_enc, W_dec, b_dec)):
+        assert (a - p.grad).abs().max() < 1e-10
+    # θ moved towards the batch threshold by (1 − m), and inference with θ = t gives the batch's codes
+    assert abs(float(sae.threshold[0]) - (0.99 * 5.0 + 0.01 * float(t))) < 1e-12
+    with torch.no_grad():
+        sae.threshold.fill_(float(t) - 1e-12)
+    assert torch.equal(sae.encode(x) != 0, (z != 0))
+
+
 def test_jumprelu_straight_through_estimator_hand_values():
     eps = 0.001
     z = torch.tensor([[0.5, 1.0, 1.0004, 0.9996, 2.0]], dtype=D, requires_grad=True)
