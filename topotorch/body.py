@@ -268,10 +268,11 @@ class Body:
             graph = flow_graph(model, example_inputs)
         elif not isinstance(graph, SpatialGraph):
             raise ValueError(f"graph must be a SpatialGraph, got {type(graph).__name__}")
-        elif graph.model is not model:
-            raise ValueError(
+        elif not any(m is graph.model for m in model.modules()):  # the model, or the network it wraps (a task's
+            raise ValueError(  # LastToken/CharLM around the TinyGPT its graph describes)
                 f"the graph was built for another model ({type(graph.model).__name__} object at "
-                f"{id(graph.model):#x}, not this {type(model).__name__}); build it from this model"
+                f"{id(graph.model):#x}, not this {type(model).__name__} nor one of its submodules); "
+                "build it from this model"
             )
         self.model, self.graph = model, graph
         self.wiring = _wiring_config("wiring", WiringConfig() if wiring is None else wiring)
