@@ -18,9 +18,12 @@ the control replays the record: the frameworks own their loops, so the two runs 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -117,8 +120,18 @@ def hf_model(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=BLOCK, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=BLOCK,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).double()
 
 
@@ -138,8 +151,17 @@ def hf_train(model, body, out, steps=6, extra=(), resume=None, **args):
     ids = hf_ids()
     data = [{"input_ids": r, "labels": r} for r in ids]
     targs = TrainingArguments(
-        str(out), max_steps=steps, learning_rate=1e-2, weight_decay=1e-3, use_cpu=True, report_to=[],
-        train_sampling_strategy="sequential", logging_strategy="no", disable_tqdm=True, optim="adamw_torch", seed=0,
+        str(out),
+        max_steps=steps,
+        learning_rate=1e-2,
+        weight_decay=1e-3,
+        use_cpu=True,
+        report_to=[],
+        train_sampling_strategy="sequential",
+        logging_strategy="no",
+        disable_tqdm=True,
+        optim="adamw_torch",
+        seed=0,
         **{"save_strategy": "no", "per_device_train_batch_size": 4, **args},
     )
     trainer = Trainer(model, targs, train_dataset=data, callbacks=[BodyCallback(body), *extra])
@@ -194,6 +216,93 @@ def test_hf_trainer_resume_equals_an_uninterrupted_run(tmp_path):
         hf_train(hf_model(), hf_body(hf_model()), tmp_path, steps=6, resume=str(ckpt))
 
 
+HF_DDP_WORKER = textwrap.dedent("""
+    import sys
+    import torch
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    sys.path.insert(0, sys.argv[2])
+    from test_integrations import hf_body, hf_model, hf_train
+    out, rank = sys.argv[1], sys.argv[3]
+    model = hf_model()
+    body = hf_body(model)
+    hf_train(model, body, out, per_device_train_batch_size=2)
+    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "relocations": body.relocations,
+                "positions": {s.name: s.positions for s in body.graph.spaces if s.positions is not None}},
+               f"{out}/rank{rank}.pt")
+""")
+
+
+def hf_launch(out: Path, world: int = 2) -> list[dict]:
+    """``world`` HF Trainer workers under torchrun's environment (gloo, CPU); each rank's parameters and coordinates."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
+        args = [sys.executable, "-c", HF_DDP_WORKER, str(out), str(ROOT / "tests"), str(rank)]
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for p in procs:
+        log = p.communicate(timeout=240)[0].decode()
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.slow  # two processes each importing transformers: ~20 s on 2 idle cores
+def test_hf_trainer_two_processes_equal_one_process_accumulating_the_same_micro_batches(tmp_path):
+    """2 gloo ranks x 2 samples equal 1 process accumulating the same two 2-sample micro-batches (1e-12; bitwise
+    here): wiring cost, group lasso and swaps every 2 steps on rank 0, broadcast. The all-reduce sums the ranks'
+    gradients in the order accumulation does; one 4-sample batch sums in another, and that is all it changes:
+    GPT-2's key bias has an analytically zero task gradient (softmax ignores a shift shared by all keys), so it
+    sits at rounding noise (~1e-15), and the closed-form gradient λ·(wf·d + l0)·sign(θ) follows the noise's sign.
+    Against one 4-sample batch, every other parameter, the function and the coordinates agree to 1e-12 and the
+    key bias in magnitude (a dead parameter: its sign flips where its noise does)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rank0, rank1 = hf_launch(tmp_path / "ddp")
+    assert rank0["relocations"] == rank1["relocations"] == 3
+    for k in ("params", "positions"):  # replicas identical
+        assert all(torch.equal(rank0[k][n], rank1[k][n]) for n in rank0[k]), k
+
+    def one_process(**args):
+        model = hf_model()
+        body = hf_body(model)
+        hf_train(model, body, tmp_path / "one", **args)
+        assert body.relocations == 3
+        return model, body
+
+    model, body = one_process(per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    for n, p in model.named_parameters():
+        assert (p.detach() - rank0["params"][n]).abs().max() <= 1e-12, n
+    for s in body.graph.spaces:
+        assert s.positions is None or torch.equal(s.positions, rank0["positions"][s.name]), s.name
+
+    model, body = one_process(per_device_train_batch_size=4)
+    d = model.config.n_embd
+    for n, p in model.named_parameters():
+        diff = (p.detach() - rank0["params"][n]).abs()
+        if n.endswith("attn.c_attn.bias"):  # [query | key | value] biases
+            assert (p.detach()[d : 2 * d].abs() - rank0["params"][n][d : 2 * d].abs()).abs().max() <= 1e-12
+            diff = torch.cat([diff[:d], diff[2 * d :]])
+        assert diff.max() <= 1e-12, n
+    for s in body.graph.spaces:
+        assert s.positions is None or torch.equal(s.positions, rank0["positions"][s.name]), s.name
+    ddp = hf_model()
+    ddp.load_state_dict(rank0["params"], strict=False)  # lm_head.weight is tied to wte.weight
+    with torch.no_grad():
+        assert (model(input_ids=hf_ids()).logits - ddp(input_ids=hf_ids()).logits).abs().max() <= 1e-12
+
+
 # -- Lightning --------------------------------------------------------------------------------------
 
 
@@ -229,9 +338,18 @@ def pl_train(net, body, out, steps=9, extra=(), ckpt_path=None, every=None):
     callbacks = [BodyCallback(body), *extra]
     if every:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=every, save_top_k=-1))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(every), precision="64-true",
-                         callbacks=callbacks, default_root_dir=out)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=bool(every),
+        precision="64-true",
+        callbacks=callbacks,
+        default_root_dir=out,
+    )
     loader = DataLoader(TensorDataset(*xy()), batch_size=16, shuffle=False)  # 2 batches per epoch, fixed order
     trainer.fit(Module(), loader, ckpt_path=ckpt_path)
     return trainer
@@ -289,8 +407,10 @@ def test_lightning_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_importing_topotorch_imports_no_framework():
-    code = ("import sys, topotorch, topotorch.integrations; "
-            "print(sorted(m for m in ('transformers', 'lightning', 'accelerate') if m in sys.modules))")
+    code = (
+        "import sys, topotorch, topotorch.integrations; "
+        "print(sorted(m for m in ('transformers', 'lightning', 'accelerate') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
