@@ -33,7 +33,7 @@ from topotorch.training.run import Run, result_of, start_run, summarise
 
 def run_steps(run: Run, callbacks: Sequence[Callback]) -> None:
     """Train ``run`` from ``run.start`` to ``config.steps`` (see the module docstring for one step).
-    Usage: ``run_steps(start_run(cfg, ctx), standard_callbacks(run))`` after ``run.body`` is set."""
+    Usage: ``run.body = Body.from_config(cfg, run.model, run.graph); run_steps(run, standard_callbacks(run))``."""
     body, strategy, opt = run.body, run.strategy, run.opt
     assert body is not None
     try:
