@@ -94,8 +94,10 @@ def main() -> None:
     ratio = cmp.median("gradient") / cmp.median("train step")
     both = (cmp.median("gradient") + cmp.median("value")) / cmp.median("train step")
     print(cmp.summary())
-    print(f"closed-form gradient = {100 * ratio:.2f}% of a training step, gradient + value = {100 * both:.2f}% "
-          f"(goal ≤ 5%; the trainer computes the value only every log_every steps)")
+    print(
+        f"closed-form gradient = {100 * ratio:.2f}% of a training step, gradient + value = {100 * both:.2f}% "
+        f"(goal ≤ 5%; the trainer computes the value only every log_every steps)"
+    )
 
     with torch.no_grad():
         probe = torch.randint(0, 50257, (1, 16))
@@ -105,20 +107,42 @@ def main() -> None:
     reloc = time.perf_counter() - t0
     with torch.no_grad():
         err = float((model(probe).logits - before).abs().max() / before.abs().max())
-    print(f"one exact assignment of all {len(movable)} movable spaces: {reloc:.1f} s (goal ≤ 30 s), "
-          f"{sum(stats.moved.values())} neurons moved, output change {err:.1e} (relative, float32)")
+    print(
+        f"one exact assignment of all {len(movable)} movable spaces: {reloc:.1f} s (goal ≤ 30 s), "
+        f"{sum(stats.moved.values())} neurons moved, output change {err:.1e} (relative, float32)"
+    )
 
     base = tensor_bytes(list(model.parameters())) + tensor_bytes(list(opt.state.values()))
-    extra = tensor_bytes(graph.cache_values()) + tensor_bytes([[sl.index for sl in s.slices] for s in graph.spaces]) + \
-        tensor_bytes([s.positions for s in graph.spaces if s.positions is not None])
-    print(f"extra memory: {extra / 2**20:.1f} MiB = {100 * extra / base:.2f}% of model + AdamW state "
-          f"({base / 2**20:.0f} MiB) (goal ≤ 10%)")
+    extra = (
+        tensor_bytes(graph.cache_values())
+        + tensor_bytes([[sl.index for sl in s.slices] for s in graph.spaces])
+        + tensor_bytes([s.positions for s in graph.spaces if s.positions is not None])
+    )
+    print(
+        f"extra memory: {extra / 2**20:.1f} MiB = {100 * extra / base:.2f}% of model + AdamW state "
+        f"({base / 2**20:.0f} MiB) (goal ≤ 10%)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"params": n_params, "layers": args.layers, "build_s": build, "gradient_ratio": ratio, "gradient_and_value_ratio": both,
-                       "timing": cmp.as_dict(), "relocate_assign_s": reloc, "relocate_output_change": err,
-                       "moved": sum(stats.moved.values()), "extra_bytes": extra, "base_bytes": base,
-                       "extra_fraction": extra / base, "conditions": conditions()}, f, indent=2)
+            json.dump(
+                {
+                    "params": n_params,
+                    "layers": args.layers,
+                    "build_s": build,
+                    "gradient_ratio": ratio,
+                    "gradient_and_value_ratio": both,
+                    "timing": cmp.as_dict(),
+                    "relocate_assign_s": reloc,
+                    "relocate_output_change": err,
+                    "moved": sum(stats.moved.values()),
+                    "extra_bytes": extra,
+                    "base_bytes": base,
+                    "extra_fraction": extra / base,
+                    "conditions": conditions(),
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def _forward(model, x):
     def f():
         with torch.no_grad():
             model(x)
+
     return f
 
 
@@ -38,29 +39,47 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cases = {"tinygpt": (TinyGPT(vocab=65, d_model=128, n_layers=4, n_heads=4, block_size=64), "*.mlp.0",
-                         torch.randint(0, 65, (32, 64))),
-             "digits-mlp": (MLP([64, 100, 100, 10]), "0,2", torch.rand(1024, 64))}
-    out = {"threads": a.threads, "conditions": conditions(), "cases": {},
-           "command": "python benchmarks/bench_compress.py " + " ".join(sys.argv[1:])}
+    cases = {
+        "tinygpt": (
+            TinyGPT(vocab=65, d_model=128, n_layers=4, n_heads=4, block_size=64),
+            "*.mlp.0",
+            torch.randint(0, 65, (32, 64)),
+        ),
+        "digits-mlp": (MLP([64, 100, 100, 10]), "0,2", torch.rand(1024, 64)),
+    }
+    out = {
+        "threads": a.threads,
+        "conditions": conditions(),
+        "cases": {},
+        "command": "python benchmarks/bench_compress.py " + " ".join(sys.argv[1:]),
+    }
     for name, (model, layers, x) in cases.items():
         model.eval()
         smalls = {removed: compress(model, layers, removed=removed, mode="area").eval() for removed in (0.5, 0.8)}
-        c = compare({"original": _forward(model, x), **{f"removed{int(r * 100)}": _forward(m, x) for r, m in smalls.items()}},
-                    reps=a.repeat, warmup=3)
+        c = compare(
+            {"original": _forward(model, x), **{f"removed{int(r * 100)}": _forward(m, x) for r, m in smalls.items()}},
+            reps=a.repeat,
+            warmup=3,
+        )
         t0 = c.median("original")
         row = {"params": parameter_count(model), "forward_ms": round(t0 * 1e3, 3), "timing": c.as_dict()}
         for removed, small in smalls.items():
             k = f"removed{int(removed * 100)}"
             lo, hi = c.ratio_range("original", k)
-            row[k] = {"params": parameter_count(small), "forward_ms": round(c.median(k) * 1e3, 3),
-                      "speedup": round(c.ratio("original", k), 2), "speedup_iqr": [round(lo, 2), round(hi, 2)]}
+            row[k] = {
+                "params": parameter_count(small),
+                "forward_ms": round(c.median(k) * 1e3, 3),
+                "speedup": round(c.ratio("original", k), 2),
+                "speedup_iqr": [round(lo, 2), round(hi, 2)],
+            }
         out["cases"][name] = row
-        print(f"{name}: {row['params']} params {t0 * 1e3:.2f} ms | 50% cut: {row['removed50']['params']} params "
-              f"{row['removed50']['forward_ms']:.2f} ms ({row['removed50']['speedup']}x) | 80% cut: "
-              f"{row['removed80']['params']} params {row['removed80']['forward_ms']:.2f} ms "
-              f"({row['removed80']['speedup']}x); "
-              f"{c.threads} thread(s), load {c.load_before} -> {c.load_after}")
+        print(
+            f"{name}: {row['params']} params {t0 * 1e3:.2f} ms | 50% cut: {row['removed50']['params']} params "
+            f"{row['removed50']['forward_ms']:.2f} ms ({row['removed50']['speedup']}x) | 80% cut: "
+            f"{row['removed80']['params']} params {row['removed80']['forward_ms']:.2f} ms "
+            f"({row['removed80']['speedup']}x); "
+            f"{c.threads} thread(s), load {c.load_before} -> {c.load_after}"
+        )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))

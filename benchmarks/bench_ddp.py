@@ -35,10 +35,33 @@ def free_port() -> int:
 
 
 def run(world: int, threads: int, local_steps: int, args, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-           "--master_port", str(free_port()), "-m", "topotorch", "train", args.task,
-           "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--swap-every", str(args.swap_every),
-           "--dtype", args.dtype, "--seed", str(args.seed), "--no-animation", "--no-progress", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "topotorch",
+        "train",
+        args.task,
+        "--steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--swap-every",
+        str(args.swap_every),
+        "--dtype",
+        args.dtype,
+        "--seed",
+        str(args.seed),
+        "--no-animation",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     if local_steps:
         cmd += ["--local-steps", str(local_steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -50,13 +73,18 @@ def run(world: int, threads: int, local_steps: int, args, out: Path) -> dict:
     s = json.loads((out / "summary.json").read_text())
     metric = next(k for k in s if k.startswith("test_") and not k.startswith("thresholded"))
     return {
-        "processes": world, "threads_per_process": threads, "local_steps": local_steps,
+        "processes": world,
+        "threads_per_process": threads,
+        "local_steps": local_steps,
         "mode": "single" if world == 1 and not local_steps else ("DiLoCo" if local_steps else "DDP"),
-        "steps_per_second": round(args.steps / s["train_seconds"], 1), "train_seconds": s["train_seconds"],
-        "wall_seconds_incl_startup": round(wall, 2), "comm_bytes_per_step": s["comm_bytes_per_step"],
-        metric: round(s[metric], 4), "wiring_cost": round(s["wiring_cost"], 4),
+        "steps_per_second": round(args.steps / s["train_seconds"], 1),
+        "train_seconds": s["train_seconds"],
+        "wall_seconds_incl_startup": round(wall, 2),
+        "comm_bytes_per_step": s["comm_bytes_per_step"],
+        metric: round(s[metric], 4),
+        "wiring_cost": round(s["wiring_cost"], 4),
         "command": f"OMP_NUM_THREADS={threads} torchrun --nproc_per_node {world} -m topotorch train "
-                   + " ".join(cmd[cmd.index("train") + 1:]).replace(str(out), "OUT"),
+        + " ".join(cmd[cmd.index("train") + 1 :]).replace(str(out), "OUT"),
     }
 
 
@@ -78,9 +106,12 @@ def main() -> None:
         for i, (world, threads, h) in enumerate(configs):
             r = run(world, threads, h, args, Path(tmp) / f"run{i}")
             rows.append(r)
-            print(f"{r['mode']:7s} processes={world} threads={threads} H={h:3d}  {r['steps_per_second']:7.1f} steps/s  "
-                  f"{r['comm_bytes_per_step']:10.0f} B/step  " +
-                  "  ".join(f"{k}={v}" for k, v in r.items() if k.startswith("test_")), flush=True)
+            print(
+                f"{r['mode']:7s} processes={world} threads={threads} H={h:3d}  {r['steps_per_second']:7.1f} steps/s  "
+                f"{r['comm_bytes_per_step']:10.0f} B/step  "
+                + "  ".join(f"{k}={v}" for k, v in r.items() if k.startswith("test_")),
+                flush=True,
+            )
     base = next(r for r in rows if r["mode"] == "single" and r["threads_per_process"] == 1)
     ddp = next(r for r in rows if r["mode"] == "DDP")
     for r in rows:
@@ -90,8 +121,17 @@ def main() -> None:
     print(f"2-process DDP: {ddp['speedup_vs_1_process_1_thread']}x the steps/s of 1 process (1 thread)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "cpus": os.cpu_count(),
-                                         "load_average": os.getloadavg(), "runs": rows}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "cpus": os.cpu_count(),
+                    "load_average": os.getloadavg(),
+                    "runs": rows,
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {args.json}")
 
 

@@ -55,8 +55,13 @@ def _inner(fn: Callable[[], object], block_s: float = 0.005) -> int:
     return max(1, min(200, round(block_s / max(time.perf_counter() - t, 1e-7))))
 
 
-def timed(fns: dict[str, Callable[[], object]], repeats: int, cold: bool = False,
-          setup: Callable[[str], object] | None = None, block_s: float = 0.005) -> Comparison:
+def timed(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    cold: bool = False,
+    setup: Callable[[str], object] | None = None,
+    block_s: float = 0.005,
+) -> Comparison:
     """compare() of ``fns``: warm = blocks of back-to-back calls (~``block_s`` each); cold = single calls.
 
     The equal-work rows use 1 ms blocks: on a loaded box a longer block is almost never free of
@@ -66,13 +71,24 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int, cold: bool = False
     return compare(fns, reps=repeats, warmup=2, inner={k: _inner(f, block_s) for k, f in fns.items()})
 
 
-def _row(name: str, c: Comparison, ours: str, other: str, batch: int, depth: int, leaf: int, theory, goal,
-         **extra) -> dict:
+def _row(
+    name: str, c: Comparison, ours: str, other: str, batch: int, depth: int, leaf: int, theory, goal, **extra
+) -> dict:
     lo, hi = c.ratio_range(other, ours)
-    return {"row": name, "batch": batch, "depth": depth, "leaf": leaf,
-            "fff_ms": c.median(ours) * 1e3, "other_ms": c.median(other) * 1e3,
-            "speedup": c.ratio(other, ours), "speedup_iqr": [round(lo, 3), round(hi, 3)],
-            "theory": theory, "goal": goal, "timing": c.as_dict(), **extra}
+    return {
+        "row": name,
+        "batch": batch,
+        "depth": depth,
+        "leaf": leaf,
+        "fff_ms": c.median(ours) * 1e3,
+        "other_ms": c.median(other) * 1e3,
+        "speedup": c.ratio(other, ours),
+        "speedup_iqr": [round(lo, 3), round(hi, 3)],
+        "theory": theory,
+        "goal": goal,
+        "timing": c.as_dict(),
+        **extra,
+    }
 
 
 def l3_bytes() -> int:
@@ -93,9 +109,12 @@ def peak_gflops(repeats: int = 7, n: int = 2048) -> dict:
     """The FLOP limit at this thread count: median rate of an n x n x n float32 matmul (interleaved timing)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     c = compare({"matmul": lambda: a @ b}, reps=repeats, warmup=1)
-    return {"gflops": 2 * n**3 / c.median("matmul") / 1e9,
-            "gflops_iqr": [2 * n**3 / c.sides["matmul"].spread[q] / 1e9 for q in ("q3", "q1")],
-            "n": n, "timing": c.as_dict()}
+    return {
+        "gflops": 2 * n**3 / c.median("matmul") / 1e9,
+        "gflops_iqr": [2 * n**3 / c.sides["matmul"].spread[q] / 1e9 for q in ("q3", "q1")],
+        "n": n,
+        "timing": c.as_dict(),
+    }
 
 
 def equal_work_rows(depth: int, leaf: int, repeats: int) -> tuple[list[dict], dict]:
@@ -122,27 +141,53 @@ def equal_work_rows(depth: int, leaf: int, repeats: int) -> tuple[list[dict], di
         for cache in ("warm", "cold"):
             for batch in (1, 256):
                 x = torch.randn(batch, WIDTH)
-                c = timed({"fff": lambda x=x: fff(x), "dense": lambda x=x: dense(x), "matmul": lambda: a @ b}, 2 * repeats,
-                          cold=cache == "cold", setup=flush if cache == "cold" else None, block_s=0.001)
+                c = timed(
+                    {"fff": lambda x=x: fff(x), "dense": lambda x=x: dense(x), "matmul": lambda: a @ b},
+                    2 * repeats,
+                    cold=cache == "cold",
+                    setup=flush if cache == "cold" else None,
+                    block_s=0.001,
+                )
                 peak = 2 * mm**3 / c.median("matmul") / 1e9
                 fg, dg = flops_fff * batch / c.median("fff") / 1e9, flops_dense * batch / c.median("dense") / 1e9
                 # the same from each side's fastest sample: on a loaded box the long matmul is
                 # descheduled more often than a short call, which skews the median-based fraction
                 best = {k: min(v.seconds) for k, v in c.sides.items()}
                 peak_best = 2 * mm**3 / best["matmul"] / 1e9
-                rows.append(_row(f"hard vs equal-work dense ({width}), {cache}", c, "fff", "dense", batch, depth, leaf,
-                                 None, 1 / 1.5, cache=cache, equal_work_width=width, fff_gflops=fg, dense_gflops=dg,
-                                 peak_gflops=peak, fff_flop_fraction=fg / peak, dense_flop_fraction=dg / peak,
-                                 peak_gflops_best=peak_best,
-                                 fff_flop_fraction_best=flops_fff * batch / best["fff"] / 1e9 / peak_best,
-                                 dense_flop_fraction_best=flops_dense * batch / best["dense"] / 1e9 / peak_best,
-                                 flops_fff_per_sample=flops_fff, flops_dense_per_sample=flops_dense))
+                rows.append(
+                    _row(
+                        f"hard vs equal-work dense ({width}), {cache}",
+                        c,
+                        "fff",
+                        "dense",
+                        batch,
+                        depth,
+                        leaf,
+                        None,
+                        1 / 1.5,
+                        cache=cache,
+                        equal_work_width=width,
+                        fff_gflops=fg,
+                        dense_gflops=dg,
+                        peak_gflops=peak,
+                        fff_flop_fraction=fg / peak,
+                        dense_flop_fraction=dg / peak,
+                        peak_gflops_best=peak_best,
+                        fff_flop_fraction_best=flops_fff * batch / best["fff"] / 1e9 / peak_best,
+                        dense_flop_fraction_best=flops_dense * batch / best["dense"] / 1e9 / peak_best,
+                        flops_fff_per_sample=flops_fff,
+                        flops_dense_per_sample=flops_dense,
+                    )
+                )
     peaks.append(peak_gflops())
-    return rows, {"peak_before": peaks[0], "peak_after": peaks[1],
-                  "peak": f"median rate of a {mm}^3 float32 matmul timed as a third side, interleaved, in each row",
-                  "flush_bytes": flush_buf.numel() * 4,
-                  "cold": "before every timed single call, an untimed sum over a float32 buffer 3x the L3 "
-                          "(evicts both sides' weights and input)"}
+    return rows, {
+        "peak_before": peaks[0],
+        "peak_after": peaks[1],
+        "peak": f"median rate of a {mm}^3 float32 matmul timed as a third side, interleaved, in each row",
+        "flush_bytes": flush_buf.numel() * 4,
+        "cold": "before every timed single call, an untimed sum over a float32 buffer 3x the L3 "
+        "(evicts both sides' weights and input)",
+    }
 
 
 def dense_ff(width: int, hidden: int) -> nn.Module:
@@ -173,8 +218,19 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
         for batch in (256, 1):
             x = torch.randn(batch, WIDTH)
             c = timed({"fff": lambda x=x: fff(x), "dense": lambda x=x: dense(x)}, repeats)
-            rows.append(_row(f"hard vs dense FF (width {hidden})", c, "fff", "dense", batch, depth, leaf, theory,
-                             5.0 if batch == 256 else 10.0))
+            rows.append(
+                _row(
+                    f"hard vs dense FF (width {hidden})",
+                    c,
+                    "fff",
+                    "dense",
+                    batch,
+                    depth,
+                    leaf,
+                    theory,
+                    5.0 if batch == 256 else 10.0,
+                )
+            )
         x = torch.randn(256, WIDTH)
         if Peer is None:
             print("peer rows skipped: fastfeedforward is not installed (pip install fastfeedforward==0.2.1 --no-deps)")
@@ -187,8 +243,10 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
             ref = peer(x) + peer.b2s[leaves]
             diff = max((fff_p(x) - ref).abs().max().item(), (ops(x) - ref).abs().max().item())
             same_leaves = bool(torch.equal(leaves, ops._route(x)))
-            print(f"peer check, batch 256: same leaves {same_leaves}, max |ours - (peer + b2s)| = {diff:.1e} "
-                  f"(max |y| = {ref.abs().max().item():.2f})")
+            print(
+                f"peer check, batch 256: same leaves {same_leaves}, max |ours - (peer + b2s)| = {diff:.1e} "
+                f"(max |y| = {ref.abs().max().item():.2f})"
+            )
             if not same_leaves or diff > 1e-5:
                 raise SystemExit("our hard output differs from the peer's eval output")
             fns = {"fff": lambda: fff_p(x), "ops": lambda: ops(x), "peer": lambda: peer(x)}
@@ -196,10 +254,12 @@ def inference_rows(depth: int, leaf: int, repeats: int) -> list[dict]:
             cold = timed(fns, max(5, repeats // 2), cold=True)  # single calls, each right after the others'
             impl = fff_p.hard_impl_used(x)
             rows.append(_row("hard vs peer eval", t, "fff", "peer", 256, depth, leaf, None, 20.0, impl=impl))
-            rows.append(_row("  same, tensor-op path (no kernel)", t, "ops", "peer", 256, depth, leaf, None, 1.0,
-                             impl="gather"))
-            rows.append(_row("  same, cold caches (single calls)", cold, "fff", "peer", 256, depth, leaf, None, 1.0,
-                             impl=impl))
+            rows.append(
+                _row("  same, tensor-op path (no kernel)", t, "ops", "peer", 256, depth, leaf, None, 1.0, impl="gather")
+            )
+            rows.append(
+                _row("  same, cold caches (single calls)", cold, "fff", "peer", 256, depth, leaf, None, 1.0, impl=impl)
+            )
     return rows
 
 
@@ -232,6 +292,7 @@ def training_row(depth: int, leaf: int, peer_repeats: int) -> dict | None:
         def f():
             m.zero_grad(set_to_none=True)
             m(x).square().mean().backward()
+
         return f
 
     for _ in range(2):  # our side's warm-up; the peer's step takes tens of seconds, its warm-up would double that
@@ -269,41 +330,70 @@ def main() -> None:
             else:
                 rows.append(r)
     cond_after = conditions()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, load {cond['load']} -> {cond_after['load']}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load {cond['load']} -> {cond_after['load']}"
+    )
     err = kernel_error()
-    print("FFF hard path: " + ("compiled CPU kernel (topotorch.layers._cpu_kernel)" if kernel() is not None
-                               else f"tensor ops (no kernel: {err or 'TOPOTORCH_NO_KERNEL set'})"))
-    print(f"FLOP limit: {eq_info['peak']} (a 2048^3 matmul alone: {eq_info['peak_before']['gflops']:.1f} GFLOP/s "
-          f"before, {eq_info['peak_after']['gflops']:.1f} after); cold cache: {eq_info['cold']}, "
-          f"{eq_info['flush_bytes'] >> 20} MiB")
-    print(f"{'comparison':38s} {'batch':>5s} {'FFF ms':>9s} {'dense ms':>9s} {'FFF/dense':>9s} {'[IQR]':>13s} "
-          f"{'peak GF/s':>9s} {'FFF %peak':>9s} {'dense %peak':>11s} {'(fastest samples)':>17s} {'goal':>6s}")
+    print(
+        "FFF hard path: "
+        + (
+            "compiled CPU kernel (topotorch.layers._cpu_kernel)"
+            if kernel() is not None
+            else f"tensor ops (no kernel: {err or 'TOPOTORCH_NO_KERNEL set'})"
+        )
+    )
+    print(
+        f"FLOP limit: {eq_info['peak']} (a 2048^3 matmul alone: {eq_info['peak_before']['gflops']:.1f} GFLOP/s "
+        f"before, {eq_info['peak_after']['gflops']:.1f} after); cold cache: {eq_info['cold']}, "
+        f"{eq_info['flush_bytes'] >> 20} MiB"
+    )
+    print(
+        f"{'comparison':38s} {'batch':>5s} {'FFF ms':>9s} {'dense ms':>9s} {'FFF/dense':>9s} {'[IQR]':>13s} "
+        f"{'peak GF/s':>9s} {'FFF %peak':>9s} {'dense %peak':>11s} {'(fastest samples)':>17s} {'goal':>6s}"
+    )
     for r in rows:
         if "cache" not in r:
             continue
         x = 1 / r["speedup"]
         lo, hi = 1 / r["speedup_iqr"][1], 1 / r["speedup_iqr"][0]
-        print(f"{r['row']:38s} {r['batch']:5d} {r['fff_ms']:9.4f} {r['other_ms']:9.4f} {x:8.2f}x "
-              f"[{lo:5.2f}–{hi:5.2f}] {r['peak_gflops']:9.1f} {100 * r['fff_flop_fraction']:8.1f}% "
-              f"{100 * r['dense_flop_fraction']:10.1f}% "
-              f"{100 * r['fff_flop_fraction_best']:7.1f}% /{100 * r['dense_flop_fraction_best']:6.1f}% "
-              f"{'≤1.5x':>6s} {'ok' if x <= 1.5 else 'MISS'}")
+        print(
+            f"{r['row']:38s} {r['batch']:5d} {r['fff_ms']:9.4f} {r['other_ms']:9.4f} {x:8.2f}x "
+            f"[{lo:5.2f}–{hi:5.2f}] {r['peak_gflops']:9.1f} {100 * r['fff_flop_fraction']:8.1f}% "
+            f"{100 * r['dense_flop_fraction']:10.1f}% "
+            f"{100 * r['fff_flop_fraction_best']:7.1f}% /{100 * r['dense_flop_fraction_best']:6.1f}% "
+            f"{'≤1.5x':>6s} {'ok' if x <= 1.5 else 'MISS'}"
+        )
     others = [r for r in rows if "cache" not in r]
     if others:
-        print(f"\n{'comparison':34s} {'batch':>5s} {'d':>2s} {'ℓ':>2s} {'FFF ms':>9s} {'other ms':>10s} "
-              f"{'speed-up':>9s} {'[IQR]':>13s} {'theory':>7s} {'goal':>5s}")
+        print(
+            f"\n{'comparison':34s} {'batch':>5s} {'d':>2s} {'ℓ':>2s} {'FFF ms':>9s} {'other ms':>10s} "
+            f"{'speed-up':>9s} {'[IQR]':>13s} {'theory':>7s} {'goal':>5s}"
+        )
     for r in others:
         th = f"{r['theory']:7.0f}" if r["theory"] else f"{'-':>7s}"
         ok = ("ok" if r["speedup"] >= r["goal"] else "MISS") if r["goal"] > 1 else "-"
         lo, hi = r["speedup_iqr"]
-        print(f"{r['row']:34s} {r['batch']:5d} {r['depth']:2d} {r['leaf']:2d} {r['fff_ms']:9.3f} {r['other_ms']:10.3f} "
-              f"{r['speedup']:8.1f}x [{lo:5.1f}–{hi:5.1f}] {th} {r['goal']:4.0f}x {ok}".replace("    1x -", "     - -"))
+        print(
+            f"{r['row']:34s} {r['batch']:5d} {r['depth']:2d} {r['leaf']:2d} {r['fff_ms']:9.3f} {r['other_ms']:10.3f} "
+            f"{r['speedup']:8.1f}x [{lo:5.1f}–{hi:5.1f}] {th} {r['goal']:4.0f}x {ok}".replace("    1x -", "     - -")
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                       "load_before": cond["load"], "load_after": cond_after["load"],
-                       "kernel": kernel() is not None, "equal_work": eq_info, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "cpus": os.cpu_count(),
+                    "load_before": cond["load"],
+                    "load_after": cond_after["load"],
+                    "kernel": kernel() is not None,
+                    "equal_work": eq_info,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

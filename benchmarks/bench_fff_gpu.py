@@ -80,9 +80,13 @@ def main() -> None:
     dense_b2 = torch.zeros(width, device=device, dtype=dtype)
     limit = (2 * width * hidden) / fff.flops_per_sample(hard=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
-    print(f"{name}; in = out = {width}, depth {args.depth}, leaf {args.leaf} (training width {hidden}), "
-          f"{args.dtype}; theoretical limit {limit:.0f}x")
-    print(f"{'batch':>7} {'dense ms':>9} {'triton ms':>10} {'tensor ms':>10} {'dense/triton':>13} {'tensor/triton':>14}")
+    print(
+        f"{name}; in = out = {width}, depth {args.depth}, leaf {args.leaf} (training width {hidden}), "
+        f"{args.dtype}; theoretical limit {limit:.0f}x"
+    )
+    print(
+        f"{'batch':>7} {'dense ms':>9} {'triton ms':>10} {'tensor ms':>10} {'dense/triton':>13} {'tensor/triton':>14}"
+    )
     rows = []
     with torch.inference_mode():
         for batch in (int(b) for b in args.batches.split(",")):
@@ -95,21 +99,44 @@ def main() -> None:
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             if err > tol * max(1.0, y_tensor.float().abs().max().item()):
                 sys.exit(f"batch {batch}: Triton and tensor-op outputs differ by {err:.3g}")
-            t_dense = time_ms(lambda x=x: torch.addmm(dense_b2, torch.relu(torch.addmm(dense_b1, x, dense_w1)), dense_w2),
-                              args.repeats, device)
+            t_dense = time_ms(
+                lambda x=x: torch.addmm(dense_b2, torch.relu(torch.addmm(dense_b1, x, dense_w1)), dense_w2),
+                args.repeats,
+                device,
+            )
             t_tensor = time_ms(lambda x=x: fff(x), args.repeats, device)
             fff.hard_impl = "triton"
             t_triton = time_ms(lambda x=x: fff(x), args.repeats, device)
-            row = {"batch": batch, "dense_ms": t_dense, "triton_ms": t_triton, "tensor_ms": t_tensor,
-                   "speedup_vs_dense": t_dense / t_triton, "speedup_vs_tensor_ops": t_tensor / t_triton,
-                   "max_abs_diff_vs_tensor_ops": err}
+            row = {
+                "batch": batch,
+                "dense_ms": t_dense,
+                "triton_ms": t_triton,
+                "tensor_ms": t_tensor,
+                "speedup_vs_dense": t_dense / t_triton,
+                "speedup_vs_tensor_ops": t_tensor / t_triton,
+                "max_abs_diff_vs_tensor_ops": err,
+            }
             rows.append(row)
-            print(f"{batch:7d} {t_dense:9.3f} {t_triton:10.3f} {t_tensor:10.3f} {t_dense / t_triton:12.1f}x "
-                  f"{t_tensor / t_triton:13.1f}x")
+            print(
+                f"{batch:7d} {t_dense:9.3f} {t_triton:10.3f} {t_tensor:10.3f} {t_dense / t_triton:12.1f}x "
+                f"{t_tensor / t_triton:13.1f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "width": width, "depth": args.depth, "leaf": args.leaf, "dtype": args.dtype,
-                       "theoretical_limit": limit, "smoke": args.smoke, "rows": rows}, f, indent=2)
+            json.dump(
+                {
+                    "device": name,
+                    "width": width,
+                    "depth": args.depth,
+                    "leaf": args.leaf,
+                    "dtype": args.dtype,
+                    "theoretical_limit": limit,
+                    "smoke": args.smoke,
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

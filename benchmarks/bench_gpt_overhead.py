@@ -49,23 +49,42 @@ def main() -> None:
             add_wiring_grad_(graph, cfg, 1e-3)
         opt.step()
 
-    c = compare({"plain": lambda: step(False), "wiring": lambda: step(True),
-                 "relocation": lambda: relocate(graph, cfg, "swap", top_k=30, optimizer=opt)},
-                reps=args.rounds, warmup=2, inner={"plain": args.steps, "wiring": args.steps, "relocation": 1})
+    c = compare(
+        {
+            "plain": lambda: step(False),
+            "wiring": lambda: step(True),
+            "relocation": lambda: relocate(graph, cfg, "swap", top_k=30, optimizer=opt),
+        },
+        reps=args.rounds,
+        warmup=2,
+        inner={"plain": args.steps, "wiring": args.steps, "relocation": 1},
+    )
     p, b, r = c.median("plain"), c.median("wiring"), c.median("relocation")
     total = b + r / args.swap_every
-    lo, hi = (c.sides["wiring"].spread["q1"] + r / args.swap_every) / c.sides["plain"].spread["q3"] - 1, \
-        (c.sides["wiring"].spread["q3"] + r / args.swap_every) / c.sides["plain"].spread["q1"] - 1
-    res = {"params": sum(q.numel() for q in model.parameters()), "batch_tokens": args.batch * 64,
-           "plain_step_ms": p * 1e3, "wiring_step_ms": b * 1e3, "relocation_ms": r * 1e3,
-           "swap_every": args.swap_every, "overhead": total / p - 1.0, "overhead_iqr": [lo, hi], "goal": 0.20,
-           "timing": c.as_dict()}
+    lo, hi = (
+        (c.sides["wiring"].spread["q1"] + r / args.swap_every) / c.sides["plain"].spread["q3"] - 1,
+        (c.sides["wiring"].spread["q3"] + r / args.swap_every) / c.sides["plain"].spread["q1"] - 1,
+    )
+    res = {
+        "params": sum(q.numel() for q in model.parameters()),
+        "batch_tokens": args.batch * 64,
+        "plain_step_ms": p * 1e3,
+        "wiring_step_ms": b * 1e3,
+        "relocation_ms": r * 1e3,
+        "swap_every": args.swap_every,
+        "overhead": total / p - 1.0,
+        "overhead_iqr": [lo, hi],
+        "goal": 0.20,
+        "timing": c.as_dict(),
+    }
     print(f"GPT ({res['params'] / 1e6:.2f}M params, {res['batch_tokens']} tokens/step)")
     print(c.summary())
     print(f"  plain step          {p * 1e3:8.2f} ms")
     print(f"  + wiring gradient   {b * 1e3:8.2f} ms")
-    print(f"  one relocation      {r * 1e3:8.2f} ms  "
-          f"(every {args.swap_every} steps: {r / args.swap_every * 1e3:.2f} ms/step)")
+    print(
+        f"  one relocation      {r * 1e3:8.2f} ms  "
+        f"(every {args.swap_every} steps: {r / args.swap_every * 1e3:.2f} ms/step)"
+    )
     print(f"  overhead            {res['overhead']:+8.1%} [IQR {lo:+.1%} – {hi:+.1%}]  (goal <= +20%)")
     if args.json:
         with open(args.json, "w") as f:

@@ -76,8 +76,9 @@ def make_net(seed: int = 0) -> SpatialGraph:
     return SpatialGraph.from_chain(model)
 
 
-def relocate_until_converged(graph: SpatialGraph, cfg: WiringConfig, method: str, top_k: int,
-                             max_rounds: int = 200) -> tuple[float, int]:
+def relocate_until_converged(
+    graph: SpatialGraph, cfg: WiringConfig, method: str, top_k: int, max_rounds: int = 200
+) -> tuple[float, int]:
     """Relocate until a round no longer lowers the cost; returns (final cost, rounds)."""
     for rounds in range(1, max_rounds + 1):  # noqa: B007 - the round count is the result, read after the loop
         if relocate(graph, cfg, method, top_k=top_k).total_delta > -1e-12:
@@ -103,10 +104,17 @@ def main() -> None:
 
     def setup(name):
         fresh[name] = copy.deepcopy(base[name])  # untimed: every call relocates the same network
-    c = compare({"paper": lambda: paper_relocation(fresh["paper"], cfg, args.top_k),
-                 "closed_form": lambda: relocate(fresh["closed_form"], cfg, "swap", top_k=args.top_k),
-                 "assignment": lambda: relocate(fresh["assignment"], cfg, "assign")},
-                reps=args.repeats, warmup=1, setup=setup)
+
+    c = compare(
+        {
+            "paper": lambda: paper_relocation(fresh["paper"], cfg, args.top_k),
+            "closed_form": lambda: relocate(fresh["closed_form"], cfg, "swap", top_k=args.top_k),
+            "assignment": lambda: relocate(fresh["assignment"], cfg, "assign"),
+        },
+        reps=args.repeats,
+        warmup=1,
+        setup=setup,
+    )
     t_paper, t_ours, t_assign = c.median("paper"), c.median("closed_form"), c.median("assignment")
     d_paper = paper_relocation(g_paper, cfg, args.top_k)
     d_ours = relocate(g_ours, cfg, "swap", top_k=args.top_k).total_delta
@@ -139,18 +147,26 @@ def main() -> None:
     res["cost_before"] = float(wiring_cost(net_a, conv_cfg).detach())
     res["cost_swaps_converged"], res["swap_rounds"] = relocate_until_converged(net_a, conv_cfg, "swap", args.top_k)
     res["cost_assign_converged"], res["assign_rounds"] = relocate_until_converged(net_b, conv_cfg, "assign", args.top_k)
-    print(f"one relocation, top_k={args.top_k} ({res['network']}); medians of {c.reps} interleaved repeats, "
-          f"{c.threads} threads, load {c.load_before} -> {c.load_after}")
+    print(
+        f"one relocation, top_k={args.top_k} ({res['network']}); medians of {c.reps} interleaved repeats, "
+        f"{c.threads} threads, load {c.load_before} -> {c.load_after}"
+    )
     print("  " + c.summary())
     print(f"  paper brute force : {t_paper * 1e3:9.1f} ms   cost change {d_paper:+.6f}")
-    print(f"  closed form swaps : {t_ours * 1e3:9.1f} ms   cost change {d_ours:+.6f}   "
-          f"{res['speedup_closed_form_vs_paper']:.0f}x faster")
-    print(f"  exact assignment  : {t_assign * 1e3:9.1f} ms   cost change {d_assign:+.6f}   "
-          f"{res['speedup_assignment_vs_paper']:.0f}x faster")
+    print(
+        f"  closed form swaps : {t_ours * 1e3:9.1f} ms   cost change {d_ours:+.6f}   "
+        f"{res['speedup_closed_form_vs_paper']:.0f}x faster"
+    )
+    print(
+        f"  exact assignment  : {t_assign * 1e3:9.1f} ms   cost change {d_assign:+.6f}   "
+        f"{res['speedup_assignment_vs_paper']:.0f}x faster"
+    )
     print(f"relocated until converged ({res['converged_network']}): cost {res['cost_before']:.6f} ->")
     print(f"  greedy swaps      : {res['cost_swaps_converged']:.6f} after {res['swap_rounds']} rounds")
-    print(f"  exact assignment  : {res['cost_assign_converged']:.6f} after {res['assign_rounds']} sweeps   "
-          f"({res['cost_assign_converged'] / res['cost_swaps_converged']:.3f}x the swaps' cost)")
+    print(
+        f"  exact assignment  : {res['cost_assign_converged']:.6f} after {res['assign_rounds']} sweeps   "
+        f"({res['cost_assign_converged'] / res['cost_swaps_converged']:.3f}x the swaps' cost)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -34,11 +34,16 @@ def mnist_shape() -> Task:
         y = torch.randint(0, 10, (2000,), generator=g)
         return TaskData(x[:1000], y[:1000], x[1000:], y[1000:])
 
-    return Task(name="mnist-shape", description="random data on a 784-100-100-10 net (benchmark only)",
-                make_data=make_data, make_model=lambda: MLP([784, 100, 100, 10]), loss="mse_onehot",
-                layouts={"input": "grid:28x28", "hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
-                output_labels=[str(i) for i in range(10)],
-                defaults=dict(steps=1, lr=1e-3, l0=0.5, wf=2.0, agg="mean", threshold=0.05, dtype="float32"))
+    return Task(
+        name="mnist-shape",
+        description="random data on a 784-100-100-10 net (benchmark only)",
+        make_data=make_data,
+        make_model=lambda: MLP([784, 100, 100, 10]),
+        loss="mse_onehot",
+        layouts={"input": "grid:28x28", "hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
+        output_labels=[str(i) for i in range(10)],
+        defaults=dict(steps=1, lr=1e-3, l0=0.5, wf=2.0, agg="mean", threshold=0.05, dtype="float32"),
+    )
 
 
 def main() -> None:
@@ -62,13 +67,27 @@ def main() -> None:
         size = path.stat().st_size
         figures = json.loads((run / "report.json").read_text())
     best, worst = min(times), max(times)
-    print(f"784-100-100-10 report: best {best:.2f} s, worst {worst:.2f} s over {args.repeats} "
-          f"(goal <= {GOAL_SECONDS} s); "
-          f"{args.max_edges} of 89400 edges drawn, {size / 1e6:.1f} MB HTML, Q={figures['q']:.3f}")
+    print(
+        f"784-100-100-10 report: best {best:.2f} s, worst {worst:.2f} s over {args.repeats} "
+        f"(goal <= {GOAL_SECONDS} s); "
+        f"{args.max_edges} of 89400 edges drawn, {size / 1e6:.1f} MB HTML, Q={figures['q']:.3f}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"net": "784-100-100-10", "max_edges": args.max_edges, "seconds": times,
-                                               "best_seconds": best, "worst_seconds": worst, "goal_seconds": GOAL_SECONDS,
-                                               "goal_met": worst <= GOAL_SECONDS, "html_bytes": size}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "net": "784-100-100-10",
+                    "max_edges": args.max_edges,
+                    "seconds": times,
+                    "best_seconds": best,
+                    "worst_seconds": worst,
+                    "goal_seconds": GOAL_SECONDS,
+                    "goal_met": worst <= GOAL_SECONDS,
+                    "html_bytes": size,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

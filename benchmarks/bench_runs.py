@@ -33,12 +33,21 @@ def run_one(task: str, method: str, seed: int, out_root: Path) -> dict:
     s = result.summary
     metric = result.task.metric
     return {
-        "task": task, "method": method, "seed": seed, "wall_seconds": round(wall, 2),
-        "time_goal_seconds": TIME_GOALS.get(task), "metric": metric,
-        "test": s[f"test_{metric}"], "thresholded_test": s[f"thresholded_test_{metric}"],
-        "goal": s["goal"], "goal_met": s["goal_met"], "thresholded_goal_met": s["thresholded_goal_met"],
-        "active_weight_fraction": s["active_weights"]["fraction"], "n_modules": s["n_modules"],
-        "n_modules_below_output": s["n_modules_below_output"], "summary": s,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "wall_seconds": round(wall, 2),
+        "time_goal_seconds": TIME_GOALS.get(task),
+        "metric": metric,
+        "test": s[f"test_{metric}"],
+        "thresholded_test": s[f"thresholded_test_{metric}"],
+        "goal": s["goal"],
+        "goal_met": s["goal_met"],
+        "thresholded_goal_met": s["thresholded_goal_met"],
+        "active_weight_fraction": s["active_weights"]["fraction"],
+        "n_modules": s["n_modules"],
+        "n_modules_below_output": s["n_modules_below_output"],
+        "summary": s,
     }
 
 
@@ -58,12 +67,15 @@ def main() -> None:
             r = run_one(task, args.method, args.seed, root)
             results.append(r)
             goal = r["time_goal_seconds"]
-            timing = f"{r['wall_seconds']:7.1f} s" + (f" (goal <= {goal:.0f} s: {r['wall_seconds'] / goal:.2f}x)"
-                                                       if goal else "")
-            print(f"{task:18s} [{args.method}] {timing:32s} test {r['metric']}={r['test']:.4g} "
-                  f"thresholded={r['thresholded_test']:.4g} goal {r['goal'][1]} {r['goal'][2]} met={r['goal_met']}/"
-                  f"{r['thresholded_goal_met']} active={r['active_weight_fraction']:.1%} modules={r['n_modules']}",
-                  flush=True)
+            timing = f"{r['wall_seconds']:7.1f} s" + (
+                f" (goal <= {goal:.0f} s: {r['wall_seconds'] / goal:.2f}x)" if goal else ""
+            )
+            print(
+                f"{task:18s} [{args.method}] {timing:32s} test {r['metric']}={r['test']:.4g} "
+                f"thresholded={r['thresholded_test']:.4g} goal {r['goal'][1]} {r['goal'][2]} met={r['goal_met']}/"
+                f"{r['thresholded_goal_met']} active={r['active_weight_fraction']:.1%} modules={r['n_modules']}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -38,11 +38,18 @@ def n_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_lam: float = 0.0,
-        extra_thresholds: tuple[float, ...] = ()) -> dict:
+def run(
+    task: str,
+    steps: int,
+    inner: str | None,
+    lam: str | None = None,
+    group_lam: float = 0.0,
+    extra_thresholds: tuple[float, ...] = (),
+) -> dict:
     torch.manual_seed(0)
-    cfg = TrainConfig.for_task(task, steps=steps, lam=lam, group_lam=group_lam, progress=False, animation=False,
-                               out=None)
+    cfg = TrainConfig.for_task(
+        task, steps=steps, lam=lam, group_lam=group_lam, progress=False, animation=False, out=None
+    )
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -66,18 +73,26 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_
     t_dense, t_small = lat.median("dense"), lat.median("shrunk")
     print(f"{task}: {lat.summary('dense', 'shrunk')}")
     out = {
-        "task": task, "steps": steps, "lam": cfg.lam, "group_lam": cfg.group_lam, "train_seconds": round(train_s, 1), "threshold": cfg.threshold,
-        "params_before": n_params(model), "params_after": n_params(small),
+        "task": task,
+        "steps": steps,
+        "lam": cfg.lam,
+        "group_lam": cfg.group_lam,
+        "train_seconds": round(train_s, 1),
+        "threshold": cfg.threshold,
+        "params_before": n_params(model),
+        "params_after": n_params(small),
         "param_ratio": round(n_params(model) / n_params(small), 2),
         "removed": {k: v for k, v in sh.removed.items() if v},
         "size": {s.name: s.size for s in graph.spaces},
         "kept_why": sh.kept_why,
-        "max_abs_diff_vs_thresholded": diff, "output_scale": scale,
+        "max_abs_diff_vs_thresholded": diff,
+        "output_scale": scale,
         "metric": res.task.metric,
         "test_dense": evaluate(res.task, model, d.x_test, d.y_test),
         "test_thresholded": evaluate(res.task, ref, d.x_test, d.y_test),
         "test_shrunk": evaluate(res.task, small, d.x_test, d.y_test),
-        "latency_b256_dense_ms": round(1e3 * t_dense, 3), "latency_b256_shrunk_ms": round(1e3 * t_small, 3),
+        "latency_b256_dense_ms": round(1e3 * t_dense, 3),
+        "latency_b256_shrunk_ms": round(1e3 * t_small, 3),
         "speedup_b256": round(t_dense / t_small, 2),
         "speedup_b256_iqr": [round(v, 2) for v in lat.ratio_range("dense", "shrunk")],
         "timing_b256": lat.as_dict(),
@@ -95,10 +110,14 @@ def run(task: str, steps: int, inner: str | None, lam: str | None = None, group_
             diff2 = (small2(d.x_test) - ref2(d.x_test)).abs().max().item()
         lat2 = latency({"dense": model, "shrunk": small2}, xb)
         out.setdefault("at_threshold", {})[str(thr)] = {
-            "params_after": n_params(small2), "removed": {k: v for k, v in sh2.removed.items() if v},
-            "test_shrunk": evaluate(res.task, small2, d.x_test, d.y_test), "max_abs_diff_vs_thresholded": diff2,
+            "params_after": n_params(small2),
+            "removed": {k: v for k, v in sh2.removed.items() if v},
+            "test_shrunk": evaluate(res.task, small2, d.x_test, d.y_test),
+            "max_abs_diff_vs_thresholded": diff2,
             "speedup_b256": round(lat2.ratio("dense", "shrunk"), 2),
-            "speedup_b256_iqr": [round(v, 2) for v in lat2.ratio_range("dense", "shrunk")], "timing_b256": lat2.as_dict()}
+            "speedup_b256_iqr": [round(v, 2) for v in lat2.ratio_range("dense", "shrunk")],
+            "timing_b256": lat2.as_dict(),
+        }
     if inner:
         out["heads_after"] = [b.attn.head_dims for b in sh.model.blocks]
     return out
@@ -123,10 +142,22 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "note": "2-core box shared with other jobs: latencies interleaved (timing.compare), medians with quartiles",
         "conditions_start": conditions(),
-        "runs": ([] if args.skip_conv else [run("digits-conv", args.conv_steps, None, args.conv_lam, float(g), extra)
-                                             for g in args.conv_group_lam.split(",")])
-        + ([] if args.skip_gpt else [run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam, float(g), extra)
-                                     for g in args.gpt_group_lam.split(",")]),
+        "runs": (
+            []
+            if args.skip_conv
+            else [
+                run("digits-conv", args.conv_steps, None, args.conv_lam, float(g), extra)
+                for g in args.conv_group_lam.split(",")
+            ]
+        )
+        + (
+            []
+            if args.skip_gpt
+            else [
+                run("modular-addition-transformer", args.gpt_steps, "gpt", args.gpt_lam, float(g), extra)
+                for g in args.gpt_group_lam.split(",")
+            ]
+        ),
     }
     results["conditions_end"] = conditions()
     print(json.dumps(results, indent=1))

@@ -58,8 +58,14 @@ def run_case(name: str, dtype: torch.dtype, reps: int, warmup: int) -> dict:
     ours = TopoLoss(model, "*.c_fc", factor=factor)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     fns = {"ours": lambda: ours().backward()}
-    res = {"case": name, "layers": n_layers, "weight_shape": list(weights[0].shape), "factor": factor,
-           "dtype": str(dtype).replace("torch.", ""), "weight_bytes": nbytes}
+    res = {
+        "case": name,
+        "layers": n_layers,
+        "weight_shape": list(weights[0].shape),
+        "factor": factor,
+        "dtype": str(dtype).replace("torch.", ""),
+        "weight_bytes": nbytes,
+    }
     try:
         from topoloss import LaplacianPyramid
         from topoloss import TopoLoss as PeerLoss
@@ -81,27 +87,41 @@ def run_case(name: str, dtype: torch.dtype, reps: int, warmup: int) -> dict:
     def setup(_):
         for p in params:
             p.grad = None
+
     c = compare(fns, reps=reps, warmup=warmup, setup=setup)
     res["timing"] = c.as_dict()
     t_ours = c.median("ours")
     bw_hot = 2 * nbytes / c.median("copy_hot")
     bw_fresh = 2 * nbytes / c.median("copy_fresh")
-    res.update(ours_ms=round(t_ours * 1e3, 3), copy_GBps=round(bw_hot / 1e9, 2), copy_fresh_GBps=round(bw_fresh / 1e9, 2),
-               limit_ms=round(2 * nbytes / bw_hot * 1e3, 3),
-               bandwidth_fraction=round(2 * nbytes / t_ours / bw_hot, 3),
-               bandwidth_fraction_fresh=round(2 * nbytes / t_ours / bw_fresh, 3))
-    line = (f"{name:6s} {res['dtype']:8s} {c.threads} thr: ours {t_ours * 1e3:8.1f} ms "
-            f"[IQR {c.sides['ours'].spread['q1'] * 1e3:.1f}–{c.sides['ours'].spread['q3'] * 1e3:.1f}]")
+    res.update(
+        ours_ms=round(t_ours * 1e3, 3),
+        copy_GBps=round(bw_hot / 1e9, 2),
+        copy_fresh_GBps=round(bw_fresh / 1e9, 2),
+        limit_ms=round(2 * nbytes / bw_hot * 1e3, 3),
+        bandwidth_fraction=round(2 * nbytes / t_ours / bw_hot, 3),
+        bandwidth_fraction_fresh=round(2 * nbytes / t_ours / bw_fresh, 3),
+    )
+    line = (
+        f"{name:6s} {res['dtype']:8s} {c.threads} thr: ours {t_ours * 1e3:8.1f} ms "
+        f"[IQR {c.sides['ours'].spread['q1'] * 1e3:.1f}–{c.sides['ours'].spread['q3'] * 1e3:.1f}]"
+    )
     if peer is not None:
         sp = c.sides["peer"].spread
         lo, hi = c.ratio_range("peer", "ours")
-        res.update(peer_ms=round(c.median("peer") * 1e3, 3), speedup=round(c.ratio("peer", "ours"), 2),
-                   speedup_iqr=[round(lo, 2), round(hi, 2)])
-        line += (f", peer {c.median('peer') * 1e3:8.1f} ms [IQR {sp['q1'] * 1e3:.1f}–{sp['q3'] * 1e3:.1f}] -> "
-                 f"{res['speedup']:.2f}x [{lo:.2f}–{hi:.2f}], rel Δ {res['rel_diff']:.1e}")
-    line += (f"; {res['bandwidth_fraction'] * 100:.0f}% of copy bandwidth {res['copy_GBps']} GB/s "
-             f"({res['bandwidth_fraction_fresh'] * 100:.0f}% of {res['copy_fresh_GBps']} GB/s into fresh pages); "
-             f"load {c.load_before} -> {c.load_after}")
+        res.update(
+            peer_ms=round(c.median("peer") * 1e3, 3),
+            speedup=round(c.ratio("peer", "ours"), 2),
+            speedup_iqr=[round(lo, 2), round(hi, 2)],
+        )
+        line += (
+            f", peer {c.median('peer') * 1e3:8.1f} ms [IQR {sp['q1'] * 1e3:.1f}–{sp['q3'] * 1e3:.1f}] -> "
+            f"{res['speedup']:.2f}x [{lo:.2f}–{hi:.2f}], rel Δ {res['rel_diff']:.1e}"
+        )
+    line += (
+        f"; {res['bandwidth_fraction'] * 100:.0f}% of copy bandwidth {res['copy_GBps']} GB/s "
+        f"({res['bandwidth_fraction_fresh'] * 100:.0f}% of {res['copy_fresh_GBps']} GB/s into fresh pages); "
+        f"load {c.load_before} -> {c.load_after}"
+    )
     print(line, flush=True)
     return res
 
@@ -125,9 +145,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(threads)
         for dt in a.dtypes.split(","):
             for case in cases:
-                rows.append(run_case(case, getattr(torch, dt.strip()), a.reps if case != "conv4" else a.reps * 5, a.warmup))
-    out = {"benchmark": "bench_topoloss", "command": "python benchmarks/bench_topoloss.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "conditions_start": start, "conditions_end": conditions(), "rows": rows}
+                rows.append(
+                    run_case(case, getattr(torch, dt.strip()), a.reps if case != "conv4" else a.reps * 5, a.warmup)
+                )
+    out = {
+        "benchmark": "bench_topoloss",
+        "command": "python benchmarks/bench_topoloss.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "conditions_start": start,
+        "conditions_end": conditions(),
+        "rows": rows,
+    }
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=2))

@@ -43,15 +43,28 @@ def measure(task_name: str, rounds: int, n: int) -> dict:
     wcfg = cfg.wiring(train=True)
     x, y = data.x_train, data.y_train
     # warm-up, then the three step kinds interleaved, n steps per sample (timing.compare)
-    c = compare({mode: (lambda m=mode: step_time(task, model, opt, x, y, graph, wcfg, m, n=n))
-                 for mode in ("plain", "closed", "autograd")}, reps=rounds, warmup=1)
+    c = compare(
+        {
+            mode: (lambda m=mode: step_time(task, model, opt, x, y, graph, wcfg, m, n=n))
+            for mode in ("plain", "closed", "autograd")
+        },
+        reps=rounds,
+        warmup=1,
+    )
     med = {k: c.median(k) / n for k in c.sides}
-    return {"task": task_name, "batch": len(x), "dtype": cfg.dtype,
-            "plain_step_ms": med["plain"] * 1e3, "wiring_step_ms": med["closed"] * 1e3,
-            "autograd_wiring_step_ms": med["autograd"] * 1e3,
-            "overhead": med["closed"] / med["plain"] - 1.0, "autograd_overhead": med["autograd"] / med["plain"] - 1.0,
-            "overhead_iqr": [v - 1.0 for v in c.ratio_range("closed", "plain")], "timing": c.as_dict(),
-            "note": "timing medians are per sample of `steps` steps"}
+    return {
+        "task": task_name,
+        "batch": len(x),
+        "dtype": cfg.dtype,
+        "plain_step_ms": med["plain"] * 1e3,
+        "wiring_step_ms": med["closed"] * 1e3,
+        "autograd_wiring_step_ms": med["autograd"] * 1e3,
+        "overhead": med["closed"] / med["plain"] - 1.0,
+        "autograd_overhead": med["autograd"] / med["plain"] - 1.0,
+        "overhead_iqr": [v - 1.0 for v in c.ratio_range("closed", "plain")],
+        "timing": c.as_dict(),
+        "note": "timing medians are per sample of `steps` steps",
+    }
 
 
 def main() -> None:
@@ -62,11 +75,15 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     results = [measure(t, args.rounds, args.steps) for t in args.tasks.split(",")]
-    print(f"{'task':18s} {'batch':>6s} {'plain ms':>9s} {'+wiring ms':>11s} {'overhead':>9s}   "
-          f"{'(autograd penalty)':>18s}")
+    print(
+        f"{'task':18s} {'batch':>6s} {'plain ms':>9s} {'+wiring ms':>11s} {'overhead':>9s}   "
+        f"{'(autograd penalty)':>18s}"
+    )
     for r in results:
-        print(f"{r['task']:18s} {r['batch']:6d} {r['plain_step_ms']:9.3f} {r['wiring_step_ms']:11.3f} "
-              f"{r['overhead']:+9.1%}   {r['autograd_overhead']:+18.1%}")
+        print(
+            f"{r['task']:18s} {r['batch']:6d} {r['plain_step_ms']:9.3f} {r['wiring_step_ms']:11.3f} "
+            f"{r['overhead']:+9.1%}   {r['autograd_overhead']:+18.1%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -38,9 +38,22 @@ from topotorch.training_fff import FFFRecipe, accuracy, fit_classifier, make_cla
 
 WIDTH = 128
 # command-line option -> FFFRecipe field
-RECIPE_ARGS = {"epochs": "epochs", "batch": "batch_size", "lr": "lr", "wd": "weight_decay", "noise": "noise",
-               "shift": "shift", "hard_frac": "hard_frac", "anneal": "final_sharpness", "share_leaves": "share_leaves",
-               "h": "hardening", "node_lr": "node_lr", "distill": "distill", "kd_ff": "kd_alpha", "kd_temp": "kd_temp"}
+RECIPE_ARGS = {
+    "epochs": "epochs",
+    "batch": "batch_size",
+    "lr": "lr",
+    "wd": "weight_decay",
+    "noise": "noise",
+    "shift": "shift",
+    "hard_frac": "hard_frac",
+    "anneal": "final_sharpness",
+    "share_leaves": "share_leaves",
+    "h": "hardening",
+    "node_lr": "node_lr",
+    "distill": "distill",
+    "kd_ff": "kd_alpha",
+    "kd_temp": "kd_temp",
+}
 
 
 def load(name: str, seed: int, mnist1d_samples: int | None = None):
@@ -61,14 +74,15 @@ def load(name: str, seed: int, mnist1d_samples: int | None = None):
 
 
 def make_model(kind: str, n_in: int, n_out: int, leak: float = 0.0) -> nn.Module:
-    """"FF" or "FFF l=<leaf width>" at training width 128."""
+    """ "FF" or "FFF l=<leaf width>" at training width 128."""
     if kind == "FF":
         return make_classifier("ff", n_in, n_out, WIDTH)
     return make_classifier("fff", n_in, n_out, WIDTH, leaf_width=int(kind.split("l=")[1]), region_leak=leak)
 
 
-def train_eval(kind: str, data, seed: int, recipe: FFFRecipe, leak: float = 0.0,
-               kd_teacher: nn.Module | None = None) -> tuple[float, float, nn.Module]:
+def train_eval(
+    kind: str, data, seed: int, recipe: FFFRecipe, leak: float = 0.0, kd_teacher: nn.Module | None = None
+) -> tuple[float, float, nn.Module]:
     """Train one model with the library's recipe (``topotorch.training_fff.fit_classifier``);
     returns (test accuracy of the deployed model, soft test accuracy, model)."""
     xtr, ytr, xte, yte = data
@@ -90,14 +104,23 @@ def _job(job: tuple) -> dict:
     hard, soft, model = train_eval(kind, data, seed, recipe, args["leak"], kd_teacher=teacher)
     with torch.no_grad():  # clean training data through the deployed model: does it fit?
         train_acc = (model.eval()(data[0]).argmax(1) == data[1]).float().mean().item()
-    out = {"dataset": ds, "model": kind, "seed": seed, "hard": hard, "soft": soft, "train": train_acc,
-           "secs": time.perf_counter() - t}
+    out = {
+        "dataset": ds,
+        "model": kind,
+        "seed": seed,
+        "hard": hard,
+        "soft": soft,
+        "train": train_acc,
+        "secs": time.perf_counter() - t,
+    }
     if ds == "digits" and kind == "FFF l=8" and seed == 0:
         usage = leaf_usage(model, data[2])
-        out["leaf_table"] = (f"Digits test set through FFF ℓ=8 d=4 (seed 0, test accuracy {100 * hard:.1f}): "
-                             f"{usage.n_used} of 16 leaves used, effective {usage.effective_leaves:.1f}, "
-                             f"busiest {usage.max_fraction:.0%}\n\n"
-                             + format_class_leaf_table(class_leaf_table(model, data[2], data[3], 10)))
+        out["leaf_table"] = (
+            f"Digits test set through FFF ℓ=8 d=4 (seed 0, test accuracy {100 * hard:.1f}): "
+            f"{usage.n_used} of 16 leaves used, effective {usage.effective_leaves:.1f}, "
+            f"busiest {usage.max_fraction:.0%}\n\n"
+            + format_class_leaf_table(class_leaf_table(model, data[2], data[3], 10))
+        )
     return out
 
 
@@ -120,22 +143,46 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine schedule), all models")
     ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay, all models")
     ap.add_argument("--noise", type=float, default=0.5, help="input noise, in training stds per feature, all models")
-    ap.add_argument("--h", type=float, default=0.0,
-                    help="hardening coefficient (h=3 from the start collapsed digits onto one leaf in our runs)")
+    ap.add_argument(
+        "--h",
+        type=float,
+        default=0.0,
+        help="hardening coefficient (h=3 from the start collapsed digits onto one leaf in our runs)",
+    )
     ap.add_argument("--anneal", type=float, default=30.0, help="FFF soft-phase final sharpness (1 = no annealing)")
     ap.add_argument("--hard-frac", type=float, default=0.5, help="final share of epochs trained with hard decisions")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL to the soft-phase model in the hard phase")
-    ap.add_argument("--shift", type=int, default=0,
-                    help="random circular shift of each training input by up to ±shift samples, all models")
-    ap.add_argument("--kd-ff", type=float, default=0.0,
-                    help="FFF only: weight of KL to this seed's trained FF (teacher), soft and hard phases")
+    ap.add_argument(
+        "--shift",
+        type=int,
+        default=0,
+        help="random circular shift of each training input by up to ±shift samples, all models",
+    )
+    ap.add_argument(
+        "--kd-ff",
+        type=float,
+        default=0.0,
+        help="FFF only: weight of KL to this seed's trained FF (teacher), soft and hard phases",
+    )
     ap.add_argument("--kd-temp", type=float, default=2.0, help="temperature of --kd-ff")
-    ap.add_argument("--node-lr", type=float, default=1.0,
-                    help="FFF routing-node learning-rate multiplier (nodes without weight decay if != 1)")
-    ap.add_argument("--share-leaves", action=argparse.BooleanOptionalAction, default=True,
-                    help="FFF only: train leaves as path sums of per-node offsets (topotorch.layers.share_leaves)")
-    ap.add_argument("--mnist1d-samples", type=int, default=None,
-                    help="generate MNIST-1D with this many samples (80%% train) instead of the default 5,000")
+    ap.add_argument(
+        "--node-lr",
+        type=float,
+        default=1.0,
+        help="FFF routing-node learning-rate multiplier (nodes without weight decay if != 1)",
+    )
+    ap.add_argument(
+        "--share-leaves",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FFF only: train leaves as path sums of per-node offsets (topotorch.layers.share_leaves)",
+    )
+    ap.add_argument(
+        "--mnist1d-samples",
+        type=int,
+        default=None,
+        help="generate MNIST-1D with this many samples (80%% train) instead of the default 5,000",
+    )
     ap.add_argument("--leak", type=float, default=0.0, help="region leak probability")
     ap.add_argument("--workers", type=int, default=2, help="processes (one thread each)")
     ap.add_argument("--json", default=None)
@@ -150,9 +197,27 @@ def main() -> None:
         except ImportError as e:
             print(f"{ds}: skipped ({e}; pip install mnist1d)")
     kinds = args.models.split(",")
-    opts = {k: getattr(args, k) for k in ("epochs", "batch", "lr", "h", "hard_frac", "leak", "wd", "noise", "anneal",
-                                          "distill", "shift", "kd_ff", "kd_temp", "node_lr",
-                                          "share_leaves", "mnist1d_samples")}
+    opts = {
+        k: getattr(args, k)
+        for k in (
+            "epochs",
+            "batch",
+            "lr",
+            "h",
+            "hard_frac",
+            "leak",
+            "wd",
+            "noise",
+            "anneal",
+            "distill",
+            "shift",
+            "kd_ff",
+            "kd_temp",
+            "node_lr",
+            "share_leaves",
+            "mnist1d_samples",
+        )
+    }
     jobs = [(ds, kind, seed, opts) for ds in datasets for kind in kinds for seed in range(args.seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:
@@ -167,23 +232,36 @@ def main() -> None:
         for kind in kinds:
             rs = [r for r in runs if r["dataset"] == ds and r["model"] == kind]
             hard = [r["hard"] for r in rs]
-            results.append({"dataset": ds, "model": kind, "test_acc": statistics.median(hard),
-                            "soft_test_acc": statistics.median(r["soft"] for r in rs) if kind != "FF" else None,
-                            "all_test_acc": hard, "train_acc": statistics.median(r["train"] for r in rs),
-                            "train_s": statistics.median(r["secs"] for r in rs)})
+            results.append(
+                {
+                    "dataset": ds,
+                    "model": kind,
+                    "test_acc": statistics.median(hard),
+                    "soft_test_acc": statistics.median(r["soft"] for r in rs) if kind != "FF" else None,
+                    "all_test_acc": hard,
+                    "train_acc": statistics.median(r["train"] for r in rs),
+                    "train_s": statistics.median(r["secs"] for r in rs),
+                }
+            )
             soft_acc = "-" if kind == "FF" else f"{100 * results[-1]['soft_test_acc']:.1f}"
-            print(f"{ds:8s} {kind:9s} test acc {100 * results[-1]['test_acc']:5.1f}  "
-                  f"(seeds {' '.join(f'{100 * a:.1f}' for a in hard)}; soft forward {soft_acc}; "
-                  f"train acc {100 * results[-1]['train_acc']:.1f})")
-    print(f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; median of {args.seeds} seeds, "
-          f"test accuracy of the deployed (hard) model")
+            print(
+                f"{ds:8s} {kind:9s} test acc {100 * results[-1]['test_acc']:5.1f}  "
+                f"(seeds {' '.join(f'{100 * a:.1f}' for a in hard)}; soft forward {soft_acc}; "
+                f"train acc {100 * results[-1]['train_acc']:.1f})"
+            )
+    print(
+        f"\n{len(jobs)} runs in {time.perf_counter() - t0:.0f} s; median of {args.seeds} seeds, "
+        f"test accuracy of the deployed (hard) model"
+    )
     print("| dataset | FF (width 128) | FFF ℓ=8, d=4 | FFF ℓ=1, d=7 | FF − FFF ℓ=8 |")
     print("|---|---:|---:|---:|---:|")
     for ds in datasets:
         acc = {r["model"]: 100 * r["test_acc"] for r in results if r["dataset"] == ds}
         gap = acc.get("FF", float("nan")) - acc.get("FFF l=8", float("nan"))
-        print(f"| {ds} | {acc.get('FF', float('nan')):.1f} | {acc.get('FFF l=8', float('nan')):.1f} | "
-              f"{acc.get('FFF l=1', float('nan')):.1f} | {gap:+.1f} |")
+        print(
+            f"| {ds} | {acc.get('FF', float('nan')):.1f} | {acc.get('FFF l=8', float('nan')):.1f} | "
+            f"{acc.get('FFF l=1', float('nan')):.1f} | {gap:+.1f} |"
+        )
     leaf_table = next((r["leaf_table"] for r in runs if "leaf_table" in r), None)
     if leaf_table:
         print("\n" + leaf_table)

@@ -28,8 +28,9 @@ from topotorch.tasks.sequence import bits_per_char
 from topotorch.timing import median_seconds
 
 
-def train(model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, fff: bool,
-          sharpness: float = 1.0) -> float:
+def train(
+    model: nn.Module, data, steps: int, batch: int, lr: float, seed: int, fff: bool, sharpness: float = 1.0
+) -> float:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     t0 = time.perf_counter()
@@ -62,8 +63,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--sharpness", type=float, default=1.0,
-                    help="FFF soft phase: decisions sharpen to sigmoid(s·z) (1 = no sharpening)")
+    ap.add_argument(
+        "--sharpness",
+        type=float,
+        default=1.0,
+        help="FFF soft phase: decisions sharpen to sigmoid(s·z) (1 = no sharpening)",
+    )
     ap.add_argument("--share-leaves", action="store_true", help="train FFF leaves as path sums (share_leaves)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -88,15 +93,32 @@ def main() -> None:
     h = layer_inputs(fff.eval(), names[0], data.x_test).reshape(-1, layer.input_width)
     dense_block = dense.get_submodule(names[0]).eval()
     td, tf = block_time(dense_block, h, args.repeats), block_time(layer.eval(), h, args.repeats)
-    row = {"steps": args.steps, "share_leaves": args.share_leaves, "sharpness": args.sharpness, "bpc_dense": bpc_dense, "bpc_fff": bpc_fff, "mlp_width": layer.training_width,
-           "leaf": layer.leaf_width, "depth": layer.depth, "neurons_used_fraction": used,
-           "mlp_block_tokens": len(h), "mlp_block_dense_ms": td * 1e3, "mlp_block_fff_ms": tf * 1e3,
-           "mlp_block_speedup": td / tf, "train_s_dense": t_dense, "train_s_fff": t_fff}
-    print(f"shakespeare-char, {args.steps} steps, MLP width {layer.training_width} (FFF ℓ={layer.leaf_width}, "
-          f"d={layer.depth}), {torch.get_num_threads()} thread(s)")
+    row = {
+        "steps": args.steps,
+        "share_leaves": args.share_leaves,
+        "sharpness": args.sharpness,
+        "bpc_dense": bpc_dense,
+        "bpc_fff": bpc_fff,
+        "mlp_width": layer.training_width,
+        "leaf": layer.leaf_width,
+        "depth": layer.depth,
+        "neurons_used_fraction": used,
+        "mlp_block_tokens": len(h),
+        "mlp_block_dense_ms": td * 1e3,
+        "mlp_block_fff_ms": tf * 1e3,
+        "mlp_block_speedup": td / tf,
+        "train_s_dense": t_dense,
+        "train_s_fff": t_fff,
+    }
+    print(
+        f"shakespeare-char, {args.steps} steps, MLP width {layer.training_width} (FFF ℓ={layer.leaf_width}, "
+        f"d={layer.depth}), {torch.get_num_threads()} thread(s)"
+    )
     print(f"test bits/char: dense {bpc_dense:.3f}, FFF (hard) {bpc_fff:.3f}")
-    print(f"MLP neurons used per token: {100 * used:.1f}% ({layer.leaf_width} leaf + {layer.depth} node neurons "
-          f"of {layer.training_width} + {layer.n_nodes})")
+    print(
+        f"MLP neurons used per token: {100 * used:.1f}% ({layer.leaf_width} leaf + {layer.depth} node neurons "
+        f"of {layer.training_width} + {layer.n_nodes})"
+    )
     print(f"MLP block on {len(h)} tokens: dense {td * 1e3:.2f} ms, FFF {tf * 1e3:.2f} ms -> {td / tf:.1f}x")
     print(f"training time: dense {t_dense:.0f} s, FFF {t_fff:.0f} s")
     if args.json:

@@ -45,11 +45,18 @@ def main() -> None:
     with torch.no_grad():
         acc = (layer(data.x_test).argmax(1) == data.y_test).float().mean().item()
     usage = leaf_usage(layer, data.x_test)
-    print(f"two-moons FFF d={args.depth} ℓ={args.leaf}: hard test accuracy {100 * acc:.1f}%, "
-          f"{usage.n_used}/{layer.n_leaves} leaves used, effective {usage.effective_leaves:.1f}")
+    print(
+        f"two-moons FFF d={args.depth} ℓ={args.leaf}: hard test accuracy {100 * acc:.1f}%, "
+        f"{usage.n_used}/{layer.n_leaves} leaves used, effective {usage.effective_leaves:.1f}"
+    )
     print(format_class_leaf_table(class_leaf_table(layer, data.x_test, data.y_test, 2)))
-    draw_regions(layer, data.x_test, data.y_test, path=args.out,
-                 title=f"two-moons, FFF depth {args.depth} (ℓ={args.leaf}): leaf regions, test acc {100 * acc:.1f}%")
+    draw_regions(
+        layer,
+        data.x_test,
+        data.y_test,
+        path=args.out,
+        title=f"two-moons, FFF depth {args.depth} (ℓ={args.leaf}): leaf regions, test acc {100 * acc:.1f}%",
+    )
     print(f"wrote {args.out}")
     if args.json:
         with open(args.json, "w") as f:

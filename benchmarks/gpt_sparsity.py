@@ -1,8 +1,8 @@
 """Bits per character and attention/MLP weight sparsity of finished char-level GPT runs, side by side.
 
-    topotorch train shakespeare-char --method none --no-animation --out runs/shakespeare/none
-    topotorch train shakespeare-char --method bimt --no-animation --out runs/shakespeare/bimt
-    python benchmarks/gpt_sparsity.py runs/shakespeare/none runs/shakespeare/bimt --json results/gpt_sparsity.json
+topotorch train shakespeare-char --method none --no-animation --out runs/shakespeare/none
+topotorch train shakespeare-char --method bimt --no-animation --out runs/shakespeare/bimt
+python benchmarks/gpt_sparsity.py runs/shakespeare/none runs/shakespeare/bimt --json results/gpt_sparsity.json
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ def sparsity(run: str) -> dict:
             active += int((p.detach().abs() > r.config.threshold).sum())
     s = r.summary
     lam = r.config.lam if r.config.uses_penalty else "-"  # method none trains without the penalty
-    return {"run": run, "method": r.config.method, "lam": lam, "steps": r.config.steps,
-            "bpc": s.get("test_bpc"), "thresholded_bpc": s.get("thresholded_test_bpc"),
-            "threshold": r.config.threshold, "attn_mlp_inactive_fraction": 1 - active / max(total, 1)}
+    return {
+        "run": run,
+        "method": r.config.method,
+        "lam": lam,
+        "steps": r.config.steps,
+        "bpc": s.get("test_bpc"),
+        "thresholded_bpc": s.get("thresholded_test_bpc"),
+        "threshold": r.config.threshold,
+        "attn_mlp_inactive_fraction": 1 - active / max(total, 1),
+    }
 
 
 def main() -> None:
@@ -38,9 +45,11 @@ def main() -> None:
     rows = [sparsity(r) for r in args.runs]
     base = rows[0]["bpc"]
     for r in rows:
-        print(f"{r['run']:32s} {r['method']:5s} λ={r['lam']:10s} bits/char {r['bpc']:.3f} ({r['bpc'] - base:+.3f}) "
-              f"thresholded {r['thresholded_bpc']:.3f}  attention+MLP weights |w| <= {r['threshold']}: "
-              f"{r['attn_mlp_inactive_fraction']:.1%}")
+        print(
+            f"{r['run']:32s} {r['method']:5s} λ={r['lam']:10s} bits/char {r['bpc']:.3f} ({r['bpc'] - base:+.3f}) "
+            f"thresholded {r['thresholded_bpc']:.3f}  attention+MLP weights |w| <= {r['threshold']}: "
+            f"{r['attn_mlp_inactive_fraction']:.1%}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

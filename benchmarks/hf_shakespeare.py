@@ -32,13 +32,34 @@ def topotorch() -> list[str]:
 
 
 def train_args(args, name: str) -> list[str]:
-    method = {"plain": ["--method", "none"],
-              "bimt": ["--method", "bimt", "--lam", args.lam],
-              "topo": ["--method", "none", "--topo-tau", str(args.tau), "--topo-factor", str(args.factor)]}[name]
-    return [*topotorch(), "train", f"text:{args.text}", "--model", "hf:gpt2", "--model-config", CONFIG,
-            "--steps", str(args.steps), "--seed", str(args.seed), "--threads", str(args.threads),
-            "--log-every", str(args.log_every), "--no-animation", "--no-progress", "--overwrite",
-            *method, "--out", str(Path(args.out) / name)]
+    method = {
+        "plain": ["--method", "none"],
+        "bimt": ["--method", "bimt", "--lam", args.lam],
+        "topo": ["--method", "none", "--topo-tau", str(args.tau), "--topo-factor", str(args.factor)],
+    }[name]
+    return [
+        *topotorch(),
+        "train",
+        f"text:{args.text}",
+        "--model",
+        "hf:gpt2",
+        "--model-config",
+        CONFIG,
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+        "--log-every",
+        str(args.log_every),
+        "--no-animation",
+        "--no-progress",
+        "--overwrite",
+        *method,
+        "--out",
+        str(Path(args.out) / name),
+    ]
 
 
 def run_all(cmds: dict[str, list[str]], parallel: int) -> dict[str, float]:
@@ -70,16 +91,23 @@ def shrink_figures(rep: dict) -> dict:
     mlp = [k for k in removed if k.endswith(".mlp.c_fc")]
     attn = [k for k in removed if k.endswith(".attn.c_attn")]
     dims = sum(removed[k] for k in attn)
-    return {"threshold": rep["threshold"], "thresholded_test_bpc": rep["test_bpc_thresholded"],
-            "shrunk_test_bpc": rep["test_bpc_compact"], "max_abs_diff_shrunk_vs_thresholded": rep["max_abs_diff"],
-            "params_before": rep["params_before"], "params_after": rep["params_after"],
-            "params_removed": rep["params_before"] - rep["params_after"],
-            "mlp_neurons_removed": sum(removed[k] for k in mlp),
-            "mlp_neurons_total": sum(removed[k] + kept[k] for k in mlp),
-            "heads_removed": dims // HEAD_DIM if dims % HEAD_DIM == 0 else None, "attn_dims_removed": dims,
-            "heads_total": sum(removed[k] + kept[k] for k in attn) // HEAD_DIM,
-            "residual_removed": sum(v for k, v in removed.items() if k.endswith(".wte")),
-            "removed": removed, "kept_why": rep.get("kept_why")}
+    return {
+        "threshold": rep["threshold"],
+        "thresholded_test_bpc": rep["test_bpc_thresholded"],
+        "shrunk_test_bpc": rep["test_bpc_compact"],
+        "max_abs_diff_shrunk_vs_thresholded": rep["max_abs_diff"],
+        "params_before": rep["params_before"],
+        "params_after": rep["params_after"],
+        "params_removed": rep["params_before"] - rep["params_after"],
+        "mlp_neurons_removed": sum(removed[k] for k in mlp),
+        "mlp_neurons_total": sum(removed[k] + kept[k] for k in mlp),
+        "heads_removed": dims // HEAD_DIM if dims % HEAD_DIM == 0 else None,
+        "attn_dims_removed": dims,
+        "heads_total": sum(removed[k] + kept[k] for k in attn) // HEAD_DIM,
+        "residual_removed": sum(v for k, v in removed.items() if k.endswith(".wte")),
+        "removed": removed,
+        "kept_why": rep.get("kept_why"),
+    }
 
 
 def compress(run: Path, thresholds: list[float | None]) -> list[dict]:
@@ -100,14 +128,23 @@ def row(run: Path, name: str, wall: float | None, thresholds: list[float | None]
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "config.json").read_text())
     return {
-        "name": name, "run": str(run), "method": config["method"], "lam": config["lam"] if config["method"] == "bimt" else None,
-        "topo_tau": config["topo_tau"], "topo_factor": config["topo_factor"] if config["topo_tau"] else None,
+        "name": name,
+        "run": str(run),
+        "method": config["method"],
+        "lam": config["lam"] if config["method"] == "bimt" else None,
+        "topo_tau": config["topo_tau"],
+        "topo_factor": config["topo_factor"] if config["topo_tau"] else None,
         "topo_layers": sorted(summary["topo_loss"]) if summary.get("topo_loss") else None,
-        "steps": config["steps"], "seed": config["seed"], "threads": config["threads"],
-        "test_bpc": summary["test_bpc"], "wiring_cost": summary["wiring_cost"], "topo_loss": summary.get("topo_loss"),
+        "steps": config["steps"],
+        "seed": config["seed"],
+        "threads": config["threads"],
+        "test_bpc": summary["test_bpc"],
+        "wiring_cost": summary["wiring_cost"],
+        "topo_loss": summary.get("topo_loss"),
         "active_weights": summary["active_weights"],
         "shrink": [shrink_figures(r) for r in compress(run, thresholds)],
-        "train_seconds": summary.get("train_seconds"), "wall_seconds": wall,
+        "train_seconds": summary.get("train_seconds"),
+        "wall_seconds": wall,
     }
 
 
@@ -125,7 +162,9 @@ def main() -> None:
     ap.add_argument("--text", default=str(TEXT))
     ap.add_argument("--out", default="runs/hf")
     ap.add_argument("--thresholds", default="0.01", help="extra shrink thresholds besides the run's own (0.05)")
-    ap.add_argument("--reuse", action="store_true", help="skip training: compress (if not yet) and tabulate finished runs")
+    ap.add_argument(
+        "--reuse", action="store_true", help="skip training: compress (if not yet) and tabulate finished runs"
+    )
     ap.add_argument("--wall", default="", help="with --reuse: measured wall seconds per run, e.g. plain=987,bimt=969")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -144,19 +183,25 @@ def main() -> None:
     rows = [row(out / n, n, wall.get(n), thresholds) for n in names]
     base = rows[0]["test_bpc"]
     r0 = rows[0]
-    print(f"\nHF GPT-2 4x128 (4 heads, MLP 512), tinyshakespeare, {r0['steps']} steps, seed {r0['seed']}, "
-          f"{r0['threads']} thread(s)")
-    print(f"{'run':6s} {'bits/char':>16s} {'|w|<=T':>7s} {'thresholded':>11s} {'shrunk':>7s} {'params':>22s} "
-          f"{'MLP neurons cut':>16s} {'heads cut':>9s} {'train s':>8s} {'wall s':>7s}")
+    print(
+        f"\nHF GPT-2 4x128 (4 heads, MLP 512), tinyshakespeare, {r0['steps']} steps, seed {r0['seed']}, "
+        f"{r0['threads']} thread(s)"
+    )
+    print(
+        f"{'run':6s} {'bits/char':>16s} {'|w|<=T':>7s} {'thresholded':>11s} {'shrunk':>7s} {'params':>22s} "
+        f"{'MLP neurons cut':>16s} {'heads cut':>9s} {'train s':>8s} {'wall s':>7s}"
+    )
     for r in rows:
         for i, s in enumerate(r["shrink"]):
             head = f"{r['name']:6s} {r['test_bpc']:8.3f} ({r['test_bpc'] - base:+.3f})" if i == 0 else " " * 23
             wall_s = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}"
             tail = f" {r['train_seconds']:8.0f} {wall_s:>7s}" if i == 0 else ""
-            print(f"{head} {s['threshold']:7g} {s['thresholded_test_bpc']:11.3f} {s['shrunk_test_bpc']:7.3f} "
-                  f"{s['params_before']:>10,d} -> {s['params_after']:<9,d} "
-                  f"{s['mlp_neurons_removed']:>6d}/{s['mlp_neurons_total']:<6d}   "
-                  f"{s['heads_removed']}/{s['heads_total']:<5d}{tail}")
+            print(
+                f"{head} {s['threshold']:7g} {s['thresholded_test_bpc']:11.3f} {s['shrunk_test_bpc']:7.3f} "
+                f"{s['params_before']:>10,d} -> {s['params_after']:<9,d} "
+                f"{s['mlp_neurons_removed']:>6d}/{s['mlp_neurons_total']:<6d}   "
+                f"{s['heads_removed']}/{s['heads_total']:<5d}{tail}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -35,14 +35,31 @@ def train_gpt2(windows, vocab, steps, out, structure=True):
     model = GPT2LMHeadModel(config)
     callbacks = []
     if structure:  # BIMT: λ·wiring cost (closed-form gradient) + neuron swaps every 200 steps, Adam's moments along
-        body = Body(model, example_inputs={"input_ids": windows[:2]}, wiring={"wf": 2.0, "l0": 0.5},
-                    lam="0:5e-6", relocation="swap", relocate_every=200, top_k=30)
+        body = Body(
+            model,
+            example_inputs={"input_ids": windows[:2]},
+            wiring={"wf": 2.0, "l0": 0.5},
+            lam="0:5e-6",
+            relocation="swap",
+            relocate_every=200,
+            top_k=30,
+        )
         callbacks.append(BodyCallback(body))
-    args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-3,
-                             use_cpu=True, report_to=[], save_strategy="no", seed=0)
+    args = TrainingArguments(
+        out,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
     data = [{"input_ids": w, "labels": w} for w in windows]
     Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
     return model
+
+
 # --- end of README snippet ---
 
 
@@ -92,18 +109,27 @@ def main() -> None:
             t0 = time.perf_counter()
             model = train_gpt2(train, vocab, args.steps, out, structure=structure)
             seconds = time.perf_counter() - t0
-            rows[name] = {"test_bpc": bits_per_char(model, test), "wiring_cost": wiring(model, test),
-                          "train_seconds": seconds}
+            rows[name] = {
+                "test_bpc": bits_per_char(model, test),
+                "wiring_cost": wiring(model, test),
+                "train_seconds": seconds,
+            }
             print(name, rows[name], flush=True)
     result = {
-        "model": "HF GPT2LMHeadModel 4x128, 4 heads, random init", "text": args.text, "steps": args.steps,
-        "threads": args.threads, "load_avg": os.getloadavg(), **rows,
+        "model": "HF GPT2LMHeadModel 4x128, 4 heads, random init",
+        "text": args.text,
+        "steps": args.steps,
+        "threads": args.threads,
+        "load_avg": os.getloadavg(),
+        **rows,
         "bpc_change": rows["body"]["test_bpc"] - rows["plain"]["test_bpc"],
         "wiring_cost_ratio": rows["body"]["wiring_cost"] / rows["plain"]["wiring_cost"],
     }
-    print(f"HF Trainer, GPT-2 4x128, {args.steps} steps: bits/char plain {rows['plain']['test_bpc']:.3f}, "
-          f"with BodyCallback {rows['body']['test_bpc']:.3f}; wiring cost {rows['plain']['wiring_cost']:.4g} -> "
-          f"{rows['body']['wiring_cost']:.4g} (x{result['wiring_cost_ratio']:.3f})")
+    print(
+        f"HF Trainer, GPT-2 4x128, {args.steps} steps: bits/char plain {rows['plain']['test_bpc']:.3f}, "
+        f"with BodyCallback {rows['body']['test_bpc']:.3f}; wiring cost {rows['plain']['wiring_cost']:.4g} -> "
+        f"{rows['body']['wiring_cost']:.4g} (x{result['wiring_cost_ratio']:.3f})"
+    )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

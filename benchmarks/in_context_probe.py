@@ -36,16 +36,27 @@ def main() -> None:
         r = train(TrainConfig.for_task("in-context-regression", seed=args.seed, out=args.out, animation=False))
     x, _, w = in_context_data(2048, torch.Generator().manual_seed(7), torch.float32)
     probes = probe_residual(r.model, x, w)
-    layers = {k: {"neurons": [int(i) for i in (v.abs() >= 0.9).nonzero().flatten()],
-                  "max_abs_r": float(v.abs().max())} for k, v in probes.items()}
-    res = {"run": args.run or args.out, "seconds": round(time.perf_counter() - t, 1),
-           "test_mse": r.summary.get("test_mse"), "thresholded_test_mse": r.summary.get("thresholded_test_mse"),
-           "active_weight_fraction": r.summary.get("active_weights", {}).get("fraction"), "probe": layers}
-    print(f"test MSE {res['test_mse']:.3g} (thresholded {res['thresholded_test_mse']:.3g}), "
-          f"{res['active_weight_fraction']:.1%} of weights active")
+    layers = {
+        k: {"neurons": [int(i) for i in (v.abs() >= 0.9).nonzero().flatten()], "max_abs_r": float(v.abs().max())}
+        for k, v in probes.items()
+    }
+    res = {
+        "run": args.run or args.out,
+        "seconds": round(time.perf_counter() - t, 1),
+        "test_mse": r.summary.get("test_mse"),
+        "thresholded_test_mse": r.summary.get("thresholded_test_mse"),
+        "active_weight_fraction": r.summary.get("active_weights", {}).get("fraction"),
+        "probe": layers,
+    }
+    print(
+        f"test MSE {res['test_mse']:.3g} (thresholded {res['thresholded_test_mse']:.3g}), "
+        f"{res['active_weight_fraction']:.1%} of weights active"
+    )
     for k, v in layers.items():
-        print(f"  after {k:9s}: {len(v['neurons'])} residual neurons with |r(w)| >= 0.9 {v['neurons']} "
-              f"(max |r| {v['max_abs_r']:.3f})")
+        print(
+            f"  after {k:9s}: {len(v['neurons'])} residual neurons with |r(w)| >= 0.9 {v['neurons']} "
+            f"(max |r| {v['max_abs_r']:.3f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

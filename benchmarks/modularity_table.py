@@ -27,10 +27,20 @@ def q_of(run_dir: Path, task: str, method: str) -> dict:
     t = time.perf_counter()
     c_all = detect_communities(r.graph, threshold=0.0)
     c_thr = detect_communities(r.graph, threshold=r.config.threshold)
-    return {"task": task, "method": method, "steps": r.config.steps, "q": c_all.q, "communities": c_all.n_communities,
-            "q_thresholded": c_thr.q, "communities_thresholded": c_thr.n_communities, "threshold": r.config.threshold,
-            "backend": c_all.backend, "test": r.summary.get(f"test_{r.task.metric}"), "metric": r.task.metric,
-            "detect_seconds": round(time.perf_counter() - t, 3)}
+    return {
+        "task": task,
+        "method": method,
+        "steps": r.config.steps,
+        "q": c_all.q,
+        "communities": c_all.n_communities,
+        "q_thresholded": c_thr.q,
+        "communities_thresholded": c_thr.n_communities,
+        "threshold": r.config.threshold,
+        "backend": c_all.backend,
+        "test": r.summary.get(f"test_{r.task.metric}"),
+        "metric": r.task.metric,
+        "detect_seconds": round(time.perf_counter() - t, 3),
+    }
 
 
 def main() -> None:

@@ -32,8 +32,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks.split(","):
         out = Path(args.out) / task
-        run_sweep(SweepConfig(task, methods=args.methods, sparsities=args.sparsities, seeds=args.seeds, out=str(out),
-                              dense_steps=args.dense_steps, cycle_steps=args.cycle_steps, soup_size=args.soup_size))
+        run_sweep(
+            SweepConfig(
+                task,
+                methods=args.methods,
+                sparsities=args.sparsities,
+                seeds=args.seeds,
+                out=str(out),
+                dense_steps=args.dense_steps,
+                cycle_steps=args.cycle_steps,
+                soup_size=args.soup_size,
+            )
+        )
         print((out / "table.md").read_text())
 
 

@@ -44,8 +44,20 @@ def select(rows: list[dict], monotone: bool) -> dict | None:
 def run_config(task: str, tau: float, phi: float, a: argparse.Namespace) -> dict:
     out = {"task": task, "tau": tau, "phi": phi, "models": {}}
     for t in (0.0, tau):
-        r = train(TrainConfig.for_task(task, method="none", steps=a.steps, topo_tau=t, topo_layers="0,2", seed=a.seed,
-                                       topo_factor=phi, animation=False, progress=False, log_every=a.steps))
+        r = train(
+            TrainConfig.for_task(
+                task,
+                method="none",
+                steps=a.steps,
+                topo_tau=t,
+                topo_layers="0,2",
+                seed=a.seed,
+                topo_factor=phi,
+                animation=False,
+                progress=False,
+                log_every=a.steps,
+            )
+        )
         m, d = r.model, r.data
         with torch.no_grad():
             base = float(F.cross_entropy(m(d.x_test), d.y_test))
@@ -57,30 +69,52 @@ def run_config(task: str, tau: float, phi: float, a: argparse.Namespace) -> dict
                 with torch.no_grad():
                     loss = float(F.cross_entropy(c(d.x_test), d.y_test))
                     cacc = float((c(d.x_test).argmax(1) == d.y_test).float().mean())
-                rows.append({"fmt": fmt, "quality": q, "bytes": rep["bytes"], "raw_bytes": rep["raw_bytes"],
-                             "test_loss": round(loss, 4), "accuracy": round(cacc, 4), "rise": round(loss / base - 1, 4)})
+                rows.append(
+                    {
+                        "fmt": fmt,
+                        "quality": q,
+                        "bytes": rep["bytes"],
+                        "raw_bytes": rep["raw_bytes"],
+                        "test_loss": round(loss, 4),
+                        "accuracy": round(cacc, 4),
+                        "rise": round(loss / base - 1, 4),
+                    }
+                )
         raw = rows[0]["raw_bytes"]
         res = {"test_loss": round(base, 4), "accuracy": round(acc, 4), "raw_bytes": raw, "rows": rows}
         for sel in ("best", "monotone"):
             b = select(rows, sel == "monotone")
             res[sel] = b
-            print(f"{task} τ={t:g} φ={phi:g}: loss {base:.4f} acc {acc:.3f}, raw float32 {raw} B; {sel}: "
-                  + (f"{b['bytes']} B ({b['fmt']} q{b['quality']}, loss {b['test_loss']:.4f}, "
-                     f"{raw / b['bytes']:.1f}x below float32)" if b else "none"), flush=True)
+            print(
+                f"{task} τ={t:g} φ={phi:g}: loss {base:.4f} acc {acc:.3f}, raw float32 {raw} B; {sel}: "
+                + (
+                    f"{b['bytes']} B ({b['fmt']} q{b['quality']}, loss {b['test_loss']:.4f}, "
+                    f"{raw / b['bytes']:.1f}x below float32)"
+                    if b
+                    else "none"
+                ),
+                flush=True,
+            )
         out["models"][f"tau{t:g}"] = res
     for sel in ("best", "monotone"):
         b0, bt = out["models"]["tau0"][sel], out["models"][f"tau{tau:g}"][sel]
         if b0 and bt:
             out[f"baseline_over_topographic_{sel}"] = round(b0["bytes"] / bt["bytes"], 2)
-            print(f"{task} ({sel}): baseline / topographic bytes at equal loss (within 2%): "
-                  f"{b0['bytes']} / {bt['bytes']} = {out[f'baseline_over_topographic_{sel}']}x", flush=True)
+            print(
+                f"{task} ({sel}): baseline / topographic bytes at equal loss (within 2%): "
+                f"{b0['bytes']} / {bt['bytes']} = {out[f'baseline_over_topographic_{sel}']}x",
+                flush=True,
+            )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="digits:5:3,digits:20:3,digits-wide:20:4,digits-wide:50:4",
-                    help="comma-separated TASK:TAU:PHI (the baseline τ = 0 is trained for each)")
+    ap.add_argument(
+        "--configs",
+        default="digits:5:3,digits:20:3,digits-wide:20:4,digits-wide:50:4",
+        help="comma-separated TASK:TAU:PHI (the baseline τ = 0 is trained for each)",
+    )
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--qualities", default=QUALITIES)

@@ -35,9 +35,18 @@ def main() -> None:
     rows = []
     for tau in [float(t) for t in a.taus.split(",")]:
         t0 = time.perf_counter()
-        cfg = TrainConfig.for_task("shakespeare-char", method="none", steps=a.steps, lr=a.lr, topo_tau=tau,
-                                   topo_layers="*.mlp.0", topo_factor=a.factor, animation=False, progress=False,
-                                   log_every=a.steps)
+        cfg = TrainConfig.for_task(
+            "shakespeare-char",
+            method="none",
+            steps=a.steps,
+            lr=a.lr,
+            topo_tau=tau,
+            topo_layers="*.mlp.0",
+            topo_factor=a.factor,
+            animation=False,
+            progress=False,
+            log_every=a.steps,
+        )
         r = train(cfg)
         model, d, task = r.model, r.data, r.task
         bpc = evaluate(task, model, d.x_test, d.y_test)
@@ -51,22 +60,38 @@ def main() -> None:
             sm.append(smoothness(t, s.h, s.w))
             ed.append(effective_dimensionality(acts))
             if a.maps and s.name.endswith("blocks.0.mlp.0"):
-                draw_maps(t, s.h, s.w, a.maps / f"gpt_tau{tau:g}_{s.name}.png",
-                          titles=[repr(task.output_labels[c]) for c in chosen],
-                          suptitle=f"shakespeare-char τ={tau:g} {s.name}: smoothness {sm[-1]:.2f}")
-        row = {"tau": tau, "test_bpc": round(bpc, 4), "smoothness": round(sum(sm) / len(sm), 3),
-               "effective_dim": round(sum(ed) / len(ed), 2), "topo_loss": r.summary.get("topo_loss"),
-               "params": parameter_count(model)}
+                draw_maps(
+                    t,
+                    s.h,
+                    s.w,
+                    a.maps / f"gpt_tau{tau:g}_{s.name}.png",
+                    titles=[repr(task.output_labels[c]) for c in chosen],
+                    suptitle=f"shakespeare-char τ={tau:g} {s.name}: smoothness {sm[-1]:.2f}",
+                )
+        row = {
+            "tau": tau,
+            "test_bpc": round(bpc, 4),
+            "smoothness": round(sum(sm) / len(sm), 3),
+            "effective_dim": round(sum(ed) / len(ed), 2),
+            "topo_loss": r.summary.get("topo_loss"),
+            "params": parameter_count(model),
+        }
         for removed in (0.5, 0.8):
             small = compress(model, "*.mlp.0", removed=removed, mode=a.mode, calibrate=d.x_train[:256])
             cb = evaluate(task, small, d.x_test, d.y_test)
-            row[f"removed{int(removed * 100)}"] = {"test_bpc": round(cb, 4), "rise": round(cb / bpc - 1, 4),
-                                                   "params": parameter_count(small)}
+            row[f"removed{int(removed * 100)}"] = {
+                "test_bpc": round(cb, 4),
+                "rise": round(cb / bpc - 1, 4),
+                "params": parameter_count(small),
+            }
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-        print(f"τ={tau:<5g} bpc {bpc:.4f} smooth {row['smoothness']:.3f} ED {row['effective_dim']:.2f} | "
-              f"50% cut: {row['removed50']['test_bpc']:.4f} ({row['removed50']['rise']:+.1%}) | 80% cut: "
-              f"{row['removed80']['test_bpc']:.4f} ({row['removed80']['rise']:+.1%}) [{row['seconds']}s]", flush=True)
+        print(
+            f"τ={tau:<5g} bpc {bpc:.4f} smooth {row['smoothness']:.3f} ED {row['effective_dim']:.2f} | "
+            f"50% cut: {row['removed50']['test_bpc']:.4f} ({row['removed50']['rise']:+.1%}) | 80% cut: "
+            f"{row['removed80']['test_bpc']:.4f} ({row['removed80']['rise']:+.1%}) [{row['seconds']}s]",
+            flush=True,
+        )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"steps": a.steps, "factor": a.factor, "lr": a.lr, "rows": rows}, indent=2))

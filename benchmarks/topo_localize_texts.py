@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=400)
     a = ap.parse_args()
     text = SHAKESPEARE.read_text()
-    lines = [ln.strip() for ln in text[int(len(text) * 0.9):].splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text[int(len(text) * 0.9) :].splitlines() if ln.strip()]
     tags = [ln for ln in lines if ln.endswith(":") and ln[:-1].replace(" ", "").isupper()]
     speech = [ln for ln in lines if not ln.endswith(":")]
     a.out.mkdir(parents=True, exist_ok=True)

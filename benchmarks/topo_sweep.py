@@ -48,9 +48,18 @@ def main() -> None:
     rows = []
     for tau in [float(t) for t in a.taus.split(",")]:
         t0 = time.perf_counter()
-        cfg = TrainConfig.for_task("digits", method="none", steps=a.steps, seed=a.seed, topo_tau=tau,
-                                   topo_layers=",".join(LAYERS), topo_factor=a.factor, animation=False,
-                                   progress=False, log_every=a.steps)
+        cfg = TrainConfig.for_task(
+            "digits",
+            method="none",
+            steps=a.steps,
+            seed=a.seed,
+            topo_tau=tau,
+            topo_layers=",".join(LAYERS),
+            topo_factor=a.factor,
+            animation=False,
+            progress=False,
+            log_every=a.steps,
+        )
         r = train(cfg)
         model, d = r.model, r.data
         loss, acc = held_out(model, d.x_test, d.y_test)
@@ -61,33 +70,51 @@ def main() -> None:
             sm.append(smoothness(t, 10, 10))
             ed.append(effective_dimensionality(acts))
             if a.maps:
-                draw_maps(t, 10, 10, a.maps / f"digits_tau{tau:g}_layer{name}.png",
-                          titles=[f"digit {c}" for c in range(10)],
-                          suptitle=f"digits τ={tau:g} layer {name}: t-maps, smoothness {sm[-1]:.2f}")
-        row = {"tau": tau, "test_loss": round(loss, 4), "test_accuracy": round(acc, 4),
-               "smoothness": round(sum(sm) / len(sm), 3), "effective_dim": round(sum(ed) / len(ed), 2),
-               "topo_loss": round(TopoLoss(model, ",".join(LAYERS), factor=a.factor)().item(), 4),
-               "params": parameter_count(model)}
+                draw_maps(
+                    t,
+                    10,
+                    10,
+                    a.maps / f"digits_tau{tau:g}_layer{name}.png",
+                    titles=[f"digit {c}" for c in range(10)],
+                    suptitle=f"digits τ={tau:g} layer {name}: t-maps, smoothness {sm[-1]:.2f}",
+                )
+        row = {
+            "tau": tau,
+            "test_loss": round(loss, 4),
+            "test_accuracy": round(acc, 4),
+            "smoothness": round(sum(sm) / len(sm), 3),
+            "effective_dim": round(sum(ed) / len(ed), 2),
+            "topo_loss": round(TopoLoss(model, ",".join(LAYERS), factor=a.factor)().item(), 4),
+            "params": parameter_count(model),
+        }
         for removed in (0.5, 0.8):
             small = compress(model, LAYERS, removed=removed, mode=a.mode, calibrate=d.x_train)
             cl, ca = held_out(small, d.x_test, d.y_test)
             k = f"removed{int(removed * 100)}"
-            row[k] = {"units": [small.get_submodule(n).out_features for n in LAYERS], "test_loss": round(cl, 4),
-                      "test_accuracy": round(ca, 4), "loss_rise": round(cl / loss - 1, 3),
-                      "params": parameter_count(small)}
+            row[k] = {
+                "units": [small.get_submodule(n).out_features for n in LAYERS],
+                "test_loss": round(cl, 4),
+                "test_accuracy": round(ca, 4),
+                "loss_rise": round(cl / loss - 1, 3),
+                "params": parameter_count(small),
+            }
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
-        print(f"τ={tau:<5g} loss {loss:.4f} acc {acc:.3f} smooth {row['smoothness']:.3f} ED {row['effective_dim']:.2f} "
-              f"topo {row['topo_loss']:.3f} | 50% cut: loss {row['removed50']['test_loss']:.4f} "
-              f"({row['removed50']['loss_rise']:+.1%}) | 80% cut: loss {row['removed80']['test_loss']:.4f} "
-              f"({row['removed80']['loss_rise']:+.1%}) acc {row['removed80']['test_accuracy']:.3f} [{row['seconds']}s]",
-              flush=True)
+        print(
+            f"τ={tau:<5g} loss {loss:.4f} acc {acc:.3f} smooth {row['smoothness']:.3f} ED {row['effective_dim']:.2f} "
+            f"topo {row['topo_loss']:.3f} | 50% cut: loss {row['removed50']['test_loss']:.4f} "
+            f"({row['removed50']['loss_rise']:+.1%}) | 80% cut: loss {row['removed80']['test_loss']:.4f} "
+            f"({row['removed80']['loss_rise']:+.1%}) acc {row['removed80']['test_accuracy']:.3f} [{row['seconds']}s]",
+            flush=True,
+        )
     base = rows[0]
     for r in rows[1:]:
         if base["tau"] == 0 and r["removed80"]["loss_rise"] > 0:
             r["baseline_rise_ratio_80"] = round(base["removed80"]["loss_rise"] / r["removed80"]["loss_rise"], 2)
-            print(f"80% cut: baseline loss rise {base['removed80']['loss_rise']:+.1%} is "
-                  f"{r['baseline_rise_ratio_80']}x τ={r['tau']:g}'s {r['removed80']['loss_rise']:+.1%}")
+            print(
+                f"80% cut: baseline loss rise {base['removed80']['loss_rise']:+.1%} is "
+                f"{r['baseline_rise_ratio_80']}x τ={r['tau']:g}'s {r['removed80']['loss_rise']:+.1%}"
+            )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"steps": a.steps, "factor": a.factor, "mode": a.mode, "rows": rows}, indent=2))

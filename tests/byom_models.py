@@ -28,30 +28,53 @@ def gpt2():
 
 def bert():
     tf = _hf()
-    cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=50, max_position_embeddings=16, num_labels=3)
+    cfg = tf.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     return tf.BertForSequenceClassification(cfg), torch.randint(0, 50, (2, 7))
 
 
 def bert_base():
     tf = _hf()
-    cfg = tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=50, max_position_embeddings=16)
+    cfg = tf.BertConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
     return tf.BertModel(cfg), torch.randint(0, 50, (2, 7))
 
 
 def llama():
     tf = _hf()
-    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=48, vocab_size=50, max_position_embeddings=16, bos_token_id=0,
-                         eos_token_id=0, pad_token_id=0)
+    cfg = tf.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=50,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return tf.LlamaForCausalLM(cfg), torch.randint(0, 50, (2, 7))
 
 
 def hf_resnet():
     tf = _hf()
-    cfg = tf.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                          num_labels=4)
+    cfg = tf.ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4
+    )
     return tf.ResNetForImageClassification(cfg), torch.randn(2, 3, 16, 16)
 
 
@@ -77,8 +100,10 @@ class TiedResidualMLP(nn.Module):
     def __init__(self, vocab: int = 20, d: int = 16, hidden: int = 24, n_blocks: int = 2):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-                                    for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+            for _ in range(n_blocks)
+        )
         self.scale = nn.Parameter(torch.ones(n_blocks, d) * 0.5)
         self.ln_f = nn.LayerNorm(d)
 
@@ -135,8 +160,12 @@ def concatenating():
 
 
 HF = {"gpt2": gpt2, "bert": bert, "llama": llama, "hf-resnet": hf_resnet}
-TORCH = {"transformer-encoder": transformer_encoder, "tied-mlp": tied_mlp, "depthwise": depthwise,
-         "concatenating": concatenating}
+TORCH = {
+    "transformer-encoder": transformer_encoder,
+    "tied-mlp": tied_mlp,
+    "depthwise": depthwise,
+    "concatenating": concatenating,
+}
 
 
 def build(name: str, dtype=torch.float64):

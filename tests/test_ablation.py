@@ -121,7 +121,9 @@ def test_head_knock_out_equals_zeroing_that_heads_values_and_is_undone(attention
     assert all(torch.equal(v, state[k]) for k, v in gpt.state_dict().items())
     # reference: head 2's value rows (and bias) zeroed -> its attention output is 0
     attn = gpt.blocks[1].attn
-    w, b = (attn.qkv.weight, attn.qkv.bias) if attention == "manual" else (attn.mha.in_proj_weight, attn.mha.in_proj_bias)
+    w, b = (
+        (attn.qkv.weight, attn.qkv.bias) if attention == "manual" else (attn.mha.in_proj_weight, attn.mha.in_proj_bias)
+    )
     rows = slice(2 * 16 + 2 * 4, 2 * 16 + 3 * 4)
     with torch.no_grad():
         w[rows], b[rows] = 0.0, 0.0

@@ -14,17 +14,23 @@ THR = 0.05
 # Two disjoint circuits in a 4-5-2 net:
 #   A: x1, x2, x3 -> h0, h1, h2 -> y1
 #   B: x4 -> h3 -> y2, plus h4 fed by x4 but feeding nothing (a dangling neuron)
-W1 = torch.tensor([
-    [0.9, -0.7, 0.0, 0.0],   # h0 <- x1, x2
-    [0.5, 0.0, 0.8, 0.0],    # h1 <- x1, x3
-    [0.0, 0.0, -0.6, 0.0],   # h2 <- x3
-    [0.0, 0.0, 0.0, 1.1],    # h3 <- x4
-    [0.0, 0.0, 0.0, 0.4],    # h4 <- x4 (no outgoing weight)
-], dtype=torch.float64)
-W2 = torch.tensor([
-    [0.3, -0.9, 0.7, 0.0, 0.0],  # y1 <- h0, h1, h2
-    [0.0, 0.0, 0.0, -1.2, 0.0],  # y2 <- h3
-], dtype=torch.float64)
+W1 = torch.tensor(
+    [
+        [0.9, -0.7, 0.0, 0.0],  # h0 <- x1, x2
+        [0.5, 0.0, 0.8, 0.0],  # h1 <- x1, x3
+        [0.0, 0.0, -0.6, 0.0],  # h2 <- x3
+        [0.0, 0.0, 0.0, 1.1],  # h3 <- x4
+        [0.0, 0.0, 0.0, 0.4],  # h4 <- x4 (no outgoing weight)
+    ],
+    dtype=torch.float64,
+)
+W2 = torch.tensor(
+    [
+        [0.3, -0.9, 0.7, 0.0, 0.0],  # y1 <- h0, h1, h2
+        [0.0, 0.0, 0.0, -1.2, 0.0],  # y2 <- h3
+    ],
+    dtype=torch.float64,
+)
 N_ACTIVE = int((W1 != 0).sum() + (W2 != 0).sum())  # 7 + 4
 
 
@@ -38,7 +44,8 @@ def block_net(noise: float = 0.0, labels: bool = True, seed: int = 0) -> tuple[n
             lin.weight.copy_(torch.where(w == 0, n, w))
             lin.bias.copy_(torch.linspace(-0.2, 0.3, lin.out_features, dtype=torch.float64))
     graph = SpatialGraph.from_chain(
-        net, input_labels=["x1", "x2", "x3", "x4"] if labels else None,
+        net,
+        input_labels=["x1", "x2", "x3", "x4"] if labels else None,
         output_labels=["y1", "y2"] if labels else None,
     )
     return net, graph

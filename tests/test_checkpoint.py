@@ -119,7 +119,7 @@ def test_previous_checkpoint_kept_and_no_temp_files(tmp_path):
     assert json.loads((tmp_path / "checkpoint.prev.json").read_text())["step"] == 1
     tensors, meta = read_checkpoint(base, prev=True)
     assert meta["step"] == 1
-    assert_same({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, first)
+    assert_same({k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}, first)
 
 
 def truncate(path):
@@ -179,8 +179,11 @@ def test_both_checkpoints_broken_is_an_error(tmp_path):
     truncate(tmp_path / "checkpoint.prev.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "using the previous checkpoint" warning when that one is broken too
-        with pytest.raises(CheckpointError, match=r"checkpoint\.safetensors .*checksum.*previous checkpoint is "
-                                                  r"unusable too: .*checkpoint\.prev\.safetensors .*checksum"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"checkpoint\.safetensors .*checksum.*previous checkpoint is "
+            r"unusable too: .*checkpoint\.prev\.safetensors .*checksum",
+        ):
             load_checkpoint(base, make(seed=1)[0])
 
 

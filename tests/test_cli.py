@@ -17,8 +17,15 @@ from topotorch.training import TrainConfig, train
 from topotorch.visualize import ffmpeg_available
 
 ROOT = Path(__file__).resolve().parents[1]
-TASK_NAMES = ["compositionality", "digits", "feature-sharing", "independence", "modular-addition",
-              "permutation-s4", "two-moons"]
+TASK_NAMES = [
+    "compositionality",
+    "digits",
+    "feature-sharing",
+    "independence",
+    "modular-addition",
+    "permutation-s4",
+    "two-moons",
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -40,8 +47,11 @@ def assert_usage_error(result, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli-run") / "run"
-    train(TrainConfig.for_task("independence", steps=60, dtype="float64", swap_every=20, animation=False,
-                               progress=False, out=str(out)))
+    train(
+        TrainConfig.for_task(
+            "independence", steps=60, dtype="float64", swap_every=20, animation=False, progress=False, out=str(out)
+        )
+    )
     return out
 
 
@@ -66,8 +76,20 @@ def test_tasks_lists_every_registered_task():
 
 def test_train_short_run(tmp_path):
     out = tmp_path / "r"
-    r = invoke("train", "independence", "--steps", "30", "--method", "swap", "--swap-every", "10",
-               "--no-animation", "--no-progress", "--out", out)
+    r = invoke(
+        "train",
+        "independence",
+        "--steps",
+        "30",
+        "--method",
+        "swap",
+        "--swap-every",
+        "10",
+        "--no-animation",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert "independence [swap] test_mse=" in r.stdout
     assert f"run folder: {out}" in r.stdout
@@ -77,16 +99,19 @@ def test_train_short_run(tmp_path):
     assert not (out / "training.gif").exists()
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["train", "nope"], ["unknown task 'nope'", "independence", "digits"]),
-    (["train", "independence", "--method", "sgd"], ["unknown method 'sgd'", "bimt"]),
-    (["train", "independence", "--steps", "-1"], ["steps must be a positive integer", "-1"]),
-    (["train", "independence", "--lam", "bad"], ["bad schedule phase 'bad'"]),
-    (["train", "independence", "--lam", "10:1e-3"], ["start at step 0"]),
-    (["train", "independence", "--lr", "0"], ["lr must be a positive number"]),
-    (["train", "independence", "--relocation", "magic"], ["unknown relocation 'magic'"]),
-    (["train", "independence", "--dtype", "float16"], ["unknown dtype 'float16'"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "nope"], ["unknown task 'nope'", "independence", "digits"]),
+        (["train", "independence", "--method", "sgd"], ["unknown method 'sgd'", "bimt"]),
+        (["train", "independence", "--steps", "-1"], ["steps must be a positive integer", "-1"]),
+        (["train", "independence", "--lam", "bad"], ["bad schedule phase 'bad'"]),
+        (["train", "independence", "--lam", "10:1e-3"], ["start at step 0"]),
+        (["train", "independence", "--lr", "0"], ["lr must be a positive number"]),
+        (["train", "independence", "--relocation", "magic"], ["unknown relocation 'magic'"]),
+        (["train", "independence", "--dtype", "float16"], ["unknown dtype 'float16'"]),
+    ],
+)
 def test_train_bad_input_is_a_one_line_error(args, needles, tmp_path):
     out = tmp_path / "never"
     r = invoke(*args, "--out", out, "--no-progress", "--no-animation")
@@ -95,8 +120,20 @@ def test_train_bad_input_is_a_one_line_error(args, needles, tmp_path):
 
 
 def test_train_divergence_is_a_one_line_error(tmp_path):
-    r = invoke("train", "independence", "--steps", "50", "--lr", "1e10", "--dtype", "float32",
-               "--no-progress", "--no-animation", "--out", tmp_path / "r")
+    r = invoke(
+        "train",
+        "independence",
+        "--steps",
+        "50",
+        "--lr",
+        "1e10",
+        "--dtype",
+        "float32",
+        "--no-progress",
+        "--no-animation",
+        "--out",
+        tmp_path / "r",
+    )
     assert_usage_error(r, "loss became", "learning rate")
 
 
@@ -113,8 +150,13 @@ def test_draw_corrupted_checkpoint_without_backup(run_copy):
         p = run_copy / name
         p.write_bytes(p.read_bytes()[:100])
     r = invoke("draw", run_copy)
-    assert_usage_error(r, "checkpoint.safetensors is corrupt", "checksum",
-                       "previous checkpoint is unusable too", "checkpoint.prev.safetensors")
+    assert_usage_error(
+        r,
+        "checkpoint.safetensors is corrupt",
+        "checksum",
+        "previous checkpoint is unusable too",
+        "checkpoint.prev.safetensors",
+    )
 
 
 def test_draw_corrupted_checkpoint_uses_the_previous_one(run_copy):
@@ -167,13 +209,26 @@ def test_python_m_topotorch_train_writes_the_full_run_folder(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny net: extra threads only add contention
     proc = subprocess.run(
         [sys.executable, "-m", "topotorch", "train", "independence", "--steps", "100", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"run folder: {out}" in proc.stdout
-    for f in ("config.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json", "checkpoint.prev.safetensors",
-              "snapshots.safetensors", "connectivity.png", "summary.json", "training.gif"):
+    for f in (
+        "config.json",
+        "metrics.csv",
+        "checkpoint.safetensors",
+        "checkpoint.json",
+        "checkpoint.prev.safetensors",
+        "snapshots.safetensors",
+        "connectivity.png",
+        "summary.json",
+        "training.gif",
+    ):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     assert (out / "training.gif").read_bytes()[:6] in (b"GIF89a", b"GIF87a")
     from PIL import Image

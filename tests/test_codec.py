@@ -78,7 +78,7 @@ def test_codec_roundtrip_report_and_errors():
     x = torch.randn(20, 8)
     assert (c(x) - net(x)).abs().max() < 0.2
     _c16, rep16 = codec_roundtrip(net, "0", quality={"0": 90}, side="float16")
-    assert rep16["bytes"] > rep["bytes"]                      # float16 side information costs more
+    assert rep16["bytes"] > rep["bytes"]  # float16 side information costs more
     with pytest.raises(ValueError, match="quality"):
         encode_sheet(smooth_sheet(), quality=0)
     with pytest.raises(ValueError, match="format"):

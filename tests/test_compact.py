@@ -142,7 +142,11 @@ def token_net(dtype=torch.float64) -> nn.Module:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("net", ["planted", "modules", "tokens"])
 def test_every_format_gives_the_same_outputs(net, dtype):
-    m = {"planted": lambda: planted(dtype), "modules": lambda: two_module_net(dtype), "tokens": lambda: token_net(dtype)}[net]()
+    m = {
+        "planted": lambda: planted(dtype),
+        "modules": lambda: two_module_net(dtype),
+        "tokens": lambda: token_net(dtype),
+    }[net]()
     x = torch.randint(7, (50, 2)) if net == "tokens" else torch.randn(50, 4 if net == "modules" else 6, dtype=dtype)
     ref = thresholded_copy(m, 0.1)
     outs = {}
@@ -174,11 +178,15 @@ def test_save_load_roundtrip(tmp_path, fmt):
 
 def test_load_needs_no_training_code(tmp_path):
     save_compact(tmp_path, compact_mlp(two_module_net(), 0.01, choose="block"))
-    code = ("import sys, torch; from topotorch.compression.compact import load_compact; m = load_compact(sys.argv[1]); "
-            "print(tuple(m(torch.zeros(3, 4, dtype=torch.float64)).shape)); "
-            "print(sorted(k for k in sys.modules if k.startswith('topotorch.') and k.split('.')[1] in "
-            "('training', 'tasks', 'tasks_sequence', 'models', 'cli')))")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=True)
+    code = (
+        "import sys, torch; from topotorch.compression.compact import load_compact; m = load_compact(sys.argv[1]); "
+        "print(tuple(m(torch.zeros(3, 4, dtype=torch.float64)).shape)); "
+        "print(sorted(k for k in sys.modules if k.startswith('topotorch.') and k.split('.')[1] in "
+        "('training', 'tasks', 'tasks_sequence', 'models', 'cli')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=True
+    )
     assert out.stdout.split("\n")[:2] == ["(3, 2)", "[]"], out.stdout + out.stderr
 
 
@@ -234,8 +242,11 @@ def test_cli_compress_threshold_writes_report(tmp_path):
     from topotorch.training import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig.for_task("independence", steps=300, lam="0:3e-2", animation=False, progress=False,
-                               out=str(run), log_every=100))
+    train(
+        TrainConfig.for_task(
+            "independence", steps=300, lam="0:3e-2", animation=False, progress=False, out=str(run), log_every=100
+        )
+    )
     res = CliRunner().invoke(app, ["compress", str(run), "--threshold", "0.05"])
     assert res.exit_code == 0, res.output
     assert "parameters" in res.output and "framework overhead" in res.output
@@ -303,8 +314,12 @@ def test_block_output_order_follows_the_layer_to_another_device():
     from topotorch.compression.compact import BlockLayer
 
     w = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
-    layer = BlockLayer.build(w, torch.zeros(2), "identity", modules=[(torch.tensor([1]), torch.tensor([0])),
-                                                                     (torch.tensor([0]), torch.tensor([1]))])
+    layer = BlockLayer.build(
+        w,
+        torch.zeros(2),
+        "identity",
+        modules=[(torch.tensor([1]), torch.tensor([0])), (torch.tensor([0]), torch.tensor([1]))],
+    )
     assert layer._mode == "select"
     x = torch.randn(4, 2)
     assert torch.allclose(layer(x), x @ w.t())

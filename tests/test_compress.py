@@ -93,8 +93,19 @@ def test_cli_compress_and_reload(tmp_path):
     from topotorch.training import TrainConfig, evaluate, load_run, train
 
     run = tmp_path / "run"
-    train(TrainConfig.for_task("digits", method="none", steps=20, topo_tau=1.0, topo_layers="0,2", animation=False,
-                               progress=False, out=str(run), log_every=20))
+    train(
+        TrainConfig.for_task(
+            "digits",
+            method="none",
+            steps=20,
+            topo_tau=1.0,
+            topo_layers="0,2",
+            animation=False,
+            progress=False,
+            out=str(run),
+            log_every=20,
+        )
+    )
     res = CliRunner().invoke(app, ["compress", str(run), "--removed", "0.8"])
     assert res.exit_code == 0, res.output
     assert "0: 100->16, 2: 100->16" in res.output

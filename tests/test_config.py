@@ -24,8 +24,12 @@ def _past_bound(spec):
     return None
 
 
-BOUNDED = [(cls, spec) for cls in (TrainConfig, FFFRecipe, FFFRunConfig) for spec in settings_of(cls)
-           if spec.base in (int, float) and _past_bound(spec) is not None]
+BOUNDED = [
+    (cls, spec)
+    for cls in (TrainConfig, FFFRecipe, FFFRunConfig)
+    for spec in settings_of(cls)
+    if spec.base in (int, float) and _past_bound(spec) is not None
+]
 
 
 @pytest.mark.parametrize("cls, spec", BOUNDED, ids=[f"{c.__name__}.{s.name}" for c, s in BOUNDED])
@@ -50,18 +54,21 @@ def test_the_declared_bound_itself_follows_the_declaration(cls, spec):
         assert getattr(cls(**{spec.name: value}), spec.name) == value
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("method", "sgd", "unknown method 'sgd'; use one of none, l1, local, swap, bimt"),
-    ("outer_momentum", 1.0, "outer_momentum must be a number in [0, 1), got 1.0"),
-    ("topo_factor", 0.5, "topo_factor must be >= 1 and finite, got 0.5"),
-    ("lr", math.nan, "lr must be a positive number, got nan"),
-    ("steps", True, "steps must be a positive integer, got True"),
-    ("batch_size", 0, "batch_size must be a positive integer or None, got 0"),
-    ("progress", "yes", "progress must be true or false, got 'yes'"),
-    ("exclude", "fc1.*", "exclude must be a list of weight-name patterns (strings), got 'fc1.*'"),
-    ("lam", "5:1", "schedule must start at step 0"),
-    ("model_config", "x", "model_config: model config item 'x' is not KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("method", "sgd", "unknown method 'sgd'; use one of none, l1, local, swap, bimt"),
+        ("outer_momentum", 1.0, "outer_momentum must be a number in [0, 1), got 1.0"),
+        ("topo_factor", 0.5, "topo_factor must be >= 1 and finite, got 0.5"),
+        ("lr", math.nan, "lr must be a positive number, got nan"),
+        ("steps", True, "steps must be a positive integer, got True"),
+        ("batch_size", 0, "batch_size must be a positive integer or None, got 0"),
+        ("progress", "yes", "progress must be true or false, got 'yes'"),
+        ("exclude", "fc1.*", "exclude must be a list of weight-name patterns (strings), got 'fc1.*'"),
+        ("lam", "5:1", "schedule must start at step 0"),
+        ("model_config", "x", "model_config: model config item 'x' is not KEY=VALUE"),
+    ],
+)
 def test_validation_messages_come_from_the_declaration(field, value, message):
     with pytest.raises(ValueError) as e:
         TrainConfig(**{field: value})
@@ -77,10 +84,13 @@ def _params(command: str) -> dict[str, object]:
     return {p.name: p for p in group.commands[command].params}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("command, classes, own", [
-    ("train", (TrainConfig,), {"task", "resume", "overwrite"}),
-    ("fff", (FFFRunConfig, FFFRecipe), {"task", "overwrite"}),
-])
+@pytest.mark.parametrize(
+    "command, classes, own",
+    [
+        ("train", (TrainConfig,), {"task", "resume", "overwrite"}),
+        ("fff", (FFFRunConfig, FFFRecipe), {"task", "overwrite"}),
+    ],
+)
 def test_cli_options_are_generated_from_the_fields(command, classes, own):
     params = _params(command)
     specs = [s for cls in classes for s in settings_of(cls) if s.setting.cli]
@@ -96,12 +106,38 @@ def test_cli_options_are_generated_from_the_fields(command, classes, own):
 def test_train_options_are_the_ones_it_always_had():
     """The command line keeps its option names (scripts and the README use them)."""
     opts = {o for p in _params("train").values() for o in p.opts + p.secondary_opts}
-    assert opts >= {"--method", "--steps", "--seed", "--dtype", "--out", "--lr", "--lam", "--wf", "--l0",
-                    "--relocation", "--top-k", "--swap-every", "--threshold", "--batch-size", "--checkpoint-every",
-                    "--log-every",
-                    "--local-steps", "--topo-tau", "--topo-layers", "--topo-factor", "--group-lam", "--animation",
-                    "--no-animation", "--progress", "--no-progress", "--overwrite", "--threads", "--model",
-                    "--model-config", "--resume"}
+    assert opts >= {
+        "--method",
+        "--steps",
+        "--seed",
+        "--dtype",
+        "--out",
+        "--lr",
+        "--lam",
+        "--wf",
+        "--l0",
+        "--relocation",
+        "--top-k",
+        "--swap-every",
+        "--threshold",
+        "--batch-size",
+        "--checkpoint-every",
+        "--log-every",
+        "--local-steps",
+        "--topo-tau",
+        "--topo-layers",
+        "--topo-factor",
+        "--group-lam",
+        "--animation",
+        "--no-animation",
+        "--progress",
+        "--no-progress",
+        "--overwrite",
+        "--threads",
+        "--model",
+        "--model-config",
+        "--resume",
+    }
 
 
 def test_help_shows_the_declared_help_and_range():
@@ -131,16 +167,25 @@ def test_every_builtin_task_has_valid_defaults():
 
 
 def _task(name: str, **defaults) -> Task:
-    return Task(name=name, description="a test task", make_data=lambda seed, dtype: None, make_model=lambda: None,
-                loss="mse", defaults=defaults)
+    return Task(
+        name=name,
+        description="a test task",
+        make_data=lambda seed, dtype: None,
+        make_model=lambda: None,
+        loss="mse",
+        defaults=defaults,
+    )
 
 
-@pytest.mark.parametrize("defaults, message", [
-    (dict(steps=0), "task 'bad-task': bad default steps: steps must be a positive integer, got 0"),
-    (dict(lr=2e-3, method="sgd"), "task 'bad-task': bad default method: unknown method 'sgd'"),
-    (dict(lam="10:1e-3"), "task 'bad-task': bad default lam: lam: schedule must start at step 0"),
-    (dict(stpes=100), "task 'bad-task': unknown TrainConfig field(s) stpes"),
-])
+@pytest.mark.parametrize(
+    "defaults, message",
+    [
+        (dict(steps=0), "task 'bad-task': bad default steps: steps must be a positive integer, got 0"),
+        (dict(lr=2e-3, method="sgd"), "task 'bad-task': bad default method: unknown method 'sgd'"),
+        (dict(lam="10:1e-3"), "task 'bad-task': bad default lam: lam: schedule must start at step 0"),
+        (dict(stpes=100), "task 'bad-task': unknown TrainConfig field(s) stpes"),
+    ],
+)
 def test_registering_a_task_with_a_bad_default_is_refused(defaults, message):
     with pytest.raises(ValueError) as e:
         register_task(lambda: _task("bad-task", **defaults))

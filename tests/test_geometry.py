@@ -146,8 +146,9 @@ def test_pairwise_distance_line_l1_equals_l2():
     a, b = line(3), line(4)
     d1, d2 = pairwise_distance(a, b, "l1"), pairwise_distance(a, b, "l2")
     assert d1.shape == (3, 4)
-    expected = torch.tensor([[abs((2 * i + 1) / 6 - (2 * j + 1) / 8) for j in range(4)] for i in range(3)],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [[abs((2 * i + 1) / 6 - (2 * j + 1) / 8) for j in range(4)] for i in range(3)], dtype=torch.float64
+    )
     assert torch.allclose(d1, expected, rtol=0, atol=1e-15)
     assert torch.allclose(d2, expected, rtol=0, atol=1e-15)
 
@@ -155,11 +156,14 @@ def test_pairwise_distance_line_l1_equals_l2():
 def test_pairwise_distance_plane_l1_l2():
     a = torch.tensor([[0.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     b = torch.tensor([[0.3, 0.4], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    assert torch.allclose(pairwise_distance(a, b, "l1"),
-                          torch.tensor([[0.7, 0.0, 1.0], [1.3, 2.0, 1.0]], dtype=torch.float64), atol=1e-15)
-    assert torch.allclose(pairwise_distance(a, b, "l2"),
-                          torch.tensor([[0.5, 0.0, 1.0], [math.hypot(0.7, 0.6), math.sqrt(2), 1.0]],
-                                       dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(
+        pairwise_distance(a, b, "l1"), torch.tensor([[0.7, 0.0, 1.0], [1.3, 2.0, 1.0]], dtype=torch.float64), atol=1e-15
+    )
+    assert torch.allclose(
+        pairwise_distance(a, b, "l2"),
+        torch.tensor([[0.5, 0.0, 1.0], [math.hypot(0.7, 0.6), math.sqrt(2), 1.0]], dtype=torch.float64),
+        atol=1e-15,
+    )
     assert torch.equal(pairwise_distance(a, b), pairwise_distance(a, b, "l1"))  # l1 is the default
 
 

@@ -71,9 +71,12 @@ def test_from_chain_hidden_neuron_owns_row_bias_and_next_column():
 def test_from_chain_layouts_and_fixed_ends():
     net = mlp(64, 20, 10)
     g = SpatialGraph.from_chain(
-        net, layouts={"input": "grid:8x8", "hidden1": "grid:4x5", "output": "circle"},
-        relocate_inputs=False, relocate_outputs=False,
-        input_labels=[f"px{i}" for i in range(64)], output_labels=[str(i) for i in range(10)],
+        net,
+        layouts={"input": "grid:8x8", "hidden1": "grid:4x5", "output": "circle"},
+        relocate_inputs=False,
+        relocate_outputs=False,
+        input_labels=[f"px{i}" for i in range(64)],
+        output_labels=[str(i) for i in range(10)],
     )
     assert torch.equal(g.space("input").positions, grid(8, 8))
     assert torch.equal(g.space("hidden1").positions, grid(4, 5))
@@ -129,7 +132,9 @@ def test_from_chain_folded_embedding():
     owner = Slice("fc1.weight", 1, fc1_cols).neuron_of(2 * d)
     assert owner.tolist() == list(range(d)) * 2
     assert [(c.weight, c.source, c.target) for c in g.connections] == [
-        ("emb.weight", "tokens", "embed"), ("fc1.weight", "embed", "hidden1"), ("fc2.weight", "hidden1", "output"),
+        ("emb.weight", "tokens", "embed"),
+        ("fc1.weight", "embed", "hidden1"),
+        ("fc2.weight", "hidden1", "output"),
     ]
     assert [s.name for s in g.movable_spaces()] == ["embed", "hidden1", "output"]
 

@@ -116,6 +116,7 @@ class Scaled(nn.Module):
 
 def test_attention_and_layer_scale_are_placed_now():
     """Earlier versions refused nn.MultiheadAttention and parameters of unknown layers; now both are placed."""
+
     class WithAttention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -130,7 +131,9 @@ def test_attention_and_layer_scale_are_placed_now():
     g = coupling_graph(WithAttention().double(), torch.randn(1, 3, 3, dtype=torch.float64))
     heads = g.space("mha")
     assert heads.groups is not None and len(heads.groups.unique()) == 2
-    g = coupling_graph(nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 2)).double(), torch.randn(2, 3, dtype=torch.float64))
+    g = coupling_graph(
+        nn.Sequential(nn.Linear(3, 4), Scaled(), nn.Linear(4, 2)).double(), torch.randn(2, 3, dtype=torch.float64)
+    )
     assert ("1.gain", 0) in {(s.name, s.dim) for s in g.space("1.fc").slices}  # layer scale moves with its unit
 
 

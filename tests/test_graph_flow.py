@@ -109,9 +109,14 @@ def test_structure_found_on_the_models():
     _, _, g = graph_of("gpt2")
     attn = g.space("transformer.h.0.attn.c_attn")
     assert attn.groups is not None and len(attn.groups.unique()) == 4 and attn.size == 32  # heads x head dims
-    assert {(s.name, s.dim) for s in attn.slices} >= {("transformer.h.0.attn.c_attn.weight", 1),
-                                                       ("transformer.h.0.attn.c_proj.weight", 0)}
-    assert next(s for s in attn.slices if s.name == "transformer.h.0.attn.c_attn.weight").index.shape == (32, 3)  # q, k, v
+    assert {(s.name, s.dim) for s in attn.slices} >= {
+        ("transformer.h.0.attn.c_attn.weight", 1),
+        ("transformer.h.0.attn.c_proj.weight", 0),
+    }
+    assert next(s for s in attn.slices if s.name == "transformer.h.0.attn.c_attn.weight").index.shape == (
+        32,
+        3,
+    )  # q, k, v
     assert g.space("transformer.wte").stream
     _, _, g = graph_of("bert")
     heads = g.space("bert.encoder.layer.0.attention.self")
@@ -122,7 +127,10 @@ def test_structure_found_on_the_models():
     q = next(s for s in kv.slices if s.name == "model.layers.0.self_attn.q_proj.weight")
     assert q.index.shape == (2, 16)  # each kv head owns its 2 query heads x 8 dims
     gated = g.space("model.layers.0.mlp")
-    assert {s.name for s in gated.slices} >= {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"}
+    assert {s.name for s in gated.slices} >= {
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+    }
 
 
 def test_structure_found_on_torch_models():

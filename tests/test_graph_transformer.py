@@ -167,8 +167,8 @@ def test_head_assignment_moves_heads_and_keeps_function():
         model.blocks[0].attn.qkv.weight.mul_(0.01)
         model.blocks[0].attn.proj.weight.mul_(0.01)
         for part in range(3):
-            model.blocks[0].attn.qkv.weight[part * 16 + 12: part * 16 + 16, :2] = 3.0
-            model.blocks[0].attn.qkv.weight[part * 16: part * 16 + 4, -2:] = 3.0
+            model.blocks[0].attn.qkv.weight[part * 16 + 12 : part * 16 + 16, :2] = 3.0
+            model.blocks[0].attn.qkv.weight[part * 16 : part * 16 + 4, -2:] = 3.0
         y0 = model(x)
     m = placement_cost(graph, sp, cfg)
     perm, delta = group_assignment_permutation(m, sp.groups)

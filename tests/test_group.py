@@ -55,12 +55,15 @@ def _gpt(layernorm: bool):
     return gpt, transformer_graph(gpt)
 
 
-@pytest.mark.parametrize("make, expected", [
-    (_mlp, ["hidden1", "hidden2"]),
-    (_resnet, None),
-    (lambda: _gpt(True), ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]),
-    (lambda: _gpt(False), ["resid", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (_mlp, ["hidden1", "hidden2"]),
+        (_resnet, None),
+        (lambda: _gpt(True), ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]),
+        (lambda: _gpt(False), ["resid", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]),
+    ],
+)
 def test_matches_naive_reference(make, expected):
     _net, g = make()
     spaces = group_spaces(g)
@@ -118,6 +121,7 @@ def test_unknown_space_and_inputs_are_named():
 
 # -- training --------------------------------------------------------------------------------------
 
+
 def _digits(**kw) -> TrainConfig:
     values = dict(steps=300, lam="0:0.01", swap_every=100, batch_size=128, dtype="float32", seed=0, **QUIET)
     values.update(kw)
@@ -174,11 +178,37 @@ def test_cli_group_lam(tmp_path):
     from topotorch.cli import app
 
     out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["train", "digits", "--steps", "20", "--group-lam", "0.01", "--out", str(out),
-                                 "--no-animation", "--no-progress"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "digits",
+            "--steps",
+            "20",
+            "--group-lam",
+            "0.01",
+            "--out",
+            str(out),
+            "--no-animation",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["group_lam"] == 0.01
     assert "group_norm" in json.loads((out / "summary.json").read_text())
-    bad = CliRunner().invoke(app, ["train", "digits", "--steps", "5", "--group-lam", "-1", "--out", str(tmp_path / "b"),
-                                   "--no-animation", "--no-progress"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "digits",
+            "--steps",
+            "5",
+            "--group-lam",
+            "-1",
+            "--out",
+            str(tmp_path / "b"),
+            "--no-animation",
+            "--no-progress",
+        ],
+    )
     assert bad.exit_code != 0 and "group_lam" in bad.output

@@ -87,8 +87,13 @@ def defined_privates(source: str) -> set[str]:
             out.add(n.name)
         elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and _private(n.id):
             out.add(n.id)
-        elif (isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name)
-              and n.value.id in ("self", "cls") and _private(n.attr)):
+        elif (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.ctx, ast.Store)
+            and isinstance(n.value, ast.Name)
+            and n.value.id in ("self", "cls")
+            and _private(n.attr)
+        ):
             out.add(n.attr)
     return out
 
@@ -137,25 +142,32 @@ def private_violations(sources: dict[str, str]) -> list[str]:
 
 # -- the checkers catch what they should --------------------------------------------------------------
 
+
 def test_layer_checker_finds_imports_anywhere_in_a_module():
     src = "import torch\n\ndef f():\n    from topotorch.training import train\n    return train\n"
     assert layer_violations(src, "topotorch.compression.x") == ["topotorch.compression.x:4 imports topotorch.training"]
-    assert layer_violations("from topotorch import cli, graph\n", "topotorch.graph.y") == ["topotorch.graph.y:1 imports topotorch.cli"]
+    assert layer_violations("from topotorch import cli, graph\n", "topotorch.graph.y") == [
+        "topotorch.graph.y:1 imports topotorch.cli"
+    ]
     relative = "from ...report import write_report\n"  # from topotorch.objectives.deep.z: topotorch.report
-    assert layer_violations(relative, "topotorch.objectives.deep.z") == ["topotorch.objectives.deep.z:1 imports topotorch.report"]
+    assert layer_violations(relative, "topotorch.objectives.deep.z") == [
+        "topotorch.objectives.deep.z:1 imports topotorch.report"
+    ]
     assert layer_violations("from ..graph import SpatialGraph\n", "topotorch.objectives.z") == []
-    assert layer_violations("from topotorch.training import train\n", "topotorch.experiments.sweep") == []  # a high floor may
+    assert (
+        layer_violations("from topotorch.training import train\n", "topotorch.experiments.sweep") == []
+    )  # a high floor may
 
 
 def test_private_checker_finds_imports_and_attributes():
     sources = {
         "topotorch.graph.core": "class SpatialGraph:\n    def __init__(self):\n        self._cache = {}\n"
-                                "    def cached(self, k):\n        return self._cache.get(k)\n",
+        "    def cached(self, k):\n        return self._cache.get(k)\n",
         "topotorch.relocation": "def _aggregate_abs(w):\n    return w\n",
         "topotorch.analysis.a": "from topotorch.relocation import _aggregate_abs\n\ndef f(graph, w):\n"
-                                "    graph._cache.clear()\n    return _aggregate_abs(w)\n",
+        "    graph._cache.clear()\n    return _aggregate_abs(w)\n",
         "topotorch.analysis.b": "from topotorch import relocation\n\ndef g(w):\n"
-                                "    return relocation._aggregate_abs(w)\n",
+        "    return relocation._aggregate_abs(w)\n",
         "topotorch.layers": "",
         "topotorch.layers._kern": "ACT = 1\n",
         "topotorch.layers.fff": "from topotorch.layers import _kern\nfrom topotorch.layers._kern import ACT\n",
@@ -172,6 +184,7 @@ def test_private_checker_finds_imports_and_attributes():
 
 
 # -- the package obeys -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sources() -> dict[str, str]:

@@ -8,9 +8,9 @@ from topotorch.analysis.localize import ablated, find_region, localize
 
 def test_find_region_picks_the_strongest_connected_blob():
     t = torch.zeros(8, 8)
-    t[1:3, 1:3] = 5.0    # 4 units, Σt = 20
-    t[5:8, 5:8] = 4.0    # 9 units, Σt = 36: the region
-    t[0, 7] = 9.0        # a single strong unit, Σt = 9
+    t[1:3, 1:3] = 5.0  # 4 units, Σt = 20
+    t[5:8, 5:8] = 4.0  # 9 units, Σt = 36: the region
+    t[0, 7] = 9.0  # a single strong unit, Σt = 9
     r = find_region(t.reshape(-1), 8, 8, threshold=3.0)
     assert sorted(r.tolist()) == sorted(i * 8 + j for i in range(5, 8) for j in range(5, 8))
     assert find_region(torch.zeros(64), 8, 8).numel() == 0  # nothing above t = 2
@@ -58,15 +58,20 @@ def test_cli_localize_on_a_text_run(tmp_path):
     (tmp_path / "a.txt").write_text("war sword blood " * 30)
     (tmp_path / "b.txt").write_text("love rose kiss " * 30 + "@")  # '@' is not in the vocabulary
     run = tmp_path / "run"
-    train(TrainConfig.for_task(f"text:{corpus}", method="none", steps=1, animation=False, progress=False,
-                               out=str(run), log_every=1))
-    res = CliRunner().invoke(app, ["localize", str(run), "--target", str(tmp_path / "a.txt"),
-                                   "--other", str(tmp_path / "b.txt")])
+    train(
+        TrainConfig.for_task(
+            f"text:{corpus}", method="none", steps=1, animation=False, progress=False, out=str(run), log_every=1
+        )
+    )
+    res = CliRunner().invoke(
+        app, ["localize", str(run), "--target", str(tmp_path / "a.txt"), "--other", str(tmp_path / "b.txt")]
+    )
     assert res.exit_code == 0, res.output
     assert "gpt.blocks.0.mlp.0 (16x32): region of" in res.output and "dropped 1 characters" in res.output
     data = json.loads((run / "localize.json").read_text())
     assert set(data["target"]) == {"intact", "region_ablated", "random_ablated"}
     assert (run / "localize.png").read_bytes()[:4] == b"\x89PNG"
-    bad = CliRunner().invoke(app, ["localize", str(run), "--target", str(tmp_path / "nope.txt"),
-                                   "--other", str(tmp_path / "b.txt")])
+    bad = CliRunner().invoke(
+        app, ["localize", str(run), "--target", str(tmp_path / "nope.txt"), "--other", str(tmp_path / "b.txt")]
+    )
     assert bad.exit_code == 2 and bad.output.startswith("error:")

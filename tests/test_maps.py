@@ -63,8 +63,11 @@ def test_cli_maps(tmp_path):
     from topotorch.training import TrainConfig, train
 
     run = tmp_path / "run"
-    train(TrainConfig.for_task("digits", method="none", steps=10, animation=False, progress=False, out=str(run),
-                               log_every=10))
+    train(
+        TrainConfig.for_task(
+            "digits", method="none", steps=10, animation=False, progress=False, out=str(run), log_every=10
+        )
+    )
     res = CliRunner().invoke(app, ["maps", str(run), "--layers", "0"])
     assert res.exit_code == 0, res.output
     data = json.loads((run / "maps" / "maps.json").read_text())

@@ -76,8 +76,10 @@ def test_isolated_neurons_get_minus_one_and_empty_graph():
 
 def test_deterministic_and_bad_arguments():
     g = two_block_mlp(True, seed=3)
-    assert np.array_equal(np.concatenate(list(detect_communities(g, seed=1).membership.values())),
-                          np.concatenate(list(detect_communities(g, seed=1).membership.values())))
+    assert np.array_equal(
+        np.concatenate(list(detect_communities(g, seed=1).membership.values())),
+        np.concatenate(list(detect_communities(g, seed=1).membership.values())),
+    )
     with pytest.raises(ValueError, match="backend"):
         detect_communities(g, backend="magic")
     with pytest.raises(ValueError, match="resolution"):

@@ -38,7 +38,7 @@ def net(seed: int = 0) -> nn.Module:
 def tiny_task() -> tuple[Task, TaskData]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 12, generator=g)
-    y = (x[:, :4].argmax(1))
+    y = x[:, :4].argmax(1)
     task = Task(name="tiny", description="", make_data=None, make_model=net, loss="ce")
     return task, TaskData(x[:192], y[:192], x[192:], y[192:])
 
@@ -222,12 +222,15 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--methods", "imp,bogus"], "unknown method"),
-    (["--sparsities", "0.8,0.5"], "must increase"),
-    (["--sparsities", "0.5,1.5"], "(0, 1)"),
-    (["--seeds", "a"], "seeds"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--methods", "imp,bogus"], "unknown method"),
+        (["--sparsities", "0.8,0.5"], "must increase"),
+        (["--sparsities", "0.5,1.5"], "(0, 1)"),
+        (["--seeds", "a"], "seeds"),
+    ],
+)
 def test_cli_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
     r = invoke("sweep-sparsity", "digits", *args, "--out", tmp_path / "o")
     assert r.exit_code == 2, r.output
@@ -238,9 +241,25 @@ def test_cli_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):
 
 def test_cli_sweep_writes_csv_table_png(tmp_path):
     out = tmp_path / "sw"
-    r = invoke("sweep-sparsity", "digits", "--methods", "l1,imp,soup,random,magnitude", "--sparsities", "0.5,0.9",
-               "--seeds", "0,1", "--dense-steps", "40", "--cycle-steps", "5", "--soup-size", "2", "--no-progress",
-               "--out", out)
+    r = invoke(
+        "sweep-sparsity",
+        "digits",
+        "--methods",
+        "l1,imp,soup,random,magnitude",
+        "--sparsities",
+        "0.5,0.9",
+        "--seeds",
+        "0,1",
+        "--dense-steps",
+        "40",
+        "--cycle-steps",
+        "5",
+        "--soup-size",
+        "2",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert len(rows) == 5 * 2 * 2

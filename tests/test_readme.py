@@ -49,8 +49,11 @@ def test_readme_hugging_face_graph_example_runs(tmp_path):
     section = README.split("## Any architecture", 1)[1].split("\n## ", 1)[0]
     first, hf = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
     script = tmp_path / "hf_example.py"
-    script.write_text("import torch\nfrom topotorch import coupling_graph\n" + hf +
-                      "\ng = graph.space('transformer.h.0.attn.c_attn').groups\nprint(len(g), len(g.unique()))\n")
+    script.write_text(
+        "import torch\nfrom topotorch import coupling_graph\n"
+        + hf
+        + "\ng = graph.space('transformer.h.0.attn.c_attn').groups\nprint(len(g), len(g.unique()))\n"
+    )
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["64", "4"]

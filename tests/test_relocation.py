@@ -401,8 +401,14 @@ def test_apply_permutation_moves_every_owned_slice():
 
 @pytest.mark.parametrize(
     "perm",
-    [[0, 1, 2, 3, 4, 5, 6, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 4, 5, 6, 7, 9],
-     [[0, 1, 2], [3, 4, 5], [6, 7, 8]], [-1, 1, 2, 3, 4, 5, 6, 7, 8]],
+    [
+        [0, 1, 2, 3, 4, 5, 6, 6, 7],
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [0, 1, 2, 3, 4, 5, 6, 7, 9],
+        [[0, 1, 2], [3, 4, 5], [6, 7, 8]],
+        [-1, 1, 2, 3, 4, 5, 6, 7, 8],
+    ],
 )
 def test_apply_permutation_rejects_non_permutations(perm):
     g = make_mlp_graph(0)  # hidden1 has 9 neurons
@@ -531,8 +537,9 @@ def test_factored_placement_matches_the_full_matrix():
         torch.testing.assert_close(p.row(4), m[4], rtol=1e-12, atol=0)
         torch.testing.assert_close(p.col(2), m[:, 2], rtol=1e-12, atol=0)
         perm = torch.randperm(m.shape[0])
-        torch.testing.assert_close(p.at(perm, torch.arange(m.shape[0])), m[perm, torch.arange(m.shape[0])],
-                                   rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            p.at(perm, torch.arange(m.shape[0])), m[perm, torch.arange(m.shape[0])], rtol=1e-12, atol=0
+        )
         cand = torch.arange(min(5, m.shape[0]))
         lazy, d_lazy = greedy_swap_permutation(p, cand)
         dense, d_dense = greedy_swap_permutation(m, cand)

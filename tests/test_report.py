@@ -24,8 +24,18 @@ def runs(tmp_path_factory) -> Path:
     """Two short independence runs (bimt with animation, none without) in one folder."""
     root = tmp_path_factory.mktemp("runs")
     for method, anim in (("bimt", True), ("none", False)):
-        train(TrainConfig.for_task("independence", method=method, steps=400, swap_every=100, snapshot_every=100,
-                                   out=str(root / f"ind-{method}"), progress=False, animation=anim))
+        train(
+            TrainConfig.for_task(
+                "independence",
+                method=method,
+                steps=400,
+                swap_every=100,
+                snapshot_every=100,
+                out=str(root / f"ind-{method}"),
+                progress=False,
+                animation=anim,
+            )
+        )
     return root
 
 
@@ -76,8 +86,12 @@ def test_index_compares_runs_and_cli(runs):
     cmd = [sys.executable, "-m", "topotorch", "report", str(runs / "nope")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1
-    p = subprocess.run([sys.executable, "-m", "topotorch", "report", str(runs / "ind-none"), "--max-edges", "0"],
-                       capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "topotorch", "report", str(runs / "ind-none"), "--max-edges", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.returncode == 2 and "max_edges" in p.stderr
     assert read_metrics(runs / "missing.csv") == {}
 
@@ -86,7 +100,9 @@ def test_report_in_headless_chromium(runs, tmp_path):
     """Chromium opens the report from file://, no console errors, graph and curves drawn; screenshot saved."""
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM")
+        pytest.skip(
+            "chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM"
+        )
     pytest.importorskip("websocket", reason="websocket-client missing: pip install -e '.[test]'")
     from topotorch.browser import Browser
 
@@ -97,11 +113,17 @@ def test_report_in_headless_chromium(runs, tmp_path):
         assert page.evaluate("document.body.dataset.rendered") == "yes"
         n_lines = page.evaluate("document.querySelectorAll('#graph line').length")
         n_nodes = page.evaluate("document.querySelectorAll('#graph circle').length")
-        curves = page.evaluate("[...document.querySelectorAll('#curves polyline')]"
-                               ".filter(p => p.getAttribute('points').split(' ').length > 2).length")
-        bbox = page.evaluate("(() => { const r = document.getElementById('viewport').getBBox(); return [r.width, r.height]; })()")
-        gif_ok = page.evaluate("(() => { const i = document.querySelector('img[alt=\"training animation\"]'); "
-                               "return i.complete && i.naturalWidth > 0; })()")
+        curves = page.evaluate(
+            "[...document.querySelectorAll('#curves polyline')]"
+            ".filter(p => p.getAttribute('points').split(' ').length > 2).length"
+        )
+        bbox = page.evaluate(
+            "(() => { const r = document.getElementById('viewport').getBBox(); return [r.width, r.height]; })()"
+        )
+        gif_ok = page.evaluate(
+            "(() => { const i = document.querySelector('img[alt=\"training animation\"]'); "
+            "return i.complete && i.naturalWidth > 0; })()"
+        )
         # zoom: a wheel event changes the viewport transform
         page.send("Input.dispatchMouseEvent", type="mouseWheel", x=300, y=300, deltaX=0, deltaY=-300)
         zoomed = page.evaluate("document.getElementById('viewport').getAttribute('transform') || ''")
@@ -115,6 +137,7 @@ def test_report_in_headless_chromium(runs, tmp_path):
 
 # ---- panels that appear when the run has them: heads (transformers), cortical maps (TopoLoss), FFF regions
 
+
 def _data(page: str) -> dict:
     return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
 
@@ -122,8 +145,11 @@ def _data(page: str) -> dict:
 def _tiny_run(tmp_path_factory, task: str, **kw) -> Path:
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("panel-runs") / task
-    train(TrainConfig.for_task(task, steps=20, swap_every=10, log_every=10, out=str(out), progress=False,
-                               animation=False, **kw))
+    train(
+        TrainConfig.for_task(
+            task, steps=20, swap_every=10, log_every=10, out=str(out), progress=False, animation=False, **kw
+        )
+    )
     return out
 
 
@@ -146,10 +172,15 @@ def test_report_of_a_topo_run_shows_cortical_maps(topo_run):
     d = _data(page)
     assert "<h2>Cortical maps</h2>" in page and "<h2>Attention heads</h2>" not in page and d["heads"] is None
     layers = d["maps"]["layers"]
-    assert [(m["layer"], m["sheet"]) for m in layers] == [("0", [10, 10]), ("2", [10, 10])]  # 64-100-100-10: all but the output
+    assert [(m["layer"], m["sheet"]) for m in layers] == [
+        ("0", [10, 10]),
+        ("2", [10, 10]),
+    ]  # 64-100-100-10: all but the output
     assert all(-1.0 < m["smoothness"] <= 1.0 and m["effective_dim"] >= 1.0 and len(m["classes"]) == 10 for m in layers)
     assert all(base64.b64decode(m["png"])[:8] == b"\x89PNG\r\n\x1a\n" for m in layers)
-    assert json.loads((topo_run / "report.json").read_text())["smoothness"]["0"] == pytest.approx(layers[0]["smoothness"])
+    assert json.loads((topo_run / "report.json").read_text())["smoothness"]["0"] == pytest.approx(
+        layers[0]["smoothness"]
+    )
 
 
 def test_report_of_a_transformer_run_shows_the_head_table(mat_run):
@@ -160,7 +191,9 @@ def test_report_of_a_transformer_run_shows_the_head_table(mat_run):
     assert [h["name"] for h in heads] == ["none"] + [f"gpt.blocks.0.attn head {k}" for k in range(4)]
     assert all(len(h["per_output"]) == 59 and h["metric"] == "accuracy" for h in heads)
     r = load_run(mat_run)
-    assert heads[0]["overall"] == pytest.approx(r.summary["test_accuracy"], abs=1e-9)  # intact row = the run's test accuracy
+    assert heads[0]["overall"] == pytest.approx(
+        r.summary["test_accuracy"], abs=1e-9
+    )  # intact row = the run's test accuracy
     assert any(h["overall"] != heads[0]["overall"] for h in heads[1:])
 
 
@@ -184,14 +217,18 @@ def test_fff_panel_leaf_usage_regions_and_knock_outs():
 def test_panels_render_in_headless_chromium(topo_run, mat_run):
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM")
+        pytest.skip(
+            "chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM"
+        )
     pytest.importorskip("websocket", reason="websocket-client missing: pip install -e '.[test]'")
     from topotorch.browser import Browser
 
     topo, mat = build_report(topo_run), build_report(mat_run)
     with Browser(chromium) as b:
         page = b.open(topo.resolve().as_uri())
-        maps = page.evaluate("[...document.querySelectorAll('#maps img')].filter(i => i.complete && i.naturalWidth > 0).length")
+        maps = page.evaluate(
+            "[...document.querySelectorAll('#maps img')].filter(i => i.complete && i.naturalWidth > 0).length"
+        )
         errors = list(page.errors)
         page = b.open(mat.resolve().as_uri())
         head_rows = page.evaluate("document.querySelectorAll('#heads tr').length")

@@ -21,8 +21,9 @@ from topotorch import visualize
 from topotorch.cli import app
 from topotorch.training import TrainConfig, load_run, train
 
-TINY = dict(steps=40, checkpoint_every=20, snapshot_every=10, log_every=10, swap_every=20, animation=False,
-            progress=False)
+TINY = dict(
+    steps=40, checkpoint_every=20, snapshot_every=10, log_every=10, swap_every=20, animation=False, progress=False
+)
 TRAIN_ARGS = ["--steps", "40", "--checkpoint-every", "20", "--log-every", "10", "--no-animation", "--no-progress"]
 
 
@@ -56,6 +57,7 @@ def copy(run, tmp_path) -> Path:
 
 # ---- a run folder is never overwritten or mixed ------------------------------------------------
 
+
 def test_train_out_on_an_existing_run_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "X"
     assert invoke("train", "independence", *TRAIN_ARGS, "--out", out).exit_code == 0
@@ -77,8 +79,19 @@ def test_train_out_on_an_existing_run_is_refused_unless_overwrite(tmp_path):
 
 def test_fff_out_on_an_existing_run_is_refused_unless_overwrite(tmp_path):
     out = tmp_path / "F"
-    args = ["fff", "two-moons", "--epochs", "2", "--training-width", "16", "--leaf-width", "4", "--no-progress",
-            "--out", out]
+    args = [
+        "fff",
+        "two-moons",
+        "--epochs",
+        "2",
+        "--training-width",
+        "16",
+        "--leaf-width",
+        "4",
+        "--no-progress",
+        "--out",
+        out,
+    ]
     assert invoke(*args).exit_code == 0
     one_line_error(invoke(*args), "already holds a run", "--overwrite")
     r = invoke(*args, "--overwrite")
@@ -97,6 +110,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(copy):
 
 
 # ---- no damaged file accepted silently; every fallback said -----------------------------------
+
 
 def test_resume_says_when_the_snapshot_log_is_unreadable(tmp_path):
     out = tmp_path / "S"
@@ -118,8 +132,22 @@ def test_resume_says_when_the_snapshot_log_is_unreadable(tmp_path):
 
 def test_fff_model_is_checksummed(tmp_path):
     out = tmp_path / "F"
-    assert invoke("fff", "two-moons", "--epochs", "2", "--training-width", "16", "--leaf-width", "4",
-                  "--no-progress", "--out", out).exit_code == 0
+    assert (
+        invoke(
+            "fff",
+            "two-moons",
+            "--epochs",
+            "2",
+            "--training-width",
+            "16",
+            "--leaf-width",
+            "4",
+            "--no-progress",
+            "--out",
+            out,
+        ).exit_code
+        == 0
+    )
     data = bytearray((out / "model.safetensors").read_bytes())
     data[-3] ^= 0xFF  # one flipped byte in a weight
     (out / "model.safetensors").write_bytes(bytes(data))
@@ -137,8 +165,15 @@ def test_report_says_it_fell_back_to_the_previous_checkpoint(copy):
     assert 'class="notice"' in page and "using the previous checkpoint" in page  # and on the page
 
 
-@pytest.mark.parametrize("name,garbage", [("metrics.csv", b"\xff\xfe\x00garbage\x00"), ("metrics.csv", b"step,x\n1,abc\n"),
-                                          ("summary.json", b"\xff\xfenot json"), ("summary.json", b"[1, 2")])
+@pytest.mark.parametrize(
+    "name,garbage",
+    [
+        ("metrics.csv", b"\xff\xfe\x00garbage\x00"),
+        ("metrics.csv", b"step,x\n1,abc\n"),
+        ("summary.json", b"\xff\xfenot json"),
+        ("summary.json", b"[1, 2"),
+    ],
+)
 def test_a_damaged_auxiliary_file_degrades_the_report_with_a_notice(copy, name, garbage):
     (copy / name).write_bytes(garbage)
     r = invoke("report", copy)
@@ -168,8 +203,22 @@ def test_every_file_of_a_run_gets_the_same_mode(run, tmp_path):
     assert {"checkpoint.safetensors", "snapshots.safetensors", "config.json"} <= set(modes)
     assert set(modes.values()) == {want}, modes
     out = tmp_path / "F"
-    assert invoke("fff", "two-moons", "--epochs", "1", "--training-width", "16", "--leaf-width", "4",
-                  "--no-progress", "--out", out).exit_code == 0
+    assert (
+        invoke(
+            "fff",
+            "two-moons",
+            "--epochs",
+            "1",
+            "--training-width",
+            "16",
+            "--leaf-width",
+            "4",
+            "--no-progress",
+            "--out",
+            out,
+        ).exit_code
+        == 0
+    )
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {want}
 
 
@@ -182,7 +231,7 @@ def _umask() -> int:
 # ---- the report never interprets data as HTML -------------------------------------------------
 
 HOSTILE = '<img src=x onerror="window.__xss=(window.__xss||0)+1">'
-HOSTILE_TASK = '<script>window.__xss=1</script>moons'
+HOSTILE_TASK = "<script>window.__xss=1</script>moons"
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +240,25 @@ def hostile_page(tmp_path_factory) -> Path:
     from topotorch import tasks
 
     base = tasks.get_task("independence")
-    hostile = dataclasses.replace(base, name=HOSTILE_TASK, input_labels=[f"{HOSTILE}{i}" for i in range(4)],
-                                  output_labels=[f"{HOSTILE}y{i}" for i in range(2)])
+    hostile = dataclasses.replace(
+        base,
+        name=HOSTILE_TASK,
+        input_labels=[f"{HOSTILE}{i}" for i in range(4)],
+        output_labels=[f"{HOSTILE}y{i}" for i in range(2)],
+    )
     mp = pytest.MonkeyPatch()
     mp.setitem(tasks.TASKS, HOSTILE_TASK, lambda: hostile)
     try:
         out = tmp_path_factory.mktemp("hostile") / HOSTILE.replace("/", "")
-        train(TrainConfig.for_task(HOSTILE_TASK, **TINY, out=str(out), exclude=[HOSTILE],
-                                   topo_layers="</script><script>window.__xss=1</script>"))
+        train(
+            TrainConfig.for_task(
+                HOSTILE_TASK,
+                **TINY,
+                out=str(out),
+                exclude=[HOSTILE],
+                topo_layers="</script><script>window.__xss=1</script>",
+            )
+        )
         from topotorch.report import build_report
 
         path = build_report(out)
@@ -235,7 +295,9 @@ def test_hostile_labels_run_no_script_in_headless_chromium(hostile_page):
 
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM")
+        pytest.skip(
+            "chromium not found: `make setup` installs it (apt-get install chromium, as root); or set $CHROMIUM"
+        )
     pytest.importorskip("websocket", reason="websocket-client missing: pip install -e '.[test]'")
     from topotorch.browser import Browser
 
@@ -243,7 +305,9 @@ def test_hostile_labels_run_no_script_in_headless_chromium(hostile_page):
         page = b.open(hostile_page.resolve().as_uri())
         assert page.evaluate("document.body.dataset.rendered") == "yes"
         # hover a neuron and a connection: the tooltip shows the labels
-        page.evaluate("document.querySelector('#graph circle').dispatchEvent(new MouseEvent('mousemove', {clientX: 5, clientY: 5}))")
+        page.evaluate(
+            "document.querySelector('#graph circle').dispatchEvent(new MouseEvent('mousemove', {clientX: 5, clientY: 5}))"
+        )
         node_tip = page.evaluate("document.getElementById('tip').textContent")
         tip_tags = page.evaluate("document.getElementById('tip').querySelectorAll('img,script').length")
         edge_tips = page.evaluate("""(() => { const tip = document.getElementById('tip'), out = [];
@@ -264,6 +328,7 @@ def test_hostile_labels_run_no_script_in_headless_chromium(hostile_page):
 
 
 # ---- threads ----------------------------------------------------------------------------------
+
 
 def test_small_runs_use_one_thread_and_threads_overrides(run, tmp_path):
     from topotorch.training import choose_threads
@@ -286,6 +351,7 @@ def test_small_runs_use_one_thread_and_threads_overrides(run, tmp_path):
 
 # ---- rendering comes after summary.json, shows progress, and an interruption leaves a finished run ----
 
+
 def test_summary_is_written_before_the_animation_and_ctrl_c_there_leaves_a_finished_run(tmp_path, monkeypatch):
     out = tmp_path / "R"
     seen = []
@@ -306,8 +372,13 @@ def test_an_interrupted_render_leaves_no_partial_animation_and_reports_progress(
     r = load_run(run)
     snaps = visualize.load_snapshots(run / "snapshots.safetensors")
     calls = []
-    n = visualize.render_animation(r.graph, snaps, gif_path=tmp_path / "a.gif", mp4_path=tmp_path / "a.mp4",
-                                   on_frame=lambda done, total: calls.append((done, total)))
+    n = visualize.render_animation(
+        r.graph,
+        snaps,
+        gif_path=tmp_path / "a.gif",
+        mp4_path=tmp_path / "a.mp4",
+        on_frame=lambda done, total: calls.append((done, total)),
+    )
     assert calls == [(k, n) for k in range(1, n + 1)] and (tmp_path / "a.gif").exists()
     real, count = visualize._draw, [0]
 
@@ -329,10 +400,25 @@ def test_a_real_ctrl_c_while_rendering_leaves_a_run_summary_accepts(tmp_path):
     import sys
 
     out = tmp_path / "C"
-    p = subprocess.Popen([sys.executable, "-m", "topotorch", "train", "independence", "--steps", "300", "--out", str(out),
-                          "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         cwd=Path(__file__).resolve().parents[1],
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "topotorch",
+            "train",
+            "independence",
+            "--steps",
+            "300",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as from a terminal
     deadline = time.time() + 120
     while not (out / "summary.json").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)

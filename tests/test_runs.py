@@ -17,15 +17,33 @@ from topotorch.training_fff import FFFRecipe, FFFRunConfig, FFFRunResult, train_
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("runs")
-    train(TrainConfig.for_task("independence", steps=20, swap_every=10, dtype="float64", animation=False,
-                               progress=False, out=str(base / "train")))
-    train_fff_run(FFFRunConfig(task="two-moons", training_width=4, leaf_width=2, recipe=FFFRecipe(epochs=2),
-                               progress=False, out=str(base / "fff")))
+    train(
+        TrainConfig.for_task(
+            "independence",
+            steps=20,
+            swap_every=10,
+            dtype="float64",
+            animation=False,
+            progress=False,
+            out=str(base / "train"),
+        )
+    )
+    train_fff_run(
+        FFFRunConfig(
+            task="two-moons",
+            training_width=4,
+            leaf_width=2,
+            recipe=FFFRecipe(epochs=2),
+            progress=False,
+            out=str(base / "fff"),
+        )
+    )
     return {"train": base / "train", "fff": base / "fff"}
 
 
-@pytest.mark.parametrize("kind, result, config", [("train", TrainResult, TrainConfig),
-                                                  ("fff", FFFRunResult, FFFRunConfig)])
+@pytest.mark.parametrize(
+    "kind, result, config", [("train", TrainResult, TrainConfig), ("fff", FFFRunResult, FFFRunConfig)]
+)
 def test_a_new_run_folder_says_its_kind_and_opens_by_it(runs, kind, result, config):
     assert json.loads((runs[kind] / "run.json").read_text())["kind"] == kind
     assert run_kind(runs[kind]) == kind
@@ -63,8 +81,15 @@ def test_the_kind_wins_over_what_the_config_looks_like(runs, tmp_path):
 
 def test_a_registered_kind_and_its_alias_in_an_old_config(tmp_path):
     seen = []
-    register_run_kind(RunKind("toy", open=lambda d: seen.append(d) or "opened", config=lambda d: "cfg",
-                              aliases=("topotorch.toy.run/1",), command="topotorch toy"))
+    register_run_kind(
+        RunKind(
+            "toy",
+            open=lambda d: seen.append(d) or "opened",
+            config=lambda d: "cfg",
+            aliases=("topotorch.toy.run/1",),
+            command="topotorch toy",
+        )
+    )
     try:
         (tmp_path / "config.json").write_text(json.dumps({"kind": "topotorch.toy.run/1", "x": 1}))
         assert run_kind(tmp_path) == "toy" and open_run(tmp_path) == "opened" and seen == [tmp_path]
@@ -74,11 +99,14 @@ def test_a_registered_kind_and_its_alias_in_an_old_config(tmp_path):
         RUN_KINDS.pop("toy")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "run.json is corrupt"),
-    ('{"kind": 3}', "does not say the run's kind"),
-    ('{"kind": "nope"}', "unknown run kind 'nope'; known kinds: fff, train"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "run.json is corrupt"),
+        ('{"kind": 3}', "does not say the run's kind"),
+        ('{"kind": "nope"}', "unknown run kind 'nope'; known kinds: fff, train"),
+    ],
+)
 def test_a_bad_run_json_is_a_clear_error(tmp_path, content, message):
     (tmp_path / "run.json").write_text(content)
     with pytest.raises(ValueError, match=message):

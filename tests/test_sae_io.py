@@ -47,10 +47,15 @@ def count_calls(model: nn.Module) -> dict[str, int]:
 
 # -- hook points ---------------------------------------------------------------------------------
 
+
 def test_hook_points_by_pattern_and_close_names():
     m = tiny_gpt()
     assert [p.name for p in find_hook_points(m, ["blocks.1", "blocks.?.mlp:input"])] == [
-        "blocks.1", "blocks.0.mlp:input", "blocks.1.mlp:input", "blocks.2.mlp:input"]
+        "blocks.1",
+        "blocks.0.mlp:input",
+        "blocks.1.mlp:input",
+        "blocks.2.mlp:input",
+    ]
     with pytest.raises(HookPointError, match=r"'block.1.mlpp' matches no module.*close names: blocks.1.mlp"):
         find_hook_points(m, "block.1.mlpp")
     with pytest.raises(HookPointError, match="after ':'"):
@@ -120,6 +125,7 @@ def test_rebatching_keeps_every_row_in_order():
 
 
 # -- disk cache ----------------------------------------------------------------------------------
+
 
 class Interrupted(Exception):
     pass
@@ -213,6 +219,7 @@ def test_bad_cache_folders_name_the_problem(tmp_path):
 
 
 # -- splice --------------------------------------------------------------------------------------
+
 
 class Zero(nn.Module):
     def forward(self, x):
@@ -391,9 +398,19 @@ def test_saelens_files_from_other_versions_and_settings(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     save_file(w, str(old / "sae_weights.safetensors"))
-    (old / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": N, "hook_point": "blocks.1.hook_resid_pre",
-                                              "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4},
-                                              "apply_b_dec_to_input": True, "normalize_activations": False}))
+    (old / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": D,
+                "d_sae": N,
+                "hook_point": "blocks.1.hook_resid_pre",
+                "activation_fn_str": "topk",
+                "activation_fn_kwargs": {"k": 4},
+                "apply_b_dec_to_input": True,
+                "normalize_activations": False,
+            }
+        )
+    )
     assert torch.equal(load_saelens(old)(x), sae(x))
     # apply_b_dec_to_input false (b_dec folded into b_enc) and decoder-norm rescaling (folded): equal to rounding
     plain = tmp_path / "plain"
@@ -401,8 +418,10 @@ def test_saelens_files_from_other_versions_and_settings(tmp_path):
     scale = torch.rand(N, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.5
     # SAELens then computes topk((x W_enc + b_enc) * s) / s @ W_dec: the file's encoder carries 1/s
     b_enc = (w["b_enc"] - w["W_enc"].t() @ w["b_dec"]) / scale
-    save_file({**w, "W_enc": (w["W_enc"] / scale).contiguous(), "b_enc": b_enc, "W_dec": w["W_dec"] * scale[:, None]},
-              str(plain / "sae_weights.safetensors"))
+    save_file(
+        {**w, "W_enc": (w["W_enc"] / scale).contiguous(), "b_enc": b_enc, "W_dec": w["W_dec"] * scale[:, None]},
+        str(plain / "sae_weights.safetensors"),
+    )
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     cfg.update(apply_b_dec_to_input=False, rescale_acts_by_decoder_norm=True)
     (plain / "cfg.json").write_text(json.dumps(cfg))
@@ -420,8 +439,11 @@ def test_bad_files_name_the_file_and_the_key(tmp_path):
     f = fresh("shape")
     w = load_file(str(f / "sae_weights.safetensors"))
     save_file({**w, "W_dec": w["W_dec"][:, :-1].contiguous()}, str(f / "sae_weights.safetensors"))
-    with pytest.raises(InteropError, match=r"shape.sae_weights\.safetensors: tensor 'W_dec' has shape \[48, 11\], "
-                                           r"cfg\.json \(jumprelu, d_in=12, d_sae=48\) implies \[48, 12\]"):
+    with pytest.raises(
+        InteropError,
+        match=r"shape.sae_weights\.safetensors: tensor 'W_dec' has shape \[48, 11\], "
+        r"cfg\.json \(jumprelu, d_in=12, d_sae=48\) implies \[48, 12\]",
+    ):
         load_saelens(f)
     f = fresh("nothreshold")
     save_file({k: v for k, v in w.items() if k != "threshold"}, str(f / "sae_weights.safetensors"))
@@ -465,6 +487,7 @@ def test_bad_files_name_the_file_and_the_key(tmp_path):
 
 # -- the command -----------------------------------------------------------------------------------
 
+
 def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     from typer.testing import CliRunner
 
@@ -478,20 +501,61 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     corpus.write_text(" ".join(words[i] for i in torch.randint(0, 8, (700,), generator=g).tolist()))
     run = tmp_path / "run"  # a `topotorch train` run folder of a tiny model (the task's own model: 4 x 128)
     vocab = len(set(corpus.read_text()))
-    train(TrainConfig.for_task(f"text:{corpus}", method="none", steps=1, animation=False, progress=False,
-                               out=str(run), log_every=1, model="topotorch.models:TinyGPT",
-                               model_config=f"vocab={vocab},d_model=16,n_layers=2,n_heads=2,block_size=64"))
+    train(
+        TrainConfig.for_task(
+            f"text:{corpus}",
+            method="none",
+            steps=1,
+            animation=False,
+            progress=False,
+            out=str(run),
+            log_every=1,
+            model="topotorch.models:TinyGPT",
+            model_config=f"vocab={vocab},d_model=16,n_layers=2,n_heads=2,block_size=64",
+        )
+    )
     out = tmp_path / "sae"
-    args = [str(run), "--hook", "blocks.0", "--latents", "64", "--k", "4", "--steps", "15", "--batch-size", "256",
-            "--eval-windows", "8", "--show-latents", "4", "--export", "saelens,sparsify", "--out", str(out),
-            "--no-progress"]
+    args = [
+        str(run),
+        "--hook",
+        "blocks.0",
+        "--latents",
+        "64",
+        "--k",
+        "4",
+        "--steps",
+        "15",
+        "--batch-size",
+        "256",
+        "--eval-windows",
+        "8",
+        "--show-latents",
+        "4",
+        "--export",
+        "saelens,sparsify",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     res = CliRunner().invoke(app, ["sae", *args])
     assert res.exit_code == 0, res.output
     assert "CE recovered" in res.output
     summary = json.loads((out / "summary.json").read_text())
     ev = summary["eval"]
-    assert set(ev) >= {"fvu", "explained_variance", "l0", "dead", "dense", "cosine", "relative_reconstruction_bias",
-                       "ce_clean", "ce_spliced", "ce_zero", "ce_recovered", "kl"}
+    assert set(ev) >= {
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead",
+        "dense",
+        "cosine",
+        "relative_reconstruction_bias",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero",
+        "ce_recovered",
+        "kl",
+    }
     assert ev["l0"] == 4.0 and summary["train"]["steps"] == 15
     assert (out / "metrics.csv").read_text().startswith("step,tokens,fvu,l0,dead,aux,loss,lr")
     sae = SparseCoder.load(out / "sae")
@@ -502,10 +566,31 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     page = build_report(out).read_text()
     assert "CE-loss recovered" in page and "Top-activating contexts" in page
     # through the disk cache: a transcoder of the first block's MLP, trained from shuffled shards
-    cached = CliRunner().invoke(app, ["sae", str(run), "--hook", "blocks.0.mlp", "--transcoder", "--latents", "32",
-                                      "--k", "4", "--steps", "6", "--batch-size", "128", "--eval-windows", "4",
-                                      "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "tc"),
-                                      "--no-progress"])
+    cached = CliRunner().invoke(
+        app,
+        [
+            "sae",
+            str(run),
+            "--hook",
+            "blocks.0.mlp",
+            "--transcoder",
+            "--latents",
+            "32",
+            "--k",
+            "4",
+            "--steps",
+            "6",
+            "--batch-size",
+            "128",
+            "--eval-windows",
+            "4",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "tc"),
+            "--no-progress",
+        ],
+    )
     assert cached.exit_code == 0, cached.output
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["rows"] >= 6 * 128
@@ -514,7 +599,8 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
     # refused: an existing run folder, a hook that names no module
     again = CliRunner().invoke(app, ["sae", *args])
     assert again.exit_code == 2 and "already holds a run" in again.output
-    bad = CliRunner().invoke(app, ["sae", str(run), "--hook", "block.0", "--latents", "8", "--out",
-                                   str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app, ["sae", str(run), "--hook", "block.0", "--latents", "8", "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code == 2 and "matches no module" in bad.output and "blocks.0" in bad.output
     assert not (tmp_path / "x").exists()

@@ -43,7 +43,7 @@ def tiny_trained():
     on = (group[None, :] == g[:, None]) & (torch.rand(2048, n_feat) < 0.6)
     x = (on * torch.rand(2048, n_feat, dtype=torch.float64)) @ dirs
     cfg = SAEConfig(d_in=d, n_latents=16, k=3)
-    sae, _ = train_sae(cfg, [x[i:i + 256] for i in range(0, 2048, 256)], steps=30, lr=5e-3, dtype=torch.float64)
+    sae, _ = train_sae(cfg, [x[i : i + 256] for i in range(0, 2048, 256)], steps=30, lr=5e-3, dtype=torch.float64)
     return sae, x
 
 
@@ -53,7 +53,7 @@ def test_relocation_leaves_outputs_unchanged_float64(tiny_trained):
     before, w_before = sae(x).clone(), sae.W_dec.detach().clone()
     z = sae.encode(x)
     stats = relocate(sae, z, LatentSheet.of(16), sigmas=[1.0])
-    assert stats.after > stats.before and not torch.equal(sae.W_dec, w_before)   # latents did move
+    assert stats.after > stats.before and not torch.equal(sae.W_dec, w_before)  # latents did move
     assert torch.allclose(sae(x), before, atol=1e-12, rtol=0)
     assert (sae(x) - before).abs().max() <= 1e-12
 
@@ -62,7 +62,7 @@ def test_relocation_raises_neighbour_coactivation_on_constructed_case():
     """16 latents in 4 co-firing groups, scattered over a 4x4 sheet: relocation gathers each group."""
     torch.manual_seed(1)
     n = 16
-    group = torch.randperm(n) // 4                      # scattered
+    group = torch.randperm(n) // 4  # scattered
     t = 4000
     g = torch.randint(0, 4, (t,))
     codes = ((group[None, :] == g[:, None]) & (torch.rand(t, n) < 0.7)).double() * torch.rand(t, n).double()
@@ -73,7 +73,7 @@ def test_relocation_raises_neighbour_coactivation_on_constructed_case():
     after = neighbour_score(coactivation_units(codes[:, order]), sheet)
     assert stats.after > stats.before
     assert after.neighbour > before.neighbour
-    assert after.ratio > 2.0                            # each group a 2x2 block: most neighbours co-fire
+    assert after.ratio > 2.0  # each group a 2x2 block: most neighbours co-fire
 
 
 def test_shuffled_baseline_is_the_exact_expectation():
@@ -94,7 +94,7 @@ def test_neighbour_measure_hand_case():
     u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     s = neighbour_score(u, LatentSheet(1, 3))
     assert s.neighbour == pytest.approx(0.5) and s.baseline == pytest.approx(1 / 3) and s.ratio == pytest.approx(1.5)
-    dead = torch.cat([u, torch.zeros(1, 2, dtype=torch.float64)])   # a dead latent is left out of both means
+    dead = torch.cat([u, torch.zeros(1, 2, dtype=torch.float64)])  # a dead latent is left out of both means
     s2 = neighbour_score(dead, LatentSheet(2, 2))
     assert s2.live == 3
 
@@ -138,9 +138,18 @@ def test_decoder_topoloss_falls_with_training():
 def test_train_topographic_runs_and_relocates(tiny_trained):
     _, x = tiny_trained
     cfg = SAEConfig(d_in=12, n_latents=16, k=3)
-    sae, hist = train_topographic(cfg, [x[i:i + 256] for i in range(0, 2048, 256)], steps=30, tau=0.1, factor=2,
-                                  relocate_at=(0.5,), relocate_tokens=512, lr=5e-3, dtype=torch.float64,
-                                  solver={"sigmas": [1.0]})
+    sae, hist = train_topographic(
+        cfg,
+        [x[i : i + 256] for i in range(0, 2048, 256)],
+        steps=30,
+        tau=0.1,
+        factor=2,
+        relocate_at=(0.5,),
+        relocate_tokens=512,
+        lr=5e-3,
+        dtype=torch.float64,
+        solver={"sigmas": [1.0]},
+    )
     assert [r["step"] for r in hist["relocations"]] == [15, "final"]
     m = topographic_measures(sae.W_dec, sae.encode(x), LatentSheet(4, 4))
     assert set(m) == {"decoder", "coactivation", "coactivation_pearson"} and math.isfinite(m["decoder"].ratio)
@@ -187,18 +196,22 @@ def test_circle_angles_recover_the_residue_angle():
 def test_latents_tile_a_synthetic_circle():
     x, t = synthetic_curve(768, d=8, seed=0, dtype=torch.float64)
     cfg = SAEConfig(d_in=8, n_latents=16, k=2)
-    sae, _ = train_sae(cfg, [x[i:i + 256] for i in range(0, 768, 256)], steps=150, lr=5e-3, dtype=torch.float64)
+    sae, _ = train_sae(cfg, [x[i : i + 256] for i in range(0, 768, 256)], steps=150, lr=5e-3, dtype=torch.float64)
     tiling = curve_tiling(sae.encode(x), t)
     assert tiling.coverage == 1.0 and tiling.latents_used >= 4
-    assert tiling.extent_max < 0.75                     # every latent fires on an arc, none on the whole circle
+    assert tiling.extent_max < 0.75  # every latent fires on an arc, none on the whole circle
     assert tiling.extent_median < 0.5
 
 
 def test_module_purity():
     membership = np.array([0, 0, 1, 1, -1, 1])
-    w = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0],      # one module: 1
-                      [0.0, 0.0, 1.0, 0.0, 0.0, 1.0],      # one module: 1
-                      [1.0, 0.0, 1.0, 0.0, 2.0, 0.0]])     # 1/4 on module 0, 1/4 on 1, half outside: 0.25
+    w = torch.tensor(
+        [
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0],  # one module: 1
+            [0.0, 0.0, 1.0, 0.0, 0.0, 1.0],  # one module: 1
+            [1.0, 0.0, 1.0, 0.0, 2.0, 0.0],
+        ]
+    )  # 1/4 on module 0, 1/4 on 1, half outside: 0.25
     r = module_purity(w, membership, shuffles=50)
     assert r["purity"] == pytest.approx((1 + 1 + 0.25) / 3) and r["top_module_counts"] == [2, 1]
     assert r["baseline"] < r["purity"]

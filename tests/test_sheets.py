@@ -10,8 +10,9 @@ from topotorch.models import TinyGPT
 from topotorch.sheets import CorticalSheet, DegenerateSheetWarning, find_sheets, sheet_shape
 
 
-@pytest.mark.parametrize("n, hw", [(64, (8, 8)), (3072, (48, 64)), (100, (10, 10)), (512, (16, 32)), (12, (3, 4)),
-                                   (1, (1, 1)), (2, (1, 2))])
+@pytest.mark.parametrize(
+    "n, hw", [(64, (8, 8)), (3072, (48, 64)), (100, (10, 10)), (512, (16, 32)), (12, (3, 4)), (1, (1, 1)), (2, (1, 2))]
+)
 def test_divisor_rule(n, hw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

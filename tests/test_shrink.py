@@ -31,8 +31,10 @@ def kill(graph: SpatialGraph, seed: int = 0, p_out: float = 0.35, p_in: float = 
         if sp.role != "hidden" or sp.size < 2:
             continue
         r = torch.rand(sp.size, generator=g)
-        for conns, side, mask in ((graph.outgoing(sp.name), "source", r < p_out),
-                                  (graph.incoming(sp.name), "target", (r >= p_out) & (r < p_out + p_in))):
+        for conns, side, mask in (
+            (graph.outgoing(sp.name), "source", r < p_out),
+            (graph.incoming(sp.name), "target", (r >= p_out) & (r < p_out + p_in)),
+        ):
             for c in conns:
                 sl = c.source_slice if side == "source" else c.target_slice
                 w = graph.tensor(c.weight)
@@ -92,8 +94,10 @@ def test_fold_is_needed():
     assert torch.allclose(res.model(x), net(x), atol=1e-12)
     naive = MLP([6, 6, 3], activation="silu").double()
     with torch.no_grad():
-        naive[0].weight.copy_(net[0].weight[4:]); naive[0].bias.copy_(net[0].bias[4:])
-        naive[2].weight.copy_(net[2].weight[:, 4:]); naive[2].bias.copy_(net[2].bias)
+        naive[0].weight.copy_(net[0].weight[4:])
+        naive[0].bias.copy_(net[0].bias[4:])
+        naive[2].weight.copy_(net[2].weight[:, 4:])
+        naive[2].bias.copy_(net[2].bias)
     assert (naive(x) - net(x)).abs().max() > 1e-3
 
 
@@ -113,8 +117,10 @@ def test_small_resnet(dtype, tol):
     net = SmallResNet(channels=12, hidden=12, n_blocks=2, image_size=8).to(dtype)
     with torch.no_grad():  # trained-looking BatchNorm statistics
         for b in net.blocks:
-            b.bn.running_mean.uniform_(-0.5, 0.5); b.bn.running_var.uniform_(0.5, 2.0)
-            b.bn.weight.uniform_(0.5, 1.5); b.bn.bias.uniform_(-1, 0.2)
+            b.bn.running_mean.uniform_(-0.5, 0.5)
+            b.bn.running_var.uniform_(0.5, 2.0)
+            b.bn.weight.uniform_(0.5, 1.5)
+            b.bn.bias.uniform_(-1, 0.2)
     net.eval()
     g = conv_graph(net)
     kill(g, seed=1)
@@ -139,10 +145,10 @@ def test_tiny_gpt(layernorm, dtype, tol):
     with torch.no_grad():
         a = gpt.blocks[0].attn
         d = 16
-        a.qkv.weight[2 * d + 4: 2 * d + 8] = 0.0  # head 1: v rows zero -> whole head goes, its v bias folded
+        a.qkv.weight[2 * d + 4 : 2 * d + 8] = 0.0  # head 1: v rows zero -> whole head goes, its v bias folded
         dead_cols = (a.qkv.weight == 0).all(0)  # residual dims that kill() cut off from every reader
         for r in (12, d + 12, 2 * d + 12):  # head 3 (dims 12-15): undo the random kill
-            a.qkv.weight[r:r + 4] = 0.3 * torch.randn(4, d, dtype=dtype)
+            a.qkv.weight[r : r + 4] = 0.3 * torch.randn(4, d, dtype=dtype)
         a.proj.weight[:, 12:16] = 0.3 * torch.randn(d, 4, dtype=dtype)
         a.qkv.weight[12:14] = 0.0  # dims 12, 13: q rows zero (bias stays) -> the score term stays
         a.qkv.weight[d + 14] = 0.0  # dim 14: k row zero -> k constant over keys, score term removable
@@ -177,10 +183,24 @@ def test_dead_qk_alone_keeps_the_head():
 
 def test_coupling_graph_traced():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 32),
-                        nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).double().eval()
+    net = (
+        nn.Sequential(
+            nn.Conv2d(1, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(8 * 36, 32),
+            nn.Tanh(),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, 4),
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
-        net[1].running_mean.uniform_(-0.3, 0.3); net[1].bias.uniform_(-0.5, 0.5)
+        net[1].running_mean.uniform_(-0.3, 0.3)
+        net[1].bias.uniform_(-0.5, 0.5)
     g = coupling_graph(net, torch.randn(1, 1, 8, 8, dtype=torch.float64))
     kill(g, seed=4, p_out=0.3, p_in=0.3)
     res, _ = check(net, g, torch.randn(32, 1, 8, 8, dtype=torch.float64), 0.0, 1e-10)
@@ -265,20 +285,37 @@ def test_bad_threshold_and_corrupt_description_are_named(tmp_path):
 
 # --- models from Hugging Face transformers and torch.nn's transformer: saved and reloaded without pickle ---
 
+
 def _tiny_hf(kind: str) -> nn.Module:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "gpt2":
-        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50,
-                                                                 n_positions=16))
+        m = transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)
+        )
     elif kind == "bert":
-        m = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                           intermediate_size=64, vocab_size=50,
-                                                           max_position_embeddings=16))
+        m = transformers.BertModel(
+            transformers.BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=50,
+                max_position_embeddings=16,
+            )
+        )
     else:
-        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-            vocab_size=50, max_position_embeddings=16))
+        m = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                intermediate_size=64,
+                vocab_size=50,
+                max_position_embeddings=16,
+            )
+        )
     return m.double().eval()
 
 
@@ -323,8 +360,11 @@ def test_transformer_encoder_with_function_activation_roundtrips(tmp_path):
     from topotorch.compression.shrink import ShrinkResult, model_spec
 
     torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
-                                enable_nested_tensor=False).double().eval()  # activation = F.relu, a function
+    enc = (
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False)
+        .double()
+        .eval()
+    )  # activation = F.relu, a function
     save_shrunk(tmp_path, ShrinkResult(enc, {}, {}, model_spec(enc)))
     back = load_shrunk(tmp_path)
     assert back.layers[0].activation is nn.functional.relu
@@ -341,19 +381,22 @@ def _with_class(tmp_path, qual: str, where: str = "tree") -> None:
     (tmp_path / "shrunk.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("qual", [
-    "torch.nn:modules.module.torch.fx.GraphModule",     # module part allowed, the class outside it
-    "torch.nn.modules.module:torch.fx.GraphModule",     # walks through an imported module
-    "topotorch.__main__:X",                             # importing it would run the command line
-    "topotorch.__main__:main",
-    "topotorch.cli:main",                               # a function, not a class
-    "torch.nn.modules.linear:Tensor",                   # imported into an allowed module, defined elsewhere
-    "topotorch.compression.shrink:ShrinkResult",        # not an nn.Module
-    "topotorchx.models:MLP",                            # a lookalike package
-    "topotorch.layers.nothere:FFF",
-    "builtins:object",
-    "os:system",
-])
+@pytest.mark.parametrize(
+    "qual",
+    [
+        "torch.nn:modules.module.torch.fx.GraphModule",  # module part allowed, the class outside it
+        "torch.nn.modules.module:torch.fx.GraphModule",  # walks through an imported module
+        "topotorch.__main__:X",  # importing it would run the command line
+        "topotorch.__main__:main",
+        "topotorch.cli:main",  # a function, not a class
+        "torch.nn.modules.linear:Tensor",  # imported into an allowed module, defined elsewhere
+        "topotorch.compression.shrink:ShrinkResult",  # not an nn.Module
+        "topotorchx.models:MLP",  # a lookalike package
+        "topotorch.layers.nothere:FFF",
+        "builtins:object",
+        "os:system",
+    ],
+)
 def test_load_refuses_classes_outside_the_allow_list(tmp_path, qual):
     _with_class(tmp_path, qual)
     with pytest.raises(ValueError, match=f"refusing to load class '{re.escape(qual)}'"):
@@ -388,7 +431,9 @@ def test_load_refuses_hostile_functions_and_configs(tmp_path):
     meta = json.loads((tmp_path / "shrunk.json").read_text())
     meta["spec"]["objects"]["config0"]["class"] = "transformers.models.bert.modeling_bert:BertModel"
     (tmp_path / "shrunk.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"refusing to load config class 'transformers\.models\.bert\.modeling_bert:Bert"):
+    with pytest.raises(
+        ValueError, match=r"refusing to load config class 'transformers\.models\.bert\.modeling_bert:Bert"
+    ):
         load_shrunk(tmp_path)
 
 
@@ -444,12 +489,14 @@ def test_shrunk_cli_hf_model_reloads_in_a_fresh_process(tmp_path):
     assert sum(res.removed.values()) > 0
     save_shrunk(tmp_path / "s", res)
     torch.save({"x": x, "y": res.model(x).detach()}, tmp_path / "xy.pt")
-    code = ("import sys, torch\n"
-            "from topotorch.compression.shrink import load_shrunk\n"
-            "assert 'topotorch.user_models' not in sys.modules\n"
-            f"m = load_shrunk({str(tmp_path / 's')!r})\n"
-            f"d = torch.load({str(tmp_path / 'xy.pt')!r})\n"
-            "print(type(m).__name__, float((m(d['x']) - d['y']).abs().max()))\n")
+    code = (
+        "import sys, torch\n"
+        "from topotorch.compression.shrink import load_shrunk\n"
+        "assert 'topotorch.user_models' not in sys.modules\n"
+        f"m = load_shrunk({str(tmp_path / 's')!r})\n"
+        f"d = torch.load({str(tmp_path / 'xy.pt')!r})\n"
+        "print(type(m).__name__, float((m(d['x']) - d['y']).abs().max()))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     name, diff = out.stdout.split()

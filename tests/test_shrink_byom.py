@@ -43,8 +43,15 @@ GROUPNORM_GROUPS = {"pw"}
 
 def killable(g: SpatialGraph):
     """Hidden spaces a shrink may cut: movable, not a residual stream, not averaged by a norm across neurons."""
-    return [s for s in g.spaces if s.role == "hidden" and s.relocate == "weights" and s.size > 1
-            and not s.stream and (not s.normalised or s.name in GROUPNORM_GROUPS)]
+    return [
+        s
+        for s in g.spaces
+        if s.role == "hidden"
+        and s.relocate == "weights"
+        and s.size > 1
+        and not s.stream
+        and (not s.normalised or s.name in GROUPNORM_GROUPS)
+    ]
 
 
 @torch.no_grad()
@@ -61,7 +68,7 @@ def kill(g: SpatialGraph, seed: int = 0, p_out: float = 0.35, p_in: float = 0.25
         n_out = max(1, round(p_out * len(ids)))
         n_in = min(round(p_in * len(ids)), len(ids) - 1 - n_out)
         dead_out = torch.isin(units, order[:n_out])
-        dead_in = torch.isin(units, order[n_out:n_out + max(n_in, 0)])
+        dead_in = torch.isin(units, order[n_out : n_out + max(n_in, 0)])
         for conns, side, mask in ((g.outgoing(sp.name), "source", dead_out), (g.incoming(sp.name), "target", dead_in)):
             for c in conns:
                 sl = c.source_slice if side == "source" else c.target_slice
@@ -181,15 +188,40 @@ def test_a_module_without_a_resize_rule_keeps_its_neurons_and_says_why(tmp_path)
     torch.manual_seed(0)
     net = _Recurrent().double()
     ar = lambda n: torch.arange(n).view(n, 1)  # noqa: E731
-    hid = Space("hidden", 6, torch.zeros(6, 1, dtype=torch.float64), 1.0, "hidden", "weights",
-                [Slice("inp.weight", 0, ar(6)), Slice("inp.bias", 0, ar(6)), Slice("rnn.weight_ih_l0", 1, ar(6))])
-    inp = Space("input", 4, torch.zeros(4, 1, dtype=torch.float64), 0.0, "input", "positions", [Slice("inp.weight", 1, ar(4))])
+    hid = Space(
+        "hidden",
+        6,
+        torch.zeros(6, 1, dtype=torch.float64),
+        1.0,
+        "hidden",
+        "weights",
+        [Slice("inp.weight", 0, ar(6)), Slice("inp.bias", 0, ar(6)), Slice("rnn.weight_ih_l0", 1, ar(6))],
+    )
+    inp = Space(
+        "input", 4, torch.zeros(4, 1, dtype=torch.float64), 0.0, "input", "positions", [Slice("inp.weight", 1, ar(4))]
+    )
     gates = Space("gates", 15, None, 2.0, "hidden", "fixed", [Slice("rnn.weight_ih_l0", 0, ar(15))])
-    g = SpatialGraph(net, [inp, hid, gates],
-                     [Connection("inp.weight", "hidden", "input", Slice("inp.weight", 0, ar(6)),
-                                 Slice("inp.weight", 1, ar(4)), "inp.bias"),
-                      Connection("rnn.weight_ih_l0", "gates", "hidden", Slice("rnn.weight_ih_l0", 0, ar(15)),
-                                 Slice("rnn.weight_ih_l0", 1, ar(6)))])
+    g = SpatialGraph(
+        net,
+        [inp, hid, gates],
+        [
+            Connection(
+                "inp.weight",
+                "hidden",
+                "input",
+                Slice("inp.weight", 0, ar(6)),
+                Slice("inp.weight", 1, ar(4)),
+                "inp.bias",
+            ),
+            Connection(
+                "rnn.weight_ih_l0",
+                "gates",
+                "hidden",
+                Slice("rnn.weight_ih_l0", 0, ar(15)),
+                Slice("rnn.weight_ih_l0", 1, ar(6)),
+            ),
+        ],
+    )
     with torch.no_grad():
         net.rnn.weight_ih_l0[:, 2] = 0.0
     res = shrink(net, g, 0.0)

@@ -14,15 +14,28 @@ from topotorch.tasks import TASKS, Task, TaskData, get_task, register_task
 from topotorch.training import TrainConfig, build, train
 
 BUILT_IN = {
-    "independence", "feature-sharing", "compositionality", "two-moons",
-    "modular-addition", "permutation-s4", "digits",
+    "independence",
+    "feature-sharing",
+    "compositionality",
+    "two-moons",
+    "modular-addition",
+    "permutation-s4",
+    "digits",
 }
 SYMBOLIC = {
     # name: (n_in, n_out, target function)
-    "independence": (4, 2, lambda x: torch.stack([(x[:, 0] + x[:, 2]) ** 3,
-                                                  x[:, 1] ** 2 + torch.sin(math.pi * x[:, 3])], 1)),
-    "feature-sharing": (3, 3, lambda x: torch.stack([x[:, 0] ** 2, x[:, 0] ** 2 + x[:, 1] ** 2,
-                                                     x[:, 0] ** 2 + x[:, 1] ** 2 + x[:, 2] ** 2], 1)),
+    "independence": (
+        4,
+        2,
+        lambda x: torch.stack([(x[:, 0] + x[:, 2]) ** 3, x[:, 1] ** 2 + torch.sin(math.pi * x[:, 3])], 1),
+    ),
+    "feature-sharing": (
+        3,
+        3,
+        lambda x: torch.stack(
+            [x[:, 0] ** 2, x[:, 0] ** 2 + x[:, 1] ** 2, x[:, 0] ** 2 + x[:, 1] ** 2 + x[:, 2] ** 2], 1
+        ),
+    ),
     "compositionality": (4, 1, lambda x: torch.sqrt((x[:, 0] - x[:, 1]) ** 2 + (x[:, 2] - x[:, 3]) ** 2)[:, None]),
 }
 
@@ -146,9 +159,13 @@ def parity_task():
             return TaskData(x[:48], y[:48], x[48:], y[48:])
 
         return Task(
-            name=name, description="sign of x1", make_data=make_data,
-            make_model=lambda: MLP([3, 6, 2], activation="relu"), loss="ce",
-            input_labels=["a", "b", "c"], output_labels=["neg", "pos"],
+            name=name,
+            description="sign of x1",
+            make_data=make_data,
+            make_model=lambda: MLP([3, 6, 2], activation="relu"),
+            loss="ce",
+            input_labels=["a", "b", "c"],
+            output_labels=["neg", "pos"],
             defaults=dict(steps=1000, lr=1e-2, lam="0:1e-3", dtype="float64", swap_every=10, top_k=2),
         )
 

@@ -61,11 +61,14 @@ def test_text_file_task(tmp_path):
         char_windows("abc", 64)
 
 
-@pytest.mark.parametrize("task, overrides", [
-    ("in-context-regression", {}),
-    ("modular-addition-transformer", {}),
-    ("text", {"batch_size": 4}),
-])
+@pytest.mark.parametrize(
+    "task, overrides",
+    [
+        ("in-context-regression", {}),
+        ("modular-addition-transformer", {}),
+        ("text", {"batch_size": 4}),
+    ],
+)
 def test_short_transformer_runs_write_a_full_run_folder(tmp_path, task, overrides):
     if task == "text":  # a tiny char-level GPT on a file the test writes, registered like a user would
         from topotorch.tasks import TASKS
@@ -75,8 +78,16 @@ def test_short_transformer_runs_write_a_full_run_folder(tmp_path, task, override
         path.write_text("hello world, the quick brown fox jumps over the lazy dog. " * 30)
         task = "tiny-text-test"
         TASKS[task] = lambda: text_task(path, name=task, block=16, d_model=16, n_layers=1, n_heads=2)
-    cfg = TrainConfig.for_task(task, steps=40, swap_every=20, log_every=20, progress=False, animation=False,
-                               out=str(tmp_path / "run"), **overrides)
+    cfg = TrainConfig.for_task(
+        task,
+        steps=40,
+        swap_every=20,
+        log_every=20,
+        progress=False,
+        animation=False,
+        out=str(tmp_path / "run"),
+        **overrides,
+    )
     r = train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert math.isfinite(summary[f"test_{r.task.metric}"])
@@ -85,10 +96,15 @@ def test_short_transformer_runs_write_a_full_run_folder(tmp_path, task, override
 
 
 def test_cli_rejects_missing_text_file(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "topotorch", "train", f"text:{tmp_path}/nope.txt"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "topotorch", "train", f"text:{tmp_path}/nope.txt"], capture_output=True, text=True
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.stderr.strip().startswith("error:")
+        and "not found" in proc.stderr
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_probe_ignores_neurons_without_signal():

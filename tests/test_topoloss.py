@@ -51,8 +51,12 @@ def test_equals_peer_topoloss(factor):
         g_ours = torch.autograd.grad(ours, net.get_submodule(name).weight)[0]
         torch.testing.assert_close(g_ours, g_peer, atol=1e-6, rtol=1e-4)
     # several layers, the reference's mean over layers and per-layer scale
-    peer = topoloss.TopoLoss([topoloss.LaplacianPyramid("0", factor, factor, scale=2.0),
-                              topoloss.LaplacianPyramid("2", factor, factor, scale=0.5)]).compute(net)
+    peer = topoloss.TopoLoss(
+        [
+            topoloss.LaplacianPyramid("0", factor, factor, scale=2.0),
+            topoloss.LaplacianPyramid("2", factor, factor, scale=0.5),
+        ]
+    ).compute(net)
     ours = TopoLoss(net, "0,2", factor=factor, tau={"0": 2.0, "2": 0.5})()
     assert abs(ours.item() - peer.item()) <= 1e-6
 
@@ -123,8 +127,9 @@ def test_operators_and_errors():
     dh, uh, dw, uw = axis_operators(8, 12, factor=4)
     assert dh.shape == (2, 8) and uh.shape == (8, 2) and dw.shape == (3, 12) and uw.shape == (12, 3)
     x = torch.randn(8, 12, 3, dtype=torch.float64)
-    direct = F.interpolate(F.interpolate(x.permute(2, 0, 1)[None], scale_factor=0.25, mode="bilinear"),
-                           size=(8, 12), mode="bilinear")[0].permute(1, 2, 0)
+    direct = F.interpolate(
+        F.interpolate(x.permute(2, 0, 1)[None], scale_factor=0.25, mode="bilinear"), size=(8, 12), mode="bilinear"
+    )[0].permute(1, 2, 0)
     torch.testing.assert_close(blur(x, 4), direct)
     assert sheet_loss(x, 1.0).abs().max() < 1e-12  # φ = 1 is the identity
     with pytest.raises(ValueError, match="does not fit a 8x8 sheet"):
@@ -154,8 +159,9 @@ def test_tau_schedules_clamp_past_the_end():
 def test_training_with_topo_tau_smooths_the_chosen_layer(tmp_path):
     from topotorch.training import TrainConfig, train
 
-    common = dict(method="none", steps=40, animation=False, progress=False, log_every=40, topo_layers="0",
-                  topo_factor=2.0)
+    common = dict(
+        method="none", steps=40, animation=False, progress=False, log_every=40, topo_layers="0", topo_factor=2.0
+    )
     plain = train(TrainConfig.for_task("digits", **common)).model
     r = train(TrainConfig.for_task("digits", **common, topo_tau=20.0, out=str(tmp_path / "run")))
     plain_value = TopoLoss(plain, "0", factor=2.0)().item()
@@ -190,8 +196,9 @@ def test_readme_toponets_example_runs(tmp_path):
     section = readme.split("## TopoNets", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     (tmp_path / "ex.py").write_text(code)
-    proc = subprocess.run([sys.executable, str(tmp_path / "ex.py")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "ex.py")], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "{'0': 0.019}" in proc.stdout and "Linear(in_features=16, out_features=10" in proc.stdout
 
@@ -203,9 +210,14 @@ def test_kernel_and_tensor_paths_agree_on_values_and_gradients():
     if tl._topo_kernel() is None:
         pytest.skip(f"no C compiler for the TopoLoss kernel: {tl._kerror}")
     torch.manual_seed(0)
-    for shape, factor, mode in [((48, 64, 40), (4.0, 4.0), "bilinear"), ((48, 64, 40), (3.0, 3.0), "bilinear"),
-                                ((6, 8, 27), (2.0, 2.0), "bilinear"), ((10, 12, 5), (3.0, 2.0), "nearest"),
-                                ((12, 16, 7), (4.0, 4.0), "area"), ((7, 9, 3), (1.5, 1.5), "bilinear")]:
+    for shape, factor, mode in [
+        ((48, 64, 40), (4.0, 4.0), "bilinear"),
+        ((48, 64, 40), (3.0, 3.0), "bilinear"),
+        ((6, 8, 27), (2.0, 2.0), "bilinear"),
+        ((10, 12, 5), (3.0, 2.0), "nearest"),
+        ((12, 16, 7), (4.0, 4.0), "area"),
+        ((7, 9, 3), (1.5, 1.5), "bilinear"),
+    ]:
         s = torch.randn(*shape)
         v_t, g_t = tl._fused(s.unsqueeze(0), factor, mode, torch.tensor([0.7]))
         v_k, g_k = tl._kernel_sheet(s, factor, mode, 0.7)
@@ -226,6 +238,7 @@ def test_gradient_scaling_layerwise_and_retain_graph():
 
     def ref(w, f=2.0):
         return reference_loss(w.reshape(8, 12, -1) if w.shape[0] == 96 else w.reshape(8, 8, -1), f, "bilinear")
+
     g_ref0 = torch.autograd.grad(ref(w0), w0)[0]
     g_ref1 = torch.autograd.grad(ref(w1), w1)[0]
     out = loss()
@@ -266,4 +279,5 @@ def test_hf_gpt2_conv1d_layers_match_a_transposed_linear():
     for i in range(2):
         torch.testing.assert_close(gpt.transformer.h[i].mlp.c_fc.weight.grad, lins[i].weight.grad.T)
     from topotorch.sheets import default_layers
+
     assert default_layers(gpt) == "*.c_fc"

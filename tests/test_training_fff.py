@@ -87,16 +87,21 @@ def test_bad_inputs_are_named():
         make_classifier("fff", 2, 2, training_width=24, leaf_width=8)
     with pytest.raises(ValueError, match="kind"):
         make_classifier("moe", 2, 2)  # type: ignore[arg-type]
-    for bad, match in [({"epochs": 0}, "epochs"), ({"hard_frac": 2.0}, "hard_frac"), ({"lr": 0.0}, "lr"),
-                       ({"final_sharpness": 0.1}, "final_sharpness")]:
+    for bad, match in [
+        ({"epochs": 0}, "epochs"),
+        ({"hard_frac": 2.0}, "hard_frac"),
+        ({"lr": 0.0}, "lr"),
+        ({"final_sharpness": 0.1}, "final_sharpness"),
+    ]:
         with pytest.raises(ValueError, match=match):
             FFFRecipe(**bad)
 
 
 def test_run_folder_round_trips_and_corruption_is_named(tmp_path):
     out = tmp_path / "moons"
-    config = FFFRunConfig(task="two-moons", training_width=16, leaf_width=1, recipe=FFFRecipe(epochs=20),
-                          progress=False, out=str(out))
+    config = FFFRunConfig(
+        task="two-moons", training_width=16, leaf_width=1, recipe=FFFRecipe(epochs=20), progress=False, out=str(out)
+    )
     result = train_fff_run(config)
     for name in ("config.json", "model.safetensors", "summary.json", "leaves.md", "regions.png"):
         assert (out / name).exists(), name
@@ -104,7 +109,9 @@ def test_run_folder_round_trips_and_corruption_is_named(tmp_path):
     assert summary["depth"] == 4 and summary["neurons_per_sample"] == 5 and 1 <= summary["leaves_used"] <= 16
     loaded = load_fff_run(out)
     data = get_task("two-moons").make_data(0, torch.float32)
-    assert accuracy(loaded.model, data.x_test, data.y_test) == summary["test_accuracy"] == result.summary["test_accuracy"]
+    assert (
+        accuracy(loaded.model, data.x_test, data.y_test) == summary["test_accuracy"] == result.summary["test_accuracy"]
+    )
     assert accuracy(loaded.model.train(), data.x_test, data.y_test) == summary["soft_test_accuracy"]
     from topotorch.report import build_report
 
@@ -131,8 +138,22 @@ def test_run_config_validation():
 
 def test_cli_trains_and_errors_are_one_line(tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["fff", "two-moons", "--leaf-width", "2", "--training-width", "16", "--epochs", "10",
-                             "--no-progress", "--out", str(tmp_path / "run")])
+    ok = runner.invoke(
+        app,
+        [
+            "fff",
+            "two-moons",
+            "--leaf-width",
+            "2",
+            "--training-width",
+            "16",
+            "--epochs",
+            "10",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     assert "fff on two-moons: test accuracy" in ok.output and (tmp_path / "run" / "summary.json").exists()
     bad = runner.invoke(app, ["fff", "two-moons", "--leaf-width", "3", "--no-progress", "--out", str(tmp_path / "b")])

@@ -23,8 +23,14 @@ def corpus(tmp_path_factory):
 
 
 def test_model_config_parsing():
-    assert parse_model_config("n_layer=4, n_embd=128,act=gelu,tie=false,p=0.1,x=none") == \
-        {"n_layer": 4, "n_embd": 128, "act": "gelu", "tie": False, "p": 0.1, "x": None}
+    assert parse_model_config("n_layer=4, n_embd=128,act=gelu,tie=false,p=0.1,x=none") == {
+        "n_layer": 4,
+        "n_embd": 128,
+        "act": "gelu",
+        "tie": False,
+        "p": 0.1,
+        "x": None,
+    }
     assert parse_model_config("") == {}
     with pytest.raises(ValueError, match="not KEY=VALUE"):
         parse_model_config("n_layer4")
@@ -33,8 +39,20 @@ def test_model_config_parsing():
 def test_hugging_face_gpt2_trains_through_the_cli_with_every_output(corpus, tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "run"
-    r = invoke("train", f"text:{corpus}", "--model", "hf:gpt2", "--model-config", "n_layer=1,n_embd=16,n_head=2",
-               "--steps", 6, "--no-animation", "--no-progress", "--out", out)
+    r = invoke(
+        "train",
+        f"text:{corpus}",
+        "--model",
+        "hf:gpt2",
+        "--model-config",
+        "n_layer=1,n_embd=16,n_head=2",
+        "--steps",
+        6,
+        "--no-animation",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 6 and (out / "connectivity.png").is_file()
@@ -71,18 +89,33 @@ def build_tiny(width: int = 8):
 def test_a_users_builder_function_trains(corpus, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
     out = tmp_path / "run"
-    r = invoke("train", f"text:{corpus}", "--model", "test_user_models:build_tiny", "--model-config", "width=6",
-               "--steps", 4, "--no-animation", "--no-progress", "--out", out)
+    r = invoke(
+        "train",
+        f"text:{corpus}",
+        "--model",
+        "test_user_models:build_tiny",
+        "--model-config",
+        "width=6",
+        "--steps",
+        4,
+        "--no-animation",
+        "--no-progress",
+        "--out",
+        out,
+    )
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["model"] == "test_user_models:build_tiny"
 
 
-@pytest.mark.parametrize("spec, needle", [
-    ("nope", "give hf:NAME or package.module:function"),
-    ("hf:not_a_model_type", "unknown Hugging Face model type"),
-    ("os:getcwd", "returned str, not an nn.Module"),
-    ("no_such_module_xyz:f", "cannot import it"),
-])
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("nope", "give hf:NAME or package.module:function"),
+        ("hf:not_a_model_type", "unknown Hugging Face model type"),
+        ("os:getcwd", "returned str, not an nn.Module"),
+        ("no_such_module_xyz:f", "cannot import it"),
+    ],
+)
 def test_bad_model_specs_are_one_line_errors(corpus, tmp_path, spec, needle):
     if spec.startswith("hf:"):
         pytest.importorskip("transformers")

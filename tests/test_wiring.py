@@ -283,12 +283,16 @@ def test_config_defaults():
 
 # -- the closed-form penalty gradient the trainer uses --------------------------------------
 
-@pytest.mark.parametrize("cfg", [
-    WiringConfig(wf=1.0, l0=0.1),
-    WiringConfig(wf=2.0, l0=0.5, agg="mean"),
-    WiringConfig(wf=0.0, l0=1.0, penalize_bias=False),
-    WiringConfig(wf=1.5, l0=0.2, metric="l2", exclude=["mlp.2.*", "2.weight"]),
-])
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        WiringConfig(wf=1.0, l0=0.1),
+        WiringConfig(wf=2.0, l0=0.5, agg="mean"),
+        WiringConfig(wf=0.0, l0=1.0, penalize_bias=False),
+        WiringConfig(wf=1.5, l0=0.2, metric="l2", exclude=["mlp.2.*", "2.weight"]),
+    ],
+)
 @pytest.mark.parametrize("kind", ["mlp", "tokens"])
 def test_closed_form_gradient_equals_autograd(cfg, kind):
     from topotorch.models import MLP, TokenMLP

@@ -128,9 +128,14 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     return digest
 
 
-def write_artifact(tensor_path: str | Path, json_path: str | Path, tensors: dict[str, torch.Tensor], meta: dict,
-                   tensor_metadata: dict[str, str] | None = None,
-                   previous: tuple[str | Path, str | Path] | None = None) -> dict:
+def write_artifact(
+    tensor_path: str | Path,
+    json_path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    tensor_metadata: dict[str, str] | None = None,
+    previous: tuple[str | Path, str | Path] | None = None,
+) -> dict:
     """Write ``tensors`` and ``meta`` (+ the tensors' ``"sha256"``) as an atomic, checksummed pair.
 
     ``meta`` must be JSON-able; a ``"format"`` entry names the kind for :func:`read_artifact`.
@@ -170,8 +175,9 @@ def read_meta(json_path: str | Path, error: type[Exception] = ArtifactError) -> 
     return meta
 
 
-def read_artifact(tensor_path: str | Path, json_path: str | Path, kind: str | None = None,
-                  error: type[Exception] = ArtifactError) -> tuple[dict[str, torch.Tensor], dict]:
+def read_artifact(
+    tensor_path: str | Path, json_path: str | Path, kind: str | None = None, error: type[Exception] = ArtifactError
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a pair written by :func:`write_artifact`: checksum verified before the tensors are parsed.
 
     ``kind``: the ``"format"`` the JSON must name (None: any). ``error``: the exception class raised

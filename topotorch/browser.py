@@ -115,13 +115,25 @@ class Browser:
     def __enter__(self) -> Browser:
         # Chromium's helper processes may still write the profile while it is removed: ignore that race
         self._tmp = tempfile.TemporaryDirectory(prefix="topotorch-chromium-", ignore_cleanup_errors=True)
-        args = [self.binary, "--headless=new", "--remote-debugging-port=0", f"--user-data-dir={self._tmp.name}",
-                "--no-first-run", "--no-default-browser-check", "--disable-gpu", "--disable-extensions",
-                "--disable-dev-shm-usage", f"--window-size={self.width},{self.height}", "about:blank"]
+        args = [
+            self.binary,
+            "--headless=new",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={self._tmp.name}",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-gpu",
+            "--disable-extensions",
+            "--disable-dev-shm-usage",
+            f"--window-size={self.width},{self.height}",
+            "about:blank",
+        ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
         # its own process group, so closing kills the renderer and GPU helpers too
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         port_file = Path(self._tmp.name) / "DevToolsActivePort"
         end = time.monotonic() + self.timeout
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -143,8 +155,9 @@ class Browser:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
                 target = json.loads(urllib.request.urlopen(req, timeout=self.timeout).read())
-                ws = websocket.create_connection(target["webSocketDebuggerUrl"], timeout=self.timeout,
-                                                 suppress_origin=True)
+                ws = websocket.create_connection(
+                    target["webSocketDebuggerUrl"], timeout=self.timeout, suppress_origin=True
+                )
                 break
             except OSError:
                 if time.monotonic() > end:
@@ -154,7 +167,13 @@ class Browser:
         page = Page(ws, self.timeout)
         for domain in ("Runtime", "Log", "Page"):
             page.send(f"{domain}.enable")
-        page.send("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height, deviceScaleFactor=1, mobile=False)
+        page.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=self.width,
+            height=self.height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         page.send("Page.navigate", url=url)
         page.wait_event("Page.loadEventFired")
         return page

@@ -54,7 +54,9 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer 
             elif isinstance(v, (int, float, bool)):
                 scalars.setdefault(n, {})[k] = v
             else:
-                raise CheckpointError(f"optimizer state {n}/{k} of type {type(v).__name__} cannot be saved without pickle")
+                raise CheckpointError(
+                    f"optimizer state {n}/{k} of type {type(v).__name__} cannot be saved without pickle"
+                )
     return tensors, scalars
 
 
@@ -85,7 +87,9 @@ def save_checkpoint(
         "step": int(step),
         "optimizer": {
             "class": type(optimizer).__name__ if optimizer else None,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else [],
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            if optimizer
+            else [],
             "scalars": opt_scalars,
         },
         "extra": extra or {},
@@ -149,13 +153,16 @@ def load_checkpoint(
         warnings.warn(f"{err}; using the previous checkpoint {prev_st}", FallbackWarning, stacklevel=2)
     if check_meta is not None:
         check_meta(meta)
-    state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    state = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
     # check before loading: load_state_dict copies the tensors that fit before it raises (half-loaded model)
     own = model.state_dict()
     problems = [f"missing {k!r}" for k in own if k not in state]
     problems += [f"unexpected {k!r}" for k in state if k not in own]
-    problems += [f"{k!r} has shape {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
-                 for k in own if k in state and state[k].shape != own[k].shape]
+    problems += [
+        f"{k!r} has shape {tuple(state[k].shape)}, model has {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"checkpoint does not fit the model: {'; '.join(problems[:3])}{more}")
@@ -167,7 +174,7 @@ def load_checkpoint(
         names = dict(model.named_parameters())
         for key, v in tensors.items():
             if key.startswith("optim/"):
-                pname, _, sk = key[len("optim/"):].rpartition("/")
+                pname, _, sk = key[len("optim/") :].rpartition("/")
                 p = names[pname]
                 optimizer.state[p][sk] = v.to(p.device) if v.ndim > 0 else v  # 0-d (step) stays on the CPU
         for pname, sc in meta["optimizer"]["scalars"].items():
@@ -182,16 +189,25 @@ def load_checkpoint(
             if key in tensors:
                 s.positions = tensors[key].to(torch.float64)
         graph.version += 1
-    meta["extra_tensors"] = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+    meta["extra_tensors"] = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
     return meta
 
 
 # -- run folders -------------------------------------------------------------------------------
 
 # what marks a folder as holding a run (`topotorch train` or `topotorch fff`)
-RUN_FILES = ("config.json", "summary.json", "metrics.csv", "checkpoint.safetensors", "checkpoint.json",
-             "checkpoint.prev.safetensors", "checkpoint.prev.json", "snapshots.safetensors", "model.safetensors",
-             "model.json")
+RUN_FILES = (
+    "config.json",
+    "summary.json",
+    "metrics.csv",
+    "checkpoint.safetensors",
+    "checkpoint.json",
+    "checkpoint.prev.safetensors",
+    "checkpoint.prev.json",
+    "snapshots.safetensors",
+    "model.safetensors",
+    "model.json",
+)
 
 
 class RunFolderExists(ValueError):
@@ -221,9 +237,11 @@ def prepare_run_folder(folder: Path, overwrite: bool | None, resume_hint: bool =
         return None
     if overwrite is False:
         also = f", or --resume {folder} to continue it" if resume_hint else ""
-        raise RunFolderExists(f"{folder} already holds a run ({', '.join(found[:3])}"
-                              f"{', ...' if len(found) > 3 else ''}); pass --overwrite to move it aside to "
-                              f"{folder.name}.old-<time>{also}, or choose another --out")
+        raise RunFolderExists(
+            f"{folder} already holds a run ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); pass --overwrite to move it aside to "
+            f"{folder.name}.old-<time>{also}, or choose another --out"
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest, k = folder.with_name(f"{folder.name}.old-{stamp}"), 1
     while dest.exists():

@@ -67,8 +67,14 @@ class _OneLineErrors(TyperGroup):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  pretty_exceptions_enable=False, help="Give neural networks a body in space.")
+app = typer.Typer(
+    cls=_OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Give neural networks a body in space.",
+)
 
 
 def _option_help(spec: FieldSpec) -> str:
@@ -101,9 +107,14 @@ def config_options(*classes: type, from_task: bool = False) -> Callable:
                 raise TypeError(f"{fn.__name__}: option --{spec.name} is declared twice (command and config)")
             kind = spec.base if spec.base in (int, float, bool) else str  # choices and schedules: the config checks
             default = None if (from_task or spec.optional) else spec.default
-            params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY,
-                                            annotation=kind | None if default is None else kind,
-                                            default=typer.Option(default, help=_option_help(spec))))
+            params.append(
+                inspect.Parameter(
+                    spec.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=kind | None if default is None else kind,
+                    default=typer.Option(default, help=_option_help(spec)),
+                )
+            )
         names = [spec.name for spec in specs]
 
         @functools.wraps(fn)
@@ -116,7 +127,6 @@ def config_options(*classes: type, from_task: bool = False) -> Callable:
         return command
 
     return decorate
-
 
 
 def _fail(msg: str) -> NoReturn:
@@ -146,8 +156,10 @@ def tasks() -> None:
         t = get_task(name)
         d = t.defaults
         typer.echo(f"{name:18s} {t.description}")
-        typer.echo(f"{'':18s} steps={d.get('steps')} lr={d.get('lr')} l0={d.get('l0')} wf={d.get('wf')} "
-                   f"top_k={d.get('top_k')} swap_every={d.get('swap_every')} lam={d.get('lam')} dtype={d.get('dtype')}")
+        typer.echo(
+            f"{'':18s} steps={d.get('steps')} lr={d.get('lr')} l0={d.get('l0')} wf={d.get('wf')} "
+            f"top_k={d.get('top_k')} swap_every={d.get('swap_every')} lam={d.get('lam')} dtype={d.get('dtype')}"
+        )
 
 
 @app.command()
@@ -177,14 +189,19 @@ def train(
                 _fail("--overwrite starts a new run; --resume continues one: give one of them")
             fixed = sorted(k.replace("_", "-") for k in given if k not in runtime or k == "out")
             if task is not None or fixed:
-                _fail("--resume takes the run's own config; drop " + ", ".join(([task] if task else []) +
-                                                                             [f"--{g}" for g in fixed]))
+                _fail(
+                    "--resume takes the run's own config; drop "
+                    + ", ".join(([task] if task else []) + [f"--{g}" for g in fixed])
+                )
             if not (resume / "config.json").is_file():
                 _fail(f"{resume} is not a run folder (no config.json)")
             cfg = open_config(resume, kind="train")
             # runtime settings are this invocation's (not given: the field's default), re-validated
-            fresh = {s.name: given.get(s.name, s.default) for s in settings_of(TrainConfig)
-                     if s.name in runtime and s.name != "out"}
+            fresh = {
+                s.name: given.get(s.name, s.default)
+                for s in settings_of(TrainConfig)
+                if s.name in runtime and s.name != "out"
+            }
             cfg = dataclasses.replace(cfg, **fresh, out=str(resume))
         else:
             if task is None:
@@ -205,12 +222,16 @@ def train(
         return
     s = result.summary
     m = f"test_{result.task.metric}"
-    typer.echo(f"{task} [{method}] {m}={s[m]:.4g} thresholded={s['thresholded_' + m]:.4g} "
-               f"wiring_cost={s['wiring_cost']:.4g} active_weights={s['active_weights']['active']}/"
-               f"{s['active_weights']['total']} modules={s['n_modules']} ({s['train_seconds']:.1f}s)")
+    typer.echo(
+        f"{task} [{method}] {m}={s[m]:.4g} thresholded={s['thresholded_' + m]:.4g} "
+        f"wiring_cost={s['wiring_cost']:.4g} active_weights={s['active_weights']['active']}/"
+        f"{s['active_weights']['total']} modules={s['n_modules']} ({s['train_seconds']:.1f}s)"
+    )
     for i, mod in enumerate(s["modules"]):
-        typer.echo(f"  module {i + 1}: inputs {mod['inputs'] or '-'} -> outputs {mod['outputs'] or '-'} "
-                   f"({mod['neurons']} neurons)")
+        typer.echo(
+            f"  module {i + 1}: inputs {mod['inputs'] or '-'} -> outputs {mod['outputs'] or '-'} "
+            f"({mod['neurons']} neurons)"
+        )
     typer.echo(f"run folder: {cfg.out}")
 
 
@@ -243,7 +264,9 @@ def draw(
 @app.command()
 @config_options(FFFRunConfig, FFFRecipe)
 def fff(
-    task: str = typer.Argument("digits", help="a classification task with vector inputs (digits, two-moons, mnist1d, ...)"),
+    task: str = typer.Argument(
+        "digits", help="a classification task with vector inputs (digits, two-moons, mnist1d, ...)"
+    ),
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
     settings: dict | None = None,
 ) -> None:
@@ -265,8 +288,10 @@ def fff(
     s = result.summary
     line = f"{model} on {task}: test accuracy {100 * s['test_accuracy']:.1f}% (train {100 * s['train_accuracy']:.1f}%)"
     if model == "fff":
-        line += (f", soft {100 * s['soft_test_accuracy']:.1f}%; {s['leaves_used']} of {2 ** s['depth']} leaves used, "
-                 f"{s['neurons_per_sample']} neurons per sample")
+        line += (
+            f", soft {100 * s['soft_test_accuracy']:.1f}%; {s['leaves_used']} of {2 ** s['depth']} leaves used, "
+            f"{s['neurons_per_sample']} neurons per sample"
+        )
     typer.echo(line)
     typer.echo(f"wrote {result.run_dir}")
 
@@ -367,22 +392,30 @@ def _compress_compact(run: Path, threshold: float | None, choose: str, threads: 
         except (FileNotFoundError, ValueError, TypeError, CheckpointError, CompactError) as e:
             _fail(str(e))
     m = rep["metric"]
-    typer.echo(f"{rep['task']} [{rep.get('method', '')}] threshold {rep['threshold']:g}, {rep['threads']} thread(s)"
-               + (f", formats {','.join(rep['formats'])}, modules {len(rep.get('modules') or [])}" if "formats" in rep else ""))
+    typer.echo(
+        f"{rep['task']} [{rep.get('method', '')}] threshold {rep['threshold']:g}, {rep['threads']} thread(s)"
+        + (f", formats {','.join(rep['formats'])}, modules {len(rep.get('modules') or [])}" if "formats" in rep else "")
+    )
     rows = [("parameters", rep["params_before"], rep["params_after"], rep["param_ratio"])]
     if "flops_before" in rep:
         rows.append(("FLOPs / sample", rep["flops_before"], rep["flops_after"], rep["flops_ratio"]))
     for b, v in rep["speed"].items():
         if b == "1":
-            rows.append(("latency batch 1 (µs)", v["dense_seconds"] * 1e6, v["compact_seconds"] * 1e6, v["throughput_ratio"]))
+            rows.append(
+                ("latency batch 1 (µs)", v["dense_seconds"] * 1e6, v["compact_seconds"] * 1e6, v["throughput_ratio"])
+            )
         else:
-            rows.append((f"samples/s batch {b}", v["dense_samples_per_s"], v["compact_samples_per_s"], v["throughput_ratio"]))
+            rows.append(
+                (f"samples/s batch {b}", v["dense_samples_per_s"], v["compact_samples_per_s"], v["throughput_ratio"])
+            )
     typer.echo(f"{'figure':24s} {'dense':>12s} {'compact':>12s} {'ratio':>7s}")
     for name, a, b, ratio in rows:
         typer.echo(f"{name:24s} {a:12.5g} {b:12.5g} {ratio:6.2f}x")
-    typer.echo(f"test {m}: dense {rep[f'test_{m}_dense']:.4g}, thresholded {rep[f'test_{m}_thresholded']:.4g}, "
-               f"compact {rep[f'test_{m}_compact']:.4g}; max |compact - thresholded| = {rep['max_abs_diff']:.3g}"
-               + (f" (float64: {rep['max_abs_diff_float64']:.3g})" if "max_abs_diff_float64" in rep else ""))
+    typer.echo(
+        f"test {m}: dense {rep[f'test_{m}_dense']:.4g}, thresholded {rep[f'test_{m}_thresholded']:.4g}, "
+        f"compact {rep[f'test_{m}_compact']:.4g}; max |compact - thresholded| = {rep['max_abs_diff']:.3g}"
+        + (f" (float64: {rep['max_abs_diff_float64']:.3g})" if "max_abs_diff_float64" in rep else "")
+    )
     typer.echo("(batch-1 latency measures framework overhead, not arithmetic)")
     typer.echo(f"wrote {run / 'compact'}/ (report.json)")
 
@@ -395,8 +428,10 @@ def compress(
     layers: str | None = typer.Option(None, help="layer pattern (default: the run's topo_layers)"),
     mode: str = typer.Option("area", help="nearest | bilinear | area"),
     calibrate: bool = typer.Option(True, help="refit each reading layer by least squares on training inputs"),
-    threshold: float | None = typer.Option(None, help="compact runtime (the default mode): weights with |w| <= T "
-                                              "are dead (default: the run's config threshold)"),
+    threshold: float | None = typer.Option(
+        None,
+        help="compact runtime (the default mode): weights with |w| <= T are dead (default: the run's config threshold)",
+    ),
     choose: str = typer.Option("auto", help="compact storage per layer: auto (measured) | dense | block | csr"),
     threads: int = typer.Option(1, help="torch threads for the compact runtime's timings"),
 ) -> None:
@@ -409,7 +444,9 @@ def compress(
     from topotorch.training import evaluate
 
     if threshold is not None and (downsample is not None or removed is not None):
-        _fail("--threshold (compact runtime) and --downsample/--removed (topographic downsampling) are mutually exclusive")
+        _fail(
+            "--threshold (compact runtime) and --downsample/--removed (topographic downsampling) are mutually exclusive"
+        )
     if downsample is None and removed is None:
         return _compress_compact(run, threshold, choose, threads)
     if downsample is not None and removed is not None:
@@ -431,15 +468,30 @@ def compress(
     m = f"test_{r.task.metric}"
     before = evaluate(r.task, r.model, r.data.x_test, r.data.y_test)
     after = evaluate(r.task, small, r.data.x_test, r.data.y_test)
-    units = {n: [layer_tensor(r.model.get_submodule(n), "weight").shape[0],
-                 layer_tensor(small.get_submodule(n), "weight").shape[0]] for n in names}
-    spec = {"layers": names, "factor": downsample, "removed": removed, "mode": mode, "calibrated": calibrate,
-            "params_before": parameter_count(r.model), "params_after": parameter_count(small),
-            f"{m}_before": before, f"{m}_after": after, "units": units}
+    units = {
+        n: [
+            layer_tensor(r.model.get_submodule(n), "weight").shape[0],
+            layer_tensor(small.get_submodule(n), "weight").shape[0],
+        ]
+        for n in names
+    }
+    spec = {
+        "layers": names,
+        "factor": downsample,
+        "removed": removed,
+        "mode": mode,
+        "calibrated": calibrate,
+        "params_before": parameter_count(r.model),
+        "params_after": parameter_count(small),
+        f"{m}_before": before,
+        f"{m}_after": after,
+        "units": units,
+    }
     paths = save_compressed(run, small, spec)
     cut = ", ".join(f"{n}: {a}->{b}" for n, (a, b) in units.items())
-    typer.echo(f"compressed {cut}; params {spec['params_before']} -> {spec['params_after']}; "
-               f"{m} {before:.4g} -> {after:.4g}")
+    typer.echo(
+        f"compressed {cut}; params {spec['params_before']} -> {spec['params_after']}; {m} {before:.4g} -> {after:.4g}"
+    )
     typer.echo(f"wrote {paths[0]} and {paths[1].name}")
 
 
@@ -484,8 +536,14 @@ def maps(
         names = r.task.output_labels if y.ndim == 1 and r.task.output_labels else None
         titles = [names[c] if names and c < len(names) else str(c) for c in chosen]
         sm, ed = smoothness(t, s.h, s.w), effective_dimensionality(acts)
-        png = draw_maps(t, s.h, s.w, folder / f"{s.name}.png", titles=titles,
-                        suptitle=f"{r.config.task} {s.name} ({s.h}x{s.w}): smoothness {sm:.2f}, eff. dim {ed:.1f}")
+        png = draw_maps(
+            t,
+            s.h,
+            s.w,
+            folder / f"{s.name}.png",
+            titles=titles,
+            suptitle=f"{r.config.task} {s.name} ({s.h}x{s.w}): smoothness {sm:.2f}, eff. dim {ed:.1f}",
+        )
         result[s.name] = {"sheet": [s.h, s.w], "smoothness": sm, "effective_dim": ed, "png": str(png)}
         typer.echo(f"{s.name}: {s.h}x{s.w} sheet, smoothness {sm:.3f}, effective dim {ed:.2f} -> {png}")
     folder.mkdir(parents=True, exist_ok=True)
@@ -528,38 +586,57 @@ def localize(
         _fail(str(e) or "the model has no block size")
     (xt, yt), (xo, yo) = sets
     ys = {id(xt): yt, id(xo): yo}
-    res = do_localize(r.model, names[0], xt, xo, metric=lambda m, x: bits_per_char(m, x, ys[id(x)]),
-                      threshold=threshold)
+    res = do_localize(
+        r.model, names[0], xt, xo, metric=lambda m, x: bits_per_char(m, x, ys[id(x)]), threshold=threshold
+    )
     stem = out or run / "localize"
     stem.parent.mkdir(parents=True, exist_ok=True)
     h, w = res["sheet"]
-    draw_maps(torch.tensor(res["t_map"]), h, w, stem.with_suffix(".png"), titles=["target vs other"],
-              suptitle=f"{names[0]}: region of {len(res['region_units'])} units")
+    draw_maps(
+        torch.tensor(res["t_map"]),
+        h,
+        w,
+        stem.with_suffix(".png"),
+        titles=["target vs other"],
+        suptitle=f"{names[0]}: region of {len(res['region_units'])} units",
+    )
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    typer.echo(f"{names[0]} ({h}x{w}): region of {len(res['region_units'])} units, mean t "
-               f"{res['t_region_mean'] if res['t_region_mean'] is None else round(res['t_region_mean'], 2)}")
+    typer.echo(
+        f"{names[0]} ({h}x{w}): region of {len(res['region_units'])} units, mean t "
+        f"{res['t_region_mean'] if res['t_region_mean'] is None else round(res['t_region_mean'], 2)}"
+    )
     for k in ("target", "other"):
         v = res[k]
-        typer.echo(f"  {k}: bits/char {v['intact']:.4f} -> region ablated {v['region_ablated']:.4f} "
-                   f"(random same-size {v['random_ablated']:.4f})")
+        typer.echo(
+            f"  {k}: bits/char {v['intact']:.4f} -> region ablated {v['region_ablated']:.4f} "
+            f"(random same-size {v['random_ablated']:.4f})"
+        )
     typer.echo(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png').name}")
 
 
 @app.command("sweep-sparsity")
 def sweep_sparsity(
     task: str = typer.Argument(..., help="task name (see `topotorch tasks`), e.g. digits or mnist1d"),
-    methods: str = typer.Option("bimt,l1,imp,random,soup,magnitude",
-                                help="comma-separated: magnitude, layerwise, random, bimt, l1, imp, imp-ft, soup, nm24"),
-    sparsities: str = typer.Option("0.5,0.8,0.9,0.95,0.98", help="increasing fractions of weights removed, each in (0, 1)"),
+    methods: str = typer.Option(
+        "bimt,l1,imp,random,soup,magnitude",
+        help="comma-separated: magnitude, layerwise, random, bimt, l1, imp, imp-ft, soup, nm24",
+    ),
+    sparsities: str = typer.Option(
+        "0.5,0.8,0.9,0.95,0.98", help="increasing fractions of weights removed, each in (0, 1)"
+    ),
     seeds: str = typer.Option("0,1,2", help="comma-separated seeds (the tables give medians)"),
     out: Path | None = typer.Option(None, help="output folder (default: runs/sparsity-TASK)"),
     dense_steps: int | None = typer.Option(None, help="T: training steps before pruning (default: the task's)"),
-    cycle_steps: int = typer.Option(1000, help="R: steps per prune-retrain cycle; one-shot methods fine-tune i*R at level i"),
+    cycle_steps: int = typer.Option(
+        1000, help="R: steps per prune-retrain cycle; one-shot methods fine-tune i*R at level i"
+    ),
     soup_size: int = typer.Option(3, help="m: models averaged per soup cycle"),
     rewind: float = typer.Option(0.05, help="IMP rewinds to step k = REWIND * T"),
     lr: float | None = typer.Option(None, help="fine-tune learning rate (default: the task's)"),
     batch_size: int | None = typer.Option(None, help="fine-tune batch (default: the task's, 128 for full-batch tasks)"),
-    lam: str | None = typer.Option(None, help="λ schedule for the bimt/l1 training, e.g. 0:0.01,2000:0.1 (default: the task's)"),
+    lam: str | None = typer.Option(
+        None, help="λ schedule for the bimt/l1 training, e.g. 0:0.01,2000:0.1 (default: the task's)"
+    ),
     threads: int | None = typer.Option(None, help="torch threads (default: torch's choice)"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -575,10 +652,21 @@ def sweep_sparsity(
         torch.set_num_threads(threads)
     folder = out or Path("runs") / f"sparsity-{task}"
     try:
-        cfg = SweepConfig(task, methods=parse_methods(methods), sparsities=parse_sparsities(sparsities),
-                          seeds=parse_seeds(seeds), out=str(folder),
-                          dense_steps=dense_steps, cycle_steps=cycle_steps, soup_size=soup_size,
-                          rewind_fraction=rewind, lr=lr, batch_size=batch_size, lam=lam, progress=progress)
+        cfg = SweepConfig(
+            task,
+            methods=parse_methods(methods),
+            sparsities=parse_sparsities(sparsities),
+            seeds=parse_seeds(seeds),
+            out=str(folder),
+            dense_steps=dense_steps,
+            cycle_steps=cycle_steps,
+            soup_size=soup_size,
+            rewind_fraction=rewind,
+            lr=lr,
+            batch_size=batch_size,
+            lam=lam,
+            progress=progress,
+        )
     except (ValueError, TypeError) as e:
         _fail(str(e))
     with _warnings_to_stderr():

@@ -17,7 +17,7 @@ Schedules (λ over steps) are ``step:value`` phases, parsed by :func:`parse_sche
 
     >>> cfg = TrainConfig.for_task("independence", steps=2000)
     >>> schedule_value(parse_schedule(cfg.lam), 1000)
-    >>> TrainConfig(steps=0)        # ValueError: steps must be a positive integer, got 0
+    >>> TrainConfig(steps=0)  # ValueError: steps must be a positive integer, got 0
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ MAX_INT = 2**62  # seeds and counts beyond this overflow torch's generators
 
 # -- the declaration of one setting --------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Setting:
     """What a config field declares besides its type and default (see :func:`setting`).
@@ -68,14 +69,16 @@ class Setting:
     allow_blank: bool = False
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-            **declared: Any) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING, **declared: Any
+) -> Any:
     """A dataclass field carrying its :class:`Setting`.
 
     Usage: ``steps: int = setting(20000, "training steps", lo=1)``.
     """
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"setting": Setting(help, **declared)})
+    return dataclasses.field(
+        default=default, default_factory=default_factory, metadata={"setting": Setting(help, **declared)}
+    )
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,11 @@ def settings_of(cls: type) -> tuple[FieldSpec, ...]:
         if s is None:  # e.g. a nested config: validated by its own class
             continue
         base, optional, choices = _resolve(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         out.append(FieldSpec(f.name, default, base, optional, choices, s))
     return tuple(out)
 
@@ -131,13 +137,15 @@ def _resolve(hint: Any) -> tuple[Any, bool, tuple | None]:
 
 # -- validation, generated from the declarations --------------------------------------------------
 
+
 def describe(spec: FieldSpec) -> str:
     """The allowed values of a field in words, as errors and ``--help`` say them: ``a positive integer``,
     ``>= 0 and finite``, ``a number in [0, 1)``, ``one of none, l1, ...``."""
     s = spec.setting
     if spec.choices is not None:
-        return ("one of " + ", ".join(spec.choices) if len(spec.choices) > 2
-                else " or ".join(repr(c) for c in spec.choices))
+        return (
+            "one of " + ", ".join(spec.choices) if len(spec.choices) > 2 else " or ".join(repr(c) for c in spec.choices)
+        )
     if s.expect is not None:
         return s.expect
     base = spec.base
@@ -188,7 +196,11 @@ def _ok_str_list(v: Any, s: Setting) -> bool:
 
 # one test per value type; a type not listed (a union like lam's) is left to the field's own check
 _TYPE_CHECKS: dict[Any, Callable[[Any, Setting], bool]] = {
-    bool: lambda v, s: isinstance(v, bool), int: _ok_int, float: _ok_float, str: _ok_str, list[str]: _ok_str_list,
+    bool: lambda v, s: isinstance(v, bool),
+    int: _ok_int,
+    float: _ok_float,
+    str: _ok_str,
+    list[str]: _ok_str_list,
 }
 
 
@@ -252,6 +264,7 @@ def validate_partial(cls: type, values: dict[str, Any], where: str = "") -> None
 
 
 # -- the fields' own checks ----------------------------------------------------------------------
+
 
 def _check_task(name: Any) -> None:
     if not isinstance(name, str) or not name:
@@ -324,14 +337,17 @@ def schedule_value(phases: list[tuple[int, float]], step: int) -> float:
 
 # -- the training run's settings -------------------------------------------------------------------
 
+
 @dataclass
 class TrainConfig:
     """Every knob of a training run, validated on creation. Usage: ``TrainConfig.for_task("digits", steps=2000)``."""
 
     task: str = setting("independence", "task name (see `topotorch tasks`)", cli=False, check=_check_task)
     method: Literal["none", "l1", "local", "swap", "bimt"] = setting(
-        "bimt", "training penalty / relocation: none, l1 (plain L1), local (wiring cost), swap (L1 + relocation), "
-        "bimt (wiring cost + relocation); default: bimt")
+        "bimt",
+        "training penalty / relocation: none, l1 (plain L1), local (wiring cost), swap (L1 + relocation), "
+        "bimt (wiring cost + relocation); default: bimt",
+    )
     steps: int = setting(20000, "training steps (default: the task's)", lo=1)
     lr: float = setting(2e-3, "learning rate", lo=0.0, lo_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", lo=0.0, cli=False)
@@ -339,20 +355,28 @@ class TrainConfig:
     seed: int = setting(0, "random seed (default: 0)", lo=0)
     dtype: Literal["float32", "float64"] = setting("float32", "parameter dtype (default: the task's)")
     lam: str | float | list = setting(  # noqa: RUF009 - setting() is dataclasses.field with metadata
-        "0:1e-3", "λ schedule as step:value phases, e.g. 0:1e-3,5000:1e-2",
-        expect="a schedule like '0:1e-3,5000:1e-2' or a number", check=_check_schedule)
+        "0:1e-3",
+        "λ schedule as step:value phases, e.g. 0:1e-3,5000:1e-2",
+        expect="a schedule like '0:1e-3,5000:1e-2' or a number",
+        check=_check_schedule,
+    )
     l0: float = setting(0.1, "layer-to-layer gap added to every connection's length", lo=0.0)
     wf: float = setting(1.0, "weight of distance in the wiring cost (0: plain L1)", lo=0.0)
     metric: Literal["l1", "l2"] = setting("l1", "distance between neurons", cli=False)
     agg: Literal["sum", "mean"] = setting("sum", "how the per-weight costs add up", cli=False)
     penalize_bias: bool = setting(True, "biases pay the wiring cost too", cli=False)
-    bias_penalty_from: int = setting(0, "biases join the penalty at this step (the paper: 15000 on symbolic tasks)",
-                                     lo=0, cli=False)
+    bias_penalty_from: int = setting(
+        0, "biases join the penalty at this step (the paper: 15000 on symbolic tasks)", lo=0, cli=False
+    )
     exclude: list[str] = setting(  # noqa: RUF009 - setting() is dataclasses.field with metadata
-        default_factory=list, help="weight-name patterns left out of the penalty", cli=False,
-        expect="a list of weight-name patterns (strings)")
+        default_factory=list,
+        help="weight-name patterns left out of the penalty",
+        cli=False,
+        expect="a list of weight-name patterns (strings)",
+    )
     relocation: Literal["swap", "assign"] = setting(
-        "swap", "how neurons move: swap (the paper's greedy swaps) or assign (exact, per layer)")
+        "swap", "how neurons move: swap (the paper's greedy swaps) or assign (exact, per layer)"
+    )
     top_k: int = setting(5, "neurons tried per layer per relocation", lo=1)
     swap_every: int = setting(200, "relocate every n steps", lo=1)
     relocate_inputs: bool = setting(True, "relocation may move input neurons", cli=False)
@@ -363,10 +387,12 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "checkpoint every n steps (default 0: 10 per run)", lo=0)
     animation: bool = setting(True, "render training.gif / training.mp4 (after summary.json is written)", runtime=True)
     progress: bool = setting(True, "show a progress bar", runtime=True)
-    out: str | None = setting(None, "run folder (default: runs/TASK-METHOD-sSEED)", runtime=True,
-                              expect="a folder path")
-    threads: int | None = setting(None, "torch threads (default: 1 for small models, measured rule)", lo=1, hi=4096,
-                                  runtime=True)
+    out: str | None = setting(
+        None, "run folder (default: runs/TASK-METHOD-sSEED)", runtime=True, expect="a folder path"
+    )
+    threads: int | None = setting(
+        None, "torch threads (default: 1 for small models, measured rule)", lo=1, hi=4096, runtime=True
+    )
     # DiLoCo-style local updates: 0 = every step synchronised (DDP); H > 0 = H inner AdamW steps per
     # replica, then an outer Nesterov-SGD step on the averaged pseudo-gradient (θ_outer − θ_local)
     local_steps: int = setting(0, "DiLoCo: local steps between outer syncs (0: DDP)", lo=0)
@@ -375,19 +401,29 @@ class TrainConfig:
     # TopoNets: + τ · TopoLoss of the cortical sheets of the layers matching topo_layers (fnmatch,
     # comma-separated; "auto": every transformer c_fc / residual-block conv / hidden Linear), blur φ
     topo_tau: float = setting(0.0, "TopoNets: weight τ of TopoLoss (0: off)", lo=0.0)
-    topo_layers: str = setting("auto",
-                               "layers with a cortical sheet: fnmatch pattern(s), e.g. '*.mlp.0' (default: auto)",
-                               expect="'auto' or a layer-name pattern like '*.mlp.0'")
+    topo_layers: str = setting(
+        "auto",
+        "layers with a cortical sheet: fnmatch pattern(s), e.g. '*.mlp.0' (default: auto)",
+        expect="'auto' or a layer-name pattern like '*.mlp.0'",
+    )
     topo_factor: float = setting(3.0, "TopoLoss blur factor φ (default: 3)", lo=1.0)
     # structured sparsity: + group_lam · Σ_neurons ‖outgoing weights‖₂ (neuron_group_norm) over the
     # graph's hidden spaces, so whole neurons/channels/head dims die and `shrink` can cut them out
     group_lam: float = setting(0.0, "neuron group lasso weight (whole neurons die; 0: off)", lo=0.0)
     # bring your own model (topotorch/user_models.py); its graph comes from the data-flow builder,
     # checked on the task's inputs
-    model: str | None = setting(None, "your model: hf:NAME (e.g. hf:gpt2, hf:llama) or package.module:function "
-                                "(default: the task's)", check=_check_model)
-    model_config: str = setting("", "K=V,... for --model, e.g. n_layer=4,n_embd=128,n_head=4", allow_blank=True,
-                                expect="a K=V,... string", check=_check_model_config)
+    model: str | None = setting(
+        None,
+        "your model: hf:NAME (e.g. hf:gpt2, hf:llama) or package.module:function (default: the task's)",
+        check=_check_model,
+    )
+    model_config: str = setting(
+        "",
+        "K=V,... for --model, e.g. n_layer=4,n_embd=128,n_head=4",
+        allow_blank=True,
+        expect="a K=V,... string",
+        check=_check_model_config,
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -418,8 +454,10 @@ class TrainConfig:
         path = Path(path)
         kind = get_run_kind(run_kind(path.parent)) if path.name == "config.json" else None
         if kind is not None and kind.name != "train":  # the folder says what it holds
-            raise ValueError(f"{path.parent} is a `{kind.command or kind.name}` run, not a `topotorch train` run; "
-                             "open it with topotorch.runs.open_run")
+            raise ValueError(
+                f"{path.parent} is a `{kind.command or kind.name}` run, not a `topotorch train` run; "
+                "open it with topotorch.runs.open_run"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - fields
         if unknown:
@@ -441,8 +479,14 @@ class TrainConfig:
     def wiring(self, train: bool, bias: bool = True) -> WiringConfig:
         """The wiring-cost options for the training penalty (``train``) or for relocation decisions."""
         wf = 0.0 if (train and self.method in ("l1", "swap")) else self.wf
-        return WiringConfig(wf=wf, l0=self.l0, metric=self.metric, agg=self.agg,
-                            penalize_bias=self.penalize_bias and bias, exclude=list(self.exclude))
+        return WiringConfig(
+            wf=wf,
+            l0=self.l0,
+            metric=self.metric,
+            agg=self.agg,
+            penalize_bias=self.penalize_bias and bias,
+            exclude=list(self.exclude),
+        )
 
 
 # may differ between a run and its resumption (declared runtime=True above)

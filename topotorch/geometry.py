@@ -5,9 +5,9 @@ its layer, at a point of the unit square. Distances used by the wiring cost are
 *within-layer* distances between a neuron's point and its partner's point; the
 vertical gap between layers is the constant ``l0`` of the cost.
 
-    >>> line(4)            # x_j = (2j+1)/(2N): tensor([[0.125], [0.375], [0.625], [0.875]])
-    >>> grid(8, 8).shape   # torch.Size([64, 2]), cell centres of an 8x8 grid
-    >>> circle(10)         # 10 points on a radius-1/4 circle around (0.5, 0.5)
+    >>> line(4)  # x_j = (2j+1)/(2N): tensor([[0.125], [0.375], [0.625], [0.875]])
+    >>> grid(8, 8).shape  # torch.Size([64, 2]), cell centres of an 8x8 grid
+    >>> circle(10)  # 10 points on a radius-1/4 circle around (0.5, 0.5)
 
 Every layout returns an ``(N, D)`` float64 tensor with ``D`` = 1 (line) or 2
 (plane). Mixed networks are fine: a 1-D line is placed at ``y = 0.5`` when it

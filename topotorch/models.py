@@ -1,7 +1,7 @@
 """Small convenience models. Any ``nn.Module`` chain of Linear layers works; these just save typing.
 
-    >>> MLP([4, 20, 20, 2], activation="silu")
-    >>> TokenMLP(vocab=59, embed_dim=32, n_tokens=2, widths=[50, 50, 59])   # folded embeddings
+>>> MLP([4, 20, 20, 2], activation="silu")
+>>> TokenMLP(vocab=59, embed_dim=32, n_tokens=2, widths=[50, 50, 59])  # folded embeddings
 """
 
 from __future__ import annotations
@@ -76,8 +76,14 @@ class CausalSelfAttention(nn.Module):
     of its original heads. ``n_heads = 0`` (every head removed) outputs ``proj.bias``.
     """
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True, head_dims: Sequence[int] | None = None,
-                 scale: float | None = None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        bias: bool = True,
+        head_dims: Sequence[int] | None = None,
+        scale: float | None = None,
+    ):
         super().__init__()
         if head_dims is None:
             if d_model % n_heads:
@@ -105,9 +111,12 @@ class CausalSelfAttention(nn.Module):
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
             y = y.transpose(1, 2).reshape(b, t, inner)
         elif dims:  # heads of different widths (a shrunk model): one call per head
-            ys = [torch.nn.functional.scaled_dot_product_attention(
-                qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), is_causal=True, scale=scale).squeeze(1)
-                for qh, kh, vh in zip(q.split(dims, -1), k.split(dims, -1), v.split(dims, -1))]
+            ys = [
+                torch.nn.functional.scaled_dot_product_attention(
+                    qh.unsqueeze(1), kh.unsqueeze(1), vh.unsqueeze(1), is_causal=True, scale=scale
+                ).squeeze(1)
+                for qh, kh, vh in zip(q.split(dims, -1), k.split(dims, -1), v.split(dims, -1))
+            ]
             y = torch.cat(ys, dim=-1)
         else:
             y = x.new_zeros(b, t, 0)
@@ -131,8 +140,15 @@ class TorchAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)). ``layernorm=False`` drops the norms."""
 
-    def __init__(self, d_model: int, n_heads: int, d_mlp: int, layernorm: bool = True,
-                 attention: str = "manual", activation: str = "gelu"):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        d_mlp: int,
+        layernorm: bool = True,
+        attention: str = "manual",
+        activation: str = "gelu",
+    ):
         super().__init__()
         attn_cls = {"manual": CausalSelfAttention, "torch": TorchAttention}.get(attention)
         if attn_cls is None:
@@ -140,7 +156,9 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
         self.attn = attn_cls(d_model, n_heads)
         self.ln2 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp), globals()["activation"](activation), nn.Linear(d_mlp, d_model))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_mlp), globals()["activation"](activation), nn.Linear(d_mlp, d_model)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -155,10 +173,21 @@ class TinyGPT(nn.Module):
     (x, y) tokens). Usage: ``TinyGPT(vocab=65, d_model=64, n_layers=2, n_heads=4, block_size=64)``.
     """
 
-    def __init__(self, vocab: int | None = None, d_model: int = 32, n_layers: int = 2, n_heads: int = 1,
-                 d_mlp: int | None = None, block_size: int = 64, in_dim: int | None = None,
-                 out_dim: int | None = None, layernorm: bool = True, attention: str = "manual",
-                 tie_embeddings: bool = True, activation: str = "gelu"):
+    def __init__(
+        self,
+        vocab: int | None = None,
+        d_model: int = 32,
+        n_layers: int = 2,
+        n_heads: int = 1,
+        d_mlp: int | None = None,
+        block_size: int = 64,
+        in_dim: int | None = None,
+        out_dim: int | None = None,
+        layernorm: bool = True,
+        attention: str = "manual",
+        tie_embeddings: bool = True,
+        activation: str = "gelu",
+    ):
         super().__init__()
         if (vocab is None) == (in_dim is None):
             raise ValueError("give exactly one of vocab (token inputs) or in_dim (vector inputs)")
@@ -171,7 +200,8 @@ class TinyGPT(nn.Module):
         self.pos = nn.Parameter(torch.zeros(block_size, d_model))
         nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_mlp, layernorm, attention, activation) for _ in range(n_layers))
+            Block(d_model, n_heads, d_mlp, layernorm, attention, activation) for _ in range(n_layers)
+        )
         self.ln_f = nn.LayerNorm(d_model) if layernorm else nn.Identity()
         n_out = out_dim or vocab
         if n_out is None:
@@ -213,8 +243,16 @@ class SmallResNet(nn.Module):
     Usage: ``SmallResNet(in_channels=1, channels=16, hidden=16, n_blocks=2, image_size=8, n_classes=10)``.
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 16, hidden: int = 16, n_blocks: int = 2,
-                 image_size: int = 8, n_classes: int = 10, batchnorm: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: int = 16,
+        hidden: int = 16,
+        n_blocks: int = 2,
+        image_size: int = 8,
+        n_classes: int = 10,
+        batchnorm: bool = True,
+    ):
         super().__init__()
         self.image_size = image_size
         self.stem = nn.Conv2d(in_channels, channels, 3, padding=1)

@@ -1,7 +1,7 @@
 """The progress bar every long job shows (training, FFF runs, sparsity sweeps): rich, or nothing.
 
-    >>> with progress_bar(enabled=True) as bar:
-    ...     job = bar.add_task("training", total=100) if bar else None
+>>> with progress_bar(enabled=True) as bar:
+...     job = bar.add_task("training", total=100) if bar else None
 """
 
 from __future__ import annotations
@@ -25,5 +25,11 @@ def progress_bar(enabled: bool, description_width: int = 0) -> Any:
     )
 
     description = f"{{task.description:<{description_width}}}" if description_width else "{task.description}"
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)
+    return Progress(
+        TextColumn(description),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )

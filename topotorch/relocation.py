@@ -138,8 +138,11 @@ class Placement:
                 self.terms.append((a, c if conn.target == sp.name else c.T))
         if not touched:
             raise ValueError(f"space {sp.name!r} has no (non-excluded) connections")
-        self.device = self.terms[0].total.device if self.terms and isinstance(self.terms[0], _L1Term) else (
-            self.terms[0][0].device if self.terms else torch.device("cpu"))
+        self.device = (
+            self.terms[0].total.device
+            if self.terms and isinstance(self.terms[0], _L1Term)
+            else (self.terms[0][0].device if self.terms else torch.device("cpu"))
+        )
 
     def _sum(self, parts, shape) -> torch.Tensor:
         out = None
@@ -151,8 +154,13 @@ class Placement:
         """M restricted to the neurons ``index`` and the slots with the same indices."""
         index = index.to(self.device)
         rows = _as_rows(index)
-        return self._sum((t.entries(index, index, True) if isinstance(t, _L1Term) else t[0][rows] @ t[1][rows].T
-                          for t in self.terms), (len(index), len(index)))
+        return self._sum(
+            (
+                t.entries(index, index, True) if isinstance(t, _L1Term) else t[0][rows] @ t[1][rows].T
+                for t in self.terms
+            ),
+            (len(index), len(index)),
+        )
 
     def full(self) -> torch.Tensor:
         return self.block(torch.arange(self.size, device=self.device))
@@ -160,23 +168,33 @@ class Placement:
     def row(self, neuron: int) -> torch.Tensor:
         every = torch.arange(self.size, device=self.device)
         one = torch.tensor([neuron], device=self.device)
-        return self._sum((t.entries(one, every, True)[0] if isinstance(t, _L1Term) else t[1] @ t[0][neuron]
-                          for t in self.terms), (self.size,))
+        return self._sum(
+            (t.entries(one, every, True)[0] if isinstance(t, _L1Term) else t[1] @ t[0][neuron] for t in self.terms),
+            (self.size,),
+        )
 
     def col(self, slot: int) -> torch.Tensor:
         every = torch.arange(self.size, device=self.device)
         one = torch.tensor([slot], device=self.device)
-        return self._sum((t.entries(every, one, True)[:, 0] if isinstance(t, _L1Term) else t[0] @ t[1][slot]
-                          for t in self.terms), (self.size,))
+        return self._sum(
+            (t.entries(every, one, True)[:, 0] if isinstance(t, _L1Term) else t[0] @ t[1][slot] for t in self.terms),
+            (self.size,),
+        )
 
     def at(self, neurons: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """M[neurons[k], slots[k]] for every k."""
-        return self._sum((t.entries(neurons, slots, False) if isinstance(t, _L1Term) else (t[0][neurons] * t[1][slots]).sum(-1)
-                          for t in self.terms), (len(neurons),))
+        return self._sum(
+            (
+                t.entries(neurons, slots, False) if isinstance(t, _L1Term) else (t[0][neurons] * t[1][slots]).sum(-1)
+                for t in self.terms
+            ),
+            (len(neurons),),
+        )
 
 
-def placement_cost(graph: SpatialGraph, space: str | Space, cfg: WiringConfig,
-                   index: torch.Tensor | None = None) -> torch.Tensor:
+def placement_cost(
+    graph: SpatialGraph, space: str | Space, cfg: WiringConfig, index: torch.Tensor | None = None
+) -> torch.Tensor:
     """M[i, p]: wiring cost of the connections touching ``space`` if neuron i sat at slot p.
 
     Slots are the space's current coordinates in index order, so the current cost is
@@ -209,8 +227,9 @@ def neuron_scores(graph: SpatialGraph, space: str | Space, cfg: WiringConfig | N
     return score
 
 
-def greedy_swap_permutation(m: torch.Tensor | Placement, candidates: torch.Tensor, tol: float = 0.0,
-                            groups: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+def greedy_swap_permutation(
+    m: torch.Tensor | Placement, candidates: torch.Tensor, tol: float = 0.0, groups: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
     """The paper's greedy swaps, scored in closed form from the placement-cost matrix.
 
     For each candidate neuron in turn, find the partner whose swap lowers the cost most and
@@ -261,8 +280,11 @@ def assignment_permutation(m: torch.Tensor, groups: torch.Tensor | None = None) 
     cost = m.detach().to("cpu", torch.float64).numpy()
     n = cost.shape[0]
     perm = np.arange(n)
-    members = [np.arange(n)] if groups is None else [np.flatnonzero(groups.cpu().numpy() == g)
-                                                     for g in np.unique(groups.cpu().numpy())]
+    members = (
+        [np.arange(n)]
+        if groups is None
+        else [np.flatnonzero(groups.cpu().numpy() == g) for g in np.unique(groups.cpu().numpy())]
+    )
     delta = 0.0
     for idx in members:  # groups are independent problems: one small assignment each (cubic cost)
         sub = cost[np.ix_(idx, idx)]
@@ -274,8 +296,9 @@ def assignment_permutation(m: torch.Tensor, groups: torch.Tensor | None = None) 
     return torch.as_tensor(perm, device=m.device), delta
 
 
-def blocked_assignment_permutation(graph: SpatialGraph, space: Space, cfg: WiringConfig, block: int,
-                                   offset: int = 0) -> tuple[torch.Tensor, float]:
+def blocked_assignment_permutation(
+    graph: SpatialGraph, space: Space, cfg: WiringConfig, block: int, offset: int = 0
+) -> tuple[torch.Tensor, float]:
     """Exact assignment within blocks of ``block`` consecutive slots (from ``offset``), for large spaces.
 
     Only each block's part of the placement-cost matrix is computed, so memory is
@@ -327,8 +350,10 @@ def apply_permutation(
     if sp.relocate == "fixed":
         raise ValueError(f"space {sp.name!r} is fixed and cannot be relocated")
     if sp.groups is not None and not _maps_groups_onto_groups(sp.groups.cpu(), perm):
-        raise ValueError(f"permutation splits groups of space {sp.name!r} (e.g. attention heads): each group's "
-                         "slots must receive all the neurons of one group")
+        raise ValueError(
+            f"permutation splits groups of space {sp.name!r} (e.g. attention heads): each group's "
+            "slots must receive all the neurons of one group"
+        )
     if sp.relocate == "positions":
         if sp.positions is None:
             raise ValueError(f"space {sp.name!r} relocates its positions but has none")
@@ -450,7 +475,9 @@ def _relocate(graph, cfg, method, top_k, optimizer, spaces, sweeps, max_assign) 
                 groups = sp.groups.to(cand.device) if sp.groups is not None else None
                 perm, d = greedy_swap_permutation(m, cand, groups=groups)
             elif sp.groups is None and sp.size > max_assign:  # exact within blocks of consecutive slots
-                perm, d = blocked_assignment_permutation(graph, sp, cfg, max_assign, offset=(sweep % 2) * max_assign // 2)
+                perm, d = blocked_assignment_permutation(
+                    graph, sp, cfg, max_assign, offset=(sweep % 2) * max_assign // 2
+                )
             else:
                 m = placement_cost(graph, sp, cfg)
                 if sp.groups is not None and len(sp.groups.unique()) > 1:

@@ -19,8 +19,8 @@
 Big networks draw only the ``max_edges`` strongest connections (by |w|).
 ``build_index(runs_dir)`` builds every run's report and ``runs_dir/index.html``.
 
-    >>> build_report("runs/ind")                      # -> runs/ind/report.html
-    >>> build_index("runs")                           # -> runs/index.html
+    >>> build_report("runs/ind")  # -> runs/ind/report.html
+    >>> build_index("runs")  # -> runs/index.html
 """
 
 from __future__ import annotations
@@ -82,8 +82,13 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
             rows = list(csv.reader(f))
         if len(rows) < 2:
             return {}
-        header, body = rows[0], np.array([[float(x) if x not in ("", "nan") else np.nan for x in r] for r in rows[1:]
-                                          if len(r) == len(rows[0])], dtype=np.float64)
+        header, body = (
+            rows[0],
+            np.array(
+                [[float(x) if x not in ("", "nan") else np.nan for x in r] for r in rows[1:] if len(r) == len(rows[0])],
+                dtype=np.float64,
+            ),
+        )
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as e:
         raise ValueError(f"{path} is unreadable: {' '.join(str(e).split())[:200]}") from None
     return {h: body[:, i].tolist() for i, h in enumerate(header)} if body.size else {}
@@ -145,7 +150,9 @@ def graph_layout(graph: SpatialGraph) -> dict[str, np.ndarray]:
         p = pos.to(torch.float64).numpy()
         x = p[:, 0]
         y = p[:, 1] if p.shape[1] >= 2 else np.full(len(p), 0.5 if planar else 0.0)
-        out[s.name] = np.stack([x + 0.35 * y, s.height + 0.55 * y], 1) if planar else np.stack([x, np.full(len(p), s.height)], 1)
+        out[s.name] = (
+            np.stack([x + 0.35 * y, s.height + 0.55 * y], 1) if planar else np.stack([x, np.full(len(p), s.height)], 1)
+        )
     return out
 
 
@@ -187,7 +194,7 @@ def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = N
         nodes["x"] += np.round(layout[s.name][:, 0], 5).tolist()
         nodes["y"] += np.round(layout[s.name][:, 1], 5).tolist()
         mem = membership.get(s.name) if membership else None
-        nodes["module"] += (mem.tolist() if mem is not None else [-1] * s.size)
+        nodes["module"] += mem.tolist() if mem is not None else [-1] * s.size
         nodes["importance"] += np.round(imp[s.name].numpy(), 6).tolist()
     src, tgt, val = _edges(graph, offset)
     n_all = len(val)
@@ -195,10 +202,20 @@ def graph_data(graph: SpatialGraph, membership: dict[str, np.ndarray] | None = N
         keep = np.argpartition(-np.abs(val), max_edges - 1)[:max_edges]
         src, tgt, val = src[keep], tgt[keep], val[keep]
     order = np.argsort(np.abs(val))  # strongest drawn last (on top)
-    spaces = [{"name": s.name, "size": s.size, "role": s.role, "height": s.height} for s in graph.spaces if s.name in layout]
-    return {"nodes": nodes, "edges": {"source": src[order].tolist(), "target": tgt[order].tolist(),
-                                      "weight": np.round(val[order], 6).tolist()},
-            "n_edges_total": int(n_all), "n_edges_drawn": len(val), "spaces": spaces}
+    spaces = [
+        {"name": s.name, "size": s.size, "role": s.role, "height": s.height} for s in graph.spaces if s.name in layout
+    ]
+    return {
+        "nodes": nodes,
+        "edges": {
+            "source": src[order].tolist(),
+            "target": tgt[order].tolist(),
+            "weight": np.round(val[order], 6).tolist(),
+        },
+        "n_edges_total": int(n_all),
+        "n_edges_drawn": len(val),
+        "spaces": spaces,
+    }
 
 
 def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[str, np.ndarray] | None = None):
@@ -214,9 +231,22 @@ def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[st
     roles = {s["name"]: s["role"] for s in data["spaces"]}
     ids = [f"{s}:{i}" for s, i in zip(n["space"], n["index"])]
     g = nx.DiGraph()
-    g.add_nodes_from((ids[k], {"space": n["space"][k], "index": n["index"][k], "label": n["label"][k],
-                               "role": roles[n["space"][k]], "x": n["x"][k], "y": n["y"][k],
-                               "module": n["module"][k], "importance": n["importance"][k]}) for k in range(len(ids)))
+    g.add_nodes_from(
+        (
+            ids[k],
+            {
+                "space": n["space"][k],
+                "index": n["index"][k],
+                "label": n["label"][k],
+                "role": roles[n["space"][k]],
+                "x": n["x"][k],
+                "y": n["y"][k],
+                "module": n["module"][k],
+                "importance": n["importance"][k],
+            },
+        )
+        for k in range(len(ids))
+    )
     e = data["edges"]
     w = np.asarray(e["weight"])
     keep = np.nonzero(active_mask(torch.from_numpy(w), threshold).numpy())[0]
@@ -224,8 +254,9 @@ def to_networkx(graph: SpatialGraph, threshold: float = 0.0, membership: dict[st
     return g
 
 
-def export_graph(graph: SpatialGraph, folder: Path, threshold: float = 0.0,
-                 membership: dict[str, np.ndarray] | None = None) -> tuple[Path, Path]:
+def export_graph(
+    graph: SpatialGraph, folder: Path, threshold: float = 0.0, membership: dict[str, np.ndarray] | None = None
+) -> tuple[Path, Path]:
     """Write ``graph.graphml`` and ``graph.json`` (node-link, ``links`` key) into ``folder``.
 
     Usage: ``export_graph(g, Path("runs/ind"), threshold=0.05)``.
@@ -331,19 +362,33 @@ def maps_panel(r, max_layers: int = 4, classes: int = 10, max_samples: int = PAN
         for i, s in enumerate(sheets[:max_layers]):
             acts = layer_activations(r.model, s.name, x)
             if acts.shape[0] != labels.shape[0]:
-                out["layers"].append({"layer": s.name, "sheet": [s.h, s.w],
-                                      "error": f"{acts.shape[0]} activation rows for {labels.shape[0]} labels"})
+                out["layers"].append(
+                    {
+                        "layer": s.name,
+                        "sheet": [s.h, s.w],
+                        "error": f"{acts.shape[0]} activation rows for {labels.shape[0]} labels",
+                    }
+                )
                 continue
             t = selectivity_maps(acts, labels, chosen)
             sm, ed = smoothness(t, s.h, s.w), effective_dimensionality(acts)
             png = draw_maps(t, s.h, s.w, Path(tmp) / f"{i}.png", titles=titles)
-            out["layers"].append({"layer": s.name, "sheet": [s.h, s.w], "smoothness": sm, "effective_dim": ed,
-                                  "classes": titles, "png": base64.b64encode(png.read_bytes()).decode()})
+            out["layers"].append(
+                {
+                    "layer": s.name,
+                    "sheet": [s.h, s.w],
+                    "smoothness": sm,
+                    "effective_dim": ed,
+                    "classes": titles,
+                    "png": base64.b64encode(png.read_bytes()).decode(),
+                }
+            )
     return out
 
 
-def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, metric: Any = "accuracy",
-              max_ablated: int = 16) -> list[dict] | None:
+def fff_panel(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, metric: Any = "accuracy", max_ablated: int = 16
+) -> list[dict] | None:
     """Per FFF layer of ``model`` (None when there is none): leaf usage, per-leaf sample counts and
     (class labels) majority class and purity, the ``max_ablated`` busiest leaves knocked out one at a
     time (``metric``: a Task or "accuracy"/"mse"), and for 2-D inputs the region picture (base64 PNG).
@@ -378,8 +423,13 @@ def fff_panel(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None, m
                     k = int(table[j].argmax())
                     row.update(majority=k, purity=float(table[j, k]) / float(counts[j]))
                 rows.append(row)
-            d = {"layer": name or "(model)", "depth": layer.depth, "usage": usage.as_dict(), "leaves": rows,
-                 "purity": float(table.max(1).values.sum()) / max(1, usage.n_samples) if labelled else None}
+            d = {
+                "layer": name or "(model)",
+                "depth": layer.depth,
+                "usage": usage.as_dict(),
+                "leaves": rows,
+                "purity": float(table.max(1).values.sum()) / max(1, usage.n_samples) if labelled else None,
+            }
             if y is not None:
                 d["ablation"] = leaf_ablation_table(model, name, x, y, metric, leaves=used[:max_ablated])
             if layer.input_width == 2:
@@ -408,43 +458,68 @@ def build_fff_report(run_dir: Path | str, out: Path | str | None = None) -> Path
     panel = fff_panel(r.model, data.x_test, data.y_test, "accuracy") or []
     title = f"{config['task']} [{config['model']}] — {run_dir.name}"
     esc = html.escape
+
     def cell(v: Any) -> str:
         return esc(f"{v:.4g}" if isinstance(v, float) else str(v))
 
     rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{cell(v)}</td></tr>" for k, v in sorted(r.summary.items()))
     rows += "".join(f"<tr><td>recipe.{esc(k)}</td><td>{cell(v)}</td></tr>" for k, v in config["recipe"].items())
-    body = [f"<h1>{esc(title)}</h1>", _notices_html(notices), "<section><h2>Summary</h2><table>", rows,
-            "</table></section>"]
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        _notices_html(notices),
+        "<section><h2>Summary</h2><table>",
+        rows,
+        "</table></section>",
+    ]
     for layer in panel:
         knocked = {row.get("leaf"): row["overall"] for row in layer.get("ablation", []) if "leaf" in row}
         intact = next((row["overall"] for row in layer.get("ablation", []) if row.get("name") == "none"), None)
         u = layer["usage"]
-        body.append(f"<section class='wide'><h2>FFF regions: {esc(layer['layer'])} (depth {layer['depth']})</h2>"
-                    f"<p>{u['n_used']} of {u['n_leaves']} leaves used by {u['n_samples']} test samples; effective "
-                    f"{u['effective_leaves']:.1f} leaves; busiest {100 * u['max_fraction']:.0f}%; weighted purity "
-                    f"{layer['purity']:.2f}; intact test accuracy {100 * (intact or float('nan')):.1f}%</p>")
+        body.append(
+            f"<section class='wide'><h2>FFF regions: {esc(layer['layer'])} (depth {layer['depth']})</h2>"
+            f"<p>{u['n_used']} of {u['n_leaves']} leaves used by {u['n_samples']} test samples; effective "
+            f"{u['effective_leaves']:.1f} leaves; busiest {100 * u['max_fraction']:.0f}%; weighted purity "
+            f"{layer['purity']:.2f}; intact test accuracy {100 * (intact or float('nan')):.1f}%</p>"
+        )
         if layer.get("png"):
             body.append(f"<img alt='leaf regions' src='data:image/png;base64,{layer['png']}'>")
-        body.append("<table><tr><th>leaf</th><th>samples</th><th>share</th><th>majority class</th><th>purity</th>"
-                    "<th>accuracy with the leaf knocked out</th></tr>")
+        body.append(
+            "<table><tr><th>leaf</th><th>samples</th><th>share</th><th>majority class</th><th>purity</th>"
+            "<th>accuracy with the leaf knocked out</th></tr>"
+        )
         for row in layer["leaves"]:
             ko = knocked.get(row["leaf"])
-            body.append(f"<tr><td>{row['leaf']}</td><td>{row['samples']}</td><td>{100 * row['fraction']:.1f}%</td>"
-                        f"<td>{row.get('majority', '')}</td><td>{row.get('purity', float('nan')):.2f}</td>"
-                        f"<td>{'' if ko is None else f'{100 * ko:.1f}%'}</td></tr>")
+            body.append(
+                f"<tr><td>{row['leaf']}</td><td>{row['samples']}</td><td>{100 * row['fraction']:.1f}%</td>"
+                f"<td>{row.get('majority', '')}</td><td>{row.get('purity', float('nan')):.2f}</td>"
+                f"<td>{'' if ko is None else f'{100 * ko:.1f}%'}</td></tr>"
+            )
         body.append("</table></section>")
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><main>{''.join(body)}</main></body></html>")
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{_STYLE}</style></head><body><main>{''.join(body)}</main></body></html>"
+    )
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
-    figures = {"run": run_dir.name, "task": config["task"], "model": config["model"], **r.summary,
-               "notices": notices, "seconds": round(time.perf_counter() - t0, 3)}
+    figures = {
+        "run": run_dir.name,
+        "task": config["task"],
+        "model": config["model"],
+        **r.summary,
+        "notices": notices,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
     return path
 
 
-def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: int = 5000,
-                 resolution: float = 1.0, exports: bool = True) -> Path:
+def build_report(
+    run_dir: Path | str,
+    out: Path | str | None = None,
+    max_edges: int = 5000,
+    resolution: float = 1.0,
+    exports: bool = True,
+) -> Path:
     """Write the run's self-contained ``report.html`` (plus graph exports and ``report.json``); return its path.
 
     ``max_edges``: draw at most this many connections (the strongest). A ``topotorch fff`` run
@@ -480,23 +555,42 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     fx, fy = _panel_set(r)
     fff = fff_panel(r.model, fx, fy, r.task)
     gif = run_dir / "training.gif"
-    gif_b64 = base64.b64encode(gif.read_bytes()).decode() if gif.exists() and gif.stat().st_size <= MAX_GIF_BYTES else None
+    gif_b64 = (
+        base64.b64encode(gif.read_bytes()).decode() if gif.exists() and gif.stat().st_size <= MAX_GIF_BYTES else None
+    )
     figures = {
-        "run": run_dir.name, "task": r.config.task, "method": r.config.method, "steps": r.config.steps,
-        "metric": r.task.metric, "test": r.summary.get(f"test_{r.task.metric}"),
+        "run": run_dir.name,
+        "task": r.config.task,
+        "method": r.config.method,
+        "steps": r.config.steps,
+        "metric": r.task.metric,
+        "test": r.summary.get(f"test_{r.task.metric}"),
         "thresholded_test": r.summary.get(f"thresholded_test_{r.task.metric}"),
         "wiring_cost": r.summary.get("wiring_cost"),
         "active_weight_fraction": structure.active_weights(graph, thr)["fraction"],
-        "q": comms.q, "q_all_weights": q_all, "n_communities": comms.n_communities, "backend": comms.backend,
+        "q": comms.q,
+        "q_all_weights": q_all,
+        "n_communities": comms.n_communities,
+        "backend": comms.backend,
         "connected_modules": len(structure.modules(graph, thr)),
     }
     data = {
         "title": f"{r.config.task} [{r.config.method}] — {run_dir.name}",
-        "figures": figures, "graph": gdata, "metrics": _metrics_or_notice(run_dir / "metrics.csv", notices),
+        "figures": figures,
+        "graph": gdata,
+        "metrics": _metrics_or_notice(run_dir / "metrics.csv", notices),
         "summary_rows": _summary_rows(r.summary, r.config.to_dict()),
-        "modules": comms.modules, "output_labels": structure.neuron_labels(out_space),
-        "ablation": abl, "embedding_ablation": emb, "formula": formula, "threshold": thr,
-        "heads": heads, "maps": cortical, "fff": fff, "panel_samples": len(fx), "notices": notices,
+        "modules": comms.modules,
+        "output_labels": structure.neuron_labels(out_space),
+        "ablation": abl,
+        "embedding_ablation": emb,
+        "formula": formula,
+        "threshold": thr,
+        "heads": heads,
+        "maps": cortical,
+        "fff": fff,
+        "panel_samples": len(fx),
+        "notices": notices,
     }
     figures["notices"] = notices
     if cortical:
@@ -504,16 +598,28 @@ def build_report(run_dir: Path | str, out: Path | str | None = None, max_edges: 
     if exports:
         export_graph(graph, run_dir, thr, comms.membership)
     figures["seconds"] = round(time.perf_counter() - t0, 3)
-    panels = "".join(sec for sec, on in (
-        ('<section class="wide"><h2>Attention heads</h2><div id="heads"></div></section>', heads),
-        ('<section class="wide"><h2>Cortical maps</h2><div id="maps"></div></section>', cortical),
-        ('<section class="wide"><h2>FFF regions</h2><div id="fff"></div></section>', fff)) if on)
+    panels = "".join(
+        sec
+        for sec, on in (
+            ('<section class="wide"><h2>Attention heads</h2><div id="heads"></div></section>', heads),
+            ('<section class="wide"><h2>Cortical maps</h2><div id="maps"></div></section>', cortical),
+            ('<section class="wide"><h2>FFF regions</h2><div id="fff"></div></section>', fff),
+        )
+        if on
+    )
     # data reaches the page as text only: escaped here, JSON with no raw < > &, and textContent in the script
-    page = _fill(_PAGE, {
-        "TITLE": html.escape(data["title"]), "PANELS": panels, "DATA": _json_for_script(data),
-        "NOTICES": _notices_html(notices),
-        "GIF": f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">' if gif_b64
-        else "<p>No animation in this run folder (train with animation on).</p>"})
+    page = _fill(
+        _PAGE,
+        {
+            "TITLE": html.escape(data["title"]),
+            "PANELS": panels,
+            "DATA": _json_for_script(data),
+            "NOTICES": _notices_html(notices),
+            "GIF": f'<img alt="training animation" src="data:image/gif;base64,{gif_b64}">'
+            if gif_b64
+            else "<p>No animation in this run folder (train with animation on).</p>",
+        },
+    )
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     (run_dir / "report.json").write_text(json.dumps(_finite(figures), indent=2))
@@ -541,7 +647,12 @@ def build_index(runs_dir: Path | str, max_edges: int = 5000, rebuild: bool = Fal
     cards = []
     for run in runs:
         rep, fig = run / "report.html", run / "report.json"
-        if rebuild or not rep.exists() or not fig.exists() or rep.stat().st_mtime < (run / "config.json").stat().st_mtime:
+        if (
+            rebuild
+            or not rep.exists()
+            or not fig.exists()
+            or rep.stat().st_mtime < (run / "config.json").stat().st_mtime
+        ):
             build_report(run, max_edges=max_edges)
         f = json.loads(fig.read_text(encoding="utf-8"))
         f["href"] = "./" + rep.relative_to(root).as_posix()  # "./": a run named "javascript:..." stays a path
@@ -600,8 +711,11 @@ function table(parent,head,rows){const t=document.createElement('table');const t
  rows.forEach(r=>{const row=t.insertRow();r.forEach(c=>{row.insertCell().textContent=typeof c==='number'?fmt(c):c;});});parent.appendChild(t);return t;}
 """
 
-_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>""" + _STYLE + """</style></head><body><header><h1>__TITLE__</h1><div id="sub" class="muted" style="color:#ccd"></div></header>
+_PAGE = (
+    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>"""
+    + _STYLE
+    + """</style></head><body><header><h1>__TITLE__</h1><div id="sub" class="muted" style="color:#ccd"></div></header>
 <div id="notices">__NOTICES__</div>
 <main>
 <section><h2>Connectivity (wheel: zoom, drag: pan, hover: details; colour = module)</h2>
@@ -614,7 +728,9 @@ _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__T
 __PANELS__
 </main><div id="tip"></div>
 <script type="application/json" id="data">__DATA__</script>
-<script>""" + _COMMON_JS + r"""
+<script>"""
+    + _COMMON_JS
+    + r"""
 const D=JSON.parse(document.getElementById('data').textContent);
 const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf','#bcbd22','#7f7f7f','#393b79','#637939'];
 const mcol=m=>m<0?'#bbb':PAL[m%PAL.length];
@@ -706,14 +822,20 @@ if(D.fff){const box=document.getElementById('fff');D.fff.forEach(Fl=>{const U=Fl
 document.body.dataset.rendered='yes';
 </script></body></html>
 """
+)
 
-_INDEX = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>topotorch runs</title>
-<style>""" + _STYLE + """</style></head><body><header><h1>topotorch runs, side by side</h1></header><main>
+_INDEX = (
+    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>topotorch runs</title>
+<style>"""
+    + _STYLE
+    + """</style></head><body><header><h1>topotorch runs, side by side</h1></header><main>
 <section class="wide"><h2>Figures</h2><div id="tbl"></div></section>
 <section class="wide"><h2>Task loss</h2><div id="curves"></div></section>
 <section class="wide"><h2>Runs</h2><div id="cards" class="cards"></div></section></main>
 <script type="application/json" id="data">__DATA__</script>
-<script>""" + _COMMON_JS + r"""
+<script>"""
+    + _COMMON_JS
+    + r"""
 const R=JSON.parse(document.getElementById('data').textContent);
 const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf'];
 const t=table(document.getElementById('tbl'),['run','task','method','steps','metric','test','thresholded','wiring cost','active weights','Q','communities','connected modules'],
@@ -731,3 +853,4 @@ R.forEach(r=>{const c=document.createElement('div');c.className='card';const a=d
 document.body.dataset.rendered='yes';
 </script></body></html>
 """
+)

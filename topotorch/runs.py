@@ -7,10 +7,10 @@ never guesses from which keys a config happens to have. Folders written before `
 still open: their kind is a ``"kind"`` key of ``config.json`` when there is one (an alias the kind
 registered, e.g. a versioned name), else each kind's ``looks_like(config)`` test, ``train`` last.
 
-    >>> write_run_kind("runs/ind", "train")       # what topotorch.training does when it creates a run
-    >>> run_kind("runs/ind")                      # "train"
-    >>> result = open_run("runs/ind")             # a TrainResult; open_run("runs/digits-fff"): an FFFRunResult
-    >>> cfg = open_config("runs/ind", kind="train")   # the folder's TrainConfig (refuses another kind)
+    >>> write_run_kind("runs/ind", "train")  # what topotorch.training does when it creates a run
+    >>> run_kind("runs/ind")  # "train"
+    >>> result = open_run("runs/ind")  # a TrainResult; open_run("runs/digits-fff"): an FFFRunResult
+    >>> cfg = open_config("runs/ind", kind="train")  # the folder's TrainConfig (refuses another kind)
 
 A kind is registered by the module that writes it (``topotorch.training`` registers ``train``,
 ``topotorch.training_fff`` registers ``fff``); :data:`KIND_MODULES` names those modules so that a
@@ -108,7 +108,7 @@ def run_kind(run_dir: str | Path) -> str:
     if marker.exists():
         data = _read_json(marker)
         if not isinstance(data, dict) or not isinstance(data.get("kind"), str):
-            raise ValueError(f"{marker} does not say the run's kind (expected {{\"kind\": ...}}), got {data!r}")
+            raise ValueError(f'{marker} does not say the run\'s kind (expected {{"kind": ...}}), got {data!r}')
         return get_run_kind(data["kind"]).name
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists():
@@ -128,8 +128,10 @@ def _kind_of(run_dir: str | Path, kind: str | None) -> RunKind:
     found = get_run_kind(run_kind(run_dir))
     if kind is not None and found.name != kind:
         want = get_run_kind(kind)
-        raise ValueError(f"{run_dir} is a `{found.command or found.name}` run, not a `{want.command or want.name}` "
-                         f"run; open it with topotorch.runs.open_run")
+        raise ValueError(
+            f"{run_dir} is a `{found.command or found.name}` run, not a `{want.command or want.name}` "
+            f"run; open it with topotorch.runs.open_run"
+        )
     return found
 
 

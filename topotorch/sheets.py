@@ -7,9 +7,9 @@ is the paper's divisor rule: h = the largest divisor of the unit count that is <
 (64 -> 8x8, 3072 -> 48x64, 100 -> 10x10). A prime count gives a useless 1 x N sheet (warned).
 The *input* side is supported too: input unit j's feature vector is column j of ``W``.
 
-    >>> sheet_shape(3072)                       # (48, 64)
+    >>> sheet_shape(3072)  # (48, 64)
     >>> sheets = find_sheets(model, "*.mlp.0")  # every transformer block's first MLP projection
-    >>> sheets[0].features().shape              # (h, w, E): a view of the weights, gradients flow
+    >>> sheets[0].features().shape  # (h, w, E): a view of the weights, gradients flow
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     """
     w = getattr(module, "weight", None)
     nf = getattr(module, "nf", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(nf, int) and isinstance(w, torch.Tensor)
-            and w.dim() == 2 and w.shape[1] == nf)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(nf, int)
+        and isinstance(w, torch.Tensor)
+        and w.dim() == 2
+        and w.shape[1] == nf
+    )
 
 
 def layer_tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -79,15 +84,21 @@ def sheet_shape(n: int, shape: tuple[int, int] | str | None = None, warn: bool =
             except (TypeError, ValueError):
                 raise ValueError(f"bad sheet shape {shape!r}: expected (h, w)") from None
         if h < 1 or w < 1 or h * w != n:
-            raise ValueError(f"sheet shape {h}x{w} holds {h * w} units but the layer has {n}; "
-                             f"use a shape with h*w = {n}, e.g. {'x'.join(map(str, sheet_shape(n, warn=False)))}")
+            raise ValueError(
+                f"sheet shape {h}x{w} holds {h * w} units but the layer has {n}; "
+                f"use a shape with h*w = {n}, e.g. {'x'.join(map(str, sheet_shape(n, warn=False)))}"
+            )
         return h, w
     h = math.isqrt(n)
     while n % h:
         h -= 1
     if h == 1 and n > 3 and warn:
-        warnings.warn(f"{n} units is prime: the divisor rule gives a 1x{n} sheet (no 2-D topography); "
-                      "pass a shape or change the width", DegenerateSheetWarning, stacklevel=2)
+        warnings.warn(
+            f"{n} units is prime: the divisor rule gives a 1x{n} sheet (no 2-D topography); "
+            "pass a shape or change the width",
+            DegenerateSheetWarning,
+            stacklevel=2,
+        )
     return h, n // h
 
 
@@ -109,12 +120,20 @@ class CorticalSheet:
     bias: bool = False
 
     @classmethod
-    def of(cls, module: nn.Module, name: str = "", shape: tuple[int, int] | str | None = None,
-           side: Side = "output", bias: bool = False) -> CorticalSheet:
+    def of(
+        cls,
+        module: nn.Module,
+        name: str = "",
+        shape: tuple[int, int] | str | None = None,
+        side: Side = "output",
+        bias: bool = False,
+    ) -> CorticalSheet:
         """The sheet of one Linear/Conv1d/Conv2d module. Usage: ``CorticalSheet.of(conv, shape="4x8")``."""
         if not is_sheet_layer(module):
-            raise TypeError(f"layer {name or type(module).__name__!r} is a {type(module).__name__}; "
-                            "cortical sheets need nn.Linear, nn.Conv1d, nn.Conv2d or Hugging Face Conv1D")
+            raise TypeError(
+                f"layer {name or type(module).__name__!r} is a {type(module).__name__}; "
+                "cortical sheets need nn.Linear, nn.Conv1d, nn.Conv2d or Hugging Face Conv1D"
+            )
         if side not in ("output", "input"):
             raise ValueError(f"side must be 'output' or 'input', got {side!r}")
         if bias and side == "input":
@@ -159,8 +178,13 @@ class CorticalSheet:
         return torch.stack([i // self.w, i % self.w], dim=1)
 
 
-def find_sheets(model: nn.Module, pattern: str = "*", shape: tuple[int, int] | str | None = None,
-                side: Side = "output", bias: bool = False) -> list[CorticalSheet]:
+def find_sheets(
+    model: nn.Module,
+    pattern: str = "*",
+    shape: tuple[int, int] | str | None = None,
+    side: Side = "output",
+    bias: bool = False,
+) -> list[CorticalSheet]:
     """The sheets of every Linear/Conv1d/Conv2d (or HF GPT-2 ``Conv1D``) whose module name matches ``pattern``.
 
     Several patterns may be given comma-separated (``"*.mlp.0,*.conv1"``). A pattern that matches

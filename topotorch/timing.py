@@ -11,8 +11,8 @@ measures the machine as much as the code. :func:`compare` therefore
 * and records the thread count, ``os.getloadavg()`` before and after, and the CPU count.
 
     >>> c = compare({"ours": lambda: f(x), "peer": lambda: g(x)}, reps=15)
-    >>> c.ratio("peer", "ours")           # median(peer) / median(ours): > 1 means ours is faster
-    >>> c.summary("peer", "ours")          # 'ours 12.1 ms [11.8–12.9], peer 61.0 ms [...] -> 5.04x (...)'
+    >>> c.ratio("peer", "ours")  # median(peer) / median(ours): > 1 means ours is faster
+    >>> c.summary("peer", "ours")  # 'ours 12.1 ms [11.8–12.9], peer 61.0 ms [...] -> 5.04x (...)'
     >>> json.dumps(c.as_dict())
 
 :func:`median_seconds` (one side) is kept for measured choices inside the library.
@@ -66,13 +66,22 @@ class SideTimes:
     @property
     def spread(self) -> dict[str, float]:
         """min, first quartile, third quartile, max (seconds)."""
-        return {"min": min(self.seconds), "q1": _quantile(self.seconds, 0.25),
-                "q3": _quantile(self.seconds, 0.75), "max": max(self.seconds)}
+        return {
+            "min": min(self.seconds),
+            "q1": _quantile(self.seconds, 0.25),
+            "q3": _quantile(self.seconds, 0.75),
+            "max": max(self.seconds),
+        }
 
     def as_dict(self, unit: float = 1e3) -> dict:
         sp = self.spread
-        return {"median_ms": round(self.median * unit, 4), "iqr_ms": [round(sp["q1"] * unit, 4), round(sp["q3"] * unit, 4)],
-                "min_ms": round(sp["min"] * unit, 4), "max_ms": round(sp["max"] * unit, 4), "n": len(self.seconds)}
+        return {
+            "median_ms": round(self.median * unit, 4),
+            "iqr_ms": [round(sp["q1"] * unit, 4), round(sp["q3"] * unit, 4)],
+            "min_ms": round(sp["min"] * unit, 4),
+            "max_ms": round(sp["max"] * unit, 4),
+            "n": len(self.seconds),
+        }
 
 
 @dataclass
@@ -104,17 +113,28 @@ class Comparison:
         def fmt(s: SideTimes) -> str:
             sp = s.spread
             return f"{s.name} {_ms(s.median)} [IQR {_ms(sp['q1'])}–{_ms(sp['q3'])}]"
+
         parts = ", ".join(fmt(s) for s in self.sides.values())
         tail = f" ({self.threads} threads, load {self.load_before} -> {self.load_after}, {self.reps} interleaved reps)"
         if slow and fast:
             lo, hi = self.ratio_range(slow, fast)
-            return f"{parts} -> {fast} {self.ratio(slow, fast):.2f}x faster than {slow} [IQR ratio {lo:.2f}–{hi:.2f}]" + tail
+            return (
+                f"{parts} -> {fast} {self.ratio(slow, fast):.2f}x faster than {slow} [IQR ratio {lo:.2f}–{hi:.2f}]"
+                + tail
+            )
         return parts + tail
 
     def as_dict(self) -> dict:
-        d = {"sides": {k: v.as_dict() for k, v in self.sides.items()}, "threads": self.threads, "cpus": self.cpus,
-             "load_before": self.load_before, "load_after": self.load_after, "warmup": self.warmup, "reps": self.reps,
-             "order": "interleaved, rotating start each round"}
+        d = {
+            "sides": {k: v.as_dict() for k, v in self.sides.items()},
+            "threads": self.threads,
+            "cpus": self.cpus,
+            "load_before": self.load_before,
+            "load_after": self.load_after,
+            "warmup": self.warmup,
+            "reps": self.reps,
+            "order": "interleaved, rotating start each round",
+        }
         names = list(self.sides)
         if len(names) >= 2:
             d["ratios"] = {f"{a}/{b}": round(self.ratio(a, b), 4) for a in names for b in names if a != b}
@@ -128,9 +148,14 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs"
 
 
-def compare(fns: Mapping[str, Callable[[], object]], reps: int = 10, warmup: int = 2,
-            setup: Callable[[str], object] | None = None, device: torch.device | str | None = None,
-            inner: int | Mapping[str, int] = 1) -> Comparison:
+def compare(
+    fns: Mapping[str, Callable[[], object]],
+    reps: int = 10,
+    warmup: int = 2,
+    setup: Callable[[str], object] | None = None,
+    device: torch.device | str | None = None,
+    inner: int | Mapping[str, int] = 1,
+) -> Comparison:
     """Time two or more callables side by side in this process, interleaved, the same number of times.
 
     ``fns``: {name: callable}. ``setup(name)``, if given, runs untimed before every call (e.g. to clear
@@ -167,8 +192,15 @@ def compare(fns: Mapping[str, Callable[[], object]], reps: int = 10, warmup: int
                 fn()
             sync()
             times[n].append((time.perf_counter() - t0) / m)
-    return Comparison({n: SideTimes(n, times[n]) for n in names}, torch.get_num_threads(), os.cpu_count(),
-                      load_before, _loadavg(), warmup, reps)
+    return Comparison(
+        {n: SideTimes(n, times[n]) for n in names},
+        torch.get_num_threads(),
+        os.cpu_count(),
+        load_before,
+        _loadavg(),
+        warmup,
+        reps,
+    )
 
 
 def conditions() -> dict:
@@ -176,7 +208,9 @@ def conditions() -> dict:
     return {"threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load": _loadavg(), "torch": torch.__version__}
 
 
-def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 2, device: torch.device | str | None = None) -> float:
+def median_seconds(
+    fn: Callable[[], object], reps: int, warmup: int = 2, device: torch.device | str | None = None
+) -> float:
     """Median wall-clock seconds of ``reps`` calls of ``fn`` after ``warmup`` untimed ones.
 
     On a CUDA ``device`` each call is synchronised, so the kernels are timed, not their launch.

@@ -8,7 +8,7 @@ std; an FFF trains soft while its decisions sharpen, then with hard decisions
 
     >>> model = make_classifier("fff", n_in=64, n_out=10, training_width=128, leaf_width=8)
     >>> fit_classifier(model, x_train, y_train, FFFRecipe(epochs=100))
-    >>> result = train_fff_run(FFFRunConfig(task="digits", out="runs/digits-fff"))   # `topotorch fff digits`
+    >>> result = train_fff_run(FFFRunConfig(task="digits", out="runs/digits-fff"))  # `topotorch fff digits`
 
 A run folder holds ``config.json``, ``model.safetensors`` + ``model.json`` (the deployed model,
 written atomically by :func:`~topotorch.checkpoint.save_checkpoint`, its SHA-256 in ``model.json``
@@ -37,8 +37,17 @@ from topotorch.layers.fff_sharing import merge_shared_leaves, share_leaves
 from topotorch.progress import progress_bar
 from topotorch.runs import RunKind, register_run_kind, run_kind, write_run_kind
 
-__all__ = ["FFFRecipe", "FFFRunConfig", "make_classifier", "fit_classifier", "accuracy", "train_fff_run", "load_fff_run",
-           "is_fff_run", "is_fff_config"]
+__all__ = [
+    "FFFRecipe",
+    "FFFRunConfig",
+    "make_classifier",
+    "fit_classifier",
+    "accuracy",
+    "train_fff_run",
+    "load_fff_run",
+    "is_fff_run",
+    "is_fff_config",
+]
 
 
 def _check_task(name: str) -> None:
@@ -60,26 +69,40 @@ class FFFRecipe:
     lr: float = setting(1e-2, "peak learning rate (cosine schedule, AdamW)", lo=0.0, lo_open=True)
     weight_decay: float = setting(0.1, "AdamW weight decay", lo=0.0)
     noise: float = setting(0.5, "input noise, in training stds per feature", lo=0.0)
-    shift: int = setting(0, "random circular shift of each input by up to ±shift positions (1-D signals)", lo=0,
-                         cli=False)
+    shift: int = setting(
+        0, "random circular shift of each input by up to ±shift positions (1-D signals)", lo=0, cli=False
+    )
     hard_frac: float = setting(0.5, "FFF: final share of steps trained with hard decisions", lo=0.0, hi=1.0)
     final_sharpness: float = setting(30.0, "FFF: soft decisions sharpen to sigmoid(s·z)", lo=1.0)
     share_leaves: bool = setting(True, "FFF: train leaves as path sums of per-node offsets")
     hardening: float = setting(0.0, "FFF: h of the entropy hardening loss in the soft phase", lo=0.0, cli=False)
-    node_lr: float = setting(1.0, "FFF: routing-node learning-rate multiplier (no weight decay on them if != 1)",
-                             lo=0.0, lo_open=True, cli=False)
-    distill: float = setting(0.0, "FFF: weight of KL (T = 2) to the soft-phase model during the hard phase",
-                             lo=0.0, hi=1.0, cli=False)
-    kd_alpha: float = setting(0.0, "weight of KL to a teacher model's logits (fit_classifier's teacher)", lo=0.0,
-                              hi=1.0, cli=False)
+    node_lr: float = setting(
+        1.0,
+        "FFF: routing-node learning-rate multiplier (no weight decay on them if != 1)",
+        lo=0.0,
+        lo_open=True,
+        cli=False,
+    )
+    distill: float = setting(
+        0.0, "FFF: weight of KL (T = 2) to the soft-phase model during the hard phase", lo=0.0, hi=1.0, cli=False
+    )
+    kd_alpha: float = setting(
+        0.0, "weight of KL to a teacher model's logits (fit_classifier's teacher)", lo=0.0, hi=1.0, cli=False
+    )
     kd_temp: float = setting(2.0, "temperature of the teacher KL", lo=0.0, lo_open=True, cli=False)
 
     def __post_init__(self) -> None:
         validate(self)
 
 
-def make_classifier(kind: Literal["ff", "fff"], n_in: int, n_out: int, training_width: int = 128,
-                    leaf_width: int = 8, region_leak: float = 0.0) -> nn.Module:
+def make_classifier(
+    kind: Literal["ff", "fff"],
+    n_in: int,
+    n_out: int,
+    training_width: int = 128,
+    leaf_width: int = 8,
+    region_leak: float = 0.0,
+) -> nn.Module:
     """One hidden layer of ``training_width`` ReLU neurons: a dense FF, or an FFF with leaves of
     ``leaf_width`` (depth log2(training_width / leaf_width)). Usage: ``make_classifier("fff", 64, 10)``."""
     if kind == "ff":
@@ -98,8 +121,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(-1) == y).float().mean().item() if len(x) else float("nan")
 
 
-def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: FFFRecipe, seed: int = 0,
-                   teacher: nn.Module | None = None, on_epoch: Callable[[int, float], None] | None = None) -> nn.Module:
+def fit_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: FFFRecipe,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> nn.Module:
     """Train ``model`` (FF or a model with one FFF) on ``x`` (N, in), labels ``y`` (N,) with ``recipe``.
 
     Every FFF is trained soft-then-hard; with ``recipe.share_leaves`` its leaves train as path
@@ -109,7 +139,9 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: F
     on a non-finite loss. Usage: ``fit_classifier(model, x_train, y_train, FFFRecipe())``.
     """
     if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"fit_classifier expects x (N, in) and y (N,) with N > 0, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"fit_classifier expects x (N, in) and y (N,) with N > 0, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     r = recipe
     ffs = [m for m in model.modules() if isinstance(m, FFF)]
     if r.share_leaves:
@@ -118,9 +150,11 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: F
     node_params = [p for layer in ffs for p in (layer.node_weights, layer.node_biases)]
     if ffs and r.node_lr != 1.0:
         rest = [p for p in model.parameters() if all(p is not q for q in node_params)]
-        opt = torch.optim.AdamW([{"params": rest, "mult": 1.0},
-                                 {"params": node_params, "mult": r.node_lr, "weight_decay": 0.0}],
-                                lr=r.lr, weight_decay=r.weight_decay)
+        opt = torch.optim.AdamW(
+            [{"params": rest, "mult": 1.0}, {"params": node_params, "mult": r.node_lr, "weight_decay": 0.0}],
+            lr=r.lr,
+            weight_decay=r.weight_decay,
+        )
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -154,8 +188,9 @@ def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: F
                 if soft_teacher is not None:
                     loss = (1 - r.distill) * loss + r.distill * _kl(out, soft_teacher, xb, 2.0)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; "
-                                             f"lower the learning rate ({r.lr})")
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at epoch {epoch}, step {step}; lower the learning rate ({r.lr})"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -192,8 +227,9 @@ class FFFRunConfig:
     recipe: FFFRecipe = field(default_factory=FFFRecipe)
     progress: bool = setting(True, "progress bar", runtime=True)
     out: str | None = setting(None, "run folder (default runs/<task>-<model>)", runtime=True, expect="a folder path")
-    threads: int | None = setting(None, "torch threads (default: 1 for small models, measured rule)", lo=1, hi=4096,
-                                  runtime=True)
+    threads: int | None = setting(
+        None, "torch threads (default: 1 for small models, measured rule)", lo=1, hi=4096, runtime=True
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.recipe, dict):
@@ -248,8 +284,10 @@ def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult
     data = task.make_data(config.seed, torch.float32)
     xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
     if xtr.ndim != 2 or not torch.is_floating_point(xtr):
-        raise ValueError(f"task {config.task!r} has inputs of shape {tuple(xtr.shape)} ({xtr.dtype}); "
-                         "topotorch fff needs vector inputs (N, features)")
+        raise ValueError(
+            f"task {config.task!r} has inputs of shape {tuple(xtr.shape)} ({xtr.dtype}); "
+            "topotorch fff needs vector inputs (N, features)"
+        )
     n_out = int(max(ytr.max(), yte.max())) + 1
     torch.manual_seed(config.seed)
     model = make_classifier(config.model, xtr.shape[1], n_out, config.training_width, config.leaf_width)
@@ -272,27 +310,43 @@ def _train_fff_run(config: FFFRunConfig, overwrite: bool | None) -> FFFRunResult
         fit_classifier(model, xtr, ytr, config.recipe, seed=config.seed, on_epoch=on_epoch)
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {
-        "task": config.task, "model": config.model, "training_width": config.training_width,
-        "test_accuracy": accuracy(model.eval(), xte, yte), "train_accuracy": accuracy(model.eval(), xtr, ytr),
-        "train_seconds": round(seconds, 2), "threads": threads,
+        "task": config.task,
+        "model": config.model,
+        "training_width": config.training_width,
+        "test_accuracy": accuracy(model.eval(), xte, yte),
+        "train_accuracy": accuracy(model.eval(), xtr, ytr),
+        "train_seconds": round(seconds, 2),
+        "threads": threads,
     }
     if isinstance(model, FFF):
         usage = leaf_usage(model, xte)
-        summary.update(leaf_width=model.leaf_width, depth=model.depth,
-                       soft_test_accuracy=accuracy(model.train(), xte, yte),
-                       leaves_used=usage.n_used, effective_leaves=round(usage.effective_leaves, 3),
-                       busiest_leaf_fraction=round(usage.max_fraction, 4),
-                       neurons_per_sample=model.leaf_width + model.depth)
+        summary.update(
+            leaf_width=model.leaf_width,
+            depth=model.depth,
+            soft_test_accuracy=accuracy(model.train(), xte, yte),
+            leaves_used=usage.n_used,
+            effective_leaves=round(usage.effective_leaves, 3),
+            busiest_leaf_fraction=round(usage.max_fraction, 4),
+            neurons_per_sample=model.leaf_width + model.depth,
+        )
         model.eval()
     if run_dir is not None:
         save_checkpoint(run_dir / "model", model)  # model.safetensors + model.json (its SHA-256), atomic
         if isinstance(model, FFF):
-            atomic_write_bytes(run_dir / "leaves.md", (format_class_leaf_table(class_leaf_table(model, xte, yte, n_out)) + "\n").encode())
+            atomic_write_bytes(
+                run_dir / "leaves.md",
+                (format_class_leaf_table(class_leaf_table(model, xte, yte, n_out)) + "\n").encode(),
+            )
             if xtr.shape[1] == 2:
                 import matplotlib.pyplot as plt
 
-                fig = draw_regions(model, xte, yte, path=run_dir / "regions.png",
-                                   title=f"{config.task}: FFF d={model.depth}, ℓ={model.leaf_width}")
+                fig = draw_regions(
+                    model,
+                    xte,
+                    yte,
+                    path=run_dir / "regions.png",
+                    title=f"{config.task}: FFF d={model.depth}, ℓ={model.leaf_width}",
+                )
                 plt.close(fig)
         atomic_write_json(run_dir / "summary.json", summary)
     return FFFRunResult(model, summary, run_dir)
@@ -348,8 +402,12 @@ def load_fff_run(run_dir: str | Path) -> FFFRunResult:
             model.load_state_dict(state)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
             raise ValueError(f"{run_dir / 'model.safetensors'} is corrupt: {' '.join(str(e).split())}") from None
-        warnings.warn(f"{run_dir / 'model.safetensors'} has no checksum (no model.json: written by an older "
-                      "version); loaded unverified", FallbackWarning, stacklevel=2)
+        warnings.warn(
+            f"{run_dir / 'model.safetensors'} has no checksum (no model.json: written by an older "
+            "version); loaded unverified",
+            FallbackWarning,
+            stacklevel=2,
+        )
     if isinstance(model, FFF):  # not in the state dict: the decision temperature it was trained to
         model.sharpness = config.recipe.final_sharpness
     return FFFRunResult(model.eval(), read_summary(run_dir), run_dir)
@@ -363,5 +421,6 @@ def _fff_config(run_dir: Path) -> FFFRunConfig:
         raise ValueError(f"{cfg_path} is corrupt: {e}") from None
 
 
-register_run_kind(RunKind("fff", open=load_fff_run, config=_fff_config, looks_like=is_fff_config,
-                          command="topotorch fff"))
+register_run_kind(
+    RunKind("fff", open=load_fff_run, config=_fff_config, looks_like=is_fff_config, command="topotorch fff")
+)

@@ -96,8 +96,9 @@ def hugging_face_lm(name: str, vocab: int, block: int, **overrides: Any) -> nn.M
     return CausalLMLogits(model)
 
 
-def build_user_model(spec: str, model_config: str | None = None, vocab: int | None = None,
-                     block: int | None = None) -> nn.Module:
+def build_user_model(
+    spec: str, model_config: str | None = None, vocab: int | None = None, block: int | None = None
+) -> nn.Module:
     """The model ``spec`` names (see the module docstring), built with ``model_config``.
 
     ``vocab``/``block`` (the task's vocabulary and sequence length) size ``hf:`` models.

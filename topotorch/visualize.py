@@ -8,8 +8,8 @@ after training, draw them or turn them into a GIF/MP4:
     ...     ...  # train, relocate
     ...     if step % 50 == 0:
     ...         snaps.append(take_snapshot(graph, step))
-    >>> save_snapshots(snaps, "run.safetensors")            # pickle-free
-    >>> fig = draw_connectivity(graph, path="final.png")     # current weights
+    >>> save_snapshots(snaps, "run.safetensors")  # pickle-free
+    >>> fig = draw_connectivity(graph, path="final.png")  # current weights
     >>> render_animation(graph, load_snapshots("run.safetensors"), gif_path="run.gif", mp4_path="run.mp4")
 
 The drawing follows the paper: each layer at its height, every neuron at its coordinates,
@@ -41,8 +41,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 __all__ = [
-    "Snapshot", "take_snapshot", "save_snapshots", "load_snapshots",
-    "connection_matrices", "draw_connectivity", "render_animation",
+    "Snapshot",
+    "take_snapshot",
+    "save_snapshots",
+    "load_snapshots",
+    "connection_matrices",
+    "draw_connectivity",
+    "render_animation",
 ]
 
 _FORMAT = "topotorch.snapshots"
@@ -241,8 +246,13 @@ def _draw(
     # the stream's skip connections: each copy to the next one up, drawn faint
     for name in {n for n, _ in stream_pts}:
         copies = sorted(h for n, h in stream_pts if n == name)
-        skips = np.concatenate([np.stack([stream_pts[(name, a)], stream_pts[(name, b)]], axis=1)
-                                for a, b in zip(copies, copies[1:])]) if len(copies) > 1 else None
+        skips = (
+            np.concatenate(
+                [np.stack([stream_pts[(name, a)], stream_pts[(name, b)]], axis=1) for a, b in zip(copies, copies[1:])]
+            )
+            if len(copies) > 1
+            else None
+        )
         if skips is not None:
             if three_d:
                 from mpl_toolkits.mplot3d.art3d import Line3DCollection
@@ -443,8 +453,14 @@ def render_animation(
         if not ffmpeg_available():
             raise RuntimeError("MP4 output needs imageio-ffmpeg with an ffmpeg binary (pip install imageio-ffmpeg)")
         writer = imageio.get_writer(
-            str(tmp_mp4), format="FFMPEG", mode="I", fps=fps, codec="libx264",
-            pixelformat="yuv420p", macro_block_size=1, quality=8,
+            str(tmp_mp4),
+            format="FFMPEG",
+            mode="I",
+            fps=fps,
+            codec="libx264",
+            pixelformat="yuv420p",
+            macro_block_size=1,
+            quality=8,
         )
     frames = []
     done = False

@@ -66,8 +66,13 @@ def test_soft_forward_equals_explicit_mixture_of_leaves():
     layer = _layer(3, activation="gelu")
     x = torch.randn(9, 12)
     mix = layer.mixture(x)
-    leaves = torch.stack([layer.activation(x @ layer.w1s[j] + layer.b1s[j]) @ layer.w2s[j] + layer.b2s[j]
-                          for j in range(layer.n_leaves)], 1)
+    leaves = torch.stack(
+        [
+            layer.activation(x @ layer.w1s[j] + layer.b1s[j]) @ layer.w2s[j] + layer.b2s[j]
+            for j in range(layer.n_leaves)
+        ],
+        1,
+    )
     assert torch.allclose(layer(x), (mix.unsqueeze(2) * leaves).sum(1), atol=1e-6)
 
 
@@ -107,8 +112,17 @@ def test_wrong_input_width_names_the_expected_width():
         UltraFFF(8, 4, 2)(torch.randn(2, 9))
 
 
-@pytest.mark.parametrize("kwargs", [dict(depth=-1), dict(depth=1.5), dict(leaf_width=0), dict(region_leak=2.0),
-                                    dict(dropout=-0.1), dict(hard_impl="fast")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(depth=-1),
+        dict(depth=1.5),
+        dict(leaf_width=0),
+        dict(region_leak=2.0),
+        dict(dropout=-0.1),
+        dict(hard_impl="fast"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs):
     args = dict(input_width=4, leaf_width=2, output_width=3, depth=2) | kwargs
     with pytest.raises(ValueError):
@@ -243,7 +257,8 @@ def test_ultra_depth_zero_and_gradients():
 
 def test_peer_parity_once_its_missing_leaf_output_bias_is_added():
     peer_mod = pytest.importorskip(
-        "fastfeedforward", reason="peer package not installed (pip install fastfeedforward==0.2.1 --no-deps)")
+        "fastfeedforward", reason="peer package not installed (pip install fastfeedforward==0.2.1 --no-deps)"
+    )
     torch.manual_seed(0)
     for depth in (1, 3, 6):
         peer = peer_mod.FFF(10, 4, 6, depth)
@@ -274,7 +289,7 @@ def test_ultra_batch_one_path_equals_masked_dense(depth, bias):
     with torch.no_grad():
         ref = u.dense_forward(x)
         for i in range(4):  # each sample alone takes the batch-1 host-walk path
-            assert (u(x[i:i + 1]) - ref[i:i + 1]).abs().max() <= 1e-6
+            assert (u(x[i : i + 1]) - ref[i : i + 1]).abs().max() <= 1e-6
 
 
 def test_ultra_batch_one_keeps_gradients_when_enabled():

@@ -5,8 +5,9 @@ import torch
 
 from topotorch.layers import FFF, _cpu_kernel
 
-needs_kernel = pytest.mark.skipif(_cpu_kernel.kernel() is None,
-                                  reason=f"no FFF CPU kernel here ({_cpu_kernel.kernel_error() or 'disabled'})")
+needs_kernel = pytest.mark.skipif(
+    _cpu_kernel.kernel() is None, reason=f"no FFF CPU kernel here ({_cpu_kernel.kernel_error() or 'disabled'})"
+)
 
 
 def _pair(depth, i, l, o, activation="relu", dtype=torch.float32, seed=0):
@@ -141,5 +142,5 @@ def test_kernel_sample_gets_the_same_output_alone_or_in_a_batch(dtype):
         layer.hard_impl = "kernel"
         yb, lb = layer(x), layer.route(x)
         for i in range(x.shape[0]):
-            assert torch.equal(layer.route(x[i:i + 1]), lb[i:i + 1])
-            assert torch.equal(layer(x[i:i + 1]), yb[i:i + 1])
+            assert torch.equal(layer.route(x[i : i + 1]), lb[i : i + 1])
+            assert torch.equal(layer(x[i : i + 1]), yb[i : i + 1])

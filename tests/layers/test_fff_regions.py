@@ -48,6 +48,7 @@ def test_layer_inputs_captures_what_reaches_an_inner_fff():
     x = torch.randn(6, 3)
     h = layer_inputs(net, "1", x)
     assert torch.allclose(h, net[0](x))
+
     class Skips(nn.Module):
         def __init__(self):
             super().__init__()

@@ -31,8 +31,14 @@ def test_hard_frac_extremes():
     assert SoftToHard(layer, 10, hard_frac=0.0).step(9) == "soft"
 
 
-@pytest.mark.parametrize("kwargs, match", [({"total_steps": 0}, "total_steps"), ({"hard_frac": 1.5}, "hard_frac"),
-                                           ({"final_sharpness": 0.5}, "final_sharpness")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"total_steps": 0}, "total_steps"),
+        ({"hard_frac": 1.5}, "hard_frac"),
+        ({"final_sharpness": 0.5}, "final_sharpness"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SoftToHard(FFF(3, 2, 2, 2), **{"total_steps": 10, **kwargs})

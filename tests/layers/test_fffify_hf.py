@@ -17,23 +17,45 @@ transformers = pytest.importorskip("transformers")
 
 def gpt2(dropout: float = 0.1) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16,
-                                  resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    cfg = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=50,
+        n_positions=16,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
     return transformers.GPT2LMHeadModel(cfg).double()
 
 
 def bert(dropout: float = 0.1) -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  vocab_size=50, max_position_embeddings=16, hidden_dropout_prob=dropout,
-                                  attention_probs_dropout_prob=dropout)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     return transformers.BertModel(cfg).double()
 
 
 def llama() -> nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   intermediate_size=64, vocab_size=50, max_position_embeddings=16)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
     return transformers.LlamaForCausalLM(cfg).double()
 
 
@@ -48,10 +70,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 TOKENS = torch.randint(0, 50, (3, 9), generator=torch.Generator().manual_seed(1))
 
 CASES = {  # model, include, expected block names, where each FFF lands, hidden width
-    "gpt2": (gpt2, "transformer.h.*.mlp", ["transformer.h.0.mlp", "transformer.h.1.mlp"],
-             ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"], 128),
-    "bert": (bert, "encoder.layer.*", ["encoder.layer.0", "encoder.layer.1"],
-             ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"], 64),
+    "gpt2": (
+        gpt2,
+        "transformer.h.*.mlp",
+        ["transformer.h.0.mlp", "transformer.h.1.mlp"],
+        ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"],
+        128,
+    ),
+    "bert": (
+        bert,
+        "encoder.layer.*",
+        ["encoder.layer.0", "encoder.layer.1"],
+        ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"],
+        64,
+    ),
 }
 
 
@@ -64,8 +96,11 @@ def test_hf_mlp_blocks_become_fff_and_train(kind):
     layers = fff_layers(model)
     assert [n for n, _ in layers] == where
     assert all(layer.training_width == hidden and layer.depth == hidden.bit_length() - 4 for _, layer in layers)
-    assert not any(isinstance(getattr(m, "weight", None), torch.Tensor) and hidden in m.weight.shape
-                   for m in model.modules() if not isinstance(m, FFF))  # both dense layers are gone
+    assert not any(
+        isinstance(getattr(m, "weight", None), torch.Tensor) and hidden in m.weight.shape
+        for m in model.modules()
+        if not isinstance(m, FFF)
+    )  # both dense layers are gone
     model.train()
     y = out(model(TOKENS))
     (y.square().mean() + hardening_loss(model, 0.1)).backward()
@@ -100,7 +135,9 @@ def test_bert_output_keeps_its_norm_and_residual():
     layer = model.encoder.layer[0]
     assert isinstance(layer.intermediate.dense, FFF) and isinstance(layer.intermediate.intermediate_act_fn, nn.Identity)
     assert isinstance(layer.output.dense, nn.Identity) and isinstance(layer.output.LayerNorm, nn.LayerNorm)
-    assert isinstance(layer.intermediate.dense.activation, type(bert().encoder.layer[0].intermediate.intermediate_act_fn))
+    assert isinstance(
+        layer.intermediate.dense.activation, type(bert().encoder.layer[0].intermediate.intermediate_act_fn)
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
@@ -116,9 +153,15 @@ def test_torch_transformer_encoder_layers():
     conv = copy.deepcopy(enc)
     assert fffify(conv, depth=0, leaf_width=32, init="dense") == ["layers.0", "layers.1"]
     lay = conv.layers[0]
-    assert isinstance(lay.linear1, FFF) and isinstance(lay.linear2, nn.Identity) and isinstance(lay.activation, nn.Identity)
+    assert (
+        isinstance(lay.linear1, FFF)
+        and isinstance(lay.linear2, nn.Identity)
+        and isinstance(lay.activation, nn.Identity)
+    )
     assert isinstance(lay.dropout, nn.Identity) and lay.linear1.leaf_dropout.p == 0.1  # hidden dropout moved inside
-    assert isinstance(lay.linear1.activation, nn.ReLU) and not conv.use_nested_tensor and lay.activation_relu_or_gelu == 0
+    assert (
+        isinstance(lay.linear1.activation, nn.ReLU) and not conv.use_nested_tensor and lay.activation_relu_or_gelu == 0
+    )
     with torch.no_grad():
         y = conv(x, src_key_padding_mask=pad)
     assert rel(y[~pad], ref[~pad]) <= 1e-10  # padded positions: the fused path leaves them 0
@@ -138,8 +181,11 @@ def test_gated_mlp_is_refused_by_name_and_nothing_changes():
     model = llama()
     before = [type(m) for m in model.modules()]
     assert mlp_blocks(model) == []
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp \(LlamaMLP\) is a gated MLP .*gate_proj.*"
-                                         r"no multiplicative gate"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.mlp \(LlamaMLP\) is a gated MLP .*gate_proj.*"
+        r"no multiplicative gate",
+    ):
         fffify(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp \(LlamaMLP\) is a gated MLP"):
         fffify(model, "model.layers.1.*")
@@ -151,7 +197,11 @@ class Mixed(nn.Module):
         super().__init__()
         self.plain = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
         self.gated = nn.Module()
-        self.gated.gate_proj, self.gated.up_proj, self.gated.down_proj = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gated.gate_proj, self.gated.up_proj, self.gated.down_proj = (
+            nn.Linear(8, 16),
+            nn.Linear(8, 16),
+            nn.Linear(16, 8),
+        )
 
     def forward(self, x):
         g = self.gated
@@ -180,16 +230,22 @@ class Doubling(nn.Module):
 
 def test_a_block_whose_forward_differs_from_its_rule_is_refused():
     net = nn.Sequential(Doubling())
-    with pytest.raises(ValueError, match=r"^0 \(Doubling\) looks like a hf-gpt2 MLP block, but its forward is not "
-                                         r"c_proj\(act\(c_fc\(x\)\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^0 \(Doubling\) looks like a hf-gpt2 MLP block, but its forward is not "
+        r"c_proj\(act\(c_fc\(x\)\)\)",
+    ):
         fffify(net)
     assert type(net[0].c_fc).__name__ == "Conv1D"
     assert fffify(net, check=False, leaf_width=4) == ["0"]  # the user's call, stated
 
 
 def test_dense_init_and_errors():
-    with pytest.raises(ValueError, match=r"transformer.h.0.mlp: init='dense' needs the training width 2\^depth·leaf_width = 64 to equal "
-                                         "the block's hidden width 128"):
+    with pytest.raises(
+        ValueError,
+        match=r"transformer.h.0.mlp: init='dense' needs the training width 2\^depth·leaf_width = 64 to equal "
+        "the block's hidden width 128",
+    ):
         fffify(gpt2(), leaf_width=8, training_width=64, init="dense")
     with pytest.raises(ValueError, match="init must be"):
         fffify(gpt2(), init="copy")
@@ -197,23 +253,47 @@ def test_dense_init_and_errors():
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 FAMILIES = {  # models built from the same pieces: the rule registry and the reading check cover them
-    "roberta": (lambda: transformers.RobertaModel(transformers.RobertaConfig(**SMALL, vocab_size=50,
-                                                                             max_position_embeddings=20)),
-                ["encoder.layer.0", "encoder.layer.1"]),
+    "roberta": (
+        lambda: transformers.RobertaModel(
+            transformers.RobertaConfig(**SMALL, vocab_size=50, max_position_embeddings=20)
+        ),
+        ["encoder.layer.0", "encoder.layer.1"],
+    ),
     "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(**SMALL, image_size=8, patch_size=4)), None),
-    "clip-text": (lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**SMALL, vocab_size=50,
-                                                                                 max_position_embeddings=16)),
-                  ["encoder.layers.0.mlp", "encoder.layers.1.mlp"]),
-    "opt": (lambda: transformers.OPTModel(transformers.OPTConfig(hidden_size=32, num_hidden_layers=2,
-                                                                 num_attention_heads=2, ffn_dim=64, vocab_size=50,
-                                                                 max_position_embeddings=16, word_embed_proj_dim=32)),
-            ["decoder.layers.0", "decoder.layers.1"]),
-    "distilbert": (lambda: transformers.DistilBertModel(transformers.DistilBertConfig(
-        dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=50, max_position_embeddings=16)),
-                   ["transformer.layer.0.ffn", "transformer.layer.1.ffn"]),
-    "gpt-neox": (lambda: transformers.GPTNeoXModel(transformers.GPTNeoXConfig(**SMALL, vocab_size=50,
-                                                                              max_position_embeddings=16)),
-                 ["layers.0.mlp", "layers.1.mlp"]),
+    "clip-text": (
+        lambda: transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(**SMALL, vocab_size=50, max_position_embeddings=16)
+        ),
+        ["encoder.layers.0.mlp", "encoder.layers.1.mlp"],
+    ),
+    "opt": (
+        lambda: transformers.OPTModel(
+            transformers.OPTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                ffn_dim=64,
+                vocab_size=50,
+                max_position_embeddings=16,
+                word_embed_proj_dim=32,
+            )
+        ),
+        ["decoder.layers.0", "decoder.layers.1"],
+    ),
+    "distilbert": (
+        lambda: transformers.DistilBertModel(
+            transformers.DistilBertConfig(
+                dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=50, max_position_embeddings=16
+            )
+        ),
+        ["transformer.layer.0.ffn", "transformer.layer.1.ffn"],
+    ),
+    "gpt-neox": (
+        lambda: transformers.GPTNeoXModel(
+            transformers.GPTNeoXConfig(**SMALL, vocab_size=50, max_position_embeddings=16)
+        ),
+        ["layers.0.mlp", "layers.1.mlp"],
+    ),
 }
 
 

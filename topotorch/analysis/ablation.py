@@ -21,12 +21,14 @@ The other parts are knocked out with forward hooks, removed on exit (the model i
 
     >>> with knocked_out(g, {"hidden1": [3, 7]}):
     ...     per_output_metric(task, model, x, y)
-    >>> ablation_table(result, {"module 1": {"hidden1": [0, 1]}})          # rows: metric overall + per output
-    >>> embedding_module_ablation(load_run("runs/modadd"))                  # the paper's modular-addition analysis
-    >>> with heads_knocked_out(model, {"gpt.blocks.0.attn": [2]}): model(x)
-    >>> head_ablation_table(model, x, y, task)                             # every head of every layer, one at a time
-    >>> with region_knocked_out(model, "gpt.blocks.0.mlp.0", mask_hw): model(x)
-    >>> leaf_ablation_table(model, "mlp", x, y, "accuracy")                # every used leaf of an FFF
+    >>> ablation_table(result, {"module 1": {"hidden1": [0, 1]}})  # rows: metric overall + per output
+    >>> embedding_module_ablation(load_run("runs/modadd"))  # the paper's modular-addition analysis
+    >>> with heads_knocked_out(model, {"gpt.blocks.0.attn": [2]}):
+    ...     model(x)
+    >>> head_ablation_table(model, x, y, task)  # every head of every layer, one at a time
+    >>> with region_knocked_out(model, "gpt.blocks.0.mlp.0", mask_hw):
+    ...     model(x)
+    >>> leaf_ablation_table(model, "mlp", x, y, "accuracy")  # every used leaf of an FFF
 """
 
 from __future__ import annotations
@@ -89,12 +91,13 @@ def knocked_out(graph: SpatialGraph, neurons: NeuronSet) -> Iterator[SpatialGrap
 def _forward(model: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     if batch_size is None or len(x) <= batch_size:
         return model(x)
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 @torch.no_grad()
-def per_output_metric(task: Task | str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      batch_size: int | None = None) -> dict:
+def per_output_metric(
+    task: Task | str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None
+) -> dict:
     """The task's metric overall and per output: MSE per output column, or accuracy per true class.
 
     ``task``: a :class:`~topotorch.tasks.Task` (its metric: ``"mse"`` for regression, accuracy
@@ -119,8 +122,9 @@ def per_output_metric(task: Task | str, model: torch.nn.Module, x: torch.Tensor,
     return {"metric": "accuracy", "overall": float(correct.mean()), "per_output": per.tolist()}
 
 
-def ablation_table(result, groups: Mapping[str, NeuronSet], threshold: float | None = None,
-                   split: str = "test") -> list[dict]:
+def ablation_table(
+    result, groups: Mapping[str, NeuronSet], threshold: float | None = None, split: str = "test"
+) -> list[dict]:
     """One row per group of neurons knocked out (first row: nothing knocked out).
 
     ``result``: a :class:`~topotorch.training.TrainResult` (``load_run(dir)``). ``threshold``:
@@ -141,14 +145,20 @@ def ablation_table(result, groups: Mapping[str, NeuronSet], threshold: float | N
             for name, neurons in groups.items():
                 with knocked_out(graph, neurons):
                     m = per_output_metric(task, model, x, y)
-                rows.append({"name": name, "neurons": int(sum(len(np.asarray(v).reshape(-1)) for v in neurons.values())), **m})
+                rows.append(
+                    {"name": name, "neurons": int(sum(len(np.asarray(v).reshape(-1)) for v in neurons.values())), **m}
+                )
     finally:
         model.train(was_training)
     return rows
 
 
-def module_groups(graph: SpatialGraph, communities: Communities | None = None, roles: tuple[str, ...] = ("hidden",),
-                  max_modules: int = 12) -> dict[str, dict[str, np.ndarray]]:
+def module_groups(
+    graph: SpatialGraph,
+    communities: Communities | None = None,
+    roles: tuple[str, ...] = ("hidden",),
+    max_modules: int = 12,
+) -> dict[str, dict[str, np.ndarray]]:
     """{"module k (inputs -> outputs)": its neurons of the given roles} for the biggest communities.
 
     Usage: ``ablation_table(r, module_groups(r.graph))``.
@@ -183,7 +193,7 @@ def embedding_modules(graph: SpatialGraph, threshold: float, space: str = "embed
     _, offset, _total = node_spaces(graph, outputs)
     a = weighted_adjacency(graph, threshold, outputs)
     _, comp = connected_components(a, directed=False)
-    label = comp[offset[space]: offset[space] + graph.space(space).size]
+    label = comp[offset[space] : offset[space] + graph.space(space).size]
     groups = [np.nonzero((label == c) & active)[0] for c in np.unique(label[active])]
     if len(groups) <= 1:
         mem = comms.membership[space]
@@ -216,9 +226,15 @@ def embedding_module_ablation(result, threshold: float | None = None, space: str
     train = ablation_table(result, spec, split="train")
     rows = []
     for te, tr in zip(test, train):
-        rows.append({"name": "full network" if te["name"] == "none" else te["name"], "metric": te["metric"],
-                     "test": te["overall"], "train": tr["overall"],
-                     "neurons_knocked_out": te["neurons"]})
+        rows.append(
+            {
+                "name": "full network" if te["name"] == "none" else te["name"],
+                "metric": te["metric"],
+                "test": te["overall"],
+                "train": tr["overall"],
+                "neurons_knocked_out": te["neurons"],
+            }
+        )
     return {"modules": [g.tolist() for g in groups], "rows": rows}
 
 
@@ -254,8 +270,11 @@ def attention_layers(model: nn.Module) -> dict[str, int]:
     """
     from topotorch.models import CausalSelfAttention
 
-    return {n: len(_head_dims(m)) for n, m in model.named_modules()
-            if isinstance(m, (CausalSelfAttention, nn.MultiheadAttention))}
+    return {
+        n: len(_head_dims(m))
+        for n, m in model.named_modules()
+        if isinstance(m, (CausalSelfAttention, nn.MultiheadAttention))
+    }
 
 
 def _attention(model: nn.Module, name: str) -> tuple[str, nn.Module]:
@@ -267,8 +286,10 @@ def _attention(model: nn.Module, name: str) -> tuple[str, nn.Module]:
     if not isinstance(m, kinds):
         inner = [(n, c) for n, c in m.named_children() if isinstance(c, kinds)]
         if len(inner) != 1:
-            raise ValueError(f"layer {name!r} is a {type(m).__name__}, not an attention layer; "
-                             f"attention layers: {', '.join(attention_layers(model)) or '(none)'}")
+            raise ValueError(
+                f"layer {name!r} is a {type(m).__name__}, not an attention layer; "
+                f"attention layers: {', '.join(attention_layers(model)) or '(none)'}"
+            )
         return f"{name}.{inner[0][0]}" if name else inner[0][0], inner[0][1]
     return name, m
 
@@ -314,8 +335,10 @@ def heads_knocked_out(model: nn.Module, heads: Mapping[str, Units]) -> Iterator[
                 with torch.no_grad():
                     w.masked_fill_(drop.to(w.device).unsqueeze(0), 0.0)
             else:
+
                 def pre(_m, args, drop=drop):
                     return (args[0].masked_fill(drop.to(args[0].device), 0.0), *args[1:])
+
                 handles.append(m.get_submodule("proj").register_forward_pre_hook(pre))
         yield model
     finally:
@@ -331,22 +354,27 @@ def _sheet_units(module: nn.Module, name: str, units: Units, shape) -> torch.Ten
     from topotorch.sheets import SHEET_LAYERS, CorticalSheet, layer_tensor
 
     if not isinstance(module, SHEET_LAYERS):
-        raise TypeError(f"layer {name!r} is a {type(module).__name__}; region ablation needs nn.Linear, nn.Conv1d or nn.Conv2d")
+        raise TypeError(
+            f"layer {name!r} is a {type(module).__name__}; region ablation needs nn.Linear, nn.Conv1d or nn.Conv2d"
+        )
     n = int(layer_tensor(module, "weight").shape[0])
     u = units.detach().cpu() if isinstance(units, torch.Tensor) else torch.as_tensor(np.asarray(units))
     if u.dtype == torch.bool:
         sheet = CorticalSheet.of(module, name, shape)
         if tuple(u.shape) != (sheet.h, sheet.w):
-            raise ValueError(f"region mask of shape {tuple(u.shape)} does not fit layer {name!r}: its sheet is "
-                             f"{sheet.h}x{sheet.w}, so the mask must be ({sheet.h}, {sheet.w}) (or give unit indices)")
+            raise ValueError(
+                f"region mask of shape {tuple(u.shape)} does not fit layer {name!r}: its sheet is "
+                f"{sheet.h}x{sheet.w}, so the mask must be ({sheet.h}, {sheet.w}) (or give unit indices)"
+            )
         return u.reshape(-1).cpu()
     idx = _indices(u, n, f"units of {name!r}")
     return torch.zeros(n, dtype=torch.bool).index_fill_(0, idx, True)
 
 
 @contextlib.contextmanager
-def region_knocked_out(model: nn.Module, layer: str, units: Units,
-                       shape: tuple[int, int] | str | None = None) -> Iterator[nn.Module]:
+def region_knocked_out(
+    model: nn.Module, layer: str, units: Units, shape: tuple[int, int] | str | None = None
+) -> Iterator[nn.Module]:
     """Within the block, output units ``units`` of the Linear/Conv layer ``layer`` read zero.
 
     ``units``: unit indices (unit i sits at row ``i // w``, column ``i % w`` of the sheet) or a
@@ -390,7 +418,9 @@ def leaves_knocked_out(model: nn.Module, leaves: Mapping[str, Units]) -> Iterato
     for name, ls in leaves.items():
         m = _submodule(model, name, "FFF layers", known)
         if not isinstance(m, FFF):
-            raise TypeError(f"layer {name!r} is a {type(m).__name__}, not an FFF; FFF layers: {', '.join(known) or '(none)'}")
+            raise TypeError(
+                f"layer {name!r} is a {type(m).__name__}, not an FFF; FFF layers: {', '.join(known) or '(none)'}"
+            )
         idx = _indices(ls, m.n_leaves, f"leaves of {name!r}")
         plan.append((m, torch.zeros(m.n_leaves, dtype=torch.bool).index_fill_(0, idx, True)))
     for m, _ in plan:
@@ -413,9 +443,14 @@ def leaves_knocked_out(model: nn.Module, leaves: Mapping[str, Units]) -> Iterato
             h.remove()
 
 
-def _sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
-           parts: Sequence[tuple[dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]],
-           batch_size: int | None) -> list[dict]:
+def _sweep(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: Task | str,
+    parts: Sequence[tuple[dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]]]],
+    batch_size: int | None,
+) -> list[dict]:
     """Rows: intact first, then one per (row fields, context manager factory)."""
     was = model.training
     model.eval()
@@ -429,8 +464,14 @@ def _sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
     return rows
 
 
-def head_ablation_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: Task | str,
-                        layers: Sequence[str] | None = None, batch_size: int | None = 4096) -> list[dict]:
+def head_ablation_table(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: Task | str,
+    layers: Sequence[str] | None = None,
+    batch_size: int | None = 4096,
+) -> list[dict]:
     """The metric with each attention head knocked out alone (every head of ``layers``, default all).
 
     Rows (intact first): ``{"name", "layer", "head", "metric", "overall", "per_output"}`` with
@@ -441,14 +482,23 @@ def head_ablation_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task
     names = list(found) if layers is None else [_attention(model, n)[0] for n in layers]
     if not names:
         raise ValueError(f"{type(model).__name__} has no attention layer (CausalSelfAttention / nn.MultiheadAttention)")
-    parts = [({"name": f"{n} head {h}", "layer": n, "head": h},
-              lambda n=n, h=h: heads_knocked_out(model, {n: [h]}))
-             for n in names for h in range(found[n])]
+    parts = [
+        ({"name": f"{n} head {h}", "layer": n, "head": h}, lambda n=n, h=h: heads_knocked_out(model, {n: [h]}))
+        for n in names
+        for h in range(found[n])
+    ]
     return _sweep(model, x, y, task, parts, batch_size)
 
 
-def leaf_ablation_table(model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, task: Task | str,
-                        leaves: Units | None = None, batch_size: int | None = 4096) -> list[dict]:
+def leaf_ablation_table(
+    model: nn.Module,
+    layer: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: Task | str,
+    leaves: Units | None = None,
+    batch_size: int | None = 4096,
+) -> list[dict]:
     """The metric with each leaf of the FFF ``layer`` knocked out alone (hard forward).
 
     ``leaves``: which (default: every leaf some sample of ``x`` reaches; knocking out a leaf no
@@ -462,7 +512,9 @@ def leaf_ablation_table(model: nn.Module, layer: str, x: torch.Tensor, y: torch.
     known = [n for n, m in model.named_modules() if isinstance(m, FFF)]
     m = _submodule(model, layer, "FFF layers", known)
     if not isinstance(m, FFF):
-        raise TypeError(f"layer {layer!r} is a {type(m).__name__}, not an FFF; FFF layers: {', '.join(known) or '(none)'}")
+        raise TypeError(
+            f"layer {layer!r} is a {type(m).__name__}, not an FFF; FFF layers: {', '.join(known) or '(none)'}"
+        )
     was = model.training
     model.eval()
     try:
@@ -471,7 +523,14 @@ def leaf_ablation_table(model: nn.Module, layer: str, x: torch.Tensor, y: torch.
     finally:
         model.train(was)
     counts = torch.bincount(routed.cpu(), minlength=m.n_leaves)
-    chosen = torch.nonzero(counts).reshape(-1) if leaves is None else _indices(leaves, m.n_leaves, f"leaves of {layer!r}")
-    parts = [({"name": f"{layer or 'fff'} leaf {int(k)}", "leaf": int(k), "samples": int(counts[k])},
-              lambda k=int(k): leaves_knocked_out(model, {layer: [k]})) for k in chosen]
+    chosen = (
+        torch.nonzero(counts).reshape(-1) if leaves is None else _indices(leaves, m.n_leaves, f"leaves of {layer!r}")
+    )
+    parts = [
+        (
+            {"name": f"{layer or 'fff'} leaf {int(k)}", "leaf": int(k), "samples": int(counts[k])},
+            lambda k=int(k): leaves_knocked_out(model, {layer: [k]}),
+        )
+        for k in chosen
+    ]
     return _sweep(model, x, y, task, parts, batch_size)

@@ -7,9 +7,9 @@ expression *is* the thresholded network (checked by :func:`check_formula`, which
 x·sigmoid(x) = x / (1 + e^(−x)).
 
     >>> f = network_formula(result.model, threshold=0.05, input_names=["x1", "x2", "x3", "x4"])
-    >>> f.outputs[0].free_symbols                       # {x1, x3}
-    >>> f.latex(digits=3)[0]                            # '0.912 \\frac{...}{...} + ...'
-    >>> check_formula(f, result.model, x_test, threshold=0.05)   # max |difference|, e.g. 2e-15
+    >>> f.outputs[0].free_symbols  # {x1, x3}
+    >>> f.latex(digits=3)[0]  # '0.912 \\frac{...}{...} + ...'
+    >>> check_formula(f, result.model, x_test, threshold=0.05)  # max |difference|, e.g. 2e-15
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Formula:
 
     def rounded(self, digits: int = 3) -> list[sp.Expr]:
         """The outputs with every number rounded to ``digits`` significant digits (for reading only)."""
+
         def rnd(e: sp.Expr) -> sp.Expr:
             return e.xreplace({n: sp.Float(float(f"{float(n):.{digits}g}"), digits) for n in e.atoms(sp.Float)})
 
@@ -71,9 +72,13 @@ class Formula:
 
     def to_dict(self, digits: int = 3) -> dict:
         return {
-            "outputs": [{"name": n, "latex": lx, "text": str(r), "free_symbols": sorted(str(s) for s in e.free_symbols)}
-                        for n, lx, r, e in zip(self.output_names, self.latex(digits), self.rounded(digits), self.outputs)],
-            "active_neurons": self.active_neurons, "hidden_sizes": self.hidden_sizes, "threshold": self.threshold,
+            "outputs": [
+                {"name": n, "latex": lx, "text": str(r), "free_symbols": sorted(str(s) for s in e.free_symbols)}
+                for n, lx, r, e in zip(self.output_names, self.latex(digits), self.rounded(digits), self.outputs)
+            ],
+            "active_neurons": self.active_neurons,
+            "hidden_sizes": self.hidden_sizes,
+            "threshold": self.threshold,
         }
 
 
@@ -87,14 +92,21 @@ def _layers(model: nn.Module) -> list[tuple[nn.Linear, nn.Module | None]]:
         elif type(m) in _ACTIVATIONS and pairs and pairs[-1][1] is None:
             pairs[-1] = (pairs[-1][0], m)
         else:
-            raise ValueError(f"formulas cover chains of nn.Linear and elementwise activations; cannot write {type(m).__name__}")
+            raise ValueError(
+                f"formulas cover chains of nn.Linear and elementwise activations; cannot write {type(m).__name__}"
+            )
     if not pairs:
         raise ValueError("the model has no nn.Linear layer")
     return pairs
 
 
-def network_formula(model: nn.Module, threshold: float, input_names: Sequence[str] | None = None,
-                    output_names: Sequence[str] | None = None, max_neurons: int = 20) -> Formula:
+def network_formula(
+    model: nn.Module,
+    threshold: float,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    max_neurons: int = 20,
+) -> Formula:
     """The thresholded network as sympy expressions, one per output.
 
     ``max_neurons`` bounds the active hidden neurons (those on a path from an input to an
@@ -103,9 +115,18 @@ def network_formula(model: nn.Module, threshold: float, input_names: Sequence[st
     """
     pairs = _layers(model)
     # thresholded in the weights' own dtype (the rule of graph.active_mask), then exact in float64
-    ws = [zero_inactive_(lin.weight.detach().to("cpu", copy=True), threshold).to(torch.float64).numpy() for lin, _ in pairs]
-    bs = [(lin.bias.detach().to("cpu", torch.float64).numpy().copy() if lin.bias is not None else np.zeros(lin.out_features))
-          for lin, _ in pairs]
+    ws = [
+        zero_inactive_(lin.weight.detach().to("cpu", copy=True), threshold).to(torch.float64).numpy()
+        for lin, _ in pairs
+    ]
+    bs = [
+        (
+            lin.bias.detach().to("cpu", torch.float64).numpy().copy()
+            if lin.bias is not None
+            else np.zeros(lin.out_features)
+        )
+        for lin, _ in pairs
+    ]
     n_in, n_out = ws[0].shape[1], ws[-1].shape[0]
     names = list(input_names) if input_names is not None else [f"x{i + 1}" for i in range(n_in)]
     if len(names) != n_in:
@@ -121,8 +142,10 @@ def network_formula(model: nn.Module, threshold: float, input_names: Sequence[st
         reach = (ws[k][:, reach] != 0).any(1)
         hidden_sizes.append(int((reach & needed[k + 1]).sum()))
     if sum(hidden_sizes) > max_neurons:
-        raise ValueError(f"{sum(hidden_sizes)} active hidden neurons {hidden_sizes} at threshold {threshold}: more than "
-                         f"max_neurons={max_neurons}; raise the threshold or max_neurons")
+        raise ValueError(
+            f"{sum(hidden_sizes)} active hidden neurons {hidden_sizes} at threshold {threshold}: more than "
+            f"max_neurons={max_neurons}; raise the threshold or max_neurons"
+        )
     symbols = [sp.Symbol(n) for n in names]
     h: list[sp.Expr] = list(symbols)
     for k, ((_lin, act), w, b) in enumerate(zip(pairs, ws, bs)):

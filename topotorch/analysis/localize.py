@@ -24,7 +24,9 @@ from topotorch.analysis.maps import layer_activations, selectivity
 from topotorch.sheets import CorticalSheet
 
 
-def find_region(t: torch.Tensor, h: int, w: int, threshold: float | None = None, top: float | None = None) -> torch.Tensor:
+def find_region(
+    t: torch.Tensor, h: int, w: int, threshold: float | None = None, top: float | None = None
+) -> torch.Tensor:
     """Indices of the most responsive 4-connected region of a t-map on an h x w sheet (empty if none).
 
     Usage: ``find_region(t, 16, 32)``.
@@ -58,9 +60,16 @@ def ablated(model: nn.Module, layer: str, units: torch.Tensor):
 
 
 @torch.no_grad()
-def localize(model: nn.Module, layer: str, x_target: torch.Tensor, x_other: torch.Tensor,
-             metric: Callable[[nn.Module, torch.Tensor], float], threshold: float | None = None, top: float | None = None,
-             seed: int = 0) -> dict:
+def localize(
+    model: nn.Module,
+    layer: str,
+    x_target: torch.Tensor,
+    x_other: torch.Tensor,
+    metric: Callable[[nn.Module, torch.Tensor], float],
+    threshold: float | None = None,
+    top: float | None = None,
+    seed: int = 0,
+) -> dict:
     """Find the region of ``layer``'s sheet that prefers ``x_target`` over ``x_other`` and ablate it.
 
     ``metric(model, x)`` scores a set (e.g. bits/char); reported on both sets intact, with the region
@@ -74,9 +83,14 @@ def localize(model: nn.Module, layer: str, x_target: torch.Tensor, x_other: torc
     region = find_region(t, sheet.h, sheet.w, threshold, top)
     g = torch.Generator().manual_seed(seed)
     control = torch.randperm(sheet.units, generator=g)[: len(region)]
-    out = {"layer": layer, "sheet": [sheet.h, sheet.w], "region_units": region.tolist(),
-           "region_cells": [[int(i) // sheet.w, int(i) % sheet.w] for i in region],
-           "t_max": float(t.max()), "t_region_mean": float(t[region].mean()) if len(region) else None}
+    out = {
+        "layer": layer,
+        "sheet": [sheet.h, sheet.w],
+        "region_units": region.tolist(),
+        "region_cells": [[int(i) // sheet.w, int(i) % sheet.w] for i in region],
+        "t_max": float(t.max()),
+        "t_region_mean": float(t[region].mean()) if len(region) else None,
+    }
     for name, x in (("target", x_target), ("other", x_other)):
         row = {"intact": metric(model, x)}
         with ablated(model, layer, region):
@@ -122,4 +136,4 @@ def text_windows(text: str, vocab: list[str], block: int) -> tuple[torch.Tensor,
     n = (len(seq) - 1) // block
     if n == 0:
         return seq[:-1].unsqueeze(0), seq[1:].unsqueeze(0), dropped
-    return seq[: n * block].view(n, block), seq[1: n * block + 1].view(n, block), dropped
+    return seq[: n * block].view(n, block), seq[1 : n * block + 1].view(n, block), dropped

@@ -16,8 +16,8 @@ shuffled on the sheet, and negative for a checkerboard. For K maps (one per clas
 are summed over the maps first. Effective dimensionality of activations A (samples x units) is
 the participation ratio of the covariance eigenvalues λ: PR = (Σ λ)² / Σ λ².
 
-    >>> acts = layer_activations(model, "0", x)        # (samples, units)
-    >>> t = selectivity_maps(acts, y)                  # (classes, units)
+    >>> acts = layer_activations(model, "0", x)  # (samples, units)
+    >>> t = selectivity_maps(acts, y)  # (classes, units)
     >>> smoothness(t, 10, 10), effective_dimensionality(acts)
 """
 
@@ -49,7 +49,7 @@ def layer_activations(model: nn.Module, layer: str, x: torch.Tensor, batch_size:
     model.eval()
     try:
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model(x[i : i + batch_size])
     finally:
         handle.remove()
         model.train(was)
@@ -115,8 +115,9 @@ def effective_dimensionality(acts: torch.Tensor) -> float:
     return float(lam.sum().square() / lam.square().sum().clamp_min(1e-300))
 
 
-def draw_maps(maps: torch.Tensor, h: int, w: int, path: str | Path, titles: list[str] | None = None,
-              suptitle: str = "") -> Path:
+def draw_maps(
+    maps: torch.Tensor, h: int, w: int, path: str | Path, titles: list[str] | None = None, suptitle: str = ""
+) -> Path:
     """Save K t-maps as one PNG of K panels (diverging colours, symmetric range).
 
     Usage: ``draw_maps(t, 10, 10, "m.png")``.

@@ -11,9 +11,9 @@ with python-igraph (Leiden with the *modularity* objective — igraph's Leiden d
 and Louvain/multilevel; the better partition wins), or networkx's Louvain when igraph is
 missing. Q itself is computed here, in numpy, for any partition (:func:`modularity`).
 
-    >>> parts = detect_communities(graph)              # Communities(q=0.71, backend='igraph-leiden', ...)
-    >>> parts.q, parts.membership["hidden1"]           # (0.71, array([0, 0, 1, ...]))
-    >>> [m["outputs"] for m in parts.modules]          # [['y1'], ['y2']]
+    >>> parts = detect_communities(graph)  # Communities(q=0.71, backend='igraph-leiden', ...)
+    >>> parts.q, parts.membership["hidden1"]  # (0.71, array([0, 0, 1, ...]))
+    >>> [m["outputs"] for m in parts.modules]  # [['y1'], ['y2']]
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class Communities:
     def n_communities(self) -> int:
         return len(self.modules)
 
-    def neurons(self, community: int, roles: tuple[str, ...] = ("hidden",), graph: SpatialGraph | None = None) -> dict[str, np.ndarray]:
+    def neurons(
+        self, community: int, roles: tuple[str, ...] = ("hidden",), graph: SpatialGraph | None = None
+    ) -> dict[str, np.ndarray]:
         """Indices per space of the neurons of ``community``.
 
         Only spaces whose role is in ``roles`` when a graph is given.
@@ -131,12 +133,18 @@ def _igraph_partition(a: csr_matrix, seed: int, resolution: float) -> tuple[np.n
 
     coo = csr_matrix(a).tocoo()
     upper = coo.row < coo.col
-    g = ig.Graph(n=a.shape[0], edges=np.stack([coo.row[upper], coo.col[upper]], 1).tolist(),
-                 edge_attrs={"weight": coo.data[upper].tolist()})
+    g = ig.Graph(
+        n=a.shape[0],
+        edges=np.stack([coo.row[upper], coo.col[upper]], 1).tolist(),
+        edge_attrs={"weight": coo.data[upper].tolist()},
+    )
     ig.set_random_number_generator(random.Random(seed))
     try:
-        leiden = np.asarray(g.community_leiden(objective_function="modularity", weights="weight",
-                                               resolution=resolution, n_iterations=-1).membership)
+        leiden = np.asarray(
+            g.community_leiden(
+                objective_function="modularity", weights="weight", resolution=resolution, n_iterations=-1
+            ).membership
+        )
         louvain = np.asarray(g.community_multilevel(weights="weight", resolution=resolution).membership)
     finally:
         ig.set_random_number_generator(random)
@@ -200,7 +208,7 @@ def detect_communities(
     remap[order] = np.arange(len(order))
     mem = np.where(mem >= 0, remap[mem], -1)
     q = modularity(a, mem, resolution)
-    membership = {s.name: mem[offset[s.name]: offset[s.name] + s.size] for s in spaces}
+    membership = {s.name: mem[offset[s.name] : offset[s.name] + s.size] for s in spaces}
     mods = []
     for cid in range(len(order)):
         mod = {"community": cid, **describe_group(spaces, {s.name: membership[s.name] == cid for s in spaces})}
@@ -219,4 +227,8 @@ def importance(graph: SpatialGraph) -> dict[str, torch.Tensor]:
         a = aggregate(graph.tensor(c.weight), c, t.size, s.size).to("cpu", torch.float64)
         out[t.name] = out.get(t.name, torch.zeros(t.size, dtype=torch.float64)) + a.sum(1)
         out[s.name] = out.get(s.name, torch.zeros(s.size, dtype=torch.float64)) + a.sum(0)
-    return {s.name: out.get(s.name, torch.zeros(s.size, dtype=torch.float64)) for s in graph.spaces if s.positions is not None}
+    return {
+        s.name: out.get(s.name, torch.zeros(s.size, dtype=torch.float64))
+        for s in graph.spaces
+        if s.positions is not None
+    }

@@ -5,9 +5,10 @@ describes. A weight is *active* when its magnitude exceeds ``threshold``; a neur
 active when it has an active incoming and an active outgoing connection (inputs need only
 outgoing, outputs only incoming).
 
-    >>> active_weights(g, 0.05)            # {'active': 312, 'total': 520, 'fraction': 0.6}
-    >>> modules(g, 0.05)                   # [{'inputs': ['x1', 'x3'], 'outputs': ['y1'], 'neurons': 17}, ...]
-    >>> with thresholded(g, 0.05): test_metric(...)
+    >>> active_weights(g, 0.05)  # {'active': 312, 'total': 520, 'fraction': 0.6}
+    >>> modules(g, 0.05)  # [{'inputs': ['x1', 'x3'], 'outputs': ['y1'], 'neurons': 17}, ...]
+    >>> with thresholded(g, 0.05):
+    ...     test_metric(...)
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def modules(graph: SpatialGraph, threshold: float, exclude: tuple[str, ...] = ()
     out = []
     for comp in np.unique(label[touched]):
         members = label == comp
-        out.append(describe_group(spaces, {s.name: members[offset[s.name]: offset[s.name] + s.size] for s in spaces}))
+        out.append(describe_group(spaces, {s.name: members[offset[s.name] : offset[s.name] + s.size] for s in spaces}))
     out.sort(key=lambda m: -m["neurons"])
     return out
 

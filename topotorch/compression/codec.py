@@ -13,8 +13,8 @@ A layer's (h, w, E) sheet is stored as
 TopoLoss makes the directions smooth on the sheet (it is a cosine), not the norms, hence the split.
 Decoding renormalises each unit's decoded direction and multiplies its norm back.
 
-    >>> small, report = codec_roundtrip(model, "0,2", quality=75)    # a copy with decoded weights
-    >>> report["bytes"], report["raw_bytes"]                           # stored size vs float32
+    >>> small, report = codec_roundtrip(model, "0,2", quality=75)  # a copy with decoded weights
+    >>> report["bytes"], report["raw_bytes"]  # stored size vs float32
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ def _ranges(lo: torch.Tensor, hi: torch.Tensor, side: SideInfo) -> tuple[bytes, 
     step = (ghi16 - glo16).clamp_min(1e-12) / 255
     qlo = ((lo - glo16) / step).floor().clamp(0, 254)
     qhi = torch.maximum(((hi - glo16) / step).ceil().clamp(1, 255), qlo + 1)
-    data = torch.stack([glo16, ghi16]).to(torch.float16).numpy().tobytes() + \
-        torch.stack([qlo, qhi]).to(torch.uint8).numpy().tobytes()
+    data = (
+        torch.stack([glo16, ghi16]).to(torch.float16).numpy().tobytes()
+        + torch.stack([qlo, qhi]).to(torch.uint8).numpy().tobytes()
+    )
     return data, glo16 + qlo * step, glo16 + qhi * step
 
 
@@ -109,8 +111,13 @@ def _unranges(data: bytes, e: int, side: SideInfo) -> tuple[torch.Tensor, torch.
     return glo + q[0] * step, glo + q[1] * step
 
 
-def encode_sheet(sheet: torch.Tensor, quality: int = 75, fmt: Format = "webp", side: SideInfo = "uint8",
-                 bias: torch.Tensor | None = None) -> dict:
+def encode_sheet(
+    sheet: torch.Tensor,
+    quality: int = 75,
+    fmt: Format = "webp",
+    side: SideInfo = "uint8",
+    bias: torch.Tensor | None = None,
+) -> dict:
     """Encode an (h, w, E) sheet (and optionally its units' biases) into bytes + metadata.
 
     Returns {"image", "norms", "range", "bias", "shape", "fmt", "side"}; :func:`blob_bytes` counts
@@ -139,8 +146,15 @@ def encode_sheet(sheet: torch.Tensor, quality: int = 75, fmt: Format = "webp", s
     buf = io.BytesIO()
     Image.fromarray(mosaic, mode="L").save(buf, format=fmt.upper(), quality=int(quality), **_SAVE[fmt])
     b = b"" if bias is None else _side_encode(bias.detach().cpu(), side)
-    return {"image": buf.getvalue(), "norms": _side_encode(norms, side, log=True), "range": rng, "bias": b,
-            "shape": (h, w, e), "fmt": fmt, "side": side}
+    return {
+        "image": buf.getvalue(),
+        "norms": _side_encode(norms, side, log=True),
+        "range": rng,
+        "bias": b,
+        "shape": (h, w, e),
+        "fmt": fmt,
+        "side": side,
+    }
 
 
 def decode_sheet(blob: dict) -> torch.Tensor:
@@ -171,8 +185,9 @@ def blob_bytes(blob: dict) -> int:
 
 
 @torch.no_grad()
-def codec_roundtrip(model: nn.Module, layers: str, quality: int | dict[str, int] = 75, fmt: Format = "webp",
-                    side: SideInfo = "uint8") -> tuple[nn.Module, dict]:
+def codec_roundtrip(
+    model: nn.Module, layers: str, quality: int | dict[str, int] = 75, fmt: Format = "webp", side: SideInfo = "uint8"
+) -> tuple[nn.Module, dict]:
     """A copy of ``model`` whose matching layers hold their weights and biases after an encode/decode round trip.
 
     ``quality`` is one number or {layer name: quality}. Returns (copy, report) with ``bytes`` (codec
@@ -200,5 +215,12 @@ def codec_roundtrip(model: nn.Module, layers: str, quality: int | dict[str, int]
     return out, {"bytes": total, "raw_bytes": raw, "per_layer": per, "quality": quality, "fmt": fmt, "side": side}
 
 
-__all__ = ["CorticalSheet", "available_formats", "blob_bytes", "codec_roundtrip", "decode_bias", "decode_sheet",
-           "encode_sheet"]
+__all__ = [
+    "CorticalSheet",
+    "available_formats",
+    "blob_bytes",
+    "codec_roundtrip",
+    "decode_bias",
+    "decode_sheet",
+    "encode_sheet",
+]

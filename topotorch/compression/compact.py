@@ -24,8 +24,9 @@ samples. :func:`save_compact` writes ``compact.safetensors`` + ``compact.json`` 
 no pickle); :func:`load_compact` rebuilds it from those two files with nothing but this module.
 
     >>> small = compact_mlp(model, threshold=0.05, example=x_train[:256], batch_sizes=(256, 4096))
-    >>> verify(thresholded_copy(model, 0.05), small, x_test)      # max |difference|, <= 1e-5 in float32
-    >>> save_compact("runs/dw/compact", small); small = load_compact("runs/dw/compact")
+    >>> verify(thresholded_copy(model, 0.05), small, x_test)  # max |difference|, <= 1e-5 in float32
+    >>> save_compact("runs/dw/compact", small)
+    ... small = load_compact("runs/dw/compact")
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def _act_name(m: nn.Module) -> str:
         return "tanh"
     if isinstance(m, nn.Sigmoid):
         return "sigmoid"
-    raise CompactError(f"compact_mlp cannot follow a {type(m).__name__} between linear layers "
-                       f"(element-wise activations only: {', '.join(_ACTS)})")
+    raise CompactError(
+        f"compact_mlp cannot follow a {type(m).__name__} between linear layers "
+        f"(element-wise activations only: {', '.join(_ACTS)})"
+    )
 
 
 def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -97,17 +100,22 @@ def _act(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 # -- reading an MLP ---------------------------------------------------------------------------------
 
+
 def _chain(model: nn.Module) -> tuple[torch.Tensor | None, int, list[nn.Linear], list[str]]:
     """(embedding weight or None, tokens per input, linear layers, activation after each layer)."""
     emb: torch.Tensor | None = None
     n_tok, seq = 0, model
-    if isinstance(getattr(model, "embedding", None), nn.Embedding) and isinstance(getattr(model, "mlp", None), nn.Sequential):
+    if isinstance(getattr(model, "embedding", None), nn.Embedding) and isinstance(
+        getattr(model, "mlp", None), nn.Sequential
+    ):
         duck: Any = model  # a TokenMLP-like model, checked just above
         emb, n_tok, seq = duck.embedding.weight, int(duck.n_tokens), duck.mlp  # TokenMLP: folded embeddings
     if not isinstance(seq, nn.Sequential):
-        raise CompactError(f"compact_mlp handles nn.Sequential chains of nn.Linear with element-wise activations "
-                           f"(e.g. topotorch.models.MLP / TokenMLP), not a {type(model).__name__}; "
-                           "for conv nets and transformers use topotorch.compression.shrink")
+        raise CompactError(
+            f"compact_mlp handles nn.Sequential chains of nn.Linear with element-wise activations "
+            f"(e.g. topotorch.models.MLP / TokenMLP), not a {type(model).__name__}; "
+            "for conv nets and transformers use topotorch.compression.shrink"
+        )
     linears: list[nn.Linear] = []
     acts: list[str] = []
     for name, m in seq.named_children():
@@ -149,6 +157,7 @@ def thresholded_copy(model: nn.Module, threshold: float) -> nn.Module:
 
 # -- the storage formats ----------------------------------------------------------------------------
 
+
 class _Layer(nn.Module):
     """One linear layer of a compact model in one storage format; ``forward`` takes and gives flat (B, n) tensors."""
 
@@ -184,7 +193,9 @@ class DenseLayer(_Layer):
     bias: torch.Tensor
     cols: torch.Tensor | None
 
-    def __init__(self, wt: torch.Tensor, bias: torch.Tensor, n_in: int, activation: str, cols: torch.Tensor | None = None):
+    def __init__(
+        self, wt: torch.Tensor, bias: torch.Tensor, n_in: int, activation: str, cols: torch.Tensor | None = None
+    ):
         super().__init__(n_in, wt.shape[1], activation)
         self.register_buffer("wt", wt.contiguous())  # (n_used_in, n_out): addmm-ready
         self.register_buffer("bias", bias.contiguous())
@@ -214,8 +225,15 @@ class CSRLayer(_Layer):
     values: torch.Tensor
     bias: torch.Tensor
 
-    def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
-                 n_in: int, activation: str):
+    def __init__(
+        self,
+        crow: torch.Tensor,
+        col: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor,
+        n_in: int,
+        activation: str,
+    ):
         super().__init__(n_in, len(crow) - 1, activation)
         self.register_buffer("crow", crow.to(torch.long).contiguous())
         self.register_buffer("col", col.to(torch.long).contiguous())
@@ -226,8 +244,9 @@ class CSRLayer(_Layer):
     def _make(self) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(self.crow, self.col, self.values, (self.n_out, self.n_in),
-                                           check_invariants=True)
+            return torch.sparse_csr_tensor(
+                self.crow, self.col, self.values, (self.n_out, self.n_in), check_invariants=True
+            )
 
     def _apply(self, fn, recurse=True):  # .to(dtype/device): rebuild the CSR view of the moved buffers
         out = super()._apply(fn, recurse)
@@ -263,12 +282,19 @@ class BlockLayer(_Layer):
     bias: torch.Tensor
     _select: torch.Tensor | None
 
-    def __init__(self, blocks: torch.Tensor, idx_in: torch.Tensor, out_pos: torch.Tensor, bias: torch.Tensor,
-                 n_in: int, activation: str):
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        idx_in: torch.Tensor,
+        out_pos: torch.Tensor,
+        bias: torch.Tensor,
+        n_in: int,
+        activation: str,
+    ):
         _m, _kin, _kout = blocks.shape
         super().__init__(n_in, len(bias), activation)
-        self.register_buffer("blocks", blocks.contiguous())          # (M, Kin, Kout)
-        self.register_buffer("idx_in", idx_in.to(torch.long).contiguous())   # (M*Kin,), padding -> 0
+        self.register_buffer("blocks", blocks.contiguous())  # (M, Kin, Kout)
+        self.register_buffer("idx_in", idx_in.to(torch.long).contiguous())  # (M*Kin,), padding -> 0
         self.register_buffer("out_pos", out_pos.to(torch.long).contiguous())  # (M*Kout,), padding -> n_out
         self.register_buffer("bias", bias.contiguous())
         self._setup_output()
@@ -329,11 +355,15 @@ class BlockLayer(_Layer):
 
 
 _LAYER_CLASSES: dict[str, type[_Layer]] = {"dense": DenseLayer, "block": BlockLayer, "csr": CSRLayer}
-_LAYER_TENSORS = {"dense": ("wt", "bias", "cols"), "block": ("blocks", "idx_in", "out_pos", "bias"),
-                  "csr": ("crow", "col", "values", "bias")}
+_LAYER_TENSORS = {
+    "dense": ("wt", "bias", "cols"),
+    "block": ("blocks", "idx_in", "out_pos", "bias"),
+    "csr": ("crow", "col", "values", "bias"),
+}
 
 
 # -- the compact model ------------------------------------------------------------------------------
+
 
 class CompactMLP(nn.Module):
     """The computing part of a thresholded MLP: (optional folded embedding) → compact layers → outputs.
@@ -347,9 +377,17 @@ class CompactMLP(nn.Module):
     out_live: torch.Tensor
     out_const: torch.Tensor
 
-    def __init__(self, layers: Sequence[_Layer], n_in: int, n_out: int, out_live: torch.Tensor,
-                 out_const: torch.Tensor, embed: torch.Tensor | None = None, n_tokens: int = 0,
-                 description: dict | None = None):
+    def __init__(
+        self,
+        layers: Sequence[_Layer],
+        n_in: int,
+        n_out: int,
+        out_live: torch.Tensor,
+        out_const: torch.Tensor,
+        embed: torch.Tensor | None = None,
+        n_tokens: int = 0,
+        description: dict | None = None,
+    ):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.n_in, self.n_out, self.n_tokens = n_in, n_out, n_tokens
@@ -418,8 +456,14 @@ def _batch_like(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None = None, choose: Choice = "auto",
-                batch_sizes: Sequence[int] | None = None, reps: int = 5) -> CompactMLP:
+def compact_mlp(
+    model: nn.Module,
+    threshold: float,
+    example: torch.Tensor | None = None,
+    choose: Choice = "auto",
+    batch_sizes: Sequence[int] | None = None,
+    reps: int = 5,
+) -> CompactMLP:
     """Compact a (thresholded) MLP: dead neurons removed, constants folded, modules split, storage chosen.
 
     ``model``: an ``nn.Sequential`` chain of ``nn.Linear`` with element-wise activations (``MLP``), or a
@@ -445,8 +489,10 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
     # bookkeeping on the CPU (scipy finds the modules; the result is moved to ``device`` at the end)
     cpu = torch.device("cpu")
     ws = [lin.weight.detach().to(cpu, torch.float64, copy=True) for lin in linears]
-    bs = [lin.bias.detach().to(cpu, torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
-          for i, lin in enumerate(linears)]
+    bs = [
+        lin.bias.detach().to(cpu, torch.float64, copy=True) if lin.bias is not None else ws[i].new_zeros(ws[i].shape[0])
+        for i, lin in enumerate(linears)
+    ]
     n_in_orig, n_out = linears0[0].in_features, ws[-1].shape[0]
     # 2. the embedding keeps the dimensions shrink kept (those some token writes and some neuron reads)
     embed = emb.detach().to(cpu, copy=True) if emb is not None else None
@@ -485,21 +531,36 @@ def compact_mlp(model: nn.Module, threshold: float, example: torch.Tensor | None
             fmt = min(timings, key=timings.__getitem__)
             layer = cands[fmt]
             x = layer(x)
-            info = {"choice": "measured", "seconds_per_sample": dict(timings),
-                    "batch_sizes": sizes}
+            info = {"choice": "measured", "seconds_per_sample": dict(timings), "batch_sizes": sizes}
         else:
             layer = _LAYER_CLASSES[choose].build(w, b, acts[i], **kw)
             info = {"choice": "forced"}
         layers.append(layer)
-        layer_desc.append({"format": layer.fmt, "n_in": w.shape[1], "n_out": w.shape[0], "activation": acts[i],
-                           "nonzeros": int((w != 0).sum()),
-                           "modules": len(mods if mods is not None else module_sizes),
-                           **info})
+        layer_desc.append(
+            {
+                "format": layer.fmt,
+                "n_in": w.shape[1],
+                "n_out": w.shape[0],
+                "activation": acts[i],
+                "nonzeros": int((w != 0).sum()),
+                "modules": len(mods if mods is not None else module_sizes),
+                **info,
+            }
+        )
     desc = {
         "threshold": threshold,
         "dtype": str(dt).replace("torch.", ""),
-        "input": ({"kind": "tokens", "n_tokens": n_tok, "vocab": int(emb0.shape[0]), "embed_dim_before": int(emb0.shape[1]),
-                   "embed_dims_kept": int(embed.shape[1])} if embed is not None and emb0 is not None else {"kind": "features", "n_in": n_in_orig}),
+        "input": (
+            {
+                "kind": "tokens",
+                "n_tokens": n_tok,
+                "vocab": int(emb0.shape[0]),
+                "embed_dim_before": int(emb0.shape[1]),
+                "embed_dims_kept": int(embed.shape[1]),
+            }
+            if embed is not None and emb0 is not None
+            else {"kind": "features", "n_in": n_in_orig}
+        ),
         "layers": layer_desc,
         "n_out": n_out,
         "n_live_outputs": len(out_live),
@@ -514,8 +575,10 @@ def _example_input(example, tokens: bool, n_in: int, n_tok: int, vocab: int, dt)
     if example is not None:
         want = n_tok if tokens else n_in
         if example.ndim != 2 or example.shape[1] != want or len(example) == 0:
-            raise CompactError(f"example must be a non-empty (batch, {want}) {'token id' if tokens else 'input'} "
-                               f"tensor, got shape {tuple(example.shape)}")
+            raise CompactError(
+                f"example must be a non-empty (batch, {want}) {'token id' if tokens else 'input'} "
+                f"tensor, got shape {tuple(example.shape)}"
+            )
         return example.to("cpu", dt) if not tokens else example.to("cpu", torch.long)
     g = torch.Generator().manual_seed(0)
     if tokens:
@@ -553,7 +616,7 @@ def _modules(ws: list[torch.Tensor], bs: list[torch.Tensor]) -> tuple[list[list 
     rank[np.argsort(first_seen)] = np.arange(len(first_seen))
     label = rank[label]
     n_mod = len(first_seen)
-    labels = [torch.as_tensor(label[offs[s - 1]: offs[s]]) for s in range(1, n_layers)]
+    labels = [torch.as_tensor(label[offs[s - 1] : offs[s]]) for s in range(1, n_layers)]
     for s in range(1, n_layers):  # stable sort of space s by module
         order = torch.as_tensor(np.argsort(labels[s - 1].numpy(), kind="stable"))
         labels[s - 1] = labels[s - 1][order]
@@ -590,7 +653,7 @@ def verify(original_thresholded: nn.Module, compact: nn.Module, x: torch.Tensor,
     try:
         diff = 0.0
         for i in range(0, len(x), batch):
-            a, b = original_thresholded(x[i: i + batch]), compact(x[i: i + batch])
+            a, b = original_thresholded(x[i : i + batch]), compact(x[i : i + batch])
             if a.shape != b.shape:
                 raise CompactError(f"output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
             diff = max(diff, float((a.to(torch.float64) - b.to(torch.float64)).abs().max()) if a.numel() else 0.0)
@@ -600,7 +663,6 @@ def verify(original_thresholded: nn.Module, compact: nn.Module, x: torch.Tensor,
 
 
 # -- saving and loading -----------------------------------------------------------------------------
-
 
 
 def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]:
@@ -620,11 +682,22 @@ def save_compact(path_dir: str | Path, compact: CompactMLP) -> tuple[Path, Path]
         for k, t in layer.tensors().items():
             tensors[f"layers.{i}.{k}"] = t
             names.append(k)
-        layers.append({"format": layer.fmt, "n_in": layer.n_in, "n_out": layer.n_out,
-                       "activation": layer.activation, "tensors": names})
+        layers.append(
+            {
+                "format": layer.fmt,
+                "n_in": layer.n_in,
+                "n_out": layer.n_out,
+                "activation": layer.activation,
+                "tensors": names,
+            }
+        )
     spec = {
-        "format": "topotorch.compression.compact", "version": FORMAT_VERSION, "n_in": compact.n_in, "n_out": compact.n_out,
-        "n_tokens": compact.n_tokens, "layers": layers,
+        "format": "topotorch.compression.compact",
+        "version": FORMAT_VERSION,
+        "n_in": compact.n_in,
+        "n_out": compact.n_out,
+        "n_tokens": compact.n_tokens,
+        "layers": layers,
         "shapes": {k: list(v.shape) for k, v in tensors.items()},
         "dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in tensors.items()},
         "description": compact.description,
@@ -677,14 +750,23 @@ def load_compact(path_dir: str | Path) -> CompactMLP:
                 layers.append(BlockLayer(t["blocks"], t["idx_in"], t["out_pos"], t["bias"], lin, act))
             if layers[-1].n_out != int(ls["n_out"]):
                 raise ValueError(f"layer {i}: {layers[-1].n_out} outputs, description says {ls['n_out']}")
-        model = CompactMLP(layers, n_in, n_out, tensors["out_live"], tensors["out_const"], tensors.get("embed"),
-                           n_tok, spec.get("description") or {})
+        model = CompactMLP(
+            layers,
+            n_in,
+            n_out,
+            tensors["out_live"],
+            tensors["out_const"],
+            tensors.get("embed"),
+            n_tok,
+            spec.get("description") or {},
+        )
     except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
         raise CompactError(f"{folder}: the saved compact model is inconsistent: {e}") from None
     return model.eval()
 
 
 # -- a trained run, end to end ----------------------------------------------------------------------
+
 
 @torch.no_grad()
 def forward_seconds(model: nn.Module, x: torch.Tensor, reps: int | None = None, budget_s: float = 0.5) -> float:
@@ -702,8 +784,13 @@ def forward_seconds(model: nn.Module, x: torch.Tensor, reps: int | None = None, 
         return median_seconds(lambda: model(x), reps, warmup=1, device=x.device)
 
 
-def speed_table(dense: nn.Module, compact: nn.Module, x: torch.Tensor, batch_sizes: Sequence[int] = (1, 256, 4096),
-                budget_s: float = 0.5) -> dict[str, dict]:
+def speed_table(
+    dense: nn.Module,
+    compact: nn.Module,
+    x: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 256, 4096),
+    budget_s: float = 0.5,
+) -> dict[str, dict]:
     """Latency and throughput of both models at each batch size (inputs: ``x`` repeated to size), medians.
 
     Usage: ``speed_table(mlp, small, x_test)["256"]["throughput_ratio"]``.
@@ -712,6 +799,11 @@ def speed_table(dense: nn.Module, compact: nn.Module, x: torch.Tensor, batch_siz
     for n in batch_sizes:
         xb = _batch_like(x, n)
         td, tc = forward_seconds(dense, xb, budget_s=budget_s), forward_seconds(compact, xb, budget_s=budget_s)
-        out[str(n)] = {"dense_seconds": td, "compact_seconds": tc, "dense_samples_per_s": n / td,
-                       "compact_samples_per_s": n / tc, "throughput_ratio": td / tc}
+        out[str(n)] = {
+            "dense_seconds": td,
+            "compact_seconds": tc,
+            "dense_samples_per_s": n / td,
+            "compact_samples_per_s": n / tc,
+            "throughput_ratio": td / tc,
+        }
     return out

@@ -62,8 +62,12 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def check_sparsity(sparsity: float) -> float:
     """``sparsity`` as a float in [0, 1), or a ValueError naming it. Usage: ``s = check_sparsity(0.9)``."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1 \
-            or not math.isfinite(sparsity):
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not 0 <= sparsity < 1
+        or not math.isfinite(sparsity)
+    ):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
@@ -89,14 +93,17 @@ def _scores(w: torch.Tensor, previous: torch.Tensor | None, name: str = "") -> t
     s = w.abs().to(torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
     if previous is not None:  # entries pruned before can never come back
         if previous.shape != w.shape:
-            raise ValueError(f"previous mask for {name!r} has shape {tuple(previous.shape)}, the weight {tuple(w.shape)}")
+            raise ValueError(
+                f"previous mask for {name!r} has shape {tuple(previous.shape)}, the weight {tuple(w.shape)}"
+            )
         s = torch.where(previous.to(device=s.device, dtype=torch.bool), s, torch.full_like(s, -1.0))
     return s
 
 
 @torch.no_grad()
-def global_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsity: float,
-                           previous: Masks | None = None) -> Masks:
+def global_magnitude_masks(
+    model: nn.Module | dict[str, torch.Tensor], sparsity: float, previous: Masks | None = None
+) -> Masks:
     """Keep the ``round((1 - sparsity) * N)`` largest |w| over all prunable weights together (N = their total count).
 
     ``previous`` (a mask set) restricts the choice to entries still kept — iterative pruning.
@@ -108,28 +115,34 @@ def global_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsity:
     flat = torch.cat([_scores(ws[n], previous.get(n) if previous else None, n).reshape(-1) for n in names])
     n_keep = _n_keep(flat.numel(), sparsity)
     if previous is not None and n_keep > int((flat >= 0).sum()):
-        raise ValueError(f"cannot prune to {sparsity:g}: the previous masks already remove more "
-                         f"({mask_sparsity(previous):.4g}); iterative sparsities must increase")
+        raise ValueError(
+            f"cannot prune to {sparsity:g}: the previous masks already remove more "
+            f"({mask_sparsity(previous):.4g}); iterative sparsities must increase"
+        )
     keep = _topk_mask(flat, n_keep)
     parts = keep.split([ws[n].numel() for n in names])
     return {n: p.view_as(ws[n]) for n, p in zip(names, parts)}
 
 
 @torch.no_grad()
-def layerwise_magnitude_masks(model: nn.Module | dict[str, torch.Tensor], sparsity: float,
-                              previous: Masks | None = None) -> Masks:
+def layerwise_magnitude_masks(
+    model: nn.Module | dict[str, torch.Tensor], sparsity: float, previous: Masks | None = None
+) -> Masks:
     """Keep the ``round((1 - sparsity) * n_l)`` largest |w| in every layer l separately.
 
     Usage: ``masks = layerwise_magnitude_masks(model, 0.8)``.
     """
     sparsity = check_sparsity(sparsity)
-    return {n: _topk_mask(_scores(w, previous.get(n) if previous else None, n), _n_keep(w.numel(), sparsity))
-            for n, w in _weights(model).items()}
+    return {
+        n: _topk_mask(_scores(w, previous.get(n) if previous else None, n), _n_keep(w.numel(), sparsity))
+        for n, w in _weights(model).items()
+    }
 
 
 @torch.no_grad()
-def random_masks(model: nn.Module | dict[str, torch.Tensor], sparsity: float,
-                 generator: torch.Generator | None = None) -> Masks:
+def random_masks(
+    model: nn.Module | dict[str, torch.Tensor], sparsity: float, generator: torch.Generator | None = None
+) -> Masks:
     """Keep ``round((1 - sparsity) * n_l)`` entries of every layer, chosen uniformly at random.
 
     The per-layer counts are those of :func:`layerwise_magnitude_masks` (uniform sparsity per layer), so
@@ -163,8 +176,9 @@ def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     return mask.reshape(weight.shape)
 
 
-def semi_structured_masks(model: nn.Module | dict[str, torch.Tensor], n: int = 2, m: int = 4,
-                          skip_incompatible: bool = False) -> Masks:
+def semi_structured_masks(
+    model: nn.Module | dict[str, torch.Tensor], n: int = 2, m: int = 4, skip_incompatible: bool = False
+) -> Masks:
     """N:M (default 2:4) masks for every prunable weight: exactly ``n`` kept in every group of ``m`` inputs.
 
     A layer whose input size is not a multiple of ``m`` raises, or is left dense (all-True mask)
@@ -174,8 +188,10 @@ def semi_structured_masks(model: nn.Module | dict[str, torch.Tensor], n: int = 2
     for name, w in _weights(model).items():
         if w.reshape(w.shape[0], -1).shape[1] % m:
             if not skip_incompatible:
-                raise ValueError(f"layer {name!r}: input size {w.reshape(w.shape[0], -1).shape[1]} is not a "
-                                 f"multiple of {m}; {n}:{m} masks cannot cover it (skip_incompatible=True leaves it dense)")
+                raise ValueError(
+                    f"layer {name!r}: input size {w.reshape(w.shape[0], -1).shape[1]} is not a "
+                    f"multiple of {m}; {n}:{m} masks cannot cover it (skip_incompatible=True leaves it dense)"
+                )
             out[name] = torch.ones_like(w, dtype=torch.bool)
         else:
             out[name] = nm_mask(w, n, m)
@@ -202,7 +218,7 @@ class MaskSet:
     Usage::
 
         ms = MaskSet(global_magnitude_masks(model, 0.9)).apply(model)
-        handle = ms.attach(opt, model)   # pruned weights stay exactly 0 while fine-tuning
+        handle = ms.attach(opt, model)  # pruned weights stay exactly 0 while fine-tuning
     """
 
     def __init__(self, masks: Masks):

@@ -16,7 +16,7 @@ a user's own module that owns one directly is trusted to read sizes from its ten
 :data:`ATTENTION` says, per attention class, where the value projection is, so shrink can tell
 dead heads (no output, or a constant value folded into the output bias) from live ones.
 
-    >>> find_rule(nn.Linear(3, 4)).apply          # sets in_features / out_features from the weight
+    >>> find_rule(nn.Linear(3, 4)).apply  # sets in_features / out_features from the weight
 """
 
 from __future__ import annotations
@@ -114,8 +114,9 @@ def _conv_check(m, cut):
     counts = torch.bincount(kept // (old // m.groups), minlength=m.groups)
     live = counts[counts > 0]
     if live.numel() and not bool((live == live[0]).all()):
-        return (f"{type(m).__name__} with groups={m.groups} would keep unequal channel counts per group "
-                f"({counts.tolist()})")
+        return (
+            f"{type(m).__name__} with groups={m.groups} would keep unequal channel counts per group ({counts.tolist()})"
+        )
     return None
 
 
@@ -144,7 +145,11 @@ def _groupnorm_check(m, cut):
         return None
     old, kept = got
     _, whole = _blocks(old, kept, old // m.num_groups)
-    return None if whole else f"GroupNorm({m.num_groups}, {m.num_channels}) would lose part of a group (its statistics change)"
+    return (
+        None
+        if whole
+        else f"GroupNorm({m.num_groups}, {m.num_channels}) would lose part of a group (its statistics change)"
+    )
 
 
 def _groupnorm_apply(m, cut):
@@ -182,13 +187,24 @@ register("torch.nn.modules.conv:_ConvNd", check=_conv_check, apply=_conv_apply)
 register("torch.nn.modules.batchnorm:_NormBase", apply=_batchnorm_apply)
 register("torch.nn.modules.normalization:GroupNorm", check=_groupnorm_check, apply=_groupnorm_apply)
 register("torch.nn.modules.normalization:LayerNorm", "torch.nn.modules.normalization:RMSNorm", apply=_shape_apply)
-register("torch.nn.modules.sparse:Embedding", "torch.nn.modules.sparse:EmbeddingBag", check=_embedding_check,
-         apply=_embedding_apply)
-register("torch.nn.modules.rnn:RNNBase", "torch.nn.modules.rnn:RNNCellBase",
-         check=_refuse("recurrent layer: its gates' sizes are baked into its weights (no resize rule)"))
-register("torch.nn.modules.activation:MultiheadAttention",
-         check=_refuse("nn.MultiheadAttention ties its inner width to its input width "
-                       "(head_dim = embed_dim // num_heads), so its heads cannot be removed"))
+register(
+    "torch.nn.modules.sparse:Embedding",
+    "torch.nn.modules.sparse:EmbeddingBag",
+    check=_embedding_check,
+    apply=_embedding_apply,
+)
+register(
+    "torch.nn.modules.rnn:RNNBase",
+    "torch.nn.modules.rnn:RNNCellBase",
+    check=_refuse("recurrent layer: its gates' sizes are baked into its weights (no resize rule)"),
+)
+register(
+    "torch.nn.modules.activation:MultiheadAttention",
+    check=_refuse(
+        "nn.MultiheadAttention ties its inner width to its input width "
+        "(head_dim = embed_dim // num_heads), so its heads cannot be removed"
+    ),
+)
 register("transformers.pytorch_utils:Conv1D", apply=_conv1d_apply)
 
 
@@ -249,8 +265,10 @@ def _llama_check(m, cut):
     if nq >= 0 and no >= 0 and nq != no:
         return f"{type(m).__name__}: q_proj and o_proj would keep different heads"
     if nk != nv or (nq >= 0 and nk >= 0 and nq != nk * m.num_key_value_groups):
-        return (f"{type(m).__name__}: query heads must go with their key/value head "
-                f"({m.num_key_value_groups} per key/value head)")
+        return (
+            f"{type(m).__name__}: query heads must go with their key/value head "
+            f"({m.num_key_value_groups} per key/value head)"
+        )
     return None
 
 
@@ -262,11 +280,19 @@ def _llama_apply(m, cut):
 
 
 register("transformers.models.gpt2.modeling_gpt2:GPT2Attention", check=_gpt2_check, apply=_gpt2_apply)
-register("transformers.models.bert.modeling_bert:BertSelfAttention",
-         "transformers.models.roberta.modeling_roberta:RobertaSelfAttention", check=_bert_check, apply=_bert_apply)
-register("transformers.models.llama.modeling_llama:LlamaAttention",
-         "transformers.models.mistral.modeling_mistral:MistralAttention",
-         "transformers.models.qwen2.modeling_qwen2:Qwen2Attention", check=_llama_check, apply=_llama_apply)
+register(
+    "transformers.models.bert.modeling_bert:BertSelfAttention",
+    "transformers.models.roberta.modeling_roberta:RobertaSelfAttention",
+    check=_bert_check,
+    apply=_bert_apply,
+)
+register(
+    "transformers.models.llama.modeling_llama:LlamaAttention",
+    "transformers.models.mistral.modeling_mistral:MistralAttention",
+    "transformers.models.qwen2.modeling_qwen2:Qwen2Attention",
+    check=_llama_check,
+    apply=_llama_apply,
+)
 
 
 @dataclass

@@ -31,8 +31,9 @@ Exactness rules (each violated case keeps the neuron and is listed in ``ShrinkRe
 * inputs and outputs are never removed, and no space is emptied (one neuron stays).
 
     >>> res = shrink(model, graph, threshold=0.05)
-    >>> res.model(x)            # == threshold_model(model, graph, 0.05)(x) to float rounding
-    >>> save_shrunk("out/shrunk", res); small = load_shrunk("out/shrunk")
+    >>> res.model(x)  # == threshold_model(model, graph, 0.05)(x) to float rounding
+    >>> save_shrunk("out/shrunk", res)
+    ... small = load_shrunk("out/shrunk")
 """
 
 from __future__ import annotations
@@ -59,8 +60,21 @@ from topotorch.graph.core import check_threshold, common_prefix, normalised_by_f
 from topotorch.models import MLP, CausalSelfAttention, ConvBlock, TokenMLP
 
 # modules that act on each neuron separately and may sit between a writer and its reader
-ELEMENTWISE = (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout,
-               nn.Softplus, nn.Mish, nn.Hardtanh, nn.ReLU6)
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Identity,
+    nn.Dropout,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.ReLU6,
+)
 CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # classes whose forward runs their children in registration order (so "between" is well defined)
 SEQUENTIAL_FORWARD = (nn.Sequential, ConvBlock)
@@ -87,6 +101,7 @@ class ShrinkResult:
 # ------------------------------------------------------------------------------------------------
 # model surgery helpers
 # ------------------------------------------------------------------------------------------------
+
 
 def _module(model: nn.Module, name: str) -> nn.Module | None:
     try:
@@ -174,6 +189,7 @@ def _alive_through(model: torch.nn.Module, connections: list, side: str, n: int)
 # per-space decisions
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Decision:
     remove: torch.Tensor  # (N,) bool
@@ -196,14 +212,15 @@ def _path_between(model: nn.Module, writer: str, reader: str) -> list[nn.Module]
     names = list(parent._modules)
     if wn not in names or rn not in names or names.index(wn) >= names.index(rn):
         return None
-    between = [parent._modules[n] for n in names[names.index(wn) + 1:names.index(rn)]]
+    between = [parent._modules[n] for n in names[names.index(wn) + 1 : names.index(rn)]]
     passing: list[nn.Module] = [m for m in between if isinstance(m, ELEMENTWISE + CHANNEL_NORMS + (nn.Flatten,))]
     return passing if len(passing) == len(between) else None
 
 
 @torch.no_grad()
-def _constants(model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[Connection],
-               reader: Connection) -> torch.Tensor | None:
+def _constants(
+    model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[Connection], reader: Connection
+) -> torch.Tensor | None:
     """Per-neuron constant output of a neuron with dead inputs, as ``reader`` sees it (None: unknown)."""
     if len(writers) == 1 and not isinstance(_module(model, _owner(writers[0].weight)[0]), nn.Embedding):
         c = writers[0]
@@ -227,15 +244,17 @@ def _constants(model: nn.Module, graph: SpatialGraph, sp: Space, writers: list[C
             x = m(x)
         return x.reshape(-1)
     # embedding tables of a TokenMLP (folded embedding): a dead column outputs 0, read directly
-    if isinstance(model, TokenMLP) and all(isinstance(_module(model, _owner(c.weight)[0]), nn.Embedding)
-                                           for c in writers):
+    if isinstance(model, TokenMLP) and all(
+        isinstance(_module(model, _owner(c.weight)[0]), nn.Embedding) for c in writers
+    ):
         return _get(model, writers[0].weight).new_zeros(sp.size)
     return None
 
 
 @torch.no_grad()
-def _fold(model: nn.Module, reader: Connection, const: torch.Tensor, which: torch.Tensor) -> \
-        tuple[str, torch.Tensor] | Literal[True] | None:
+def _fold(
+    model: nn.Module, reader: Connection, const: torch.Tensor, which: torch.Tensor
+) -> tuple[str, torch.Tensor] | Literal[True] | None:
     """Bias change that replaces neurons ``which`` (with outputs ``const``) in ``reader``.
 
     Returns (bias name, delta), True if nothing needs adding (zero contribution), or None if impossible.
@@ -275,7 +294,7 @@ def _plain(model: nn.Module, graph: SpatialGraph, sp: Space) -> _Decision:
     if not ins:
         in_alive[:] = True
     if normalised_by_feature_norm(model, sp):
-        dead = (~out_alive | ~in_alive)
+        dead = ~out_alive | ~in_alive
         if dead.any():
             why["read by a LayerNorm/GroupNorm"] = int(dead.sum())
         return _Decision(torch.zeros(n, dtype=torch.bool), [], why)
@@ -364,7 +383,7 @@ def _attention(model: nn.Module, sp: Space, name: str, attn: CausalSelfAttention
         bv = torch.zeros(n, dtype=w.dtype, device=w.device)
         bv[fold.to(w.device)] = bias[vi.to(bias.device)][fold.to(bias.device)]
         folds.append((f"{name}.proj.bias", attn.proj.weight[:, pidx.to(w.device)] @ bv))
-    kept_dead = (v_gone & ~remove)
+    kept_dead = v_gone & ~remove
     if kept_dead.any():
         why["attention dims with live q and k (score term) but no output"] = int(kept_dead.sum())
     if (qk_gone & ~v_gone).any():
@@ -453,14 +472,16 @@ def _heads(model: nn.Module, graph: SpatialGraph, sp: Space, prefix: str, module
     dead = (out_dead | v_dead) & ~remove
     if dead.any():
         what = "dims of heads that are not wholly dead" if sp.groups is not None else "heads"
-        why[f"attention {what} ({type(module).__name__} heads keep one width; a value folded needs an "
-            "output bias)"] = int(dead.sum())
+        why[f"attention {what} ({type(module).__name__} heads keep one width; a value folded needs an output bias)"] = (
+            int(dead.sum())
+        )
     return _Decision(remove, folds, why, free=remove & ~fold, units=units)
 
 
 # ------------------------------------------------------------------------------------------------
 # removal
 # ------------------------------------------------------------------------------------------------
+
 
 def _all_slices(graph_spaces: list[Space], conns: list[Connection]) -> list[Slice]:
     seen: dict[int, Slice] = {}
@@ -488,8 +509,9 @@ def _owned_slices(sp: Space, conns: list[Connection]) -> list[Slice]:
     return list(own.values())
 
 
-def _plan_cut(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space,
-              keep: torch.Tensor) -> tuple[dict, dict[int, torch.Tensor]]:
+def _plan_cut(
+    model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space, keep: torch.Tensor
+) -> tuple[dict, dict[int, torch.Tensor]]:
     """What keeping neurons ``keep`` of ``sp`` cuts: ``{(tensor, dim): (old size, kept entries)}`` and the
     new index of every slice over those dimensions (other spaces' slices lose the cut entries: a
     concatenation's other part, a factored dimension). Raises _CannotCut when a slice would be irregular."""
@@ -525,15 +547,23 @@ def _plan_cut(model: nn.Module, spaces: list[Space], conns: list[Connection], sp
         alive = mapped >= 0
         per_row = alive.sum(1)
         if not bool((per_row == per_row[0]).all()) or int(per_row[0]) == 0:
-            raise _CannotCut(f"{sl.name!r} dim {sl.dim} is shared with another space whose neurons would "
-                             "keep unequal shares")
+            raise _CannotCut(
+                f"{sl.name!r} dim {sl.dim} is shared with another space whose neurons would keep unequal shares"
+            )
         new_index[id(sl)] = mapped[alive].view(sl.index.shape[0], -1)
     return cuts, new_index
 
 
 @torch.no_grad()
-def _remove(model: nn.Module, spaces: list[Space], conns: list[Connection], sp: Space, keep: torch.Tensor,
-            cuts: dict, new_index: dict[int, torch.Tensor]) -> None:
+def _remove(
+    model: nn.Module,
+    spaces: list[Space],
+    conns: list[Connection],
+    sp: Space,
+    keep: torch.Tensor,
+    cuts: dict,
+    new_index: dict[int, torch.Tensor],
+) -> None:
     """Keep neurons ``keep`` (sorted indices) of ``sp``: one index_select per (tensor, dim) cut, then the
     attributes of every touched module (:mod:`topotorch.compression.resize`)."""
     for (name, dim), (_, kept) in cuts.items():
@@ -563,6 +593,7 @@ def _fix_attributes(model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: int = 50) -> ShrinkResult:
@@ -600,7 +631,7 @@ def shrink(model: nn.Module, graph: SpatialGraph, threshold: float, max_rounds: 
             elif adapter is not None:
                 dec = _heads(work, view, sp, *adapter)
             elif sp.groups is not None:
-                owner = common_prefix([sl.name.rpartition('.')[0] for sl in sp.slices])
+                owner = common_prefix([sl.name.rpartition(".")[0] for sl in sp.slices])
                 m = _module(work, owner)
                 what = class_key(type(m)) if m is not None and owner else "an unknown module"
                 why_all[sp.name] = {f"attention heads of {what}: no rule says where its values are": sp.size}
@@ -698,14 +729,17 @@ CONFIG_CLASS_SOURCES: tuple[tuple[str, bool], ...] = (
     (r"transformers\.models\.\w+\.configuration_\w+", True),
     (r"transformers\.(configuration_utils|generation\.configuration_utils)", True),
 )
-_CONFIG_BASES = (("transformers.configuration_utils", "PretrainedConfig"),
-                 ("transformers.generation.configuration_utils", "GenerationConfig"))
+_CONFIG_BASES = (
+    ("transformers.configuration_utils", "PretrainedConfig"),
+    ("transformers.generation.configuration_utils", "GenerationConfig"),
+)
 # Plain functions stored as attributes (``nn.TransformerEncoderLayer.activation = F.relu``, HF's
 # ``GELUActivation.act``, ``functools.partial(F.gelu, approximate="tanh")``): saved by name, looked up
 # (never imported): any public function of torch.nn.functional, or one of these elementwise torch ones.
 FUNCTION_SOURCES = ("torch.nn.functional", "torch")
-_TORCH_FUNCTIONS = frozenset({"tanh", "sigmoid", "relu", "exp", "erf", "sin", "cos", "abs", "square", "sqrt", "log",
-                              "softmax", "log_softmax"})
+_TORCH_FUNCTIONS = frozenset(
+    {"tanh", "sigmoid", "relu", "exp", "erf", "sin", "cos", "abs", "square", "sqrt", "log", "softmax", "log_softmax"}
+)
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
@@ -761,8 +795,13 @@ class _Encoder:
         if name is not None:
             return {"__function__": name}
         if isinstance(v, functools.partial) and _function_name(v.func) is not None:
-            return {"__partial__": {"func": _function_name(v.func), "args": [self(x, where) for x in v.args],
-                                    "kwargs": {k: self(x, where) for k, x in v.keywords.items()}}}
+            return {
+                "__partial__": {
+                    "func": _function_name(v.func),
+                    "args": [self(x, where) for x in v.args],
+                    "kwargs": {k: self(x, where) for k, x in v.keywords.items()},
+                }
+            }
         raise ValueError(f"cannot describe attribute {where} of type {type(v).__name__} without pickle")
 
     def _config(self, cfg) -> str:
@@ -771,8 +810,11 @@ class _Encoder:
             key = self._keys[id(cfg)] = f"config{len(self.objects)}"
             data = json.loads(cfg.to_json_string(use_diff=False))
             # runtime settings outside to_dict (e.g. _attn_implementation_internal): kept when plain
-            extra = {k: x for k, x in vars(cfg).items()
-                     if k.startswith("_") and k not in data and (x is None or isinstance(x, (bool, int, float, str)))}
+            extra = {
+                k: x
+                for k, x in vars(cfg).items()
+                if k.startswith("_") and k not in data and (x is None or isinstance(x, (bool, int, float, str)))
+            }
             cls = type(cfg)
             self.objects[key] = {"class": f"{cls.__module__}:{cls.__qualname__}", "data": data, "extra": extra}
         return key
@@ -799,8 +841,10 @@ def _decoder(objects: dict, allow: tuple[str, ...]):
         mod, _, name = qual.partition(":") if isinstance(qual, str) else ("", "", "")
         f = getattr(sys.modules.get(mod), name, None) if mod in FUNCTION_SOURCES and _IDENT.match(name) else None
         if f is None or _function_name(f) != qual:
-            raise ValueError(f"refusing to load function {qual!r}: only public functions of torch.nn.functional "
-                             f"and torch.{{{', '.join(sorted(_TORCH_FUNCTIONS))}}} are restored")
+            raise ValueError(
+                f"refusing to load function {qual!r}: only public functions of torch.nn.functional "
+                f"and torch.{{{', '.join(sorted(_TORCH_FUNCTIONS))}}} are restored"
+            )
         return f
 
     def decode(v):
@@ -828,8 +872,11 @@ def _decoder(objects: dict, allow: tuple[str, ...]):
                 p = v["__partial__"]
                 if not isinstance(p, dict) or not isinstance(p.get("kwargs", {}), dict):
                     raise ValueError("corrupt function description in the saved model")
-                return functools.partial(function(p.get("func")), *decode(p.get("args", [])),
-                                         **{str(k): decode(x) for k, x in p.get("kwargs", {}).items()})
+                return functools.partial(
+                    function(p.get("func")),
+                    *decode(p.get("args", [])),
+                    **{str(k): decode(x) for k, x in p.get("kwargs", {}).items()},
+                )
         return v
 
     return decode
@@ -849,7 +896,13 @@ def model_spec(model: nn.Module) -> dict:
 
     def walk(m: nn.Module, prefix: str) -> dict:
         cls = type(m)
-        node: dict[str, Any] = {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": {}, "params": {}, "buffers": {}, "children": {}}
+        node: dict[str, Any] = {
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "attrs": {},
+            "params": {},
+            "buffers": {},
+            "children": {},
+        }
         state = vars(m)
         if type(m).__getstate__ is not nn.Module.__getstate__:  # a class that leaves caches out of its state
             try:
@@ -896,8 +949,9 @@ def _tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _source_rule(mod_name: str, qual: str, sources: tuple[tuple[str, bool], ...],
-                 allow: tuple[str, ...]) -> bool | None:
+def _source_rule(
+    mod_name: str, qual: str, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...]
+) -> bool | None:
     """None: not an allowed source; else whether the module may be imported if not imported yet."""
     for entry in allow:
         if ":" in entry:
@@ -914,8 +968,9 @@ def _source_rule(mod_name: str, qual: str, sources: tuple[tuple[str, bool], ...]
     return may_import
 
 
-def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...], bases: tuple[type, ...],
-             what: str = "class") -> type[Any]:
+def _resolve(
+    qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...], bases: tuple[type, ...], what: str = "class"
+) -> type[Any]:
     """The class named ``qual`` ("module:Qualname") if it is exactly an allowed entry, else ValueError.
 
     Nothing outside the allowed sources is imported, no dunder module (``__main__``) ever, and the
@@ -924,18 +979,24 @@ def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...]
     mod_name, sep, qualname = qual.partition(":") if isinstance(qual, str) else ("", "", "")
     mparts, qparts = mod_name.split("."), qualname.split(".")
     if not sep or not all(_IDENT.match(p) and not p.startswith("__") for p in mparts + qparts):
-        raise ValueError(f"refusing to load {what} {qual!r}: not a plain 'package.module:Class' name "
-                         "(no dunder parts such as __main__)")
+        raise ValueError(
+            f"refusing to load {what} {qual!r}: not a plain 'package.module:Class' name "
+            "(no dunder parts such as __main__)"
+        )
     may_import = _source_rule(mod_name, qual, sources, allow)
     if may_import is None:
-        raise ValueError(f"refusing to load {what} {qual!r}: {mod_name!r} is not an allowed source of saved "
-                         "classes (torch.nn, topotorch models and layers, transformers models; pass allow=(...) "
-                         "to load_shrunk to add a package or an exact 'module:Class')")
+        raise ValueError(
+            f"refusing to load {what} {qual!r}: {mod_name!r} is not an allowed source of saved "
+            "classes (torch.nn, topotorch models and layers, transformers models; pass allow=(...) "
+            "to load_shrunk to add a package or an exact 'module:Class')"
+        )
     mod = sys.modules.get(mod_name)
     if mod is None:
         if not may_import:
-            raise ValueError(f"refusing to load {what} {qual!r}: module {mod_name!r} is not imported and is not "
-                             "one load_shrunk imports")
+            raise ValueError(
+                f"refusing to load {what} {qual!r}: module {mod_name!r} is not imported and is not "
+                "one load_shrunk imports"
+            )
         try:
             found = importlib.util.find_spec(mod_name)
         except (ImportError, ValueError):
@@ -955,11 +1016,14 @@ def _resolve(qual, sources: tuple[tuple[str, bool], ...], allow: tuple[str, ...]
         scope = obj = found_obj
     assert obj is not None  # qualname.split(".") has at least one part
     if obj.__module__ != mod_name or obj.__qualname__ != qualname:
-        raise ValueError(f"refusing to load {what} {qual!r}: it is {obj.__module__}:{obj.__qualname__}, "
-                         "defined outside the name saved")
+        raise ValueError(
+            f"refusing to load {what} {qual!r}: it is {obj.__module__}:{obj.__qualname__}, "
+            "defined outside the name saved"
+        )
     if not issubclass(obj, bases):
-        raise ValueError(f"refusing to load {what} {qual!r}: not a subclass of "
-                         f"{' / '.join(b.__qualname__ for b in bases)}")
+        raise ValueError(
+            f"refusing to load {what} {qual!r}: not a subclass of {' / '.join(b.__qualname__ for b in bases)}"
+        )
     return obj
 
 

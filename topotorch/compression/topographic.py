@@ -13,8 +13,8 @@ units it stands for; ``bilinear``/``area`` keep the downsampled sheet itself. Th
 ordinary, smaller dense ``nn.Module`` (a deep copy; the original is untouched). At φ = 1 the copy is
 the same function.
 
-    >>> small = compress(model, "*.mlp.0", factor=2.0)          # every c_fc, 75% of columns gone
-    >>> small = compress(model, "0", removed=0.8, mode="area")    # 80% of the first layer's units gone
+    >>> small = compress(model, "*.mlp.0", factor=2.0)  # every c_fc, 75% of columns gone
+    >>> small = compress(model, "0", removed=0.8, mode="area")  # 80% of the first layer's units gone
 """
 
 from __future__ import annotations
@@ -71,15 +71,19 @@ def next_layer_name(model: nn.Module, name: str) -> str:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if not isinstance(parent, nn.Sequential):
-        raise ValueError(f"cannot tell which layer reads {name!r} (its parent is not an nn.Sequential); pass next_layer")
+        raise ValueError(
+            f"cannot tell which layer reads {name!r} (its parent is not an nn.Sequential); pass next_layer"
+        )
     keys = list(parent._modules)
-    for k in keys[keys.index(child) + 1:]:
+    for k in keys[keys.index(child) + 1 :]:
         m = parent._modules[k]
         if isinstance(m, SHEET_LAYERS):
             return f"{parent_name}.{k}" if parent_name else k
         if not isinstance(m, PASS_THROUGH):
-            raise ValueError(f"{name!r} is read through a {type(m).__name__}, which compression cannot follow; "
-                             "only element-wise modules may sit between the two layers")
+            raise ValueError(
+                f"{name!r} is read through a {type(m).__name__}, which compression cannot follow; "
+                "only element-wise modules may sit between the two layers"
+            )
     raise ValueError(f"{name!r} is the last layer of its nn.Sequential: nothing reads it to rebuild")
 
 
@@ -95,15 +99,29 @@ def _new_like(old: nn.Module, n_out: int | None = None, n_in: int | None = None)
     if isinstance(old, nn.Linear):
         return nn.Linear(n_in or old.in_features, n_out or old.out_features, **kw)
     conv: Any = old  # nn.Conv1d / nn.Conv2d (a sheet layer that is not a Linear)
-    return type(old)(n_in or conv.in_channels, n_out or conv.out_channels, conv.kernel_size, stride=conv.stride,
-                     padding=conv.padding, dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode,
-                     **kw)
+    return type(old)(
+        n_in or conv.in_channels,
+        n_out or conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        padding_mode=conv.padding_mode,
+        **kw,
+    )
 
 
 @torch.no_grad()
-def compress_layer(model: nn.Module, name: str, factor: float | None = None, removed: float | None = None,
-                   mode: Literal["nearest", "bilinear", "area"] = "bilinear", next_layer: str | None = None,
-                   shape: tuple[int, int] | str | None = None) -> tuple[int, int]:
+def compress_layer(
+    model: nn.Module,
+    name: str,
+    factor: float | None = None,
+    removed: float | None = None,
+    mode: Literal["nearest", "bilinear", "area"] = "bilinear",
+    next_layer: str | None = None,
+    shape: tuple[int, int] | str | None = None,
+) -> tuple[int, int]:
     """In place: shrink layer ``name`` to its coarse sheet and rebuild ``next_layer`` to read it.
 
     Returns the new (h', w'). Groups > 1 convolutions are refused. Usage: ``compress_layer(m, "0", factor=2)``.
@@ -189,8 +207,14 @@ def refit_reader(original: nn.Module, small: nn.Module, reader: str, x: torch.Te
         lin.bias.copy_(sol[-1].to(lin.bias.dtype))
 
 
-def compress(model: nn.Module, layers: str | Sequence[str], factor: float | None = None, removed: float | None = None,
-             mode: Literal["nearest", "bilinear", "area"] = "bilinear", calibrate: torch.Tensor | None = None) -> nn.Module:
+def compress(
+    model: nn.Module,
+    layers: str | Sequence[str],
+    factor: float | None = None,
+    removed: float | None = None,
+    mode: Literal["nearest", "bilinear", "area"] = "bilinear",
+    calibrate: torch.Tensor | None = None,
+) -> nn.Module:
     """A smaller copy of ``model`` with every layer matching ``layers`` cut to its coarse sheet.
 
     ``factor`` φ keeps (h//φ) x (w//φ) units; ``removed`` cuts that fraction of units instead.

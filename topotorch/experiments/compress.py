@@ -4,8 +4,8 @@ Compression itself works on models (``compact_mlp``, ``shrink``, ``compress``); 
 evaluating the task's metric before and after, and writing the report beside the run need the
 training layer, so they live here, a floor above it.
 
-    >>> report = compress_run("runs/dw", threshold=0.05)       # RUN/compact/ + report.json
-    >>> small = load_compressed("runs/digits-topo")            # after `topotorch compress --removed 0.8`
+    >>> report = compress_run("runs/dw", threshold=0.05)  # RUN/compact/ + report.json
+    >>> small = load_compressed("runs/digits-topo")  # after `topotorch compress --removed 0.8`
 """
 
 from __future__ import annotations
@@ -34,9 +34,15 @@ from topotorch.compression.topographic import read_compressed, rebuild_compresse
 from topotorch.training import TrainResult, evaluate, load_run
 
 
-def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Choice = "auto",
-                 out: str | Path | None = None, batch_sizes: Sequence[int] = (1, 256, 4096),
-                 threads: int | None = 1, budget_s: float = 0.5) -> dict:
+def compress_run(
+    run_dir: str | Path,
+    threshold: float | None = None,
+    choose: Choice = "auto",
+    out: str | Path | None = None,
+    batch_sizes: Sequence[int] = (1, 256, 4096),
+    threads: int | None = 1,
+    budget_s: float = 0.5,
+) -> dict:
     """Compact a trained MLP run: write ``RUN/compact/`` (model + ``report.json``) and return the report.
 
     The report: parameters and FLOPs before/after, latency/throughput dense vs compact per batch size,
@@ -71,17 +77,29 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
     after = evaluate(r.task, small, x_test, y_test)
     params_before = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = {
-        "run": str(run_dir), "task": r.config.task, "method": r.config.method, "threshold": thr,
-        "dtype": small.description.get("dtype"), "threads": torch.get_num_threads(),
-        "params_before": params_before, "params_after": small.stored_values(), "nonzeros_after": small.nonzeros(),
+        "run": str(run_dir),
+        "task": r.config.task,
+        "method": r.config.method,
+        "threshold": thr,
+        "dtype": small.description.get("dtype"),
+        "threads": torch.get_num_threads(),
+        "params_before": params_before,
+        "params_after": small.stored_values(),
+        "nonzeros_after": small.nonzeros(),
         "param_ratio": params_before / max(small.stored_values(), 1),
-        "flops_before": dense_flops(model), "flops_after": small.flops(),
+        "flops_before": dense_flops(model),
+        "flops_after": small.flops(),
         "flops_ratio": dense_flops(model) / max(small.flops(), 1),
-        "formats": small.formats, "modules": small.description.get("modules"),
+        "formats": small.formats,
+        "modules": small.description.get("modules"),
         "hidden_sizes_before": small.description.get("hidden_sizes_before"),
         "hidden_sizes_after": small.description.get("hidden_sizes_after"),
-        "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
-        f"test_{metric}_compact": after, "max_abs_diff": diff, "max_abs_diff_float64": diff64,
+        "metric": metric,
+        f"test_{metric}_dense": before,
+        f"test_{metric}_thresholded": thr_metric,
+        f"test_{metric}_compact": after,
+        "max_abs_diff": diff,
+        "max_abs_diff_float64": diff64,
         "thresholded_vs_float64": floor,
         "max_abs_output": float(ref(x_test[:4096]).detach().abs().max()),
         "speed": speed_table(model, small, x_test, batch_sizes, budget_s),
@@ -92,7 +110,9 @@ def compress_run(run_dir: str | Path, threshold: float | None = None, choose: Ch
     return report
 
 
-def shrink_run(r: TrainResult, thr: float, folder: Path, batch_sizes: Sequence[int], budget_s: float, why: str = "") -> dict:
+def shrink_run(
+    r: TrainResult, thr: float, folder: Path, batch_sizes: Sequence[int], budget_s: float, why: str = ""
+) -> dict:
     """Conv nets and transformers: dead channels/neurons removed through the coupling graph by
     :func:`topotorch.compression.shrink.shrink`; writes ``folder`` (shrunk model + ``report.json``).
 
@@ -114,13 +134,23 @@ def shrink_run(r: TrainResult, thr: float, folder: Path, batch_sizes: Sequence[i
     n = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
     metric = r.task.metric
     report = {
-        "run": str(r.run_dir), "task": r.config.task, "method": r.config.method, "threshold": thr,
-        "via": "topotorch.compression.shrink", "removed": res.removed, "kept_why": res.kept_why,
-        "threads": torch.get_num_threads(), "params_before": n(model), "params_after": n(small),
+        "run": str(r.run_dir),
+        "task": r.config.task,
+        "method": r.config.method,
+        "threshold": thr,
+        "via": "topotorch.compression.shrink",
+        "removed": res.removed,
+        "kept_why": res.kept_why,
+        "threads": torch.get_num_threads(),
+        "params_before": n(model),
+        "params_after": n(small),
         "param_ratio": n(model) / max(n(small), 1),
         "kept": {k: len(v) for k, v in getattr(res, "kept", {}).items()},
-        "metric": metric, f"test_{metric}_dense": before, f"test_{metric}_thresholded": thr_metric,
-        f"test_{metric}_compact": after, "max_abs_diff": diff,
+        "metric": metric,
+        f"test_{metric}_dense": before,
+        f"test_{metric}_thresholded": thr_metric,
+        f"test_{metric}_compact": after,
+        "max_abs_diff": diff,
         "speed": speed_table(ref_model, small, x_test, [b for b in batch_sizes if b <= 256], budget_s),
         "note": "batch-1 latency measures framework overhead (Python and op dispatch), not arithmetic",
     }

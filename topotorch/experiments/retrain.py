@@ -36,8 +36,17 @@ def _batches(n: int, batch_size: int | None, generator: torch.Generator) -> Call
     return lambda: torch.randint(n, (batch_size,), generator=generator)
 
 
-def finetune(task, model: nn.Module, data, masks: MaskSet | Masks | None, steps: int, lr: float,
-             batch_size: int | None = 128, seed: int = 0, weight_decay: float = 0.0) -> nn.Module:
+def finetune(
+    task,
+    model: nn.Module,
+    data,
+    masks: MaskSet | Masks | None,
+    steps: int,
+    lr: float,
+    batch_size: int | None = 128,
+    seed: int = 0,
+    weight_decay: float = 0.0,
+) -> nn.Module:
     """Train ``model`` on ``data`` for ``steps`` AdamW steps with the masks held (pruned weights stay 0).
 
     The learning rate decays from ``lr`` to 0 on a cosine over the steps (as the soup paper's retraining
@@ -80,7 +89,6 @@ def finetune(task, model: nn.Module, data, masks: MaskSet | Masks | None, steps:
     return model
 
 
-
 @dataclass
 class Cycle:
     """One prune–retrain cycle of :func:`imp_rewind` / :func:`sparse_soup`: the model after it and its figures."""
@@ -102,9 +110,19 @@ def _check_levels(sparsities: Iterable[float]) -> list[float]:
     return levels
 
 
-def imp_rewind(task, trained: nn.Module, rewind_state: dict[str, torch.Tensor], data, sparsities: Iterable[float],
-               retrain_steps: int, lr: float, batch_size: int | None = 128, seed: int = 0,
-               base_steps: int = 0, rewind_step: int = 0) -> Iterator[Cycle]:
+def imp_rewind(
+    task,
+    trained: nn.Module,
+    rewind_state: dict[str, torch.Tensor],
+    data,
+    sparsities: Iterable[float],
+    retrain_steps: int,
+    lr: float,
+    batch_size: int | None = 128,
+    seed: int = 0,
+    base_steps: int = 0,
+    rewind_step: int = 0,
+) -> Iterator[Cycle]:
     """Iterative magnitude pruning with weight rewinding (lottery tickets, Frankle et al. 2020).
 
     Cycle i: prune the current weights globally by magnitude to ``sparsities[i]`` (already pruned
@@ -124,13 +142,31 @@ def imp_rewind(task, trained: nn.Module, rewind_state: dict[str, torch.Tensor], 
         current.load_state_dict(rewind_state)
         finetune(task, current, data, masks, retrain_steps, lr, batch_size, seed=seed * 1000 + i)
         steps, budget = steps + retrain_steps, budget + retrain_steps
-        yield Cycle(s, copy.deepcopy(current), masks, evaluate(task, current, data.x_test, data.y_test),
-                    acc_pruned, [], steps, budget)
+        yield Cycle(
+            s,
+            copy.deepcopy(current),
+            masks,
+            evaluate(task, current, data.x_test, data.y_test),
+            acc_pruned,
+            [],
+            steps,
+            budget,
+        )
 
 
-def sparse_soup(task, trained: nn.Module, data, sparsities: Iterable[float], retrain_steps: int, lr: float,
-                n_models: int = 3, batch_size: int | None = 128, seed: int = 0, base_steps: int = 0,
-                rewind_state: dict[str, torch.Tensor] | None = None) -> Iterator[Cycle]:
+def sparse_soup(
+    task,
+    trained: nn.Module,
+    data,
+    sparsities: Iterable[float],
+    retrain_steps: int,
+    lr: float,
+    n_models: int = 3,
+    batch_size: int | None = 128,
+    seed: int = 0,
+    base_steps: int = 0,
+    rewind_state: dict[str, torch.Tensor] | None = None,
+) -> Iterator[Cycle]:
     """Sparse Model Soups (Zimmer et al., ICLR 2024): prune, retrain ``n_models`` copies, average, repeat.
 
     Cycle i: prune the current model (the previous soup) globally by magnitude to ``sparsities[i]``;
@@ -161,5 +197,13 @@ def sparse_soup(task, trained: nn.Module, data, sparsities: Iterable[float], ret
         current = average_models(members) if n_models > 1 else members[0]
         MaskSet(masks).apply(current)  # exact zeros (the mean of zeros is zero; this guards rounding)
         steps, budget = steps + retrain_steps, budget + n_models * retrain_steps
-        yield Cycle(s, copy.deepcopy(current), masks, evaluate(task, current, data.x_test, data.y_test),
-                    acc_pruned, [evaluate(task, m, data.x_test, data.y_test) for m in members], steps, budget)
+        yield Cycle(
+            s,
+            copy.deepcopy(current),
+            masks,
+            evaluate(task, current, data.x_test, data.y_test),
+            acc_pruned,
+            [evaluate(task, m, data.x_test, data.y_test) for m in members],
+            steps,
+            budget,
+        )

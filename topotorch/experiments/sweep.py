@@ -27,7 +27,7 @@ phase, on mini-batches (the task's batch size; 128 for full-batch tasks, so that
 (dense training not included); ``steps`` the sequential steps and ``budget`` all gradient steps behind the row.
 
     >>> cfg = SweepConfig("digits", methods=["bimt", "imp", "soup"], sparsities=[0.5, 0.9], seeds=[0], out="runs/sw")
-    >>> rows = run_sweep(cfg)           # writes sweep.csv, table.md, sweep.png, summary.json
+    >>> rows = run_sweep(cfg)  # writes sweep.csv, table.md, sweep.png, summary.json
 """
 
 from __future__ import annotations
@@ -53,8 +53,14 @@ from topotorch.training import TrainConfig, evaluate, parse_schedule, train
 METHODS = ("magnitude", "layerwise", "random", "bimt", "l1", "imp", "imp-ft", "soup", "nm24")
 DEFAULT_METHODS = ("bimt", "l1", "imp", "random", "soup", "magnitude")
 DEFAULT_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
-ONE_SHOT = {"magnitude": "global", "layerwise": "layerwise", "random": "random", "bimt": "global",
-            "l1": "global", "nm24": "2:4"}
+ONE_SHOT = {
+    "magnitude": "global",
+    "layerwise": "layerwise",
+    "random": "random",
+    "bimt": "global",
+    "l1": "global",
+    "nm24": "2:4",
+}
 BASE = {"bimt": "bimt", "l1": "l1"}  # the training method behind each sweep method (others: dense "none")
 CSV_FIELDS = ["method", "sparsity", "seed", "accuracy", "accuracy_pruned", "steps", "budget", "seconds"]
 
@@ -149,7 +155,6 @@ class SweepConfig:
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.lam is not None:
-
             parse_schedule(self.lam)
 
 
@@ -188,9 +193,16 @@ def _train_base(task_name: str, method: str, seed: int, steps: int, rewind_step:
 
 
 def _row(method: str, s: float, seed: int, acc: float, acc_pruned: float, steps: int, budget: int, t0: float) -> dict:
-    return {"method": method, "sparsity": s, "seed": seed, "accuracy": round(acc, 6),
-            "accuracy_pruned": round(acc_pruned, 6), "steps": steps, "budget": budget,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "method": method,
+        "sparsity": s,
+        "seed": seed,
+        "accuracy": round(acc, 6),
+        "accuracy_pruned": round(acc_pruned, 6),
+        "steps": steps,
+        "budget": budget,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def run_sweep(cfg: SweepConfig) -> list[dict]:
@@ -212,8 +224,12 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
     L = len(levels)
     need_dense = any(m not in BASE for m in cfg.methods)
     bases = (["none"] if need_dense else []) + [BASE[m] for m in cfg.methods if m in BASE]
-    ft_steps = {"imp": L * R, "imp-ft": L * R, "soup": L * R * cfg.soup_size,
-                "nm24": R * (levels.index(0.5) + 1) if 0.5 in levels else 0}
+    ft_steps = {
+        "imp": L * R,
+        "imp-ft": L * R,
+        "soup": L * R * cfg.soup_size,
+        "nm24": R * (levels.index(0.5) + 1) if 0.5 in levels else 0,
+    }
     per_seed = T * len(bases) + sum(ft_steps.get(m, R * L * (L + 1) // 2) for m in cfg.methods)
     if "nm24" in cfg.methods and 0.5 not in levels:
         import warnings
@@ -242,7 +258,8 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                 extra["dense"].setdefault(b, {})[seed] = {
                     "accuracy": evaluate(task, res.model, data.x_test, data.y_test),
                     "fraction_abs_w_le_0.05": 1 - active_weights(res.graph, 0.05)["fraction"],
-                    "weight_sparsity": pruning.weight_sparsity(res.model)}
+                    "weight_sparsity": pruning.weight_sparsity(res.model),
+                }
                 advance(T, f"seed {seed}: trained {b}")
             data = next(iter(trained.values())).data
             for method in cfg.methods:
@@ -270,21 +287,33 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                         advance(i * R, f"seed {seed}: {method} {s:.0%}")
                 elif method == "imp":
                     assert rewind_state is not None  # captured while training the dense "none" base, which imp needs
-                    for c in retrain.imp_rewind(task, base, rewind_state, data, levels, R, lr, bs, seed=seed,
-                                                base_steps=T, rewind_step=k):
-                        rows.append(_row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0))
+                    for c in retrain.imp_rewind(
+                        task, base, rewind_state, data, levels, R, lr, bs, seed=seed, base_steps=T, rewind_step=k
+                    ):
+                        rows.append(
+                            _row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0)
+                        )
                         advance(R, f"seed {seed}: imp {c.sparsity:.0%}")
                 else:  # imp-ft, soup
                     m = cfg.soup_size if method == "soup" else 1
                     for c in retrain.sparse_soup(task, base, data, levels, R, lr, m, bs, seed=seed, base_steps=T):
-                        rows.append(_row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0))
+                        rows.append(
+                            _row(method, c.sparsity, seed, c.accuracy, c.accuracy_pruned, c.steps, c.budget, t0)
+                        )
                         if method == "soup":
                             extra["soup_members"].setdefault(str(c.sparsity), {})[seed] = c.members
                         advance(m * R, f"seed {seed}: {method} {c.sparsity:.0%}")
     seconds = time.perf_counter() - t_start
-    budgets = {"dense_steps": T, "cycle_steps": R, "soup_size": cfg.soup_size, "rewind_step": k,
-               "finetune_lr": lr, "finetune_batch": bs, "per_seed_gradient_steps": per_seed,
-               "lam": cfg.lam or d.get("lam")}
+    budgets = {
+        "dense_steps": T,
+        "cycle_steps": R,
+        "soup_size": cfg.soup_size,
+        "rewind_step": k,
+        "finetune_lr": lr,
+        "finetune_batch": bs,
+        "per_seed_gradient_steps": per_seed,
+        "lam": cfg.lam or d.get("lam"),
+    }
     if cfg.out:
         write_outputs(Path(cfg.out), cfg, rows, budgets, extra, seconds)
     return rows
@@ -346,15 +375,22 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
 
     head = "| method | " + " | ".join(f"{100 * s:g}%" for s in levels) + " |"
     sep = "|---|" + "---|" * len(levels)
-    lines = [f"# {cfg.task}: test accuracy (%) vs sparsity, median of seeds {','.join(map(str, cfg.seeds))}", "",
-             f"Budgets: T = {T} training steps (task defaults; `none`, `bimt` or `l1`), R = {R} steps per cycle. "
-             f"At the i-th sparsity level every model has had T + i·R sequential steps (one-shot methods fine-tune "
-             f"i·R; iterative ones run i retrains of R); soups train {m} members per cycle, i.e. T + {m}·i·R "
-             f"gradient steps. IMP rewinds to step k = {budgets['rewind_step']}. Fine-tunes: AdamW lr "
-             f"{budgets['finetune_lr']:g} cosine-decayed per phase, batch {budgets['finetune_batch']}. "
-             f"λ schedule of bimt/l1: `{budgets['lam']}`{'' if cfg.lam else ' (the task default)'}. "
-             f"Dense accuracy before pruning: " + ", ".join(f"{b} {pct(v)}" for b, v in dense_med.items()) + ".", "",
-             "After fine-tuning (best per column in bold):", "", head, sep]
+    lines = [
+        f"# {cfg.task}: test accuracy (%) vs sparsity, median of seeds {','.join(map(str, cfg.seeds))}",
+        "",
+        f"Budgets: T = {T} training steps (task defaults; `none`, `bimt` or `l1`), R = {R} steps per cycle. "
+        f"At the i-th sparsity level every model has had T + i·R sequential steps (one-shot methods fine-tune "
+        f"i·R; iterative ones run i retrains of R); soups train {m} members per cycle, i.e. T + {m}·i·R "
+        f"gradient steps. IMP rewinds to step k = {budgets['rewind_step']}. Fine-tunes: AdamW lr "
+        f"{budgets['finetune_lr']:g} cosine-decayed per phase, batch {budgets['finetune_batch']}. "
+        f"λ schedule of bimt/l1: `{budgets['lam']}`{'' if cfg.lam else ' (the task default)'}. "
+        f"Dense accuracy before pruning: " + ", ".join(f"{b} {pct(v)}" for b, v in dense_med.items()) + ".",
+        "",
+        "After fine-tuning (best per column in bold):",
+        "",
+        head,
+        sep,
+    ]
     for meth in methods:
         cells = []
         for s in levels:
@@ -362,38 +398,75 @@ def write_outputs(out: Path, cfg: SweepConfig, rows: list[dict], budgets: dict, 
             best = v is not None and meth in winners.get(str(s), [])
             cells.append(f"**{pct(v)}**" if best else pct(v))
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
-    lines += ["", "Right after pruning, before any fine-tune (IMP: the trained weights pruned, before rewinding):",
-              "", head, sep]
+    lines += [
+        "",
+        "Right after pruning, before any fine-tune (IMP: the trained weights pruned, before rewinding):",
+        "",
+        head,
+        sep,
+    ]
     for meth in methods:
         lines.append(f"| {meth} | " + " | ".join(pct(med0[meth].get(s)) for s in levels) + " |")
     lines += ["", "Gradient steps per model at each level:", "", head, sep]
     for meth in methods:
-        lines.append(f"| {meth} | " + " | ".join(
-            str(T + (m if meth == "soup" else 1) * (i + 1) * R) if s in med[meth] else "—"
-            for i, s in enumerate(levels)) + " |")
+        lines.append(
+            f"| {meth} | "
+            + " | ".join(
+                str(T + (m if meth == "soup" else 1) * (i + 1) * R) if s in med[meth] else "—"
+                for i, s in enumerate(levels)
+            )
+            + " |"
+        )
     if soup_vs:
-        lines += ["", "Soup vs IMP at equal sparsity (median accuracy %; members: the soup's ingredients before averaging):", "",
-                  "| sparsity | soup | imp (rewind) | imp-ft (m = 1) | best member | mean member |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Soup vs IMP at equal sparsity (median accuracy %; members: the soup's ingredients before averaging):",
+            "",
+            "| sparsity | soup | imp (rewind) | imp-ft (m = 1) | best member | mean member |",
+            "|---|---|---|---|---|---|",
+        ]
         for level, e in soup_vs.items():
-            lines.append(f"| {100 * float(level):g}% | {pct(e.get('soup'))} | {pct(e.get('imp'))} | {pct(e.get('imp-ft'))} "
-                         f"| {pct(e.get('best_member'))} | {pct(e.get('mean_member'))} |")
-    lines += ["", f"Whole sweep: {seconds / 60:.1f} min. Command: `topotorch sweep-sparsity {cfg.task} --methods "
-              f"{','.join(cfg.methods)} --sparsities {','.join(f'{s:g}' for s in levels)} --seeds "
-              f"{','.join(map(str, cfg.seeds))} --dense-steps {T} --cycle-steps {R} --soup-size {m}"
-              + (f" --lam {cfg.lam}" if cfg.lam else "") + "`", ""]
+            lines.append(
+                f"| {100 * float(level):g}% | {pct(e.get('soup'))} | {pct(e.get('imp'))} | {pct(e.get('imp-ft'))} "
+                f"| {pct(e.get('best_member'))} | {pct(e.get('mean_member'))} |"
+            )
+    lines += [
+        "",
+        f"Whole sweep: {seconds / 60:.1f} min. Command: `topotorch sweep-sparsity {cfg.task} --methods "
+        f"{','.join(cfg.methods)} --sparsities {','.join(f'{s:g}' for s in levels)} --seeds "
+        f"{','.join(map(str, cfg.seeds))} --dense-steps {T} --cycle-steps {R} --soup-size {m}"
+        + (f" --lam {cfg.lam}" if cfg.lam else "")
+        + "`",
+        "",
+    ]
     (out / "table.md").write_text("\n".join(lines))
-    plot(out / "sweep.png", rows, levels, methods, dense_med, title=f"{cfg.task}: accuracy vs sparsity "
-         f"(median of {len(cfg.seeds)} seeds, band: min–max)")
-    summary = {"task": cfg.task, "config": asdict(cfg), "budgets": budgets, "seconds": round(seconds, 1),
-               "dense_accuracy_median": dense_med, "dense": extra["dense"],
-               "median_accuracy": {mm: {str(s): v for s, v in by.items()} for mm, by in med.items()},
-               "median_accuracy_no_finetune": {mm: {str(s): v for s, v in by.items()} for mm, by in med0.items()},
-               "winners": winners, "soup_vs_imp": soup_vs, "soup_members": extra["soup_members"]}
+    plot(
+        out / "sweep.png",
+        rows,
+        levels,
+        methods,
+        dense_med,
+        title=f"{cfg.task}: accuracy vs sparsity (median of {len(cfg.seeds)} seeds, band: min–max)",
+    )
+    summary = {
+        "task": cfg.task,
+        "config": asdict(cfg),
+        "budgets": budgets,
+        "seconds": round(seconds, 1),
+        "dense_accuracy_median": dense_med,
+        "dense": extra["dense"],
+        "median_accuracy": {mm: {str(s): v for s, v in by.items()} for mm, by in med.items()},
+        "median_accuracy_no_finetune": {mm: {str(s): v for s, v in by.items()} for mm, by in med0.items()},
+        "winners": winners,
+        "soup_vs_imp": soup_vs,
+        "soup_members": extra["soup_members"],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
-def plot(path: Path, rows: list[dict], levels: list[float], methods: list[str], dense: dict[str, float],
-         title: str = "") -> Path:
+def plot(
+    path: Path, rows: list[dict], levels: list[float], methods: list[str], dense: dict[str, float], title: str = ""
+) -> Path:
     """Accuracy vs sparsity, one line per method (median, min–max band), x on a log(1/density) axis.
 
     Usage: ``plot(Path("sweep.png"), rows, [0.5, 0.9], ["imp", "soup"], {"none": 0.97})``.
@@ -421,8 +494,9 @@ def plot(path: Path, rows: list[dict], levels: list[float], methods: list[str], 
     if dense:  # the unpruned reference: plain training if it ran, else the first trained base
         b, ref = ("none", dense["none"]) if "none" in dense else next(iter(dense.items()))
         ax.axhline(100 * ref, ls="--", lw=0.8, color="grey")
-        ax.text(xs[levels[0]], 100 * ref, f" dense ({b}) {100 * ref:.1f}%", va="top", ha="left", fontsize=7,
-                color="grey")
+        ax.text(
+            xs[levels[0]], 100 * ref, f" dense ({b}) {100 * ref:.1f}%", va="top", ha="left", fontsize=7, color="grey"
+        )
     ax.set_xticks(list(xs.values()), [f"{100 * s:g}%" for s in levels])
     ax.set_xlabel("sparsity (fraction of Linear/Conv weights removed)")
     ax.set_ylabel("test accuracy (%)")
@@ -448,6 +522,11 @@ def replot(folder: Path) -> Path:
     s = json.loads((folder / "summary.json").read_text())
     cfg = s["config"]
     methods = [m for m in cfg["methods"] if any(r["method"] == m for r in rows)]
-    return plot(folder / "sweep.png", rows, [float(v) for v in cfg["sparsities"]], methods,
-                s["dense_accuracy_median"], title=f"{cfg['task']}: accuracy vs sparsity "
-                f"(median of {len(cfg['seeds'])} seeds, band: min–max)")
+    return plot(
+        folder / "sweep.png",
+        rows,
+        [float(v) for v in cfg["sparsities"]],
+        methods,
+        s["dense_accuracy_median"],
+        title=f"{cfg['task']}: accuracy vs sparsity (median of {len(cfg['seeds'])} seeds, band: min–max)",
+    )

@@ -20,7 +20,9 @@ unknown to the rules touched. Pinned axes never move. ``uniform`` axes are broad
 dimensions (values constant along them): joining one with another axis imposes nothing.
 
     >>> a, b = Axis(768), Axis(768)
-    >>> unify(a, b); heads, dims = ensure_factors(a, [12, 64]); find(b).factors is not None
+    >>> unify(a, b)
+    ... heads, dims = ensure_factors(a, [12, 64])
+    ... find(b).factors is not None
     True
 """
 

@@ -128,7 +128,9 @@ class SpatialGraph:
     Usage: ``g = SpatialGraph.from_chain(model)``; then ``wiring_cost(g)``, ``relocate(g, ...)``.
     """
 
-    def __init__(self, model: nn.Module, spaces: Iterable[Space], connections: Iterable[Connection], validate: bool = True):
+    def __init__(
+        self, model: nn.Module, spaces: Iterable[Space], connections: Iterable[Connection], validate: bool = True
+    ):
         self.model = model
         self.spaces: list[Space] = list(spaces)
         self.connections: list[Connection] = list(connections)
@@ -297,7 +299,9 @@ class SpatialGraph:
         mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
         if not any(isinstance(m, nn.Linear) for _, m in mods):
             raise ValueError("from_chain needs at least one nn.Linear layer")
-        unsupported = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))]
+        unsupported = [
+            n for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention))
+        ]
         if unsupported:
             raise ValueError(f"from_chain handles Linear/Embedding chains only; cannot place layer {unsupported[0]!r}")
         embeds: list[tuple[str, nn.Embedding]] = []
@@ -331,7 +335,9 @@ class SpatialGraph:
             d = widths.pop()
             first = linears[0][1]
             if first.in_features % d:
-                raise ValueError(f"first linear layer takes {first.in_features} features, not a multiple of embedding width {d}")
+                raise ValueError(
+                    f"first linear layer takes {first.in_features} features, not a multiple of embedding width {d}"
+                )
             reps = first.in_features // d
             if len(embeds) not in (1, reps):
                 raise ValueError(f"{len(embeds)} embedding tables for {reps} folded token slots")
@@ -343,14 +349,23 @@ class SpatialGraph:
                 tok = f"tokens.{ename}" if len(embeds) > 1 else "tokens"
                 w = f"{ename}.weight"
                 embed_space.slices.append(Slice(w, 1, slice_index(d)))
-                conns.append(Connection(w, "embed", tok, Slice(w, 1, slice_index(d)), Slice(w, 0, slice_index(emb.num_embeddings))))
+                conns.append(
+                    Connection(
+                        w, "embed", tok, Slice(w, 1, slice_index(d)), Slice(w, 0, slice_index(emb.num_embeddings))
+                    )
+                )
             spaces.append(embed_space)
         else:
             n_in = linears[0][1].in_features
             spaces.append(
                 Space(
-                    "input", n_in, make_layout(layouts.get("input"), n_in), 0.0, "input",
-                    "positions" if relocate_inputs else "fixed", labels=input_labels,
+                    "input",
+                    n_in,
+                    make_layout(layouts.get("input"), n_in),
+                    0.0,
+                    "input",
+                    "positions" if relocate_inputs else "fixed",
+                    labels=input_labels,
                 )
             )
 
@@ -358,12 +373,17 @@ class SpatialGraph:
             height += 1.0
             w, b = f"{lname}.weight".lstrip("."), (f"{lname}.bias".lstrip(".") if lin.bias is not None else None)
             src = spaces[-1]
-            in_slice = Slice(w, 1, slice_index(src.size, reps, src.size) if (i == 0 and embeds) else slice_index(src.size))
+            in_slice = Slice(
+                w, 1, slice_index(src.size, reps, src.size) if (i == 0 and embeds) else slice_index(src.size)
+            )
             src.slices.append(in_slice)
             out_name = names(i + 1)
             is_out = i == n_layers - 1
             tgt = Space(
-                out_name, lin.out_features, make_layout(layouts.get(out_name), lin.out_features), height,
+                out_name,
+                lin.out_features,
+                make_layout(layouts.get(out_name), lin.out_features),
+                height,
                 "output" if is_out else "hidden",
                 ("positions" if relocate_outputs else "fixed") if is_out else "weights",
                 labels=output_labels if is_out else None,
@@ -375,7 +395,9 @@ class SpatialGraph:
             conns.append(Connection(w, out_name, src.name, Slice(w, 0, slice_index(lin.out_features)), in_slice, b))
         for name in layouts:
             if name not in {s.name for s in spaces}:
-                raise ValueError(f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}")
+                raise ValueError(
+                    f"layout given for unknown space {name!r}; spaces: {', '.join(s.name for s in spaces)}"
+                )
         from topotorch.graph.verify import checked
 
         like = linears[0][1].weight

@@ -24,7 +24,7 @@
    whole-head moves, anything else that fails is an error naming the layer.
 
     >>> g = flow_graph(hf_gpt2, torch.randint(0, 100, (1, 8)))
-    >>> relocate(g, WiringConfig(), "assign")      # heads and units move; the function stays
+    >>> relocate(g, WiringConfig(), "assign")  # heads and units move; the function stays
 """
 
 from __future__ import annotations
@@ -133,8 +133,12 @@ class _Recorder(TorchDispatchMode):
             labels = fn(self.ctx, call)
         except Exception:  # noqa: BLE001 - an op used in a form its rule does not expect: be safe
             labels = unknown(self.ctx, call)
-        if str(func).split(".")[1].endswith("_") and args and isinstance(args[0], torch.Tensor) \
-                and args[0]._base is not None:  # writing into a view changes its base behind the labels
+        if (
+            str(func).split(".")[1].endswith("_")
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0]._base is not None
+        ):  # writing into a view changes its base behind the labels
             unknown(self.ctx, call)
         if isinstance(out, torch.Tensor):
             self.register(out, labels, self.ctx.origin.get(call))
@@ -215,7 +219,7 @@ def _coords(a: Axis, ambiguous: set[int]) -> dict[int, torch.Tensor]:
             s = find(p).size
             for k, v in _coords(p, ambiguous).items():
                 arr = out.setdefault(k, torch.full((n,), -1))
-                arr[start:start + s] = v
+                arr[start : start + s] = v
             start += s
     return out
 
@@ -266,7 +270,7 @@ def _inner(a: Axis, head: Axis) -> tuple[torch.Tensor, set[int]]:
             s = find(p).size
             if _contains(p, head):
                 sub, inn = _inner(p, head)
-                res[start:start + s] = sub
+                res[start : start + s] = sub
                 inners |= inn
             start += s
     return res, inners
@@ -384,9 +388,15 @@ def _grouped_dims(head: Axis, occurrences, coords, ambiguous) -> int:
     return size
 
 
-def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input_labels: list[str] | None = None,
-                output_labels: list[str] | None = None, unknown_ops: str = "raise",
-                ungrouped: frozenset[str] = frozenset()) -> SpatialGraph:
+def build_graph(
+    model: nn.Module,
+    flow: Flow,
+    layouts: dict | None = None,
+    input_labels: list[str] | None = None,
+    output_labels: list[str] | None = None,
+    unknown_ops: str = "raise",
+    ungrouped: frozenset[str] = frozenset(),
+) -> SpatialGraph:
     """Spaces and connections from propagated axes (step 3 of the module docstring)."""
     layouts = dict(layouts or {})
     for a in flow.inputs:
@@ -454,9 +464,11 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
     for i in order:
         plan = plans[i]
         if plan.reason and plan.reason.startswith("unknown op") and unknown_ops == "raise" and not plan.axis.roles:
-            who = (f"written by {writers[i][0]!r}" if writers.get(i) else f"read by {readers[i][0]!r}")
-            raise ValueError(f"cannot place the neurons {who}: {plan.reason}, so moving them "
-                             "could change what the model computes (pass unknown_ops='fix' to keep them in place)")
+            who = f"written by {writers[i][0]!r}" if writers.get(i) else f"read by {readers[i][0]!r}"
+            raise ValueError(
+                f"cannot place the neurons {who}: {plan.reason}, so moving them "
+                "could change what the model computes (pass unknown_ops='fix' to keep them in place)"
+            )
 
     averaged = _averaged(occurrences.values())
     spaces: dict[int, Space] = {}
@@ -483,7 +495,9 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             slices[(i, key[0], key[1])] = sl
         roles = ax.roles
         sole_input = ax.size == 1 and not writers.get(i)  # e.g. the one channel of a grey-scale image
-        role: Role = "output" if "output" in roles else "input" if ("input" in roles or plan.lookup or sole_input) else "hidden"
+        role: Role = (
+            "output" if "output" in roles else "input" if ("input" in roles or plan.lookup or sole_input) else "hidden"
+        )
         relocate: RelocateMode
         if role != "hidden":
             relocate = "fixed" if plan.lookup or sole_input else "positions"
@@ -503,9 +517,20 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
         elif g:
             labels = [f"h{j // g}.{j % g}" for j in range(n)]
         stream = len(writers.get(i, [])) > 1 and len(readers.get(i, [])) > 1  # a residual stream
-        spaces[i] = Space(plan.name, n, positions, 0.0, role, relocate, sp_slices, labels,
-                          groups=torch.arange(n) // g if g else None, stream=stream, reason=plan.reason,
-                          normalised=ax.id in averaged)
+        spaces[i] = Space(
+            plan.name,
+            n,
+            positions,
+            0.0,
+            role,
+            relocate,
+            sp_slices,
+            labels,
+            groups=torch.arange(n) // g if g else None,
+            stream=stream,
+            reason=plan.reason,
+            normalised=ax.id in averaged,
+        )
 
     conns: list[Connection] = []
     for u in uses:
@@ -516,8 +541,16 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
             for s in sources:
                 if t == s or (t, u.param, u.target_dim) not in slices or (s, u.param, u.source_dim) not in slices:
                     continue
-                conns.append(Connection(u.param, spaces[t].name, spaces[s].name, slices[(t, u.param, u.target_dim)],
-                                        slices[(s, u.param, u.source_dim)], bias))
+                conns.append(
+                    Connection(
+                        u.param,
+                        spaces[t].name,
+                        spaces[s].name,
+                        slices[(t, u.param, u.target_dim)],
+                        slices[(s, u.param, u.source_dim)],
+                        bias,
+                    )
+                )
                 bias = None
     height = _heights(valid, occurrences, spaces)
     connected = {c.target for c in conns} | {c.source for c in conns}
@@ -534,8 +567,15 @@ def build_graph(model: nn.Module, flow: Flow, layouts: dict | None = None, input
     return SpatialGraph(model, list(spaces.values()), conns)
 
 
-def flow_graph(model: nn.Module, example_inputs, layouts: dict | None = None, input_labels: list[str] | None = None,
-               output_labels: list[str] | None = None, verify: bool = True, unknown_ops: str = "raise") -> SpatialGraph:
+def flow_graph(
+    model: nn.Module,
+    example_inputs,
+    layouts: dict | None = None,
+    input_labels: list[str] | None = None,
+    output_labels: list[str] | None = None,
+    verify: bool = True,
+    unknown_ops: str = "raise",
+) -> SpatialGraph:
     """The spatial graph of any traceable model, checked to preserve its function.
 
     ``example_inputs``: a tensor, a tuple of positional inputs, or a dict of keyword inputs

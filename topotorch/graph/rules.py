@@ -11,7 +11,7 @@ only make the graph less movable, never wrong. Adding support for an op is one f
 
     >>> @rule("aten.my_op")
     ... def _my_op(ctx, node):
-    ...     return ctx.label(node.args[0])        # shape- and order-preserving
+    ...     return ctx.label(node.args[0])  # shape- and order-preserving
 """
 
 from __future__ import annotations
@@ -151,15 +151,68 @@ def _track_origin(ctx: Context, node, src, dims) -> None:
         ctx.origin[node] = (p, tuple(od[d] if d is not None else None for d in dims))
 
 
-@rule("aten.detach", "aten.alias", "aten.clone", "aten.contiguous", "aten._to_copy", "aten.to", "aten.abs",
-      "aten.neg", "aten.relu", "aten.gelu", "aten.silu", "aten.sigmoid", "aten.tanh", "aten.exp", "aten.log",
-      "aten.sqrt", "aten.rsqrt", "aten.sin", "aten.cos", "aten.erf", "aten.reciprocal", "aten.clamp",
-      "aten.clamp_min", "aten.clamp_max", "aten.hardtanh", "aten.leaky_relu", "aten.elu", "aten.softplus",
-      "aten.mish", "aten.hardswish", "aten.hardsigmoid", "aten.sign", "aten.square", "aten.bitwise_not",
-      "aten.logical_not", "aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax", "aten.dropout",
-      "aten.lift_fresh_copy_of_tensor", "aten.gelu_", "aten.isnan", "aten.isinf", "aten.log1p", "aten.expm1",
-      "aten.sgn", "aten.pow", "aten.prelu_not_used", "aten.celu", "aten.selu", "aten.logit", "aten.trunc",
-      "aten.round", "aten.floor", "aten.ceil", "aten.frac", "aten.nan_to_num", "aten.type_as", "aten.view_as")
+@rule(
+    "aten.detach",
+    "aten.alias",
+    "aten.clone",
+    "aten.contiguous",
+    "aten._to_copy",
+    "aten.to",
+    "aten.abs",
+    "aten.neg",
+    "aten.relu",
+    "aten.gelu",
+    "aten.silu",
+    "aten.sigmoid",
+    "aten.tanh",
+    "aten.exp",
+    "aten.log",
+    "aten.sqrt",
+    "aten.rsqrt",
+    "aten.sin",
+    "aten.cos",
+    "aten.erf",
+    "aten.reciprocal",
+    "aten.clamp",
+    "aten.clamp_min",
+    "aten.clamp_max",
+    "aten.hardtanh",
+    "aten.leaky_relu",
+    "aten.elu",
+    "aten.softplus",
+    "aten.mish",
+    "aten.hardswish",
+    "aten.hardsigmoid",
+    "aten.sign",
+    "aten.square",
+    "aten.bitwise_not",
+    "aten.logical_not",
+    "aten._softmax",
+    "aten.softmax",
+    "aten._log_softmax",
+    "aten.log_softmax",
+    "aten.dropout",
+    "aten.lift_fresh_copy_of_tensor",
+    "aten.gelu_",
+    "aten.isnan",
+    "aten.isinf",
+    "aten.log1p",
+    "aten.expm1",
+    "aten.sgn",
+    "aten.pow",
+    "aten.prelu_not_used",
+    "aten.celu",
+    "aten.selu",
+    "aten.logit",
+    "aten.trunc",
+    "aten.round",
+    "aten.floor",
+    "aten.ceil",
+    "aten.frac",
+    "aten.nan_to_num",
+    "aten.type_as",
+    "aten.view_as",
+)
 def _same(ctx: Context, node):
     x = node.args[0]
     if not ctx.is_tensor(x):
@@ -200,39 +253,124 @@ def _broadcast(ctx: Context, node):
     return out
 
 
-for _n in ("add", "sub", "mul", "div", "rsub", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "where",
-           "masked_fill", "logical_and", "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor",
-           "atan2", "fmod", "remainder", "copy", "lerp", "addcmul", "addcdiv", "fill", "floor_divide", "hypot",
-           "xlogy", "true_divide", "mul_", "add_", "pow_tensor", "prelu", "threshold", "clamp_tensor",
-           "bitwise_left_shift", "bitwise_right_shift", "isclose"):
+for _n in (
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "rsub",
+    "maximum",
+    "minimum",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "where",
+    "masked_fill",
+    "logical_and",
+    "logical_or",
+    "logical_xor",
+    "bitwise_and",
+    "bitwise_or",
+    "bitwise_xor",
+    "atan2",
+    "fmod",
+    "remainder",
+    "copy",
+    "lerp",
+    "addcmul",
+    "addcdiv",
+    "fill",
+    "floor_divide",
+    "hypot",
+    "xlogy",
+    "true_divide",
+    "mul_",
+    "add_",
+    "pow_tensor",
+    "prelu",
+    "threshold",
+    "clamp_tensor",
+    "bitwise_left_shift",
+    "bitwise_right_shift",
+    "isclose",
+):
     RULES[f"aten.{_n}"] = _broadcast
 
 
-@rule("aten.arange", "aten.randn", "aten.rand", "aten.randint", "aten.linspace", "aten.randperm", "aten.tensor",
-      "aten.lift_fresh_copy", "aten._tensor_constant", "aten.scalar_tensor", "aten.normal", "aten.bernoulli",
-      "aten.multinomial", "aten.tril_indices", "aten.triu_indices")
+@rule(
+    "aten.arange",
+    "aten.randn",
+    "aten.rand",
+    "aten.randint",
+    "aten.linspace",
+    "aten.randperm",
+    "aten.tensor",
+    "aten.lift_fresh_copy",
+    "aten._tensor_constant",
+    "aten.scalar_tensor",
+    "aten.normal",
+    "aten.bernoulli",
+    "aten.multinomial",
+    "aten.tril_indices",
+    "aten.triu_indices",
+)
 def _ordered_constant(ctx: Context, node):
     """Values that differ along each dimension in a fixed order: whatever they meet cannot move."""
     return _fresh_like(node.meta.get("val"), "combined with a constant whose order matters (e.g. a position table)")
 
 
-@rule("aten.full", "aten.zeros", "aten.ones", "aten.empty", "aten.new_zeros", "aten.new_ones", "aten.new_full",
-      "aten.new_empty", "aten.zeros_like", "aten.ones_like", "aten.full_like", "aten.empty_like", "aten.empty_strided",
-      "aten.new_empty_strided", "aten.empty_permuted")
+@rule(
+    "aten.full",
+    "aten.zeros",
+    "aten.ones",
+    "aten.empty",
+    "aten.new_zeros",
+    "aten.new_ones",
+    "aten.new_full",
+    "aten.new_empty",
+    "aten.zeros_like",
+    "aten.ones_like",
+    "aten.full_like",
+    "aten.empty_like",
+    "aten.empty_strided",
+    "aten.new_empty_strided",
+    "aten.empty_permuted",
+)
 def _uniform_constant(ctx: Context, node):
     return _fresh_like(node.meta.get("val"), None, uniform=True)
 
 
-@rule("aten._assert_async", "aten._assert_scalar", "aten.sym_constrain_range", "aten._local_scalar_dense",
-      "aten.item", "aten.sym_size", "aten.sym_numel", "aten.sym_stride", "aten._assert_tensor_metadata",
-      "aten.is_nonzero", "aten.equal", "aten.sym_constrain_range_for_size")
+@rule(
+    "aten._assert_async",
+    "aten._assert_scalar",
+    "aten.sym_constrain_range",
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.sym_size",
+    "aten.sym_numel",
+    "aten.sym_stride",
+    "aten._assert_tensor_metadata",
+    "aten.is_nonzero",
+    "aten.equal",
+    "aten.sym_constrain_range_for_size",
+)
 def _no_tensor(ctx: Context, node):
     return _fresh_like(node.meta.get("val"), None, uniform=True)
 
 
 # -- reductions ------------------------------------------------------------------------------------
-_AVERAGING = {"aten.mean", "aten.var", "aten.std", "aten.var_mean", "aten.std_mean", "aten.linalg_vector_norm",
-              "aten.norm"}
+_AVERAGING = {
+    "aten.mean",
+    "aten.var",
+    "aten.std",
+    "aten.var_mean",
+    "aten.std_mean",
+    "aten.linalg_vector_norm",
+    "aten.norm",
+}
 
 
 def _reduce(ctx: Context, node, dims, keepdim: bool, pin_reason: str | None = None):
@@ -257,8 +395,20 @@ def _reduce(ctx: Context, node, dims, keepdim: bool, pin_reason: str | None = No
     return out
 
 
-@rule("aten.sum", "aten.mean", "aten.amax", "aten.amin", "aten.prod", "aten.logsumexp", "aten.any", "aten.all",
-      "aten.linalg_vector_norm", "aten.norm", "aten.nansum", "aten.count_nonzero")
+@rule(
+    "aten.sum",
+    "aten.mean",
+    "aten.amax",
+    "aten.amin",
+    "aten.prod",
+    "aten.logsumexp",
+    "aten.any",
+    "aten.all",
+    "aten.linalg_vector_norm",
+    "aten.norm",
+    "aten.nansum",
+    "aten.count_nonzero",
+)
 def _reduction(ctx: Context, node):
     args = list(node.args)
     dims = args[1] if len(args) > 1 else node.kwargs.get("dim")
@@ -289,8 +439,21 @@ def _variance(ctx: Context, node):
     return [out, list(out)] if op_name(node.target).endswith("_mean") else out
 
 
-@rule("aten.max", "aten.min", "aten.argmax", "aten.argmin", "aten.sort", "aten.topk", "aten.cumsum", "aten.cumprod",
-      "aten.cummax", "aten.median", "aten.mode", "aten.kthvalue", "aten.argsort")
+@rule(
+    "aten.max",
+    "aten.min",
+    "aten.argmax",
+    "aten.argmin",
+    "aten.sort",
+    "aten.topk",
+    "aten.cumsum",
+    "aten.cumprod",
+    "aten.cummax",
+    "aten.median",
+    "aten.mode",
+    "aten.kthvalue",
+    "aten.argsort",
+)
 def _ordered_reduction(ctx: Context, node):
     """Ops whose result depends on the order along a dim (indices, running sums): that dim cannot move."""
     name = op_name(node.target)
@@ -304,7 +467,7 @@ def _ordered_reduction(ctx: Context, node):
         d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
     if d is None:
         d = list(range(n))
-    for dd in ([d] if isinstance(d, int) else d):
+    for dd in [d] if isinstance(d, int) else d:
         for a in lab[_norm_dim(dd, n)]:
             pin(a, f"{name} depends on the order of this dimension")
     if isinstance(val, torch.Tensor):
@@ -315,8 +478,10 @@ def _ordered_reduction(ctx: Context, node):
 def _fit(ctx: Context, lab: Label, shape) -> Label:
     """Keep the input's labels where a same-rank output keeps the size; otherwise fresh pinned axes."""
     if len(shape) == len(lab):
-        return [d if math.prod(find(a).size for a in d) == s else fresh([s], "derived by an order-dependent op")[0]
-                for d, s in zip(lab, shape)]
+        return [
+            d if math.prod(find(a).size for a in d) == s else fresh([s], "derived by an order-dependent op")[0]
+            for d, s in zip(lab, shape)
+        ]
     return fresh(shape, "derived by an order-dependent op")
 
 
@@ -389,8 +554,15 @@ def _expand(ctx: Context, node):
     return out
 
 
-@rule("aten.view", "aten._unsafe_view", "aten.reshape", "aten.view_copy", "aten._reshape_alias", "aten.flatten",
-      "aten.unflatten")
+@rule(
+    "aten.view",
+    "aten._unsafe_view",
+    "aten.reshape",
+    "aten.view_copy",
+    "aten._reshape_alias",
+    "aten.flatten",
+    "aten.unflatten",
+)
 def _view(ctx: Context, node):
     src = node.args[0]
     lab = ctx.label(src)
@@ -464,8 +636,15 @@ def _slice(ctx: Context, node):
     return lab
 
 
-@rule("aten.split", "aten.split_with_sizes", "aten.unsafe_split", "aten.split_copy", "aten.unbind", "aten.chunk",
-      "aten.tensor_split")
+@rule(
+    "aten.split",
+    "aten.split_with_sizes",
+    "aten.unsafe_split",
+    "aten.split_copy",
+    "aten.unbind",
+    "aten.chunk",
+    "aten.tensor_split",
+)
 def _split(ctx: Context, node):
     lab = ctx.label(node.args[0])
     shape = ctx.shape(node.args[0])
@@ -476,7 +655,7 @@ def _split(ctx: Context, node):
         d = _norm_dim(node.args[1] if len(node.args) > 1 else 0, n)
         for a in lab[d]:
             pin(a, "one entry selected from this dimension")
-        return [lab[:d] + lab[d + 1:] for _ in vals]
+        return [lab[:d] + lab[d + 1 :] for _ in vals]
     d = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), n)
     sizes = [int(v.shape[d]) for v in vals]
     cuts, acc = [], 0
@@ -498,7 +677,7 @@ def _select(ctx: Context, node):
     d = _norm_dim(node.args[1], len(lab))
     for a in lab[d]:
         pin(a, "one entry selected from this dimension")
-    return lab[:d] + lab[d + 1:]
+    return lab[:d] + lab[d + 1 :]
 
 
 @rule("aten.cat", "aten.concat", "aten.concatenate")
@@ -608,9 +787,14 @@ def _conv(ctx: Context, node):
     x, w = node.args[0], node.args[1]
     b = node.args[2] if len(node.args) > 2 else None
     name = op_name(node.target)
-    transposed = bool(node.args[6]) if name in ("aten.convolution", "aten._convolution") and len(node.args) > 6 else False
-    groups = node.args[8] if name in ("aten.convolution", "aten._convolution") and len(node.args) > 8 else (
-        node.args[6] if len(node.args) > 6 else 1)
+    transposed = (
+        bool(node.args[6]) if name in ("aten.convolution", "aten._convolution") and len(node.args) > 6 else False
+    )
+    groups = (
+        node.args[8]
+        if name in ("aten.convolution", "aten._convolution") and len(node.args) > 8
+        else (node.args[6] if len(node.args) > 6 else 1)
+    )
     lx, lw = ctx.label(x), ctx.label(w)
     out_shape = ctx.shape(node)
     cin = ctx.shape(x)[1]
@@ -674,7 +858,7 @@ def _layer_norm(ctx: Context, node):
     lx = list(ctx.label(x))
     k = len(shape)
     xs = ctx.shape(x)
-    for d in lx[len(lx) - k:]:
+    for d in lx[len(lx) - k :]:
         for a in d:
             find(a).averaged = True
     for p in (w, b):
@@ -682,12 +866,18 @@ def _layer_norm(ctx: Context, node):
             lp = ctx.label(p)
             for i in range(k):
                 join(lp[i], lx[len(lx) - k + i], xs[len(lx) - k + i])
-    stats = lx[:len(lx) - k] + [()] * k
+    stats = lx[: len(lx) - k] + [()] * k
     return [lx, stats, list(stats)] if op_name(node.target) == "aten.native_layer_norm" else lx
 
 
-@rule("aten.native_batch_norm", "aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit",
-      "aten.batch_norm", "aten._native_batch_norm_legit_functional", "aten.instance_norm")
+@rule(
+    "aten.native_batch_norm",
+    "aten._native_batch_norm_legit_no_training",
+    "aten._native_batch_norm_legit",
+    "aten.batch_norm",
+    "aten._native_batch_norm_legit_functional",
+    "aten.instance_norm",
+)
 def _batch_norm(ctx: Context, node):
     x = node.args[0]
     lx = list(ctx.label(x))
@@ -698,8 +888,12 @@ def _batch_norm(ctx: Context, node):
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor):
         return lx
-    return [lx] + [[lx[1]] if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == c else
-                   _fresh_like(v, None, uniform=True) for v in val[1:]]
+    return [lx] + [
+        [lx[1]]
+        if isinstance(v, torch.Tensor) and v.ndim == 1 and v.shape[0] == c
+        else _fresh_like(v, None, uniform=True)
+        for v in val[1:]
+    ]
 
 
 @rule("aten.native_group_norm", "aten.group_norm")
@@ -718,15 +912,37 @@ def _group_norm(ctx: Context, node):
             join(ctx.label(p)[0], lx[1], c)
     if op_name(node.target) == "aten.group_norm":
         return lx
-    return [lx, _fresh_like(node.meta["val"][1], None, uniform=True), _fresh_like(node.meta["val"][2], None, uniform=True)]
+    return [
+        lx,
+        _fresh_like(node.meta["val"][1], None, uniform=True),
+        _fresh_like(node.meta["val"][2], None, uniform=True),
+    ]
 
 
-@rule("aten.max_pool1d", "aten.max_pool2d", "aten.max_pool3d", "aten.avg_pool1d", "aten.avg_pool2d",
-      "aten.avg_pool3d", "aten.adaptive_avg_pool1d", "aten.adaptive_avg_pool2d", "aten._adaptive_avg_pool2d",
-      "aten.adaptive_avg_pool3d", "aten._adaptive_avg_pool3d", "aten.max_pool2d_with_indices",
-      "aten.max_pool3d_with_indices", "aten.adaptive_max_pool2d", "aten.upsample_nearest2d",
-      "aten.upsample_bilinear2d", "aten.upsample_nearest1d", "aten._upsample_nearest_exact2d",
-      "aten.upsample_bicubic2d", "aten.reflection_pad2d", "aten.replication_pad2d", "aten.constant_pad_nd")
+@rule(
+    "aten.max_pool1d",
+    "aten.max_pool2d",
+    "aten.max_pool3d",
+    "aten.avg_pool1d",
+    "aten.avg_pool2d",
+    "aten.avg_pool3d",
+    "aten.adaptive_avg_pool1d",
+    "aten.adaptive_avg_pool2d",
+    "aten._adaptive_avg_pool2d",
+    "aten.adaptive_avg_pool3d",
+    "aten._adaptive_avg_pool3d",
+    "aten.max_pool2d_with_indices",
+    "aten.max_pool3d_with_indices",
+    "aten.adaptive_max_pool2d",
+    "aten.upsample_nearest2d",
+    "aten.upsample_bilinear2d",
+    "aten.upsample_nearest1d",
+    "aten._upsample_nearest_exact2d",
+    "aten.upsample_bicubic2d",
+    "aten.reflection_pad2d",
+    "aten.replication_pad2d",
+    "aten.constant_pad_nd",
+)
 def _spatial(ctx: Context, node):
     """Per-channel spatial ops: channels (dim 1) pass through, spatial positions cannot move."""
     lx = ctx.label(node.args[0])
@@ -747,10 +963,16 @@ def _spatial(ctx: Context, node):
 
 
 # -- attention --------------------------------------------------------------------------------------
-@rule("aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention",
-      "aten._scaled_dot_product_efficient_attention", "aten.scaled_dot_product_attention",
-      "aten._scaled_dot_product_attention_math", "aten._scaled_dot_product_cudnn_attention",
-      "aten._scaled_dot_product_fused_attention_overrideable", "aten._scaled_dot_product_attention_math_for_mps")
+@rule(
+    "aten._scaled_dot_product_flash_attention_for_cpu",
+    "aten._scaled_dot_product_flash_attention",
+    "aten._scaled_dot_product_efficient_attention",
+    "aten.scaled_dot_product_attention",
+    "aten._scaled_dot_product_attention_math",
+    "aten._scaled_dot_product_cudnn_attention",
+    "aten._scaled_dot_product_fused_attention_overrideable",
+    "aten._scaled_dot_product_attention_math_for_mps",
+)
 def _sdpa(ctx: Context, node):
     """q·kᵀ per head, softmax over keys, times v: heads pair q with k and v; q and k share dims.
 

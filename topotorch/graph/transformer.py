@@ -18,7 +18,7 @@ Works with :class:`topotorch.models.TinyGPT` and any module with the same parts
 ``attn`` is a fused ``qkv``/``proj`` pair or wraps an ``nn.MultiheadAttention`` (``mha``).
 
     >>> g = transformer_graph(TinyGPT(vocab=65, d_model=64, n_layers=2, n_heads=4))
-    >>> relocate(g, WiringConfig(wf=1, l0=0.5, agg="mean"), "assign")   # same function, lower cost
+    >>> relocate(g, WiringConfig(wf=1, l0=0.5, agg="mean"), "assign")  # same function, lower cost
 """
 
 from __future__ import annotations
@@ -37,17 +37,29 @@ def _attention_tensors(prefix: str, attn: nn.Module) -> tuple[str, str | None, s
     if hasattr(attn, "qkv") and hasattr(attn, "proj"):
         duck: Any = attn  # read by attribute names (nn.Module types its attributes Tensor | Module)
         qkv, proj = duck.qkv, duck.proj
-        return (f"{prefix}.qkv.weight", f"{prefix}.qkv.bias" if qkv.bias is not None else None,
-                f"{prefix}.proj.weight", f"{prefix}.proj.bias" if proj.bias is not None else None, duck.n_heads)
+        return (
+            f"{prefix}.qkv.weight",
+            f"{prefix}.qkv.bias" if qkv.bias is not None else None,
+            f"{prefix}.proj.weight",
+            f"{prefix}.proj.bias" if proj.bias is not None else None,
+            duck.n_heads,
+        )
     mha = attn if isinstance(attn, nn.MultiheadAttention) else getattr(attn, "mha", None)
     if isinstance(mha, nn.MultiheadAttention):
         if not mha._qkv_same_embed_dim:
             raise ValueError(f"{prefix}: nn.MultiheadAttention with separate kdim/vdim is not supported")
         p = prefix if mha is attn else f"{prefix}.mha"
-        return (f"{p}.in_proj_weight", f"{p}.in_proj_bias" if mha.in_proj_bias is not None else None,
-                f"{p}.out_proj.weight", f"{p}.out_proj.bias" if mha.out_proj.bias is not None else None, mha.num_heads)
-    raise ValueError(f"cannot place attention layer {prefix!r} ({type(attn).__name__}): expected a fused "
-                     "qkv/proj pair or nn.MultiheadAttention")
+        return (
+            f"{p}.in_proj_weight",
+            f"{p}.in_proj_bias" if mha.in_proj_bias is not None else None,
+            f"{p}.out_proj.weight",
+            f"{p}.out_proj.bias" if mha.out_proj.bias is not None else None,
+            mha.num_heads,
+        )
+    raise ValueError(
+        f"cannot place attention layer {prefix!r} ({type(attn).__name__}): expected a fused "
+        "qkv/proj pair or nn.MultiheadAttention"
+    )
 
 
 def head_line(n_heads: int, head_dim: int, gap: float = 1.0) -> torch.Tensor:
@@ -72,13 +84,20 @@ def _norm_slices(prefix: str, norm: nn.Module, d: int) -> list[Slice]:
         if norm.bias is not None:
             out.append(Slice(f"{prefix}.bias", 0, slice_index(d)))
         return out
-    raise ValueError(f"cannot place normalisation layer {prefix!r} ({type(norm).__name__}); "
-                     "supported: nn.LayerNorm, nn.Identity")
+    raise ValueError(
+        f"cannot place normalisation layer {prefix!r} ({type(norm).__name__}); supported: nn.LayerNorm, nn.Identity"
+    )
 
 
-def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labels: list[str] | None = None,
-                      relocate_outputs: bool = True, input_labels: list[str] | None = None,
-                      example_inputs=None, verify: bool = True) -> SpatialGraph:
+def transformer_graph(
+    model: nn.Module,
+    layouts: dict | None = None,
+    output_labels: list[str] | None = None,
+    relocate_outputs: bool = True,
+    input_labels: list[str] | None = None,
+    example_inputs=None,
+    verify: bool = True,
+) -> SpatialGraph:
     """Spaces: ``input``/``tokens`` → ``resid`` ⇄ ``blocks.{l}.attn``, ``blocks.{l}.mlp`` → ``output``.
 
     Heights follow the forward pass (embedding 0, block l's attention 2l+1 and MLP 2l+2, the
@@ -114,8 +133,15 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         tokens = Space("tokens", n_in, None, 0.0, "input", "fixed")
         resid.slices.append(Slice("embed.weight", 1, slice_index(d)))
         if not tied:  # tied: the table is penalised once, as the output head
-            conns.append(Connection("embed.weight", "resid", "tokens", Slice("embed.weight", 1, slice_index(d)),
-                                    Slice("embed.weight", 0, slice_index(n_in))))
+            conns.append(
+                Connection(
+                    "embed.weight",
+                    "resid",
+                    "tokens",
+                    Slice("embed.weight", 1, slice_index(d)),
+                    Slice("embed.weight", 0, slice_index(n_in)),
+                )
+            )
         spaces.append(tokens)
     else:
         spaces.append(Space("input", n_in, layout("input", n_in), 0.0, "input", "positions", labels=input_labels))
@@ -124,8 +150,16 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         b = "embed.bias" if embed.bias is not None else None
         if b:
             resid.slices.append(Slice(b, 0, slice_index(d)))
-        conns.append(Connection("embed.weight", "resid", "input", Slice("embed.weight", 0, slice_index(d)),
-                                Slice("embed.weight", 1, slice_index(n_in)), b))
+        conns.append(
+            Connection(
+                "embed.weight",
+                "resid",
+                "input",
+                Slice("embed.weight", 0, slice_index(d)),
+                Slice("embed.weight", 1, slice_index(n_in)),
+                b,
+            )
+        )
     if isinstance(getattr(model, "pos", None), nn.Parameter):
         resid.slices.append(Slice("pos", 1, slice_index(d)))
     spaces.append(resid)
@@ -140,8 +174,16 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         qkv_w, qkv_b, out_w, out_b, n_heads = _attention_tensors(f"{pre}.attn", block.attn)
         hd = d // n_heads
         name = f"{pre}.attn"
-        attn = Space(name, d, layout(name, d) if name in layouts else head_line(n_heads, hd), 2.0 * li + 1,
-                     "hidden", "weights", groups=torch.arange(d) // hd, labels=[f"h{j // hd}.{j % hd}" for j in range(d)])
+        attn = Space(
+            name,
+            d,
+            layout(name, d) if name in layouts else head_line(n_heads, hd),
+            2.0 * li + 1,
+            "hidden",
+            "weights",
+            groups=torch.arange(d) // hd,
+            labels=[f"h{j // hd}.{j % hd}" for j in range(d)],
+        )
         three = slice_index(d, 3, d)
         attn.slices += [Slice(qkv_w, 0, three), Slice(out_w, 1, slice_index(d))]
         if qkv_b:
@@ -150,13 +192,18 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         if out_b:
             resid.slices.append(Slice(out_b, 0, slice_index(d)))
         conns.append(Connection(qkv_w, name, "resid", Slice(qkv_w, 0, three), Slice(qkv_w, 1, slice_index(d)), qkv_b))
-        conns.append(Connection(out_w, "resid", name, Slice(out_w, 0, slice_index(d)), Slice(out_w, 1, slice_index(d)), out_b))
+        conns.append(
+            Connection(out_w, "resid", name, Slice(out_w, 0, slice_index(d)), Slice(out_w, 1, slice_index(d)), out_b)
+        )
         spaces.append(attn)
         # MLP
         mlp = block.mlp
         lins = [m for m in mlp.children() if isinstance(m, nn.Linear)] if isinstance(mlp, nn.Sequential) else []
-        others = [m for m in (mlp.children() if isinstance(mlp, nn.Sequential) else [mlp])
-                  if not isinstance(m, nn.Linear) and len(list(m.parameters())) > 0]
+        others = [
+            m
+            for m in (mlp.children() if isinstance(mlp, nn.Sequential) else [mlp])
+            if not isinstance(m, nn.Linear) and len(list(m.parameters())) > 0
+        ]
         if len(lins) != 2 or others:
             raise ValueError(f"cannot place MLP {pre}.mlp: expected nn.Sequential(Linear, activation, Linear)")
         i1 = next(i for i, m in enumerate(mlp) if m is lins[0])
@@ -168,16 +215,27 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
         m = fc1.out_features
         name = f"{pre}.mlp"
         msp = Space(name, m, layout(name, m), 2.0 * li + 2, "hidden", "weights")
-        msp.slices += [Slice(w1, 0, slice_index(m)), Slice(w2, 1, slice_index(m))] + ([Slice(b1, 0, slice_index(m))] if b1 else [])
-        resid.slices += [Slice(w1, 1, slice_index(d)), Slice(w2, 0, slice_index(d))] + ([Slice(b2, 0, slice_index(d))] if b2 else [])
+        msp.slices += [Slice(w1, 0, slice_index(m)), Slice(w2, 1, slice_index(m))] + (
+            [Slice(b1, 0, slice_index(m))] if b1 else []
+        )
+        resid.slices += [Slice(w1, 1, slice_index(d)), Slice(w2, 0, slice_index(d))] + (
+            [Slice(b2, 0, slice_index(d))] if b2 else []
+        )
         conns.append(Connection(w1, name, "resid", Slice(w1, 0, slice_index(m)), Slice(w1, 1, slice_index(d)), b1))
         conns.append(Connection(w2, "resid", name, Slice(w2, 0, slice_index(d)), Slice(w2, 1, slice_index(m)), b2))
         spaces.append(msp)
 
     resid.slices += _norm_slices("ln_f", getattr(model, "ln_f", nn.Identity()), d)
     n_out = head.out_features
-    out = Space("output", n_out, layout("output", n_out), 2.0 * len(blocks) + 1, "output",
-                "positions" if relocate_outputs else "fixed", labels=output_labels)
+    out = Space(
+        "output",
+        n_out,
+        layout("output", n_out),
+        2.0 * len(blocks) + 1,
+        "output",
+        "positions" if relocate_outputs else "fixed",
+        labels=output_labels,
+    )
     hw = "embed.weight" if tied else "head.weight"
     hb = "head.bias" if head.bias is not None else None
     if not tied:
@@ -202,7 +260,9 @@ def transformer_graph(model: nn.Module, layouts: dict | None = None, output_labe
             return torch.randint(0, n_in, (2, t), device=w.device)
         return torch.randn(2, t, n_in, dtype=w.dtype, device=w.device)
 
-    return checked(SpatialGraph(model, spaces, conns), example_inputs if example_inputs is not None else example, verify)
+    return checked(
+        SpatialGraph(model, spaces, conns), example_inputs if example_inputs is not None else example, verify
+    )
 
 
 def check_all_parameters_placed(model: nn.Module, spaces: list[Space]) -> None:

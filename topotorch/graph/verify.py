@@ -8,7 +8,7 @@ relocation may apply (whole groups shuffled, then neurons within each group), an
 outputs are compared with the unpermuted copy's. One forward for all spaces together; only
 when that fails, one forward per space to name the culprits.
 
-    >>> check_graph(graph, example_inputs)          # raises ValueError naming any space that fails
+    >>> check_graph(graph, example_inputs)  # raises ValueError naming any space that fails
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ def _relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return worst
 
 
-def check_graph(graph: SpatialGraph, example_inputs, rtol: float = 1e-10, seed: int = 0,
-                raise_on_failure: bool = True) -> dict[str, float]:
+def check_graph(
+    graph: SpatialGraph, example_inputs, rtol: float = 1e-10, seed: int = 0, raise_on_failure: bool = True
+) -> dict[str, float]:
     """Permute every movable (``weights``) space of a float64 copy; return {space: relative error} of
     those that change the output (empty when all keep it). Raises ``ValueError`` naming them unless
     ``raise_on_failure=False``. Usage: ``check_graph(g, torch.randn(2, 16))``.
@@ -149,10 +150,15 @@ def refusal(graph: SpatialGraph, failed: dict[str, float]) -> str:
     for name, err in failed.items():
         layers = sorted({sl.name.rpartition(".")[0] or sl.name for sl in graph.space(name).slices})
         shown = ", ".join(repr(n) for n in layers[:4]) + (", ..." if len(layers) > 4 else "")
-        parts.append(f"space {name!r} (layers {shown}): a random permutation changed the output by {err:.2g} (relative)")
-    return ("refusing a graph whose relocation would change the model's function: " + "; ".join(parts) +
-            ". The layers hide structure the graph builder does not understand (e.g. a head reshape); "
-            "keep them out of the graph or give them a coupling rule")
+        parts.append(
+            f"space {name!r} (layers {shown}): a random permutation changed the output by {err:.2g} (relative)"
+        )
+    return (
+        "refusing a graph whose relocation would change the model's function: "
+        + "; ".join(parts)
+        + ". The layers hide structure the graph builder does not understand (e.g. a head reshape); "
+        "keep them out of the graph or give them a coupling rule"
+    )
 
 
 def checked(graph: SpatialGraph, example_inputs, verify: bool = True) -> SpatialGraph:
@@ -171,8 +177,11 @@ def checked(graph: SpatialGraph, example_inputs, verify: bool = True) -> Spatial
         except Exception as e:  # noqa: BLE001 - the model's forward does not take the builder's guess
             import warnings
 
-            warnings.warn(f"graph of {type(graph.model).__name__} not checked for function preservation: could not "
-                          f"make an example input ({type(e).__name__}: {e}); pass example_inputs=", stacklevel=3)
+            warnings.warn(
+                f"graph of {type(graph.model).__name__} not checked for function preservation: could not "
+                f"make an example input ({type(e).__name__}: {e}); pass example_inputs=",
+                stacklevel=3,
+            )
             return graph
     check_graph(graph, example_inputs)
     return graph

@@ -78,8 +78,11 @@ def _torch_uses_gomp() -> bool:
     soname to the already-loaded libgomp.so.1, joins that same pool)?"""
     import torch
 
-    return (sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
-            and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists())
+    return (
+        sys.platform.startswith("linux")
+        and "OpenMP" in torch.__config__.parallel_info()
+        and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()
+    )
 
 
 def _build() -> ctypes.CDLL:
@@ -89,15 +92,21 @@ def _build() -> ctypes.CDLL:
     text = source()  # a missing or unreadable file: an OSError naming it, reported by kernel_error()
     for flags in _flag_sets():
         flags = [*flags, f"-DFFF_LMAX={MAX_LEAF_WIDTH}"]
-        key = hashlib.sha256("\n".join([text, cc, " ".join(flags), _cpu_signature(), sys.platform]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            "\n".join([text, cc, " ".join(flags), _cpu_signature(), sys.platform]).encode()
+        ).hexdigest()[:16]
         so = cache / f"fff_cpu_{key}.so"
         if so.exists():
             break
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             tmp_so = Path(tmp) / "fff_cpu.so"
-            r = subprocess.run([cc, *flags, str(SOURCE_FILES[0]), "-o", str(tmp_so), "-lm"], capture_output=True, text=True,
-                               timeout=120)
+            r = subprocess.run(
+                [cc, *flags, str(SOURCE_FILES[0]), "-o", str(tmp_so), "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if r.returncode == 0:
                 os.replace(tmp_so, so)  # atomic: concurrent builders each write a whole file
                 break
@@ -152,9 +161,20 @@ def _leaf_scratch(B: int) -> torch.Tensor:
     return buf
 
 
-def hard_forward(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                 w2: torch.Tensor, b2: torch.Tensor, depth: int, act: int, activation=None,
-                 route_only: bool = False, need_leaves: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def hard_forward(
+    x: torch.Tensor,
+    nw: torch.Tensor,
+    nb: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    depth: int,
+    act: int,
+    activation=None,
+    route_only: bool = False,
+    need_leaves: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(y, leaves) for contiguous CPU float32/float64 tensors, ``x`` (B, in), with the kernel.
 
     ``act`` is one of :data:`ACT_CODES`' values, or ``ACT_NONE`` to apply ``activation`` (a
@@ -172,19 +192,72 @@ def hard_forward(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor, w1: torch.
     leaves = torch.empty(B, dtype=torch.int64) if need_leaves or route_only or act == ACT_NONE else _leaf_scratch(B)
     nthreads = torch.get_num_threads()
     if route_only:
-        rc = fn(x.data_ptr(), B, n_in, l, out, depth, nw.data_ptr(), nb.data_ptr(), None, None, None, None,
-                0, 0, None, None, leaves.data_ptr(), nthreads)
+        rc = fn(
+            x.data_ptr(),
+            B,
+            n_in,
+            l,
+            out,
+            depth,
+            nw.data_ptr(),
+            nb.data_ptr(),
+            None,
+            None,
+            None,
+            None,
+            0,
+            0,
+            None,
+            None,
+            leaves.data_ptr(),
+            nthreads,
+        )
         y = None
     else:
         y = torch.empty(B, out, dtype=x.dtype)
         h = torch.empty(B, l, dtype=x.dtype) if act == ACT_NONE else None
-        rc = fn(x.data_ptr(), B, n_in, l, out, depth, nw.data_ptr(), nb.data_ptr(), w1.data_ptr(), b1.data_ptr(),
-                w2.data_ptr(), b2.data_ptr(), ACT_IDENTITY if h is not None else act, 1, y.data_ptr(),
-                h.data_ptr() if h is not None else None, leaves.data_ptr(), nthreads)
+        rc = fn(
+            x.data_ptr(),
+            B,
+            n_in,
+            l,
+            out,
+            depth,
+            nw.data_ptr(),
+            nb.data_ptr(),
+            w1.data_ptr(),
+            b1.data_ptr(),
+            w2.data_ptr(),
+            b2.data_ptr(),
+            ACT_IDENTITY if h is not None else act,
+            1,
+            y.data_ptr(),
+            h.data_ptr() if h is not None else None,
+            leaves.data_ptr(),
+            nthreads,
+        )
         if h is not None and rc == 0:
             a = activation(h).contiguous()
-            rc = fn(None, B, n_in, l, out, depth, None, None, None, None, w2.data_ptr(), b2.data_ptr(), 0, 2,
-                    y.data_ptr(), a.data_ptr(), leaves.data_ptr(), nthreads)
+            rc = fn(
+                None,
+                B,
+                n_in,
+                l,
+                out,
+                depth,
+                None,
+                None,
+                None,
+                None,
+                w2.data_ptr(),
+                b2.data_ptr(),
+                0,
+                2,
+                y.data_ptr(),
+                a.data_ptr(),
+                leaves.data_ptr(),
+                nthreads,
+            )
     if rc != 0:
         raise RuntimeError(f"FFF CPU kernel failed (code {rc})")
     return y, (leaves if need_leaves or route_only else None)

@@ -59,9 +59,24 @@ def available(device: torch.device | None = None) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _route_hidden(x_ptr, nw_ptr, nb_ptr, w1_ptr, b1_ptr, h_ptr, leaf_ptr, M, IN, LW,
-                      DEPTH: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, LP: tl.constexpr):
+    def _route_hidden(
+        x_ptr,
+        nw_ptr,
+        nb_ptr,
+        w1_ptr,
+        b1_ptr,
+        h_ptr,
+        leaf_ptr,
+        M,
+        IN,
+        LW,
+        DEPTH: tl.constexpr,
+        ACT: tl.constexpr,
+        ACC: tl.constexpr,
+        BM: tl.constexpr,
+        BK: tl.constexpr,
+        LP: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         rows = rows.to(tl.int64)
@@ -83,11 +98,13 @@ if triton is not None:
         for k0 in range(0, IN, BK):
             ks = k0 + tl.arange(0, BK)
             kmask = ks < IN
-            xt = tl.load(x_ptr + rows[:, None] * IN + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                         other=0.0).to(ACC)
+            xt = tl.load(x_ptr + rows[:, None] * IN + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(
+                ACC
+            )
             m3 = rmask[:, None, None] & kmask[None, :, None] & jmask[None, None, :]
-            w1t = tl.load(w1_ptr + leaf[:, None, None] * IN * LW + ks[None, :, None] * LW + js[None, None, :],
-                          mask=m3, other=0.0).to(ACC)
+            w1t = tl.load(
+                w1_ptr + leaf[:, None, None] * IN * LW + ks[None, :, None] * LW + js[None, None, :], mask=m3, other=0.0
+            ).to(ACC)
             h += tl.sum(xt[:, :, None] * w1t, axis=1)
         m2 = rmask[:, None] & jmask[None, :]
         h += tl.load(b1_ptr + leaf[:, None] * LW + js[None, :], mask=m2, other=0.0).to(ACC)
@@ -99,8 +116,20 @@ if triton is not None:
         tl.store(leaf_ptr + rows, leaf, mask=rmask)
 
     @triton.jit
-    def _leaf_output(h_ptr, leaf_ptr, w2_ptr, b2_ptr, y_ptr, M, OUT, LW,
-                     ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, LP: tl.constexpr):
+    def _leaf_output(
+        h_ptr,
+        leaf_ptr,
+        w2_ptr,
+        b2_ptr,
+        y_ptr,
+        M,
+        OUT,
+        LW,
+        ACC: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        LP: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rmask = rows < M
         rows = rows.to(tl.int64)
@@ -116,9 +145,18 @@ if triton is not None:
         tl.store(y_ptr + rows[:, None] * OUT + ns[None, :], acc, mask=m2)
 
 
-def hard_forward(x: torch.Tensor, node_weights: torch.Tensor, node_biases: torch.Tensor, w1s: torch.Tensor,
-                 b1s: torch.Tensor, w2s: torch.Tensor, b2s: torch.Tensor, depth: int, act: int,
-                 activation: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_forward(
+    x: torch.Tensor,
+    node_weights: torch.Tensor,
+    node_biases: torch.Tensor,
+    w1s: torch.Tensor,
+    b1s: torch.Tensor,
+    w2s: torch.Tensor,
+    b2s: torch.Tensor,
+    depth: int,
+    act: int,
+    activation: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard FFF forward of ``x`` (B, in) with the layer's weights; returns (y (B, out), leaf (B,)).
 
     ``act`` is one of ACT_IDENTITY / ACT_RELU / ACT_GELU (fused) or ACT_NONE, in which case
@@ -144,12 +182,29 @@ def hard_forward(x: torch.Tensor, node_weights: torch.Tensor, node_biases: torch
     if M == 0:
         return y, leaf
     fused = act if act != ACT_NONE else ACT_IDENTITY
-    _route_hidden[(triton.cdiv(M, BLOCK_M),)](args[0], args[1], args[2], args[3], args[4], h, leaf, M, IN, LW,
-                                              DEPTH=depth, ACT=fused, ACC=acc, BM=BLOCK_M, BK=BK, LP=LP)
+    _route_hidden[(triton.cdiv(M, BLOCK_M),)](
+        args[0],
+        args[1],
+        args[2],
+        args[3],
+        args[4],
+        h,
+        leaf,
+        M,
+        IN,
+        LW,
+        DEPTH=depth,
+        ACT=fused,
+        ACC=acc,
+        BM=BLOCK_M,
+        BK=BK,
+        LP=LP,
+    )
     if act == ACT_NONE:  # in the layer's dtype, as the torch path does (parametrised activations too)
         if activation is None:
             raise ValueError("act=ACT_NONE needs the activation module to apply")
         h[:, :LW] = activation(h[:, :LW].to(x.dtype)).to(h.dtype)
-    _leaf_output[(triton.cdiv(M, BLOCK_M), triton.cdiv(OUT, BLOCK_N))](h, leaf, args[5], args[6], y, M, OUT, LW,
-                                                                        ACC=acc, BM=BLOCK_M, BN=BLOCK_N, LP=LP)
+    _leaf_output[(triton.cdiv(M, BLOCK_M), triton.cdiv(OUT, BLOCK_N))](
+        h, leaf, args[5], args[6], y, M, OUT, LW, ACC=acc, BM=BLOCK_M, BN=BLOCK_N, LP=LP
+    )
     return y, leaf

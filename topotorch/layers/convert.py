@@ -1,8 +1,8 @@
 """Convert a model's MLP blocks into FFF layers of a given training width.
 
     >>> from topotorch.models import TinyGPT
-    >>> gpt = TinyGPT(vocab=65, d_model=64, n_layers=2)       # blocks.{0,1}.mlp: Linear-GELU-Linear, 256 wide
-    >>> fffify(gpt, include="blocks.*.mlp", leaf_width=8)       # -> FFF(64, 8, 64, depth=5), training width 256
+    >>> gpt = TinyGPT(vocab=65, d_model=64, n_layers=2)  # blocks.{0,1}.mlp: Linear-GELU-Linear, 256 wide
+    >>> fffify(gpt, include="blocks.*.mlp", leaf_width=8)  # -> FFF(64, 8, 64, depth=5), training width 256
     ['blocks.0.mlp', 'blocks.1.mlp']
 
 An MLP block is found by one rule of :data:`MLP_PATTERNS` (first match wins):
@@ -65,13 +65,20 @@ CHECK_TOLERANCE = 1e-10
 # reading dense layers and activations
 # ------------------------------------------------------------------------------------------------
 
+
 def _dense(m) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight as (out, in), bias) of an ``nn.Linear`` or a Hugging Face ``Conv1D`` (weight (in, out)); else None."""
     if isinstance(m, nn.Linear):
         return m.weight, m.bias
     w = getattr(m, "weight", None)
-    if (isinstance(m, nn.Module) and type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-            and isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[1] == m.nf):
+    if (
+        isinstance(m, nn.Module)
+        and type(m).__name__ == "Conv1D"
+        and hasattr(m, "nf")
+        and isinstance(w, torch.Tensor)
+        and w.ndim == 2
+        and w.shape[1] == m.nf
+    ):
         return w.t(), getattr(m, "bias", None)
     return None
 
@@ -102,8 +109,11 @@ def _activation_module(act) -> nn.Module:
 
 def _is_activation(act) -> bool:
     if isinstance(act, nn.Module):
-        return (_dense(act) is None and not isinstance(act, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-                and next(act.parameters(), None) is None)
+        return (
+            _dense(act) is None
+            and not isinstance(act, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+            and next(act.parameters(), None) is None
+        )
     return callable(act) and not isinstance(act, type)
 
 
@@ -154,6 +164,7 @@ class _Found:
 # the rules
 # ------------------------------------------------------------------------------------------------
 
+
 class SequentialPattern:
     """``nn.Sequential(Linear, activation, [Dropout], Linear)``: the whole Sequential becomes the FFF."""
 
@@ -163,13 +174,17 @@ class SequentialPattern:
         if not isinstance(module, nn.Sequential):
             return None
         parts = [m for m in module if not isinstance(m, _IGNORED)]
-        if not (len(parts) == 3 and isinstance(parts[0], nn.Linear) and isinstance(parts[2], nn.Linear)
-                and not isinstance(parts[1], (nn.Linear, nn.Sequential))
-                and parts[0].out_features == parts[2].in_features):
+        if not (
+            len(parts) == 3
+            and isinstance(parts[0], nn.Linear)
+            and isinstance(parts[2], nn.Linear)
+            and not isinstance(parts[1], (nn.Linear, nn.Sequential))
+            and parts[0].out_features == parts[2].in_features
+        ):
             return None
         items = list(module)
         i1, i2 = items.index(parts[1]), items.index(parts[2])
-        p = max([m.p for m in items[i1 + 1:i2] if isinstance(m, nn.Dropout)], default=0.0)
+        p = max([m.p for m in items[i1 + 1 : i2] if isinstance(m, nn.Dropout)], default=0.0)
         return _Found(self, parts[0].weight, parts[0].bias, parts[1], parts[2].weight, parts[2].bias, p)
 
     def install(self, model: nn.Module, name: str, block: nn.Module, layer: nn.Module) -> None:
@@ -236,9 +251,11 @@ class GatedMLPPattern:
         gate, up, down = (_dense(_get(module, p)) for p in (self.gate, self.up, self.down))
         if gate is None or up is None or down is None:
             return None
-        why = (f"a gated MLP ({self.down}(act({self.gate}(x)) * {self.up}(x)), hidden width {gate[0].shape[0]}): an "
-               "FFF leaf is Linear-activation-Linear with no multiplicative gate, so no FFF computes this block; "
-               "it is not converted (narrow `include` to leave it out)")
+        why = (
+            f"a gated MLP ({self.down}(act({self.gate}(x)) * {self.up}(x)), hidden width {gate[0].shape[0]}): an "
+            "FFF leaf is Linear-activation-Linear with no multiplicative gate, so no FFF computes this block; "
+            "it is not converted (narrow `include` to leave it out)"
+        )
         return _Found(self, gate[0], gate[1], None, down[0], down[1], refusal=why)
 
     def install(self, model, name, block, layer) -> None:  # never called: refused before
@@ -264,8 +281,15 @@ MLP_PATTERNS: list = [
     MLPPattern("fc1/fc2", "fc1", "activation_fn", "fc2"),  # HF CLIP, ViT, OPT, Whisper, ...
     MLPPattern("distilbert", "lin1", "activation", "lin2"),
     MLPPattern("gpt-neox", "dense_h_to_4h", "act", "dense_4h_to_h"),
-    MLPPattern("torch-transformer-layer", "linear1", "activation", "linear2", dropout="dropout",
-               after=_torch_transformer_layer_after, call=_torch_transformer_layer_call),
+    MLPPattern(
+        "torch-transformer-layer",
+        "linear1",
+        "activation",
+        "linear2",
+        dropout="dropout",
+        after=_torch_transformer_layer_after,
+        call=_torch_transformer_layer_call,
+    ),
     GatedMLPPattern("gated (llama)", "gate_proj", "up_proj", "down_proj"),
     GatedMLPPattern("gated (t5)", "wi_0", "wi_1", "wo"),
 ]
@@ -307,6 +331,7 @@ def mlp_blocks(model: nn.Module, include: str | list[str] = "*") -> list[str]:
 # building the FFF
 # ------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
 def _copy_dense(layer: FFF, found: _Found) -> None:
     """Leaf j holds hidden neurons [j·ℓ, (j+1)·ℓ); routing neutral (z = 0: every leaf weighs 2^-d in the
@@ -314,8 +339,10 @@ def _copy_dense(layer: FFF, found: _Found) -> None:
     L, l = layer.n_leaves, layer.leaf_width
     _, hidden, out = found.widths
     if L * l != hidden:
-        raise ValueError(f"init='dense' needs the training width 2^depth·leaf_width = {L * l} to equal the block's "
-                         f"hidden width {hidden}")
+        raise ValueError(
+            f"init='dense' needs the training width 2^depth·leaf_width = {L * l} to equal the block's "
+            f"hidden width {hidden}"
+        )
     layer.node_weights.zero_()
     layer.node_biases.zero_()
     layer.w1s.copy_(found.w1.reshape(L, l, -1).transpose(1, 2))
@@ -342,8 +369,15 @@ def _check(model: nn.Module, name: str, block: nn.Module, found: _Found) -> None
     assert found_twin is not None  # a copy of a block its rule matched
     n_in = found.widths[0]
     x = torch.randn(2, 3, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    exact = FFF(n_in, found.widths[1], found.widths[2], 0, activation=_activation_module(found.act),
-                device=found.w1.device, dtype=torch.float64)
+    exact = FFF(
+        n_in,
+        found.widths[1],
+        found.widths[2],
+        0,
+        activation=_activation_module(found.act),
+        device=found.w1.device,
+        dtype=torch.float64,
+    )
     _copy_dense(exact, found_twin)
     try:
         x = x.to(found.w1.device)
@@ -356,15 +390,25 @@ def _check(model: nn.Module, name: str, block: nn.Module, found: _Found) -> None
                 found.rule.install(twin, "", twin, exact)
                 after = _tensors(run(twin, x))
     except Exception as e:  # a block that cannot run alone on (batch, tokens, width) inputs
-        raise ValueError(f"{label} ({type(block).__name__}): could not run it on a (2, 3, {n_in}) input to check the "
-                         f"conversion ({type(e).__name__}: {e}); pass check=False to convert without the check") from e
-    worst = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-300)).item() if a.shape == b.shape else math.inf
-                for a, b in zip(before, after)) if before and len(before) == len(after) else math.inf
+        raise ValueError(
+            f"{label} ({type(block).__name__}): could not run it on a (2, 3, {n_in}) input to check the "
+            f"conversion ({type(e).__name__}: {e}); pass check=False to convert without the check"
+        ) from e
+    worst = (
+        max(
+            ((a - b).abs().max() / a.abs().max().clamp_min(1e-300)).item() if a.shape == b.shape else math.inf
+            for a, b in zip(before, after)
+        )
+        if before and len(before) == len(after)
+        else math.inf
+    )
     if not worst <= CHECK_TOLERANCE:
-        raise ValueError(f"{label} ({type(block).__name__}) looks like a {found.rule.name} MLP block, but its forward "
-                         f"is not {getattr(found.rule, 'fc2', 'fc2')}(act({getattr(found.rule, 'fc1', 'fc1')}(x))) "
-                         f"on that path (the exact FFF changed its output by {worst:.2g} relative): not converted; "
-                         "describe it with an MLPPattern or pass check=False")
+        raise ValueError(
+            f"{label} ({type(block).__name__}) looks like a {found.rule.name} MLP block, but its forward "
+            f"is not {getattr(found.rule, 'fc2', 'fc2')}(act({getattr(found.rule, 'fc1', 'fc1')}(x))) "
+            f"on that path (the exact FFF changed its output by {worst:.2g} relative): not converted; "
+            "describe it with an MLPPattern or pass check=False"
+        )
 
 
 def fffify(
@@ -402,7 +446,9 @@ def fffify(
     blocks = _blocks(model, include)
     refused = [(name, m, f) for name, m, f in blocks if f.refusal is not None]
     if refused:
-        raise ValueError("; ".join(f"{name or 'the model'} ({type(m).__name__}) is {f.refusal}" for name, m, f in refused))
+        raise ValueError(
+            "; ".join(f"{name or 'the model'} ({type(m).__name__}) is {f.refusal}" for name, m, f in refused)
+        )
     if not blocks:
         found = mlp_blocks(model, "*")
         kinds = ", ".join(r.name for r in MLP_PATTERNS if not isinstance(r, GatedMLPPattern))
@@ -419,8 +465,10 @@ def fffify(
         if variant == "ultra":
             d = depth if depth is not None else math.log2(width / n_trees + 1) - 1
             if d != int(d) or d < 0:
-                raise ValueError(f"{name}: UltraFFF needs width/n_trees + 1 to be a power of two, got width {width}, "
-                                 f"n_trees {n_trees}; pass depth=")
+                raise ValueError(
+                    f"{name}: UltraFFF needs width/n_trees + 1 to be a power of two, got width {width}, "
+                    f"n_trees {n_trees}; pass depth="
+                )
             replacements[name] = UltraFFF(n_in, n_out, int(d), n_trees, activation=act, **fff_kwargs, **kw)
             continue
         if depth is not None:
@@ -428,8 +476,10 @@ def fffify(
         else:
             d = math.log2(width / leaf_width) if width % leaf_width == 0 else -1
             if d != int(d) or d < 0:
-                raise ValueError(f"{name}: training width {width} is not leaf_width ({leaf_width}) times a power of "
-                                 f"two; pass training_width= or depth=")
+                raise ValueError(
+                    f"{name}: training width {width} is not leaf_width ({leaf_width}) times a power of "
+                    f"two; pass training_width= or depth="
+                )
         layer_kw: dict[str, Any] = {"dropout": f.dropout, **fff_kwargs} if f.dropout else dict(fff_kwargs)
         layer = FFF(n_in, leaf_width, n_out, int(d), activation=act, **layer_kw, **kw)
         if init == "dense":
@@ -442,7 +492,8 @@ def fffify(
         replacements[name].train(block.training)  # a model in eval mode stays in eval mode
         f.rule.install(model, name, block, replacements[name])
     for m in model.modules():  # torch's encoder: its nested-tensor fast path reads layers[0].linear1.weight
-        if isinstance(m, nn.TransformerEncoder) and any(isinstance(layer.linear1, (FFF, UltraFFF)) for layer in m.layers
-                                                        if hasattr(layer, "linear1")):
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(layer.linear1, (FFF, UltraFFF)) for layer in m.layers if hasattr(layer, "linear1")
+        ):
             m.use_nested_tensor = False
     return [name for name, _, _ in blocks]

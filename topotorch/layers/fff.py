@@ -6,10 +6,10 @@ A :class:`FFF` is a balanced binary tree of depth ``d``: ``2**d - 1`` node neuro
 ``p`` (right) or ``1 - p`` (left) along its root path; inference goes right iff
 ``w·x + b >= 0`` and evaluates only the one leaf each sample lands in.
 
-    >>> layer = FFF(768, leaf_width=8, output_width=768, depth=9)   # training width 4096
-    >>> y = layer(x)                        # train(): soft mixture of all 512 leaves
-    >>> loss = task_loss + hardening_loss(model, h=3.0)             # h · Σ_nodes H(p)
-    >>> y = layer.eval()(x)                 # eval(): one leaf per sample, ~25 dot products each
+    >>> layer = FFF(768, leaf_width=8, output_width=768, depth=9)  # training width 4096
+    >>> y = layer(x)  # train(): soft mixture of all 512 leaves
+    >>> loss = task_loss + hardening_loss(model, h=3.0)  # h · Σ_nodes H(p)
+    >>> y = layer.eval()(x)  # eval(): one leaf per sample, ~25 dot products each
 
 The soft forward is four dense tensor ops (node logits in one matmul, the path products by
 one broadcasted multiply per tree level, all leaves' hidden units in one matmul, and the
@@ -78,8 +78,9 @@ def bernoulli_entropy(logits: torch.Tensor) -> torch.Tensor:
     return p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
 
 
-def _walk_one(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor | None, n_levels: int
-              ) -> tuple[int, list[int], list[float], list[tuple[torch.Tensor, list[int]]]]:
+def _walk_one(
+    x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor | None, n_levels: int
+) -> tuple[int, list[int], list[float], list[tuple[torch.Tensor, list[int]]]]:
     """Walk one sample x (in,) down a heap-ordered tree of node rows ``nw`` (biases ``nb``).
 
     Levels go in blocks of BATCH1_TOP_LEVELS: one small matvec over the subtree below the
@@ -93,8 +94,9 @@ def _walk_one(x: torch.Tensor, nw: torch.Tensor, nb: torch.Tensor | None, n_leve
         if level == 0:  # the top levels are contiguous rows
             w, b = nw[: 2**t - 1], (nb[: 2**t - 1] if nb is not None else None)
         else:  # the subtree below node (level, r), in local heap order
-            idx = torch.tensor([2 ** (level + j) - 1 + (r << j) + m for j in range(t) for m in range(2**j)],
-                               device=x.device)
+            idx = torch.tensor(
+                [2 ** (level + j) - 1 + (r << j) + m for j in range(t) for m in range(2**j)], device=x.device
+            )
             w, b = nw.index_select(0, idx), (nb.index_select(0, idx) if nb is not None else None)
         zt = F.linear(x, w, b)
         z = zt.tolist()
@@ -210,20 +212,25 @@ class FFF(nn.Module):
         return self.n_nodes * self.input_width + self.n_leaves * leaf
 
     def extra_repr(self) -> str:
-        return (f"input_width={self.input_width}, leaf_width={self.leaf_width}, output_width={self.output_width}, "
-                f"depth={self.depth}, training_width={self.training_width}, region_leak={self.region_leak}, "
-                f"train_hardened={self.train_hardened}")
+        return (
+            f"input_width={self.input_width}, leaf_width={self.leaf_width}, output_width={self.output_width}, "
+            f"depth={self.depth}, training_width={self.training_width}, region_leak={self.region_leak}, "
+            f"train_hardened={self.train_hardened}"
+        )
 
     # -- shape handling ---------------------------------------------------------------------
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 0 or x.shape[-1] != self.input_width:
-            raise ValueError(f"FFF expects inputs of shape (..., {self.input_width}) (input_width={self.input_width}), "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"FFF expects inputs of shape (..., {self.input_width}) (input_width={self.input_width}), "
+                f"got shape {tuple(x.shape)}"
+            )
         return x.reshape(-1, self.input_width)
 
-    def forward(self, x: torch.Tensor,
-                return_entropies: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, return_entropies: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Soft (train) or hard (eval) forward of ``x`` with shape (..., input_width) -> (..., output_width).
 
         ``return_entropies=True`` (soft mode only) also returns the per-node mean entropies.
@@ -272,7 +279,7 @@ class FFF(nn.Module):
                 ph = torch.where(leak, 1 - ph, ph)
             p = ph + (p - p.detach()) if p.requires_grad else ph  # straight-through
         for level in range(self.depth):
-            q = p[:, 2**level - 1: 2 ** (level + 1) - 1].unsqueeze(2)  # (B, 2^level, 1)
+            q = p[:, 2**level - 1 : 2 ** (level + 1) - 1].unsqueeze(2)  # (B, 2^level, 1)
             mix = torch.cat((mix.unsqueeze(2) * (1 - q), mix.unsqueeze(2) * q), dim=2).flatten(1)
         return mix
 
@@ -301,8 +308,9 @@ class FFF(nn.Module):
         """
         x2 = self._flat(x)
         if self._kernel_ok(x2):
-            _, leaves = _cpu_kernel.hard_forward(x2.contiguous(), *self._kernel_weights(), self.depth, 0,
-                                                 route_only=True)
+            _, leaves = _cpu_kernel.hard_forward(
+                x2.contiguous(), *self._kernel_weights(), self.depth, 0, route_only=True
+            )
             assert leaves is not None  # route_only computes the leaves alone
             return leaves.reshape(x.shape[:-1])
         return self._route(x2).reshape(x.shape[:-1])
@@ -320,7 +328,7 @@ class FFF(nn.Module):
         r = k.view(B) - (2**top - 1)  # index within the level
         for level in range(top, self.depth):  # many nodes: gather each sample's node row
             first = 2**level - 1
-            w, b = nw[first: 2 * first + 1], nb[first: 2 * first + 1]
+            w, b = nw[first : 2 * first + 1], nb[first : 2 * first + 1]
             z = torch.linalg.vecdot(w.index_select(0, r), x)
             r = r * 2 + (z >= -b.index_select(0, r))
         return r
@@ -339,16 +347,23 @@ class FFF(nn.Module):
             return x.new_zeros(0, self.output_width)
         if self._kernel_ok(x):  # first: at batch 1 the kernel call is mostly this Python
             act = self._modules.get("activation") or self.activation
-            y, _ = _cpu_kernel.hard_forward(x.contiguous(), *self._kernel_weights(), self.depth,
-                                            self._kernel_activation(act), activation=act, need_leaves=False)
+            y, _ = _cpu_kernel.hard_forward(
+                x.contiguous(),
+                *self._kernel_weights(),
+                self.depth,
+                self._kernel_activation(act),
+                activation=act,
+                need_leaves=False,
+            )
             assert y is not None  # only route_only leaves y out
             return y
         impl = self.hard_impl_used(x)
         if impl == "triton":
             from topotorch.layers import _triton_kernel  # imports triton: only when a GPU path runs
 
-            return _triton_kernel.hard_forward(x, *self._kernel_weights(), self.depth, self._kernel_activation(),
-                                               activation=self.activation)[0]
+            return _triton_kernel.hard_forward(
+                x, *self._kernel_weights(), self.depth, self._kernel_activation(), activation=self.activation
+            )[0]
         if impl == "batch1":
             j = self._route_one(x[0])
             a = self.activation(torch.addmm(self.b1s[j], x, self.w1s[j]))
@@ -391,12 +406,19 @@ class FFF(nn.Module):
         if nw is None:
             nw = self.node_weights
         dt = x.dtype
-        usable = ((dt is torch.float32 or dt is torch.float64) and x.is_cpu and nw.is_cpu and nw.dtype is dt
-                  and self.leaf_width <= _cpu_kernel.MAX_LEAF_WIDTH)
+        usable = (
+            (dt is torch.float32 or dt is torch.float64)
+            and x.is_cpu
+            and nw.is_cpu
+            and nw.dtype is dt
+            and self.leaf_width <= _cpu_kernel.MAX_LEAF_WIDTH
+        )
         if self.hard_impl == "kernel":
             if not usable:
-                raise ValueError("hard_impl='kernel' needs float32/float64 CPU inputs and weights of the same dtype "
-                                 f"and leaf_width <= {_cpu_kernel.MAX_LEAF_WIDTH}")
+                raise ValueError(
+                    "hard_impl='kernel' needs float32/float64 CPU inputs and weights of the same dtype "
+                    f"and leaf_width <= {_cpu_kernel.MAX_LEAF_WIDTH}"
+                )
             if _cpu_kernel.kernel() is None:
                 raise RuntimeError(f"FFF CPU kernel unavailable: {_cpu_kernel.kernel_error() or 'disabled'}")
             return True
@@ -423,9 +445,11 @@ class FFF(nn.Module):
             return False
         if self.hard_impl == "triton":
             if not _triton_kernel.available(x.device):
-                raise RuntimeError("hard_impl='triton' needs the triton package and a CUDA input "
-                                   f"(or TRITON_INTERPRET=1); got a {x.device.type} input, "
-                                   f"triton {'present' if _triton_kernel.triton is not None else 'missing'}")
+                raise RuntimeError(
+                    "hard_impl='triton' needs the triton package and a CUDA input "
+                    f"(or TRITON_INTERPRET=1); got a {x.device.type} input, "
+                    f"triton {'present' if _triton_kernel.triton is not None else 'missing'}"
+                )
             return True
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
@@ -492,9 +516,19 @@ class FFF(nn.Module):
 
         Usage: ``FFF.from_peer(fastfeedforward.FFF(64, 8, 10, 4))``.
         """
-        layer = cls(peer.input_width, peer.leaf_width, peer.output_width, int(peer.depth), activation=peer.activation,
-                    dropout=peer.dropout, region_leak=peer.region_leak, train_hardened=peer.train_hardened,
-                    device=peer.w1s.device, dtype=peer.w1s.dtype, **kwargs)
+        layer = cls(
+            peer.input_width,
+            peer.leaf_width,
+            peer.output_width,
+            int(peer.depth),
+            activation=peer.activation,
+            dropout=peer.dropout,
+            region_leak=peer.region_leak,
+            train_hardened=peer.train_hardened,
+            device=peer.w1s.device,
+            dtype=peer.w1s.dtype,
+            **kwargs,
+        )
         with torch.no_grad():
             layer.node_weights.copy_(peer.node_weights)
             layer.node_biases.copy_(peer.node_biases.view(-1))
@@ -514,16 +548,30 @@ class UltraFFF(nn.Module):
     computes only the path neurons. Usage: ``UltraFFF(768, 768, depth=11, n_trees=1)``.
     """
 
-    def __init__(self, input_width: int, output_width: int, depth: int, n_trees: int = 1,
-                 activation: str | nn.Module = "gelu", bias: bool = False, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        input_width: int,
+        output_width: int,
+        depth: int,
+        n_trees: int = 1,
+        activation: str | nn.Module = "gelu",
+        bias: bool = False,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         for name, v in (("input_width", input_width), ("output_width", output_width), ("n_trees", n_trees)):
             if int(v) != v or v < 1:
                 raise ValueError(f"UltraFFF {name} must be a positive integer, got {v!r}")
         if int(depth) != depth or depth < 0 or depth > 24:
             raise ValueError(f"UltraFFF depth must be an integer in 0..24, got {depth!r}")
-        self.input_width, self.output_width, self.depth, self.n_trees = int(input_width), int(output_width), int(depth), int(n_trees)
+        self.input_width, self.output_width, self.depth, self.n_trees = (
+            int(input_width),
+            int(output_width),
+            int(depth),
+            int(n_trees),
+        )
         self.n_nodes = 2 ** (self.depth + 1) - 1
         self.activation = _make_activation(activation)
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
@@ -545,14 +593,18 @@ class UltraFFF(nn.Module):
         return self.n_trees * ((self.depth + 1) if hard else self.n_nodes) * per
 
     def extra_repr(self) -> str:
-        return (f"input_width={self.input_width}, output_width={self.output_width}, depth={self.depth}, "
-                f"n_trees={self.n_trees}, bias={self.b_in is not None}")
+        return (
+            f"input_width={self.input_width}, output_width={self.output_width}, depth={self.depth}, "
+            f"n_trees={self.n_trees}, bias={self.b_in is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Masked dense (train) or path-only (eval) forward of (..., in) -> (..., out). Usage: ``y = layer(x)``."""
         if x.ndim == 0 or x.shape[-1] != self.input_width:
-            raise ValueError(f"UltraFFF expects inputs of shape (..., {self.input_width}) "
-                             f"(input_width={self.input_width}), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"UltraFFF expects inputs of shape (..., {self.input_width}) "
+                f"(input_width={self.input_width}), got shape {tuple(x.shape)}"
+            )
         x2 = x.reshape(-1, self.input_width)
         y = self.dense_forward(x2) if self.training else self.hard_forward(x2)
         return y.reshape(*x.shape[:-1], self.output_width)
@@ -617,8 +669,9 @@ class UltraFFF(nn.Module):
             y = (self.activation(z) @ rows).unsqueeze(0)
             return y + self.b_out if self.b_out is not None else y
         idx, z = self._walk(x)
-        y = F.embedding_bag(idx.view(B, -1), self.w_out.view(K * n, -1), mode="sum",
-                            per_sample_weights=self.activation(z).view(B, -1))
+        y = F.embedding_bag(
+            idx.view(B, -1), self.w_out.view(K * n, -1), mode="sum", per_sample_weights=self.activation(z).view(B, -1)
+        )
         return y + self.b_out if self.b_out is not None else y
 
 
@@ -634,8 +687,9 @@ def hardening_loss(model: nn.Module, h: float = 3.0) -> torch.Tensor:
     pass ``schedule_value(parse_schedule("0:0,1000:3"), step)`` from :mod:`topotorch.training`.
     Usage: ``loss = ce + hardening_loss(model, h=3.0)``.
     """
-    terms = [m.last_entropies.sum() for _, m in fff_layers(model)
-             if isinstance(m, FFF) and m.last_entropies is not None]
+    terms = [
+        m.last_entropies.sum() for _, m in fff_layers(model) if isinstance(m, FFF) and m.last_entropies is not None
+    ]
     if not terms:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)

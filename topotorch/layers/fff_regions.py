@@ -1,9 +1,9 @@
 """The input-space partition of an FFF: which inputs go to which leaf.
 
-    >>> usage = leaf_usage(layer, x)                     # counts, fractions, effective number of leaves
-    >>> table = class_leaf_table(layer, x, y)            # (leaves, classes) counts
-    >>> print(format_class_leaf_table(table))            # markdown: leaf, n, majority class, purity
-    >>> draw_regions(layer, x, y, path="regions.png")    # 2-D inputs: which leaf owns which region
+    >>> usage = leaf_usage(layer, x)  # counts, fractions, effective number of leaves
+    >>> table = class_leaf_table(layer, x, y)  # (leaves, classes) counts
+    >>> print(format_class_leaf_table(table))  # markdown: leaf, n, majority class, purity
+    >>> draw_regions(layer, x, y, path="regions.png")  # 2-D inputs: which leaf owns which region
 
 For an FFF deeper inside a model, :func:`layer_inputs` captures what reaches it.
 """
@@ -26,11 +26,11 @@ __all__ = ["LeafUsage", "leaf_usage", "class_leaf_table", "format_class_leaf_tab
 class LeafUsage:
     """How samples spread over the leaves (hard routing)."""
 
-    counts: torch.Tensor          # (n_leaves,) samples per leaf
+    counts: torch.Tensor  # (n_leaves,) samples per leaf
     n_samples: int
-    n_used: int                   # leaves with at least one sample
-    entropy_bits: float           # entropy of the leaf distribution
-    max_fraction: float           # share of the busiest leaf
+    n_used: int  # leaves with at least one sample
+    entropy_bits: float  # entropy of the leaf distribution
+    max_fraction: float  # share of the busiest leaf
 
     @property
     def n_leaves(self) -> int:
@@ -46,9 +46,14 @@ class LeafUsage:
         return 2.0**self.entropy_bits
 
     def as_dict(self) -> dict:
-        return {"n_samples": self.n_samples, "n_leaves": self.n_leaves, "n_used": self.n_used,
-                "entropy_bits": self.entropy_bits, "effective_leaves": self.effective_leaves,
-                "max_fraction": self.max_fraction}
+        return {
+            "n_samples": self.n_samples,
+            "n_leaves": self.n_leaves,
+            "n_used": self.n_used,
+            "entropy_bits": self.entropy_bits,
+            "effective_leaves": self.effective_leaves,
+            "max_fraction": self.max_fraction,
+        }
 
 
 @torch.no_grad()
@@ -60,8 +65,13 @@ def leaf_usage(layer: FFF, x: torch.Tensor) -> LeafUsage:
     frac = counts.double() / max(1, n)
     nz = frac[frac > 0]
     entropy = float(-(nz * nz.log2()).sum()) if n else 0.0
-    return LeafUsage(counts=counts, n_samples=n, n_used=int((counts > 0).sum()), entropy_bits=entropy,
-                     max_fraction=float(frac.max()) if n else 0.0)
+    return LeafUsage(
+        counts=counts,
+        n_samples=n,
+        n_used=int((counts > 0).sum()),
+        entropy_bits=entropy,
+        max_fraction=float(frac.max()) if n else 0.0,
+    )
 
 
 @torch.no_grad()
@@ -91,13 +101,15 @@ def format_class_leaf_table(table: torch.Tensor, class_names: list[str] | None =
     per_leaf = table.sum(1)
     order = [int(j) for j in torch.argsort(per_leaf, descending=True, stable=True) if per_leaf[j] > 0]
     shown = order[:top] if top else order
-    lines = ["| leaf | n | majority | purity | " + " | ".join(names) + " |",
-             "|---:|---:|---:|---:|" + "---:|" * c]
+    lines = ["| leaf | n | majority | purity | " + " | ".join(names) + " |", "|---:|---:|---:|---:|" + "---:|" * c]
     for j in shown:
         row = table[j]
         k = int(row.argmax())
-        lines.append(f"| {j} | {int(per_leaf[j])} | {names[k]} | {float(row[k]) / float(per_leaf[j]):.2f} | "
-                     + " | ".join(str(int(v)) if v else "·" for v in row) + " |")
+        lines.append(
+            f"| {j} | {int(per_leaf[j])} | {names[k]} | {float(row[k]) / float(per_leaf[j]):.2f} | "
+            + " | ".join(str(int(v)) if v else "·" for v in row)
+            + " |"
+        )
     total = int(per_leaf.sum())
     purity = float(table.max(1).values.sum()) / max(1, total)
     if top and len(order) > top:
@@ -125,8 +137,15 @@ def layer_inputs(model: nn.Module, layer_name: str, x: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def draw_regions(layer: FFF, x: torch.Tensor, y: torch.Tensor | None = None, path: str | Path | None = None,
-                 resolution: int = 300, margin: float = 0.5, title: str | None = None):
+def draw_regions(
+    layer: FFF,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    path: str | Path | None = None,
+    resolution: int = 300,
+    margin: float = 0.5,
+    title: str | None = None,
+):
     """Picture of the leaf regions of an FFF with 2-D inputs: each leaf's region in its own
     colour, the region boundaries, and the samples (marker per class). Returns the figure;
     saves it when ``path`` is given. Usage: ``draw_regions(layer, x, y, path="regions.png")``.
@@ -146,8 +165,17 @@ def draw_regions(layer: FFF, x: torch.Tensor, y: torch.Tensor | None = None, pat
     usage = leaf_usage(layer, x)
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
     cmap = plt.get_cmap("tab20" if layer.n_leaves <= 20 else "gist_ncar", max(layer.n_leaves, 2))
-    ax.imshow(leaves, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]), cmap=cmap, vmin=-0.5,
-              vmax=max(layer.n_leaves, 2) - 0.5, alpha=0.55, interpolation="nearest", aspect="auto")
+    ax.imshow(
+        leaves,
+        origin="lower",
+        extent=(lo[0], hi[0], lo[1], hi[1]),
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=max(layer.n_leaves, 2) - 0.5,
+        alpha=0.55,
+        interpolation="nearest",
+        aspect="auto",
+    )
     ax.contour(g0, g1, leaves, levels=np.arange(layer.n_leaves) + 0.5, colors="k", linewidths=0.6)
     for j in range(layer.n_leaves):  # label each visible region at its centre of mass
         mask = leaves == j
@@ -158,15 +186,26 @@ def draw_regions(layer: FFF, x: torch.Tensor, y: torch.Tensor | None = None, pat
         markers = "o^sDv<>p*h"
         for k in np.unique(ys):
             sel = ys == k
-            ax.scatter(xs[sel, 0], xs[sel, 1], s=12, marker=markers[int(k) % len(markers)], c="white",
-                       edgecolors="k", linewidths=0.6, label=f"class {int(k)}")
+            ax.scatter(
+                xs[sel, 0],
+                xs[sel, 1],
+                s=12,
+                marker=markers[int(k) % len(markers)],
+                c="white",
+                edgecolors="k",
+                linewidths=0.6,
+                label=f"class {int(k)}",
+            )
         ax.legend(loc="upper right", fontsize=8)
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(lo[1], hi[1])
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
-    ax.set_title(title or f"FFF depth {layer.depth}: {usage.n_used} of {layer.n_leaves} leaves used "
-                          f"(effective {usage.effective_leaves:.1f})")
+    ax.set_title(
+        title
+        or f"FFF depth {layer.depth}: {usage.n_used} of {layer.n_leaves} leaves used "
+        f"(effective {usage.effective_leaves:.1f})"
+    )
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

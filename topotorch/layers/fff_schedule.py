@@ -8,9 +8,9 @@ the leaves fit the routing they are deployed with.
 
     >>> schedule = SoftToHard(model, total_steps=6300, hard_frac=0.5)
     >>> for step in range(6300):
-    ...     schedule.step(step)          # sets sharpness / train_hardened on every FFF layer
-    ...     ...                          # forward, loss, backward, optimiser step
-    >>> schedule.finish()                # back to plain soft training mode; eval() is hard anyway
+    ...     schedule.step(step)  # sets sharpness / train_hardened on every FFF layer
+    ...     ...  # forward, loss, backward, optimiser step
+    >>> schedule.finish()  # back to plain soft training mode; eval() is hard anyway
 """
 
 from __future__ import annotations
@@ -42,7 +42,11 @@ class SoftToHard:
         self.layers = [m for _, m in fff_layers(model) if isinstance(m, FFF)]
         if not self.layers:
             raise ValueError("SoftToHard: the model has no FFF layer")
-        self.total_steps, self.hard_frac, self.final_sharpness = int(total_steps), float(hard_frac), float(final_sharpness)
+        self.total_steps, self.hard_frac, self.final_sharpness = (
+            int(total_steps),
+            float(hard_frac),
+            float(final_sharpness),
+        )
         self.soft_steps = round(self.total_steps * (1.0 - self.hard_frac))
 
     def phase(self, step: int) -> str:

@@ -17,7 +17,7 @@ current weights, so sharing a trained or freshly initialised layer does not chan
 
     >>> layer = share_leaves(FFF(40, leaf_width=8, output_width=10, depth=4))
     >>> ...train as usual (the optimiser sees the offsets)...
-    >>> merge_shared_leaves(layer)           # a plain FFF again, for fast hard inference
+    >>> merge_shared_leaves(layer)  # a plain FFF again, for fast hard inference
 
 Measured on MNIST-1D (``benchmarks/fff_accuracy.py --share-leaves``; README FFF section).
 Built on ``torch.nn.utils.parametrize``; the sum is one broadcast add per tree level.
@@ -54,19 +54,21 @@ class PathSum(nn.Module):
     def forward(self, offsets: torch.Tensor) -> torch.Tensor:
         L = self.n_leaves
         if offsets.shape[0] != 2 * L - 1:
-            raise ValueError(f"PathSum(depth={self.depth}) expects {2 * L - 1} offsets, got shape {tuple(offsets.shape)}")
+            raise ValueError(
+                f"PathSum(depth={self.depth}) expects {2 * L - 1} offsets, got shape {tuple(offsets.shape)}"
+            )
         rest = offsets.shape[1:]
-        total = offsets[L - 1:]
+        total = offsets[L - 1 :]
         for level in range(self.depth):  # d broadcast adds: each level's offsets cover 2^(d-level) leaves
             lo = 2**level - 1
-            here = offsets[lo:2 * lo + 1]
+            here = offsets[lo : 2 * lo + 1]
             total = total + here.unsqueeze(1).expand(here.shape[0], L // here.shape[0], *rest).reshape(L, *rest)
         return total
 
     def right_inverse(self, leaf_weights: torch.Tensor) -> torch.Tensor:
         """Offsets that reproduce ``leaf_weights`` exactly: the leaves hold them, the rest is zero."""
         offsets = leaf_weights.new_zeros(2 * self.n_leaves - 1, *leaf_weights.shape[1:])
-        offsets[self.n_leaves - 1:] = leaf_weights
+        offsets[self.n_leaves - 1 :] = leaf_weights
         return offsets
 
 

@@ -4,5 +4,14 @@ from topotorch.objectives.group import group_spaces, neuron_group_norm, neuron_g
 from topotorch.objectives.topoloss import TauSchedule, TopoLoss
 from topotorch.objectives.wiring import WiringConfig, add_wiring_grad_, connection_costs, wiring_cost
 
-__all__ = ["TauSchedule", "TopoLoss", "WiringConfig", "add_wiring_grad_", "connection_costs", "group_spaces",
-           "neuron_group_norm", "neuron_group_sq", "wiring_cost"]
+__all__ = [
+    "TauSchedule",
+    "TopoLoss",
+    "WiringConfig",
+    "add_wiring_grad_",
+    "connection_costs",
+    "group_spaces",
+    "neuron_group_norm",
+    "neuron_group_sq",
+    "wiring_cost",
+]

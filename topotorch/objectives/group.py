@@ -32,15 +32,21 @@ from topotorch.graph.core import normalised_by_feature_norm
 def group_spaces(graph: SpatialGraph) -> list[str]:
     """Names of the spaces :func:`neuron_group_norm` penalises by default (see the module docstring)."""
 
-    return [s.name for s in graph.spaces
-            if s.role == "hidden" and s.relocate == "weights" and not normalised_by_feature_norm(graph.model, s)
-            and any(c.source == s.name for c in graph.connections)]
+    return [
+        s.name
+        for s in graph.spaces
+        if s.role == "hidden"
+        and s.relocate == "weights"
+        and not normalised_by_feature_norm(graph.model, s)
+        and any(c.source == s.name for c in graph.connections)
+    ]
 
 
 def _plan(graph: SpatialGraph, spaces: tuple[str, ...] | None) -> tuple[list, int]:
     """Per connection read by a chosen space: (weight name, source dim, flat owned indices, owner row
     in the concatenated neuron vector, K). Cached on the graph (slices never change; relocation
     permutes weights, not indices)."""
+
     def build() -> tuple[list, int]:
         names = list(spaces) if spaces is not None else group_spaces(graph)
         offset, items = 0, []

@@ -15,7 +15,7 @@ batched matmul chain: B = U_h · D_h · S · D_wᵀ · U_wᵀ — no per-layer P
 
     >>> loss = TopoLoss(model, "*.mlp.0", factor=4.0, tau=1.0)
     >>> (task_loss + loss()).backward()
-    >>> loss.layerwise()        # {"blocks.0.mlp.0": tensor(0.93), ...}, unscaled
+    >>> loss.layerwise()  # {"blocks.0.mlp.0": tensor(0.93), ...}, unscaled
 """
 
 from __future__ import annotations
@@ -62,14 +62,16 @@ def _pair(factor: float | Sequence[float]) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=256)
-def _axis_operators(h: int, w: int, fh: float, fw: float, mode: str,
-                    size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_operators(
+    h: int, w: int, fh: float, fw: float, mode: str, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 (D_h, U_h, D_w, U_w) with up(down(X)) = U_h D_h X D_wᵀ U_wᵀ for an (h, w) image X.
 
     Read off by pushing one-hot images through ``F.interpolate`` (with the other axis constant, which
     every mode keeps constant), so the matrices reproduce its index and weight arithmetic exactly.
     ``size`` replaces the scale factors for the down step (compression to a chosen grid).
     """
+
     def down(x):
         if size is not None:
             return F.interpolate(x, size=size, mode=mode)
@@ -80,8 +82,8 @@ def _axis_operators(h: int, w: int, fh: float, fw: float, mode: str,
 
     eye_h = torch.eye(h, dtype=torch.float64)[:, :, None].expand(h, h, w).unsqueeze(0)  # channel a: row a lit
     eye_w = torch.eye(w, dtype=torch.float64)[:, None, :].expand(w, h, w).unsqueeze(0)  # channel b: column b lit
-    dh = down(eye_h)[0, :, :, 0].T.contiguous()   # (h', h)
-    dw = down(eye_w)[0, :, 0, :].T.contiguous()   # (w', w)
+    dh = down(eye_h)[0, :, :, 0].T.contiguous()  # (h', h)
+    dw = down(eye_w)[0, :, 0, :].T.contiguous()  # (w', w)
     hp, wp = dh.shape[0], dw.shape[0]
     if hp < 1 or wp < 1:
         raise ValueError(f"blur factor ({fh}, {fw}) does not fit a {h}x{w} sheet (downsampled to {hp}x{wp})")
@@ -90,9 +92,15 @@ def _axis_operators(h: int, w: int, fh: float, fw: float, mode: str,
     return dh, uh, dw, uw
 
 
-def axis_operators(h: int, w: int, factor: float | Sequence[float] = 4.0, mode: Mode = "bilinear",
-                   size: tuple[int, int] | None = None, dtype: torch.dtype = torch.float64,
-                   device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+def axis_operators(
+    h: int,
+    w: int,
+    factor: float | Sequence[float] = 4.0,
+    mode: Mode = "bilinear",
+    size: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, ...]:
     """The separable down/up matrices (D_h, U_h, D_w, U_w) of one sheet shape.
 
     ``down(S) = D_h S D_wᵀ`` (h'×w'), ``up(T) = U_h T U_wᵀ`` (h×w), matching ``F.interpolate``.
@@ -117,11 +125,11 @@ def blur(sheets: torch.Tensor, factor: float | Sequence[float] = 4.0, mode: Mode
 def _blur(s: torch.Tensor, dh, uh, dw, uw) -> torch.Tensor:
     *lead, h, w, e = s.shape
     x = s.reshape(-1, h, w * e)
-    x = torch.matmul(dh, x)                                   # (L, h', w*E)
+    x = torch.matmul(dh, x)  # (L, h', w*E)
     hp = x.shape[1]
-    x = torch.matmul(dw, x.reshape(-1, w, e))                 # (L*h', w', E)
-    x = torch.matmul(uw, x)                                   # (L*h', w, E)
-    x = torch.matmul(uh, x.reshape(-1, hp, w * e))            # (L, h, w*E)
+    x = torch.matmul(dw, x.reshape(-1, w, e))  # (L*h', w', E)
+    x = torch.matmul(uw, x)  # (L*h', w, E)
+    x = torch.matmul(uh, x.reshape(-1, hp, w * e))  # (L, h, w*E)
     return x.reshape(*lead, h, w, e)
 
 
@@ -168,8 +176,17 @@ def _span(m: torch.Tensor) -> list[tuple[int, int]]:
 class _Plan:
     """The operators of one (h, w, E) sheet shape, its bands, and the non-zero spans each band touches."""
 
-    def __init__(self, h: int, w: int, e: int, factor: tuple[float, float], mode: str, dtype: torch.dtype,
-                 device: torch.device, itemsize: int = 4):
+    def __init__(
+        self,
+        h: int,
+        w: int,
+        e: int,
+        factor: tuple[float, float],
+        mode: str,
+        dtype: torch.dtype,
+        device: torch.device,
+        itemsize: int = 4,
+    ):
         d64 = _axis_operators(h, w, factor[0], factor[1], mode, None)
         dh, uh, dw, uw = (o.to(dtype=dtype, device=device) for o in d64)
         self.h, self.w, self.e = h, w, e
@@ -184,8 +201,19 @@ class _Plan:
             r1 = min(h, r0 + rows)
             p0, p1 = min(s[0] for s in up_span[r0:r1]), max(s[1] for s in up_span[r0:r1])
             q0, q1 = min(s[0] for s in down_span[r0:r1]), max(s[1] for s in down_span[r0:r1])
-            self.bands.append((r0, r1, uh[r0:r1, p0:p1].contiguous(), p0, p1,
-                               uh[r0:r1, p0:p1].T.contiguous(), dh[q0:q1, r0:r1].T.contiguous(), q0, q1))
+            self.bands.append(
+                (
+                    r0,
+                    r1,
+                    uh[r0:r1, p0:p1].contiguous(),
+                    p0,
+                    p1,
+                    uh[r0:r1, p0:p1].T.contiguous(),
+                    dh[q0:q1, r0:r1].T.contiguous(),
+                    q0,
+                    q1,
+                )
+            )
 
 
 @functools.lru_cache(maxsize=64)
@@ -204,15 +232,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
     return torch.matmul(a, b, out=out) if out is not None else torch.matmul(a, b)
 
 
-def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.Tensor | None,
-           eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fused(
+    s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.Tensor | None, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(L,) losses of a stack of sheets ``s`` (L, h, w, E) and, if ``coef`` (L,) is given, d(Σ coef·L)/ds."""
     n_l, h, w, e = s.shape
     cd = _compute_dtype(s.dtype)
     p = _plan(h, w, e, factor, mode, cd, s.device)
     n, we = h * w, w * e
     one = n_l == 1
-    s3 = s.reshape(h, we) if one else s.reshape(n_l, h, we)   # one sheet: 2-D, so every product is a plain mm
+    s3 = s.reshape(h, we) if one else s.reshape(n_l, h, we)  # one sheet: 2-D, so every product is a plain mm
     native = s.dtype == cd
     row = (lambda a, b: s3[a:b]) if one else (lambda a, b: s3[:, a:b])
     # T = D_h S, reading only the rows the down step samples (a few taps per output row)
@@ -220,18 +249,18 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
         x = torch.empty(p.hp, we, dtype=cd, device=s.device)
         for q, (j0, j1) in enumerate(p.down_rows):
             src = s3[j0:j1] if native else s3[j0:j1].to(cd)
-            torch.mm(p.dh[q:q + 1, j0:j1], src, out=x[q:q + 1])
+            torch.mm(p.dh[q : q + 1, j0:j1], src, out=x[q : q + 1])
     else:
-        x = torch.matmul(p.dh, s3 if native else s3.to(cd))                     # (L, h', w*E)
+        x = torch.matmul(p.dh, s3 if native else s3.to(cd))  # (L, h', w*E)
     hp = p.hp
-    t2 = torch.matmul(p.uw, torch.matmul(p.dw, x.view(n_l * hp, w, e)))       # (L*h', w, E): both w-steps, small
+    t2 = torch.matmul(p.uw, torch.matmul(p.dw, x.view(n_l * hp, w, e)))  # (L*h', w, E): both w-steps, small
     t2 = t2.view(hp, we) if one else t2.view(n_l, hp, we)
     dot = torch.empty(n_l, n, dtype=cd, device=s.device)
     ss, bb = torch.empty_like(dot), torch.empty_like(dot)
 
     def band(r0, r1, uhb, p0, p1):
         sb = row(r0, r1) if native else row(r0, r1).to(cd)
-        bb_ = _mm(uhb, t2[p0:p1] if one else t2[:, p0:p1])                      # B rows r0..r1
+        bb_ = _mm(uhb, t2[p0:p1] if one else t2[:, p0:p1])  # B rows r0..r1
         return sb.reshape(n_l, -1, e), bb_.view(n_l, -1, e)
 
     g1: torch.Tensor | None = None  # with coef: the gradient's accumulator and its per-layer scale
@@ -249,15 +278,15 @@ def _fused(s: torch.Tensor, factor: tuple[float, float], mode: str, coef: torch.
         torch.linalg.vecdot(bbd, bbd, out=b_)
         if g is not None and g1 is not None:
             ns, nb = s_.sqrt().clamp_min_(eps), b_.sqrt().clamp_min_(eps)
-            inv = g / (ns * nb)                                    # g/(|S||B|)
-            cg = d_ * inv                                          # g·cos
-            gb = torch.mul(bbd, (-cg / (nb * nb)).unsqueeze(-1)).addcmul_(sb, inv.unsqueeze(-1))   # G_B
+            inv = g / (ns * nb)  # g/(|S||B|)
+            cg = d_ * inv  # g·cos
+            gb = torch.mul(bbd, (-cg / (nb * nb)).unsqueeze(-1)).addcmul_(sb, inv.unsqueeze(-1))  # G_B
             gbv = gb.view(r1 - r0, we) if one else gb.view(n_l, r1 - r0, we)
             if one:
                 g1[p0:p1].addmm_(uhbT, gbv)
             else:
                 g1[:, p0:p1] += torch.matmul(uhbT, gbv)
-            coefs.append((inv.unsqueeze(-1), (-cg / (ns * ns)).unsqueeze(-1)))   # direct: inv·B + delta·S
+            coefs.append((inv.unsqueeze(-1), (-cg / (ns * ns)).unsqueeze(-1)))  # direct: inv·B + delta·S
     cos = dot / (ss.sqrt().clamp_min(eps) * bb.sqrt().clamp_min(eps))
     vals = 1 - cos.mean(-1)
     if g1 is None:
@@ -300,8 +329,11 @@ def _kernel_flags() -> list[list[str]]:
     base = ["-O3", "-fPIC", "-shared", "-fno-math-errno"]
     import platform as _pf
 
-    gomp = (sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info()
-            and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists())
+    gomp = (
+        sys.platform.startswith("linux")
+        and "OpenMP" in torch.__config__.parallel_info()
+        and (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists()
+    )
     omp = ["-fopenmp"] if gomp else ["-fopenmp-simd"]
     tuned = ["-march=native"] if _pf.machine() in ("x86_64", "AMD64", "aarch64", "arm64") else []
     return [base + tuned + omp, base + omp, base + tuned, base]
@@ -333,8 +365,12 @@ def _topo_kernel() -> ctypes.CDLL | None:
                 cache.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=cache) as tmp:
                     tmp_so = Path(tmp) / "topoloss.so"
-                    r = subprocess.run([cc, *flags, str(KERNEL_FILE), "-o", str(tmp_so), "-lm"], capture_output=True,
-                                       text=True, timeout=120)
+                    r = subprocess.run(
+                        [cc, *flags, str(KERNEL_FILE), "-o", str(tmp_so), "-lm"],
+                        capture_output=True,
+                        text=True,
+                        timeout=120,
+                    )
                     if r.returncode == 0:
                         os.replace(tmp_so, cand)
                         so = cand
@@ -363,7 +399,11 @@ class _KPlan:
 
         def spans(m):
             s = _span(m)
-            return (torch.tensor([a for a, _ in s], dtype=torch.int32), torch.tensor([b for _, b in s], dtype=torch.int32))
+            return (
+                torch.tensor([a for a, _ in s], dtype=torch.int32),
+                torch.tensor([b for _, b in s], dtype=torch.int32),
+            )
+
         self.keep = []
         for m in (dh, dw, uh, uw):
             self.keep += [m.float().contiguous(), *spans(m)]
@@ -380,8 +420,9 @@ def _kernel_ok(f: torch.Tensor) -> bool:
     return f.device.type == "cpu" and f.dtype in (torch.float32, torch.bfloat16) and _topo_kernel() is not None
 
 
-def _kernel_sheet(f: torch.Tensor, factor: tuple[float, float], mode: str, coef: float | None,
-                  eps: float = 1e-8) -> tuple[float, torch.Tensor | None]:
+def _kernel_sheet(
+    f: torch.Tensor, factor: tuple[float, float], mode: str, coef: float | None, eps: float = 1e-8
+) -> tuple[float, torch.Tensor | None]:
     """(loss, d(coef·loss)/df or None) of one (h, w, E) CPU float32/bfloat16 sheet with the kernel."""
     lib = _topo_kernel()
     if lib is None:
@@ -391,13 +432,24 @@ def _kernel_sheet(f: torch.Tensor, factor: tuple[float, float], mode: str, coef:
     kp = _kplan(h, w, factor, mode)
     grad = torch.empty_like(f) if coef is not None else None
     out = ctypes.c_double()
-    rc = lib.topo_sheet(f.data_ptr(), int(f.dtype == torch.bfloat16), h, w, e, kp.hp, kp.wp, *kp.ptrs,
-                        float(coef or 0.0), eps, None if grad is None else grad.data_ptr(), ctypes.byref(out),
-                        torch.get_num_threads())
+    rc = lib.topo_sheet(
+        f.data_ptr(),
+        int(f.dtype == torch.bfloat16),
+        h,
+        w,
+        e,
+        kp.hp,
+        kp.wp,
+        *kp.ptrs,
+        float(coef or 0.0),
+        eps,
+        None if grad is None else grad.data_ptr(),
+        ctypes.byref(out),
+        torch.get_num_threads(),
+    )
     if rc != 0:
         raise MemoryError("TopoLoss kernel: out of memory")
     return out.value, grad
-
 
 
 class _TopoFn(torch.autograd.Function):
@@ -427,7 +479,7 @@ class _TopoFn(torch.autograd.Function):
                     grads[i] = None if g is None else g[j]
             else:
                 for i in idx:
-                    v, g = _fused(feats[i].unsqueeze(0), factor, mode, base_t[i:i + 1] if want else None)
+                    v, g = _fused(feats[i].unsqueeze(0), factor, mode, base_t[i : i + 1] if want else None)
                     vals[i] = v[0].to(vals.dtype)
                     grads[i] = None if g is None else g[0]
         ctx.grads, ctx.base, ctx.coef, ctx.plan = grads, base, coef, plan
@@ -449,7 +501,9 @@ class _TopoFn(torch.autograd.Function):
             grads = [None] * len(feats)
             for i, f in enumerate(feats):
                 if ctx.needs_input_grad[2 + i]:
-                    grads[i] = _fused(f.unsqueeze(0), factor, mode, f.new_tensor([base[i]], dtype=_compute_dtype(f.dtype)))[1][0]
+                    grads[i] = _fused(
+                        f.unsqueeze(0), factor, mode, f.new_tensor([base[i]], dtype=_compute_dtype(f.dtype))
+                    )[1][0]
         ctx.grads = None  # handed over: autograd may keep them as .grad without a copy
         out = []
         for i, g in enumerate(grads):
@@ -511,10 +565,18 @@ class TopoLoss(nn.Module):
     Usage: ``TopoLoss(gpt, "*.mlp.0", factor=4, tau=1.0)()``.
     """
 
-    def __init__(self, model: nn.Module, layers: str | Sequence[CorticalSheet] = "*", factor: float | Sequence[float] = 4.0,
-                 mode: Mode = "bilinear", tau: float | dict[str, float] | TauSchedule = 1.0,
-                 reduction: Literal["mean", "sum"] = "mean", shape: tuple[int, int] | str | None = None,
-                 side: Side = "output", bias: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: str | Sequence[CorticalSheet] = "*",
+        factor: float | Sequence[float] = 4.0,
+        mode: Mode = "bilinear",
+        tau: float | dict[str, float] | TauSchedule = 1.0,
+        reduction: Literal["mean", "sum"] = "mean",
+        shape: tuple[int, int] | str | None = None,
+        side: Side = "output",
+        bias: bool = False,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown interpolation {mode!r}; use one of {', '.join(MODES)}")

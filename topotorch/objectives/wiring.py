@@ -78,11 +78,15 @@ def cost_weights(graph: SpatialGraph, conn: Connection, cfg: WiringConfig, like:
 # weight-sized factor tensor: the factors (wf·d + l0) are rebuilt from the neurons' coordinates in
 # row chunks each time, so the penalty's memory stays a few MB instead of a second copy of the model.
 CACHE_ENTRIES = 1 << 22
-_CHUNK = 1 << 17  # entries per streamed chunk (512 KB in float32: in the L2 cache; fewer chunks, less Python: measured fastest)
+_CHUNK = (
+    1 << 17
+)  # entries per streamed chunk (512 KB in float32: in the L2 cache; fewer chunks, less Python: measured fastest)
 
 
 def _streaming(graph: SpatialGraph) -> bool:
-    return graph.cached(("streaming",), lambda: sum(graph.tensor(c.weight).numel() for c in graph.connections) > CACHE_ENTRIES)
+    return graph.cached(
+        ("streaming",), lambda: sum(graph.tensor(c.weight).numel() for c in graph.connections) > CACHE_ENTRIES
+    )
 
 
 def _layout(graph: SpatialGraph, conn: Connection, w: torch.Tensor):
@@ -221,7 +225,7 @@ def _add_grad_streaming_(graph: SpatialGraph, cfg: WiringConfig, lam: float) -> 
             if signs is None or signs.shape != rows.shape:
                 signs = torch.empty_like(rows)
             torch.sign(rows, out=signs)  # one buffer for every chunk of this weight
-            grad_view[start:start + n].addcmul_(f, signs)
+            grad_view[start : start + n].addcmul_(f, signs)
             start += n
         if cfg.penalize_bias and conn.bias is not None and not cfg.excluded(conn.bias):
             b = graph.tensor(conn.bias)

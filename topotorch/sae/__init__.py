@@ -21,7 +21,29 @@ from topotorch.sae.metrics import cosine, evaluate_sae, explained_variance, fvu,
 from topotorch.sae.synthetic import SyntheticFeatures, mcc
 from topotorch.sae.train import SAETrainer, geometric_median, train_sae
 
-__all__ = ["ARCHITECTURES", "Architecture", "Codes", "JumpReLUFn", "SAEConfig", "SAEOutput", "SparseCoder", "StepFn",
-           "register_architecture", "pre_activations", "selected_encode", "sparse_decode", "topk_encode",
-           "cosine", "evaluate_sae", "explained_variance", "fvu", "l0", "relative_reconstruction_bias",
-           "SyntheticFeatures", "mcc", "SAETrainer", "geometric_median", "train_sae"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "Codes",
+    "JumpReLUFn",
+    "SAEConfig",
+    "SAEOutput",
+    "SparseCoder",
+    "StepFn",
+    "register_architecture",
+    "pre_activations",
+    "selected_encode",
+    "sparse_decode",
+    "topk_encode",
+    "cosine",
+    "evaluate_sae",
+    "explained_variance",
+    "fvu",
+    "l0",
+    "relative_reconstruction_bias",
+    "SyntheticFeatures",
+    "mcc",
+    "SAETrainer",
+    "geometric_median",
+    "train_sae",
+]

@@ -28,8 +28,9 @@ pairs for a transcoder, with ``d_in``/``d_out``):
   offsets), so a cache larger than RAM is fine, and shuffles rows across all shards with a seed.
 
     >>> acts = ModelActivations(model, batches, "gpt.blocks.1", batch_size=4096)
-    >>> write_cache(acts, "cache/blocks.1")                # resumable
-    >>> for x in CachedActivations("cache/blocks.1", batch_size=4096, seed=0): ...
+    >>> write_cache(acts, "cache/blocks.1")  # resumable
+    >>> for x in CachedActivations("cache/blocks.1", batch_size=4096, seed=0):
+    ...     ...
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class _StopForward(Exception):
 
 # -- hook points ---------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class HookPoint:
     """One place to read: a module (by its ``named_modules`` name) and which side of it."""
@@ -106,8 +108,9 @@ def find_hook_points(model: nn.Module, patterns: str | Sequence[str]) -> list[Ho
         hits = [n for n in names if fnmatch.fnmatchcase(n, base)]
         if not hits:
             close = difflib.get_close_matches(base, names, n=6, cutoff=0.3) or names[:6]
-            raise HookPointError(f"hook point {pattern!r} matches no module of {type(model).__name__}; "
-                                 f"close names: {', '.join(close)}")
+            raise HookPointError(
+                f"hook point {pattern!r} matches no module of {type(model).__name__}; close names: {', '.join(close)}"
+            )
         found += [HookPoint(n, side) for n in hits if HookPoint(n, side) not in found]
     return found
 
@@ -118,8 +121,10 @@ def transcoder_points(model: nn.Module, pattern: str) -> tuple[HookPoint, HookPo
     base, _ = _split_side(pattern)
     points = find_hook_points(model, base)
     if len(points) != 1:
-        raise HookPointError(f"a transcoder reads one module; {pattern!r} matches {len(points)}: "
-                             f"{', '.join(p.module_name for p in points[:6])}")
+        raise HookPointError(
+            f"a transcoder reads one module; {pattern!r} matches {len(points)}: "
+            f"{', '.join(p.module_name for p in points[:6])}"
+        )
     return HookPoint(points[0].module_name, "input"), points[0]
 
 
@@ -150,8 +155,9 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint],
-            stop_early: bool = True) -> dict[str, torch.Tensor]:
+def capture(
+    model: nn.Module, inputs: Any, points: Sequence[HookPoint], stop_early: bool = True
+) -> dict[str, torch.Tensor]:
     """One forward of ``model`` on ``inputs``; the activation at each hook point, by ``HookPoint.name``.
 
     A module called several times gives its first call. With ``stop_early`` the forward ends as
@@ -176,8 +182,11 @@ def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint],
         for p in points:
             m = modules[p.module_name]
             if p.side == "input":
-                handles.append(m.register_forward_pre_hook(
-                    lambda mod, args, kwargs, n=p.name: record(n, _input_tensor(args, kwargs)), with_kwargs=True))
+                handles.append(
+                    m.register_forward_pre_hook(
+                        lambda mod, args, kwargs, n=p.name: record(n, _input_tensor(args, kwargs)), with_kwargs=True
+                    )
+                )
             else:
                 handles.append(m.register_forward_hook(lambda mod, args, out, n=p.name: record(n, _first_tensor(out))))
         try:
@@ -189,12 +198,14 @@ def capture(model: nn.Module, inputs: Any, points: Sequence[HookPoint],
             h.remove()
     missing = wanted - got.keys()
     if missing:
-        raise HookPointError(f"hook point(s) {', '.join(sorted(missing))} never ran in the forward of "
-                             f"{type(model).__name__}")
+        raise HookPointError(
+            f"hook point(s) {', '.join(sorted(missing))} never ran in the forward of {type(model).__name__}"
+        )
     return got
 
 
 # -- flattening over positions ---------------------------------------------------------------------
+
 
 def _token_ids(inputs: Any) -> torch.Tensor | None:
     if isinstance(inputs, dict):
@@ -203,8 +214,9 @@ def _token_ids(inputs: Any) -> torch.Tensor | None:
     return t if isinstance(t, torch.Tensor) and not t.is_floating_point() else None
 
 
-def keep_mask(inputs: Any, shape: tuple[int, ...], skip_first: int = 0,
-              pad_id: int | None = None) -> torch.Tensor | None:
+def keep_mask(
+    inputs: Any, shape: tuple[int, ...], skip_first: int = 0, pad_id: int | None = None
+) -> torch.Tensor | None:
     """Which positions of a ``[B, T]`` batch to keep (None: all): not the first ``skip_first`` of each
     sequence, not padding (``attention_mask == 0`` in a dict batch, or token id ``pad_id``)."""
     masked = isinstance(inputs, dict) and "attention_mask" in inputs
@@ -230,8 +242,9 @@ def flatten_positions(act: torch.Tensor, keep: torch.Tensor | None = None, featu
     return act.reshape(-1, act.shape[-1])
 
 
-def _rebatch(chunks: Iterable[tuple[torch.Tensor, ...]], batch_size: int | None,
-             drop_last: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+def _rebatch(
+    chunks: Iterable[tuple[torch.Tensor, ...]], batch_size: int | None, drop_last: bool
+) -> Iterator[tuple[torch.Tensor, ...]]:
     """Re-cut a stream of row chunks (tuples of equally long tensors) into batches of ``batch_size`` rows."""
     if batch_size is None:
         yield from chunks
@@ -245,7 +258,7 @@ def _rebatch(chunks: Iterable[tuple[torch.Tensor, ...]], batch_size: int | None,
             cat = tuple(torch.cat(parts) for parts in zip(*buf))
             full = (n // batch_size) * batch_size
             for i in range(0, full, batch_size):
-                yield tuple(t[i:i + batch_size] for t in cat)
+                yield tuple(t[i : i + batch_size] for t in cat)
             buf, n = ([tuple(t[full:] for t in cat)], n - full) if n > full else ([], 0)
     if buf and n and not drop_last:
         yield tuple(torch.cat(parts) for parts in zip(*buf))
@@ -256,6 +269,7 @@ def _single(batch: tuple[torch.Tensor, ...]) -> Batch:
 
 
 # -- on the fly ----------------------------------------------------------------------------------
+
 
 class ModelActivations:
     """Activations of ``model`` at a hook point, computed batch by batch from ``batches`` of model inputs.
@@ -268,10 +282,22 @@ class ModelActivations:
     Usage: ``ModelActivations(model, [ids[i:i+32] for i in range(0, len(ids), 32)], "gpt.blocks.0", batch_size=2048)``.
     """
 
-    def __init__(self, model: nn.Module, batches: Iterable[Any], hook: str, *, out_hook: str | None = None,
-                 transcoder: bool = False, batch_size: int | None = None, skip_first: int = 0,
-                 pad_id: int | None = None, feature_dim: int = -1, dtype: torch.dtype | None = None,
-                 drop_last: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Iterable[Any],
+        hook: str,
+        *,
+        out_hook: str | None = None,
+        transcoder: bool = False,
+        batch_size: int | None = None,
+        skip_first: int = 0,
+        pad_id: int | None = None,
+        feature_dim: int = -1,
+        dtype: torch.dtype | None = None,
+        drop_last: bool = False,
+        device: torch.device | str | None = None,
+    ):
         self.model, self.batches = model, batches
         if transcoder:
             if out_hook is not None:
@@ -321,8 +347,10 @@ class ModelActivations:
             got = capture(self.model, inputs, self.points)
         acts = [got[p.name] for p in self.points]
         if len(acts) == 2 and acts[0].shape[:-1] != acts[1].shape[:-1] and self.feature_dim == -1:
-            raise ValueError(f"transcoder points {self.hook_names[0]} {tuple(acts[0].shape)} and {self.hook_names[1]} "
-                             f"{tuple(acts[1].shape)} have different positions")
+            raise ValueError(
+                f"transcoder points {self.hook_names[0]} {tuple(acts[0].shape)} and {self.hook_names[1]} "
+                f"{tuple(acts[1].shape)} have different positions"
+            )
         keep = keep_mask(inputs, tuple(acts[0].shape), self.skip_first, self.pad_id)
         out = tuple(flatten_positions(a, keep, self.feature_dim) for a in acts)
         if self.dtype is not None:
@@ -356,6 +384,7 @@ def _to(inputs: Any, device: torch.device | str) -> Any:
 
 
 # -- disk cache: write ---------------------------------------------------------------------------
+
 
 def _fingerprint(inputs_list: Sequence[Any]) -> str:
     """A hash of a shard's model inputs: a resumed cache checks it is fed the same batches."""
@@ -404,8 +433,14 @@ def _read_manifest(folder: Path) -> dict | None:
     return m
 
 
-def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_shard: int = 16,
-                max_rows: int | None = None, progress: Any = None) -> dict:
+def write_cache(
+    source: ModelActivations,
+    folder: str | Path,
+    *,
+    batches_per_shard: int = 16,
+    max_rows: int | None = None,
+    progress: Any = None,
+) -> dict:
     """Write ``source``'s activations to ``folder`` as shards of ``batches_per_shard`` model batches; resumable.
 
     Each finished shard is renamed into place and then recorded in ``manifest.json``; a rerun on
@@ -422,9 +457,11 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
     if manifest is None:
         manifest = {**header, "shards": [], "complete": False, "rows": 0}
     elif manifest.get("hooks") != source.hook_names or manifest.get("batches_per_shard") != batches_per_shard:
-        raise CacheError(f"{folder / MANIFEST} was written for hooks {manifest.get('hooks')} with "
-                         f"{manifest.get('batches_per_shard')} batches per shard; this call asks for "
-                         f"{source.hook_names} with {batches_per_shard}: use another folder")
+        raise CacheError(
+            f"{folder / MANIFEST} was written for hooks {manifest.get('hooks')} with "
+            f"{manifest.get('batches_per_shard')} batches per shard; this call asks for "
+            f"{source.hook_names} with {batches_per_shard}: use another folder"
+        )
     if manifest["complete"]:
         return manifest
     for tmp in folder.glob("*.tmp"):  # a shard being written when the last run died
@@ -438,10 +475,12 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
     def check_skipped() -> None:
         nonlocal checked
         while len(seen) >= (checked + 1) * batches_per_shard and checked < done:
-            chunk = seen[checked * batches_per_shard:(checked + 1) * batches_per_shard]
+            chunk = seen[checked * batches_per_shard : (checked + 1) * batches_per_shard]
             if _fingerprint(chunk) != manifest["shards"][checked]["inputs_sha1"]:
-                raise CacheError(f"resuming {folder}: the model inputs of shard {checked} differ from the ones it was "
-                                 "written from (the batches must come in the same order on every run)")
+                raise CacheError(
+                    f"resuming {folder}: the model inputs of shard {checked} differ from the ones it was "
+                    "written from (the batches must come in the same order on every run)"
+                )
             checked += 1
 
     def flush() -> None:
@@ -449,9 +488,15 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
         rows = tuple(torch.cat(parts) for parts in zip(*pending))
         name = f"shard-{i:05d}.safetensors"
         _write_shard(folder / name, rows)
-        manifest["shards"].append({"file": name, "rows": len(rows[0]), "inputs_sha1": _fingerprint(pending_inputs),
-                                   "d": [int(r.shape[1]) for r in rows],
-                                   "dtype": str(rows[0].dtype).removeprefix("torch.")})
+        manifest["shards"].append(
+            {
+                "file": name,
+                "rows": len(rows[0]),
+                "inputs_sha1": _fingerprint(pending_inputs),
+                "d": [int(r.shape[1]) for r in rows],
+                "dtype": str(rows[0].dtype).removeprefix("torch."),
+            }
+        )
         manifest["rows"] = int(sum(s["rows"] for s in manifest["shards"]))
         atomic_write_json(folder / MANIFEST, manifest)
         pending.clear()
@@ -478,8 +523,10 @@ def write_cache(source: ModelActivations, folder: str | Path, *, batches_per_sha
     else:
         check_skipped()
         if checked < done:
-            raise CacheError(f"resuming {folder}: the inputs ran out after {len(seen)} batches, before the "
-                             f"{done * batches_per_shard} the finished shards were written from")
+            raise CacheError(
+                f"resuming {folder}: the inputs ran out after {len(seen)} batches, before the "
+                f"{done * batches_per_shard} the finished shards were written from"
+            )
         if pending:
             flush()
     manifest["complete"] = True
@@ -540,16 +587,27 @@ class CachedActivations:
     Usage: ``for x in CachedActivations("cache/b1", batch_size=4096, seed=0): ...``.
     """
 
-    def __init__(self, folder: str | Path, batch_size: int = 4096, *, shuffle: bool = True, seed: int = 0,
-                 epochs: int = 1, drop_last: bool = False, allow_incomplete: bool = False,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        batch_size: int = 4096,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        epochs: int = 1,
+        drop_last: bool = False,
+        allow_incomplete: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         self.folder = Path(folder)
         manifest = _read_manifest(self.folder)
         if manifest is None:
             raise CacheError(f"{self.folder} is not an activation cache (no {MANIFEST})")
         if not manifest["complete"] and not allow_incomplete:
-            raise CacheError(f"{self.folder} is an unfinished cache ({len(manifest['shards'])} shards): rerun "
-                             "write_cache to finish it, or pass allow_incomplete=True")
+            raise CacheError(
+                f"{self.folder} is an unfinished cache ({len(manifest['shards'])} shards): rerun "
+                "write_cache to finish it, or pass allow_incomplete=True"
+            )
         if not manifest["shards"]:
             raise CacheError(f"{self.folder} holds no shards")
         self.manifest, self.hooks = manifest, manifest["hooks"]
@@ -557,7 +615,7 @@ class CachedActivations:
         self.drop_last, self.dtype = drop_last, dtype
         self.arrays: list[list[np.memmap]] = []
         self.torch_dtype: torch.dtype | None = None
-        keys = ("x", "y")[:len(self.hooks)]
+        keys = ("x", "y")[: len(self.hooks)]
         widths = None
         for s in manifest["shards"]:
             path = self.folder / s["file"]
@@ -618,7 +676,7 @@ class CachedActivations:
             idx = self.order(epoch)
             stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
             for i in range(0, stop, self.batch_size):
-                yield _single(self.gather(idx[i:i + self.batch_size]))
+                yield _single(self.gather(idx[i : i + self.batch_size]))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """Every row, in shard order, in memory."""

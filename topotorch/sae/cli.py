@@ -98,8 +98,9 @@ def load_source(source: str, data: str | None = None, model_config: str | None =
     else:
         raise ValueError(f"{source!r} is neither a run folder nor a model spec (hf:NAME or package.module:function)")
     if d.x_train.is_floating_point() or d.x_train.ndim != 2:
-        raise ValueError(f"task {task.name} has no token windows; topotorch sae evaluates language models "
-                         "(e.g. text:FILE)")
+        raise ValueError(
+            f"task {task.name} has no token windows; topotorch sae evaluates language models (e.g. text:FILE)"
+        )
     return _Source(model.eval(), task, d.x_train, d.x_test, d.y_test, task.output_labels, name)
 
 
@@ -109,7 +110,7 @@ def _batches(x: Any, rows: int, seed: int | None) -> list:
 
     if seed is not None:
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
-    return [x[i:i + rows] for i in range(0, len(x), rows)]
+    return [x[i : i + rows] for i in range(0, len(x), rows)]
 
 
 def _write_metrics(path: Path, hist: dict) -> None:
@@ -124,8 +125,16 @@ def _write_metrics(path: Path, hist: dict) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def top_examples(sae: Any, acts: Any, windows: Any, labels: list[str] | None, latents: list[int], per_latent: int = 8,
-                 context: int = 24, skip_first: int = 0) -> list[dict]:
+def top_examples(
+    sae: Any,
+    acts: Any,
+    windows: Any,
+    labels: list[str] | None,
+    latents: list[int],
+    per_latent: int = 8,
+    context: int = 24,
+    skip_first: int = 0,
+) -> list[dict]:
     """For each of ``latents``: the ``per_latent`` positions of ``windows`` [W, T] that activate it most
     (value, window, position, the text up to it and the token), from ``acts`` (rows in window order,
     ``skip_first`` positions dropped per window). A running top-k over row chunks: no [rows, n] matrix."""
@@ -160,8 +169,15 @@ def top_examples(sae: Any, acts: Any, windows: Any, labels: list[str] | None, la
                 continue
             w, p = divmod(r, kept)
             p += skip_first
-            rows.append({"act": v, "window": w, "pos": p, "context": text(windows[w, max(0, p - context):p]),
-                         "token": text(windows[w, p:p + 1])})
+            rows.append(
+                {
+                    "act": v,
+                    "window": w,
+                    "pos": p,
+                    "context": text(windows[w, max(0, p - context) : p]),
+                    "token": text(windows[w, p : p + 1]),
+                }
+            )
         out.append({"latent": latent, "examples": rows})
     return out
 
@@ -184,34 +200,46 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
     find_hook_points(src.model, cfg.hook)  # a bad pattern fails before anything is written
     T = src.x_train.shape[1]
     rows = max(1, math.ceil(cfg.batch_size / max(1, T - cfg.skip_first)))  # windows per model batch
-    opts: dict[str, Any] = dict(hook=cfg.hook, transcoder=cfg.transcoder, skip_first=cfg.skip_first,
-                                dtype=torch.float32)
+    opts: dict[str, Any] = dict(
+        hook=cfg.hook, transcoder=cfg.transcoder, skip_first=cfg.skip_first, dtype=torch.float32
+    )
     train_acts: ModelActivations | CachedActivations = ModelActivations(
-        src.model, _batches(src.x_train, rows, cfg.seed), batch_size=cfg.batch_size, **opts)
+        src.model, _batches(src.x_train, rows, cfg.seed), batch_size=cfg.batch_size, **opts
+    )
     prepare_run_folder(out, overwrite, resume_hint=False)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     if cfg.cache:  # through a resumable disk cache: as many rows as the steps need, then read shuffled
-        write_cache(ModelActivations(src.model, _batches(src.x_train, rows, cfg.seed), **opts), cfg.cache,
-                    max_rows=cfg.steps * cfg.batch_size)
+        write_cache(
+            ModelActivations(src.model, _batches(src.x_train, rows, cfg.seed), **opts),
+            cfg.cache,
+            max_rows=cfg.steps * cfg.batch_size,
+        )
         train_acts = CachedActivations(cfg.cache, cfg.batch_size, seed=cfg.seed, epochs=10**9, drop_last=True)
     d_in, d_out = train_acts.d_in, train_acts.d_out
-    sae_cfg = SAEConfig(d_in=d_in, n_latents=cfg.latents, architecture=cfg.architecture, k=cfg.k,
-                        d_out=d_out if cfg.transcoder else None, skip=cfg.skip)
+    sae_cfg = SAEConfig(
+        d_in=d_in,
+        n_latents=cfg.latents,
+        architecture=cfg.architecture,
+        k=cfg.k,
+        d_out=d_out if cfg.transcoder else None,
+        skip=cfg.skip,
+    )
     t1 = time.perf_counter()
-    sae, hist = train_sae(sae_cfg, train_acts, cfg.steps, cfg.lr, seed=cfg.seed, progress=progress,
-                          log_every=max(1, cfg.steps // 100))
+    sae, hist = train_sae(
+        sae_cfg, train_acts, cfg.steps, cfg.lr, seed=cfg.seed, progress=progress, log_every=max(1, cfg.steps // 100)
+    )
     train_s = time.perf_counter() - t1
     sae.eval()
-    x_test, y_test = src.x_test[:cfg.eval_windows], src.y_test[:cfg.eval_windows]
+    x_test, y_test = src.x_test[: cfg.eval_windows], src.y_test[: cfg.eval_windows]
     test_batches = _batches(x_test, rows, None)
 
     test_acts = list(ModelActivations(src.model, test_batches, batch_size=cfg.batch_size, **opts))  # small: in memory
     table = evaluate_sae(sae, test_acts)
     freq = table.pop("freq")
-    pairs = [(x_test[i:i + rows], y_test[i:i + rows]) for i in range(0, len(x_test), rows)]
+    pairs = [(x_test[i : i + rows], y_test[i : i + rows]) for i in range(0, len(x_test), rows)]
     table.update(splice_eval(src.model, sae, pairs, cfg.hook, transcoder=cfg.transcoder))
-    shown = [i for i, f in enumerate(freq) if f > 0][:cfg.show_latents]
+    shown = [i for i, f in enumerate(freq) if f > 0][: cfg.show_latents]
     examples = top_examples(sae, test_acts, x_test, src.labels, shown, cfg.examples, skip_first=cfg.skip_first)
     sae.save(out / "sae")
     for fmt in cfg.export:
@@ -219,12 +247,22 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
     _write_metrics(out / "metrics.csv", hist)
     atomic_write_json(out / "top_examples.json", {"latents": examples, "freq": freq})
     sheet = _draw_sheet(sae, test_acts, x_test, src.labels, cfg, out / "sheet.png")
-    summary = {"kind": RUN_KIND, "source": src.name, "hook": cfg.hook, "sae": sae_cfg.to_dict(), "eval": table,
-               "train": {"steps": hist["steps_done"], "tokens": hist["tokens"][-1] if hist["tokens"] else 0,
-                         "seconds": round(train_s, 3), "fvu_final": hist["fvu"][-1] if hist["fvu"] else None,
-                         "dead_final": hist["dead_final"]},
-               "files": sorted(["sae", "metrics.csv", "top_examples.json", *cfg.export, *(["sheet.png"] * sheet)]),
-               "seconds": round(time.perf_counter() - t0, 3)}
+    summary = {
+        "kind": RUN_KIND,
+        "source": src.name,
+        "hook": cfg.hook,
+        "sae": sae_cfg.to_dict(),
+        "eval": table,
+        "train": {
+            "steps": hist["steps_done"],
+            "tokens": hist["tokens"][-1] if hist["tokens"] else 0,
+            "seconds": round(train_s, 3),
+            "fvu_final": hist["fvu"][-1] if hist["fvu"] else None,
+            "dead_final": hist["dead_final"],
+        },
+        "files": sorted(["sae", "metrics.csv", "top_examples.json", *cfg.export, *(["sheet.png"] * sheet)]),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -243,10 +281,16 @@ def _draw_sheet(sae: Any, acts: Any, windows: Any, labels: list[str] | None, cfg
         return False
     with torch.no_grad():
         z = torch.cat([sae.encode((a[0] if isinstance(a, tuple) else a).to(sae.W_enc.dtype)) for a in acts])
-    tokens = windows[:, cfg.skip_first:].reshape(-1)
+    tokens = windows[:, cfg.skip_first :].reshape(-1)
     top, purity = latent_labels(z, tokens, len(labels) if labels else None)
-    draw_latent_sheet(top, purity, sheet, path, names=labels,
-                      title=f"{cfg.hook}: {cfg.latents} latents, coloured by the token that activates each most")
+    draw_latent_sheet(
+        top,
+        purity,
+        sheet,
+        path,
+        names=labels,
+        title=f"{cfg.hook}: {cfg.latents} latents, coloured by the token that activates each most",
+    )
     return True
 
 
@@ -267,8 +311,9 @@ def sae(
     batch_size: int = typer.Option(4096, help="activation rows (tokens) per step"),
     lr: float | None = typer.Option(None, help="learning rate (default: 2e-4 / sqrt(latents / 2^14))"),
     seed: int = typer.Option(0, help="random seed"),
-    data: str | None = typer.Option(None, help="task whose windows feed the model (default: the run's, or "
-                                               "shakespeare-char)"),
+    data: str | None = typer.Option(
+        None, help="task whose windows feed the model (default: the run's, or shakespeare-char)"
+    ),
     model_config: str | None = typer.Option(None, help="K=V,... for a model spec, e.g. n_layer=2,n_embd=64,n_head=4"),
     skip_first: int = typer.Option(0, help="drop the first n positions of every window (a BOS token)"),
     eval_windows: int = typer.Option(128, help="held-out windows for the evaluation table"),
@@ -291,9 +336,15 @@ def sae(
     from topotorch.sae.interop import FORMATS
 
     formats = [f for f in (s.strip() for s in export.split(",")) if f]
-    for name, value, low in (("latents", latents, 1), ("k", k, 1), ("steps", steps, 1), ("batch-size", batch_size, 1),
-                             ("eval-windows", eval_windows, 1), ("skip-first", skip_first, 0),
-                             ("show-latents", show_latents, 0)):
+    for name, value, low in (
+        ("latents", latents, 1),
+        ("k", k, 1),
+        ("steps", steps, 1),
+        ("batch-size", batch_size, 1),
+        ("eval-windows", eval_windows, 1),
+        ("skip-first", skip_first, 0),
+        ("show-latents", show_latents, 0),
+    ):
         if value < low:
             _fail(f"--{name} must be >= {low}, got {value}")
     bad = [f for f in formats if f not in FORMATS or f == "topotorch"]
@@ -304,10 +355,26 @@ def sae(
             _fail(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     folder = out or Path("runs") / f"sae-{hook.replace('*', 'x').replace(':', '-')}-{architecture}-{latents}"
-    cfg = SAERunConfig(source=source, hook=hook, latents=latents, k=k, architecture=architecture, transcoder=transcoder,
-                       skip=skip, steps=steps, batch_size=batch_size, lr=lr, seed=seed, data=data,
-                       model_config=model_config, skip_first=skip_first, eval_windows=eval_windows,
-                       show_latents=show_latents, cache=str(cache) if cache else None, export=formats)
+    cfg = SAERunConfig(
+        source=source,
+        hook=hook,
+        latents=latents,
+        k=k,
+        architecture=architecture,
+        transcoder=transcoder,
+        skip=skip,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        data=data,
+        model_config=model_config,
+        skip_first=skip_first,
+        eval_windows=eval_windows,
+        show_latents=show_latents,
+        cache=str(cache) if cache else None,
+        export=formats,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
@@ -315,11 +382,14 @@ def sae(
         except (HookPointError, CacheError, RunFolderExists, CheckpointError, FileNotFoundError, ValueError) as e:
             _fail(str(e))
         finally:
-            for msg in dict.fromkeys(" ".join(str(w.message).split()) for w in caught
-                                     if issubclass(w.category, UserWarning)):
+            for msg in dict.fromkeys(
+                " ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)
+            ):
                 typer.echo(f"warning: {msg}", err=True)
     ev = summary["eval"]
-    typer.echo(f"{summary['source']} @ {hook}: FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {100 * ev['dead']:.1f}%, "
-               f"CE recovered {ev['ce_recovered']:.3f}, KL {ev['kl']:.4f} ({summary['train']['steps']} steps, "
-               f"{summary['train']['seconds']:.1f} s)")
+    typer.echo(
+        f"{summary['source']} @ {hook}: FVU {ev['fvu']:.4f}, L0 {ev['l0']:.1f}, dead {100 * ev['dead']:.1f}%, "
+        f"CE recovered {ev['ce_recovered']:.3f}, KL {ev['kl']:.4f} ({summary['train']['steps']} steps, "
+        f"{summary['train']['seconds']:.1f} s)"
+    )
     typer.echo(f"wrote {folder} (summary.json, metrics.csv, sae/{''.join(', ' + f + '/' for f in formats)})")

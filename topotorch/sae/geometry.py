@@ -29,7 +29,7 @@ one module (1.0) or mixes them. The baseline is the same fraction with the modul
 layer's units shuffled (a latent that ignores the modules), averaged over many shuffles.
 
     >>> x, t = synthetic_curve(512, d=16, seed=0)
-    >>> tiling = curve_tiling(sae.encode(x), t)          # CurveTiling(latents_used=.., coverage=1.0, ..)
+    >>> tiling = curve_tiling(sae.encode(x), t)  # CurveTiling(latents_used=.., coverage=1.0, ..)
     >>> module_purity(sae.W_enc, membership["hidden1"])  # {'purity': 0.93, 'baseline': 0.41, ...}
 """
 
@@ -45,15 +45,27 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "synthetic_curve", "circle_angles", "circular_extent", "CurveTiling", "curve_tiling", "draw_curve_tiling",
-    "module_purity", "input_membership",
+    "synthetic_curve",
+    "circle_angles",
+    "circular_extent",
+    "CurveTiling",
+    "curve_tiling",
+    "draw_curve_tiling",
+    "module_purity",
+    "input_membership",
 ]
 
 TAU = 2 * math.pi
 
 
-def synthetic_curve(n_points: int = 512, d: int = 16, frequencies: tuple[int, ...] = (1,), noise: float = 0.0,
-                    seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+def synthetic_curve(
+    n_points: int = 512,
+    d: int = 16,
+    frequencies: tuple[int, ...] = (1,),
+    noise: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
     """A closed curve in d dimensions: x(t) = Σ_f (cos ft, sin ft) placed in random orthogonal planes, t uniform.
 
     ``frequencies=(1,)`` is a circle; ``(1, 2)`` bends it through 4 dimensions (more curvature, more
@@ -83,12 +95,12 @@ def circle_angles(points: Tensor) -> tuple[Tensor, int]:
     """
     x = points.detach().to(torch.float64)
     x = x - x.mean(0)
-    spec = torch.fft.rfft(x, dim=0)                   # [p//2+1, d]
+    spec = torch.fft.rfft(x, dim=0)  # [p//2+1, d]
     power = spec.abs().pow(2).sum(1)
     power[0] = 0
     f = int(power.argmax())
     c = spec[f]  # on that circle x_a ≈ (2/p)(Re c · cos φ_a − Im c · sin φ_a), φ_a = 2πfa/p: solve for (cos, sin)
-    basis = torch.stack([c.real, -c.imag], 1)         # [d, 2]
+    basis = torch.stack([c.real, -c.imag], 1)  # [d, 2]
     coef = torch.linalg.lstsq(basis, x.t()).solution  # [2, p]
     return torch.remainder(torch.atan2(coef[1], coef[0]), TAU), f
 
@@ -106,7 +118,7 @@ def circular_extent(support: np.ndarray, t: np.ndarray, period: float = TAU) -> 
     n, p = m.shape
     idx = np.where(m, np.arange(p)[None, :], -1)
     prev = np.maximum.accumulate(np.concatenate([np.full((n, 1), -1), idx[:, :-1]], 1), axis=1)
-    last = idx.max(1)                                          # the last support point wraps to the first
+    last = idx.max(1)  # the last support point wraps to the first
     first = np.where(m.any(1), m.argmax(1), -1)
     gap = np.where(m & (prev >= 0), ts[None, :] - ts[np.maximum(prev, 0)], -np.inf)
     wrap = np.where(last >= 0, ts[np.maximum(first, 0)] + period - ts[np.maximum(last, 0)], np.nan)
@@ -122,14 +134,14 @@ class CurveTiling:
     """How a dictionary's latents tile a closed curve (extents are fractions of the period)."""
 
     points: int
-    latents_used: int           # latents active on at least one point
-    coverage: float             # fraction of points with at least one active latent
-    active_per_point: float     # mean number of active latents per point
+    latents_used: int  # latents active on at least one point
+    coverage: float  # fraction of points with at least one active latent
+    active_per_point: float  # mean number of active latents per point
     extent_median: float
     extent_mean: float
     extent_max: float
-    ideal_extent: float         # what an even tiling would give: active_per_point / latents_used
-    extents: list[float]        # per used latent, in order of its mean angle
+    ideal_extent: float  # what an even tiling would give: active_per_point / latents_used
+    extents: list[float]  # per used latent, in order of its mean angle
 
     def to_dict(self, with_extents: bool = False) -> dict:
         d = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -157,7 +169,10 @@ def curve_tiling(codes: Tensor, t: Tensor, period: float = TAU) -> CurveTiling:
     n_used = int(used.sum())
     per_point = float(active.sum(1).mean())
     return CurveTiling(
-        points=len(tt), latents_used=n_used, coverage=float(active.any(1).mean()), active_per_point=per_point,
+        points=len(tt),
+        latents_used=n_used,
+        coverage=float(active.any(1).mean()),
+        active_per_point=per_point,
         extent_median=float(np.median(ext)) if n_used else float("nan"),
         extent_mean=float(np.mean(ext)) if n_used else float("nan"),
         extent_max=float(np.max(ext)) if n_used else float("nan"),
@@ -166,8 +181,9 @@ def curve_tiling(codes: Tensor, t: Tensor, period: float = TAU) -> CurveTiling:
     )
 
 
-def draw_curve_tiling(points: Tensor, codes: Tensor, t: Tensor, path: str | Path, title: str = "",
-                      period: float = TAU) -> Path:
+def draw_curve_tiling(
+    points: Tensor, codes: Tensor, t: Tensor, path: str | Path, title: str = "", period: float = TAU
+) -> Path:
     """Two panels: the curve's points (projected on their top-2 principal plane) coloured by their strongest
     latent, and a raster of which latent fires at which curve position (latents sorted by mean angle).
 
@@ -227,8 +243,9 @@ def input_membership(membership: np.ndarray, d_in: int) -> np.ndarray:
     return np.tile(m, d_in // len(m))
 
 
-def module_purity(W_enc: Tensor, membership: np.ndarray, shuffles: int = 200, seed: int = 0,
-                  live: Tensor | None = None) -> dict:
+def module_purity(
+    W_enc: Tensor, membership: np.ndarray, shuffles: int = 200, seed: int = 0, live: Tensor | None = None
+) -> dict:
     """Does each latent read from one module? Fraction of |W_enc[i]| mass on its top module, vs shuffled modules.
 
     ``membership`` [d_in]: module id of each input unit (−1: in no module; their mass counts against
@@ -251,7 +268,7 @@ def module_purity(W_enc: Tensor, membership: np.ndarray, shuffles: int = 200, se
 
     def purity_of(labels: Tensor) -> Tensor:  # labels [S, d_in] -> [S, n] top-module fraction
         onehot = torch.nn.functional.one_hot(labels.clamp_min(0), n_mod).to(torch.float64) * (labels >= 0)[..., None]
-        return (w @ onehot).amax(-1) / total          # [S, n, modules] -> [S, n]
+        return (w @ onehot).amax(-1) / total  # [S, n, modules] -> [S, n]
 
     own = purity_of(mem[None])[0]
     g = torch.Generator().manual_seed(seed)
@@ -259,6 +276,11 @@ def module_purity(W_enc: Tensor, membership: np.ndarray, shuffles: int = 200, se
     base = purity_of(mem[perms])
     onehot = torch.nn.functional.one_hot(mem.clamp_min(0), n_mod).to(torch.float64) * (mem >= 0)[:, None]
     top = (w @ onehot).argmax(1)
-    return {"latents": int(keep.sum()), "modules": n_mod, "purity": float(own.mean()),
-            "purity_median": float(own.median()), "baseline": float(base.mean()),
-            "top_module_counts": torch.bincount(top, minlength=n_mod).tolist()}
+    return {
+        "latents": int(keep.sum()),
+        "modules": n_mod,
+        "purity": float(own.mean()),
+        "purity_median": float(own.median()),
+        "baseline": float(base.mean()),
+        "top_module_counts": torch.bincount(top, minlength=n_mod).tolist(),
+    }

@@ -36,8 +36,9 @@ A bad file (missing file or key, wrong shape, truncated tensor data, unknown arc
 
     >>> save_saelens(sae, "out/saelens", hook_name="blocks.1.hook_resid_post")
     >>> sae2 = load_saelens("out/saelens")
-    >>> save_sparsify(sae, "out/sparsify"); load_sparsify("out/sparsify")
-    >>> load_any("some/folder")                        # ours, SAELens or sparsify, by its files
+    >>> save_sparsify(sae, "out/sparsify")
+    ... load_sparsify("out/sparsify")
+    >>> load_any("some/folder")  # ours, SAELens or sparsify, by its files
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class InteropError(ValueError):
 
 
 # -- shared helpers --------------------------------------------------------------------------------
+
 
 def _folded(sae: SparseCoder) -> dict[str, torch.Tensor]:
     """The coder's tensors acting on raw data (data scale folded in, as :meth:`SparseCoder.save` writes them)."""
@@ -125,8 +127,9 @@ def _check(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
         if k not in tensors:
             raise InteropError(f"{path}: missing tensor {k!r} (has {', '.join(sorted(tensors)) or 'none'})")
         if tuple(tensors[k].shape) != shape:
-            raise InteropError(f"{path}: tensor {k!r} has shape {list(tensors[k].shape)}, "
-                               f"{cfg_name} implies {list(shape)}")
+            raise InteropError(
+                f"{path}: tensor {k!r} has shape {list(tensors[k].shape)}, {cfg_name} implies {list(shape)}"
+            )
         if not tensors[k].is_floating_point():
             raise InteropError(f"{path}: tensor {k!r} has dtype {tensors[k].dtype}, expected a float type")
     extra = sorted(set(tensors) - set(shapes))
@@ -134,8 +137,9 @@ def _check(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]],
         raise InteropError(f"{path}: unexpected tensors {extra} for this {cfg_name}")
 
 
-def _write(folder: str | Path, weights_name: str, tensors: dict[str, torch.Tensor], cfg: dict,
-           metadata: dict[str, str]) -> Path:
+def _write(
+    folder: str | Path, weights_name: str, tensors: dict[str, torch.Tensor], cfg: dict, metadata: dict[str, str]
+) -> Path:
     from safetensors.torch import save
 
     folder = Path(folder)
@@ -162,13 +166,20 @@ def _our_cfg(stored: Any, fallback: SAEConfig, path: Path) -> SAEConfig:
     except (TypeError, ValueError):
         return fallback
     same = (cfg.d_in, cfg.n_latents, cfg.out_dim, cfg.skip, cfg.transcoder) == (
-        fallback.d_in, fallback.n_latents, fallback.out_dim, fallback.skip, fallback.transcoder)
+        fallback.d_in,
+        fallback.n_latents,
+        fallback.out_dim,
+        fallback.skip,
+        fallback.transcoder,
+    )
     compatible = cfg.architecture == fallback.architecture or (
-        cfg.architecture == "batchtopk" and fallback.architecture == "jumprelu")
+        cfg.architecture == "batchtopk" and fallback.architecture == "jumprelu"
+    )
     return cfg if same and compatible else fallback
 
 
 # -- SAELens ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _LensArch:
@@ -195,13 +206,23 @@ def _saelens_name(cfg: SAEConfig) -> str:
         if (a.ours, a.transcoder, a.skip) == (inference, cfg.transcoder, cfg.skip):
             return name
     kind = ("skip-" if cfg.skip else "") + ("transcoder" if cfg.transcoder else "SAE")
-    raise InteropError(f"SAELens has no {cfg.architecture} {kind}; it stores: "
-                       + ", ".join(f"{a.ours}{' skip' if a.skip else ''} {'transcoder' if a.transcoder else 'SAE'}"
-                                   for a in SAELENS_ARCHITECTURES.values()))
+    raise InteropError(
+        f"SAELens has no {cfg.architecture} {kind}; it stores: "
+        + ", ".join(
+            f"{a.ours}{' skip' if a.skip else ''} {'transcoder' if a.transcoder else 'SAE'}"
+            for a in SAELENS_ARCHITECTURES.values()
+        )
+    )
 
 
-def save_saelens(sae: SparseCoder, folder: str | Path, *, hook_name: str | None = None, model_name: str | None = None,
-                 **metadata: Any) -> Path:
+def save_saelens(
+    sae: SparseCoder,
+    folder: str | Path,
+    *,
+    hook_name: str | None = None,
+    model_name: str | None = None,
+    **metadata: Any,
+) -> Path:
     """Write ``folder/cfg.json`` + ``folder/sae_weights.safetensors`` that SAELens 6 loads with
     ``SAE.load_from_disk(folder)`` and that computes what ``sae`` computes. ``hook_name``/``model_name``
     (and any ``metadata``) go to ``cfg.metadata``.
@@ -216,17 +237,30 @@ def save_saelens(sae: SparseCoder, folder: str | Path, *, hook_name: str | None 
         th = t["threshold"].clamp(min=0) if cfg.architecture == "batchtopk" else t["threshold"]
         if float(th.min()) < 0:
             bad = int(th.argmin())
-            raise InteropError(f"latent {bad} has a negative JumpReLU threshold {float(th[bad]):g}: SAELens applies a "
-                               "ReLU before the threshold, so it would compute something else")
+            raise InteropError(
+                f"latent {bad} has a negative JumpReLU threshold {float(th[bad]):g}: SAELens applies a "
+                "ReLU before the threshold, so it would compute something else"
+            )
         tensors["threshold"] = th
     if cfg.skip:
         tensors["W_skip"] = t["W_skip"]
     out = {
-        "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": DTYPE_NAMES.get(t["W_enc"].dtype, "float32"),
-        "device": "cpu", "apply_b_dec_to_input": not cfg.transcoder, "normalize_activations": "none",
-        "reshape_activations": "none", "architecture": arch,
-        "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": SAELENS_VERSION,
-                     "hook_name": hook_name, "model_name": model_name, "topotorch": cfg.to_dict(), **metadata},
+        "d_in": cfg.d_in,
+        "d_sae": cfg.n_latents,
+        "dtype": DTYPE_NAMES.get(t["W_enc"].dtype, "float32"),
+        "device": "cpu",
+        "apply_b_dec_to_input": not cfg.transcoder,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "architecture": arch,
+        "metadata": {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": SAELENS_VERSION,
+            "hook_name": hook_name,
+            "model_name": model_name,
+            "topotorch": cfg.to_dict(),
+            **metadata,
+        },
     }
     if arch == "topk":
         out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
@@ -263,15 +297,19 @@ def load_saelens(folder: str | Path) -> SparseCoder:
     cfg = read_saelens_cfg(folder)
     name = cfg["architecture"]
     if name not in SAELENS_ARCHITECTURES:
-        raise InteropError(f"{path}: key 'architecture' is {name!r}, which topotorch cannot represent; "
-                           f"supported: {', '.join(SAELENS_ARCHITECTURES)}")
+        raise InteropError(
+            f"{path}: key 'architecture' is {name!r}, which topotorch cannot represent; "
+            f"supported: {', '.join(SAELENS_ARCHITECTURES)}"
+        )
     arch = SAELENS_ARCHITECTURES[name]
     d_in, n = _key(cfg, "d_in", path), _key(cfg, "d_sae", path)
     d_out = _key(cfg, "d_out", path) if arch.transcoder else d_in
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", "expected_average_only_in", None):
-        raise InteropError(f"{path}: key 'normalize_activations' is {norm!r}: a per-token normalisation topotorch's "
-                           "coders do not apply; fold it into the weights first")
+        raise InteropError(
+            f"{path}: key 'normalize_activations' is {norm!r}: a per-token normalisation topotorch's "
+            "coders do not apply; fold it into the weights first"
+        )
     k = _key(cfg, "k", path) if arch.ours == "topk" else 32
     shapes = {"W_enc": (d_in, n), "b_enc": (n,), "W_dec": (n, d_out), "b_dec": (d_out,)}
     if arch.threshold:
@@ -291,10 +329,17 @@ def load_saelens(folder: str | Path) -> SparseCoder:
         state["b_enc"] = state["b_enc"] + state["W_enc"] @ state["b_dec"]
     if cfg.get("rescale_acts_by_decoder_norm"):
         norms = state["W_dec"].norm(dim=1)
-        state.update(W_enc=state["W_enc"] * norms[:, None], b_enc=state["b_enc"] * norms,
-                     W_dec=state["W_dec"] / norms[:, None])
-    fallback = SAEConfig(d_in=d_in, n_latents=n, architecture=arch.ours, k=min(k, n),
-                         d_out=d_out if arch.transcoder else None, skip=arch.skip)
+        state.update(
+            W_enc=state["W_enc"] * norms[:, None], b_enc=state["b_enc"] * norms, W_dec=state["W_dec"] / norms[:, None]
+        )
+    fallback = SAEConfig(
+        d_in=d_in,
+        n_latents=n,
+        architecture=arch.ours,
+        k=min(k, n),
+        d_out=d_out if arch.transcoder else None,
+        skip=arch.skip,
+    )
     ours = _our_cfg(cfg["metadata"].get("topotorch"), fallback, path)
     if ours.architecture == "batchtopk":  # our BatchTopK's single θ, as SAELens stores it
         th = state["threshold"]
@@ -304,6 +349,7 @@ def load_saelens(folder: str | Path) -> SparseCoder:
 
 
 # -- sparsify --------------------------------------------------------------------------------------
+
 
 def save_sparsify(sae: SparseCoder, folder: str | Path) -> Path:
     """Write ``folder/cfg.json`` + ``folder/sae.safetensors`` that ``sparsify.SparseCoder.load_from_disk``
@@ -318,9 +364,17 @@ def save_sparsify(sae: SparseCoder, folder: str | Path) -> Path:
     tensors = {"encoder.weight": t["W_enc"], "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     if cfg.skip:
         tensors["W_skip"] = t["W_skip"]
-    out = {"activation": "topk", "expansion_factor": max(1, cfg.n_latents // cfg.d_in), "normalize_decoder": True,
-           "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip,
-           "transcode": cfg.transcoder, "d_in": cfg.d_in}
+    out = {
+        "activation": "topk",
+        "expansion_factor": max(1, cfg.n_latents // cfg.d_in),
+        "normalize_decoder": True,
+        "num_latents": cfg.n_latents,
+        "k": cfg.k,
+        "multi_topk": False,
+        "skip_connection": cfg.skip,
+        "transcode": cfg.transcoder,
+        "d_in": cfg.d_in,
+    }
     # our full config rides in the safetensors metadata: sparsify's loader ignores it (cfg.json extras it prints)
     return _write(folder, SPARSIFY_WEIGHTS, tensors, out, {"format": "pt", "topotorch": json.dumps(cfg.to_dict())})
 
@@ -341,8 +395,10 @@ def load_sparsify(folder: str | Path) -> SparseCoder:
         raise InteropError(f"{path}: key 'activation' is {act!r}; topotorch reads sparsify's 'topk' coders only")
     transcode, skip = bool(cfg.get("transcode", False)), bool(cfg.get("skip_connection", False))
     if skip and not transcode:
-        raise InteropError(f"{path}: key 'skip_connection' is true on an SAE (transcode false): topotorch's skip path "
-                           "belongs to transcoders")
+        raise InteropError(
+            f"{path}: key 'skip_connection' is true on an SAE (transcode false): topotorch's skip path "
+            "belongs to transcoders"
+        )
     shapes = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
     if skip:
         shapes["W_skip"] = (d_in, d_in)
@@ -378,8 +434,9 @@ def detect_format(folder: str | Path) -> str:
     folder = Path(folder)
     found = [name for name, (weights, _, _) in FORMATS.items() if (folder / weights).is_file()]
     if len(found) != 1:
-        raise InteropError(f"{folder}: expected exactly one of {', '.join(w for w, _, _ in FORMATS.values())}, "
-                           f"found {len(found)}")
+        raise InteropError(
+            f"{folder}: expected exactly one of {', '.join(w for w, _, _ in FORMATS.values())}, found {len(found)}"
+        )
     return found[0]
 
 

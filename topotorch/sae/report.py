@@ -7,7 +7,7 @@ file leaves its part out with a notice. :func:`sae_panel` is the HTML fragment (
 :func:`build_sae_report` writes a self-contained ``report.html`` (``topotorch report RUN`` calls it
 for SAE run folders).
 
-    >>> build_sae_report("runs/sae-gpt.blocks.1-topk-2048")     # -> runs/.../report.html
+    >>> build_sae_report("runs/sae-gpt.blocks.1-topk-2048")  # -> runs/.../report.html
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def examples_html(latents: list[dict], max_latents: int = 32) -> str:
         rows = "".join(
             f"<tr><td>{ex['act']:.3g}</td><td><code>{html.escape(ex['context'])}"
             f"<mark>{html.escape(ex['token'])}</mark></code></td></tr>"
-            for ex in lat.get("examples", []))
+            for ex in lat.get("examples", [])
+        )
         cards.append(f"<div class='card'><b>latent {int(lat['latent'])}</b><table>{rows}</table></div>")
     return "<div class='cards'>" + "".join(cards) + "</div>"
 
@@ -142,27 +143,35 @@ def sae_panel(run_dir: str | Path, notices: list[str] | None = None, max_latents
     if isinstance(ev, dict):
         train = summary.get("train", {})
         cfg = summary.get("sae", {})
-        desc = (f"{html.escape(str(cfg.get('architecture', '?')))}, {cfg.get('n_latents', '?')} latents"
-                f"{', k = ' + str(cfg.get('k')) if cfg.get('architecture') in ('topk', 'batchtopk') else ''}"
-                f"{', transcoder' if cfg.get('d_out') else ''}; {train.get('steps', '?')} steps, "
-                f"{train.get('tokens', '?')} tokens, {train.get('seconds', '?')} s")
-        parts.append(f"<section><h2>Evaluation (held-out windows)</h2><p class='muted'>{desc}</p>"
-                     f"{eval_table_html(ev)}</section>")
+        desc = (
+            f"{html.escape(str(cfg.get('architecture', '?')))}, {cfg.get('n_latents', '?')} latents"
+            f"{', k = ' + str(cfg.get('k')) if cfg.get('architecture') in ('topk', 'batchtopk') else ''}"
+            f"{', transcoder' if cfg.get('d_out') else ''}; {train.get('steps', '?')} steps, "
+            f"{train.get('tokens', '?')} tokens, {train.get('seconds', '?')} s"
+        )
+        parts.append(
+            f"<section><h2>Evaluation (held-out windows)</h2><p class='muted'>{desc}</p>{eval_table_html(ev)}</section>"
+        )
     curve = curve_png(run_dir / "metrics.csv")
     if curve:
-        parts.append("<section><h2>Training</h2><img alt='training curves' "
-                     f"src='data:image/png;base64,{curve}'></section>")
+        parts.append(
+            f"<section><h2>Training</h2><img alt='training curves' src='data:image/png;base64,{curve}'></section>"
+        )
     elif (run_dir / "metrics.csv").exists():
         notices.append("metrics.csv is unreadable: the training curves are left out")
     sheet = run_dir / "sheet.png"
     if sheet.is_file():
         b64 = base64.b64encode(sheet.read_bytes()).decode()
-        parts.append("<section class='wide'><h2>Latent sheet</h2><img alt='latent sheet' "
-                     f"src='data:image/png;base64,{b64}'></section>")
+        parts.append(
+            "<section class='wide'><h2>Latent sheet</h2><img alt='latent sheet' "
+            f"src='data:image/png;base64,{b64}'></section>"
+        )
     top = _read(run_dir / "top_examples.json", notices) if (run_dir / "top_examples.json").exists() else None
     if isinstance(top, dict) and top.get("latents"):
-        parts.append(f"<section class='wide'><h2>Top-activating contexts per latent</h2>"
-                     f"{examples_html(top['latents'], max_latents)}</section>")
+        parts.append(
+            f"<section class='wide'><h2>Top-activating contexts per latent</h2>"
+            f"{examples_html(top['latents'], max_latents)}</section>"
+        )
     return "".join(parts)
 
 
@@ -177,9 +186,11 @@ def build_sae_report(run_dir: str | Path, out: str | Path | None = None) -> Path
     summary = _read(run_dir / "summary.json", []) or {}
     title = f"SAE at {summary.get('hook', '?')} — {summary.get('source', run_dir.name)}"
     notes = "".join(f"<p class='notice'>{html.escape(n)}</p>" for n in notices)
-    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><header><h1>{html.escape(title)}</h1></header>"
-            f"{notes}<main>{body}</main></body></html>")
+    page = (
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><header><h1>{html.escape(title)}</h1></header>"
+        f"{notes}<main>{body}</main></body></html>"
+    )
     path = Path(out) if out is not None else run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -100,8 +100,13 @@ def _apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, feature_
 
 
 @contextlib.contextmanager
-def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | None, point: HookPoint,
-            source: HookPoint | None = None, feature_dim: int = -1) -> Iterator[None]:
+def spliced(
+    model: nn.Module,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None,
+    point: HookPoint,
+    source: HookPoint | None = None,
+    feature_dim: int = -1,
+) -> Iterator[None]:
     """Within the block, the activation at ``point`` is ``replace(rows)`` applied to the activation at
     ``source`` (default: ``point`` itself); ``replace=None`` zero-ablates it. For a transcoder, ``source`` is
     the module's input and ``point`` its output.
@@ -115,14 +120,18 @@ def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | 
         if source != point:  # remember the source activation for the replacement at ``point``
             m = modules[source.module_name]
             if source.side == "input":
+
                 def keep_input(mod, args, kwargs):
                     if not busy:
                         seen["x"] = _first(tuple(args) + tuple(kwargs.values()))
+
                 handles.append(m.register_forward_pre_hook(keep_input, with_kwargs=True))
             else:
+
                 def keep_output(mod, args, out):
                     if not busy:
                         seen["x"] = _first(out)
+
                 handles.append(m.register_forward_hook(keep_output))
 
         def new_value(current: torch.Tensor) -> torch.Tensor:
@@ -137,6 +146,7 @@ def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | 
 
         m = modules[point.module_name]
         if point.side == "input":
+
             def pre(mod, args, kwargs):
                 if busy:
                     return None
@@ -144,10 +154,12 @@ def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | 
                     return _replace(args, new_value(_first(args))), kwargs
                 key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
                 return args, {**kwargs, key: new_value(kwargs[key])}
+
             handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         else:
-            handles.append(m.register_forward_hook(
-                lambda mod, args, out: None if busy else _replace(out, new_value(_first(out)))))
+            handles.append(
+                m.register_forward_hook(lambda mod, args, out: None if busy else _replace(out, new_value(_first(out))))
+            )
         yield
     finally:
         for h in handles:
@@ -155,13 +167,22 @@ def spliced(model: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor] | 
 
 
 def _ce_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 @torch.no_grad()
-def splice_eval(model: nn.Module, sae: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Any], hook: str, *,
-                transcoder: bool = False, feature_dim: int = -1, max_batches: int | None = None) -> dict[str, float]:
+def splice_eval(
+    model: nn.Module,
+    sae: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[Any],
+    hook: str,
+    *,
+    transcoder: bool = False,
+    feature_dim: int = -1,
+    max_batches: int | None = None,
+) -> dict[str, float]:
     """CE-loss recovered against zero-ablation and KL(clean ‖ spliced) per token, over ``batches``.
 
     ``hook``: the hook point (one pattern naming one point) whose activation ``sae`` reconstructs;
@@ -174,8 +195,9 @@ def splice_eval(model: nn.Module, sae: Callable[[torch.Tensor], torch.Tensor], b
     else:
         points = find_hook_points(model, hook)
         if len(points) != 1:
-            raise ValueError(f"splice at one hook point; {hook!r} matches {len(points)}: "
-                             f"{', '.join(p.name for p in points[:6])}")
+            raise ValueError(
+                f"splice at one hook point; {hook!r} matches {len(points)}: {', '.join(p.name for p in points[:6])}"
+            )
         source = point = points[0]
     was_training = model.training
     model.eval()
@@ -203,5 +225,11 @@ def splice_eval(model: nn.Module, sae: Callable[[torch.Tensor], torch.Tensor], b
     ce_clean, ce_sae, ce_zero, kl = (sums / tokens).tolist()
     gap = ce_zero - ce_clean
     recovered = (ce_zero - ce_sae) / gap if gap != 0 else math.nan
-    return {"ce_clean": ce_clean, "ce_spliced": ce_sae, "ce_zero": ce_zero, "ce_recovered": recovered, "kl": kl,
-            "tokens": tokens}
+    return {
+        "ce_clean": ce_clean,
+        "ce_spliced": ce_sae,
+        "ce_zero": ce_zero,
+        "ce_recovered": recovered,
+        "kl": kl,
+        "tokens": tokens,
+    }

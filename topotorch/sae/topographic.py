@@ -47,9 +47,9 @@ nothing; we give neighbour − baseline instead).
 module), alpha by how pure that is (:func:`draw_latent_sheet`).
 
     >>> sheet = LatentSheet.of(sae.cfg.n_latents)
-    >>> loss = recon + tau * decoder_topoloss(sae.W_dec, sheet, factor=3)   # (a), while training
-    >>> stats = relocate(sae, codes, sheet)                                 # (b), any trained SAE
-    >>> topographic_measures(sae, codes, sheet)["coactivation"].ratio      # (c)
+    >>> loss = recon + tau * decoder_topoloss(sae.W_dec, sheet, factor=3)  # (a), while training
+    >>> stats = relocate(sae, codes, sheet)  # (b), any trained SAE
+    >>> topographic_measures(sae, codes, sheet)["coactivation"].ratio  # (c)
 """
 
 from __future__ import annotations
@@ -70,9 +70,19 @@ from topotorch.relocation import assignment_permutation
 from topotorch.sheets import sheet_shape
 
 __all__ = [
-    "LatentSheet", "NeighbourScore", "neighbour_score", "decoder_units", "coactivation_units",
-    "topographic_measures", "decoder_topoloss", "placement_similarity", "solve_placement", "relocate",
-    "train_topographic", "latent_labels", "draw_latent_sheet",
+    "LatentSheet",
+    "NeighbourScore",
+    "neighbour_score",
+    "decoder_units",
+    "coactivation_units",
+    "topographic_measures",
+    "decoder_topoloss",
+    "placement_similarity",
+    "solve_placement",
+    "relocate",
+    "train_topographic",
+    "latent_labels",
+    "draw_latent_sheet",
 ]
 
 
@@ -111,18 +121,22 @@ class LatentSheet:
     def kernel_terms(self, sigma: float | None, dtype=torch.float64) -> list[tuple[Tensor, Tensor]]:
         """K as Σ_t Kh_t ⊗ Kw_t: a Gaussian exp(−d²/2σ²) (one term), or, with ``sigma=None``, the 4-neighbour
         adjacency (A_h ⊗ I + I ⊗ A_w)."""
+
         def axis(m: int) -> Tensor:
             return torch.arange(m, dtype=dtype)
 
         if sigma is None:
+
             def adj(m: int) -> Tensor:
                 return ((axis(m)[:, None] - axis(m)[None, :]).abs() == 1).to(dtype)
+
             return [(adj(self.h), torch.eye(self.w, dtype=dtype)), (torch.eye(self.h, dtype=dtype), adj(self.w))]
         if not sigma > 0:
             raise ValueError(f"kernel width sigma must be > 0, got {sigma!r}")
 
         def gauss(m: int) -> Tensor:
-            return torch.exp(-(axis(m)[:, None] - axis(m)[None, :]) ** 2 / (2 * sigma**2))
+            return torch.exp(-((axis(m)[:, None] - axis(m)[None, :]) ** 2) / (2 * sigma**2))
+
         return [(gauss(self.h), gauss(self.w))]
 
 
@@ -187,7 +201,7 @@ def _all_pairs_mean(u: Tensor, live: Tensor, absolute: bool, block: int = 2048) 
         return float(tot / (m * (m - 1)))
     tot = torch.zeros((), dtype=torch.float64)
     for lo in range(0, m, block):  # blocks of rows: memory O(block·m); the loop is over blocks, not latents
-        g = (v[lo:lo + block] @ v.t()).abs()
+        g = (v[lo : lo + block] @ v.t()).abs()
         tot += g.sum() - g.diagonal(offset=lo).sum()
     return float(tot / (m * (m - 1)))
 
@@ -229,8 +243,9 @@ def topographic_measures(W_dec: Tensor, codes: Tensor, sheet: LatentSheet) -> di
 # ---- (a) TopoLoss on the decoder ---------------------------------------------------------------------------------
 
 
-def decoder_topoloss(W_dec: Tensor, sheet: LatentSheet, factor: float | Sequence[float] = 3.0,
-                     mode: Mode = "bilinear") -> Tensor:
+def decoder_topoloss(
+    W_dec: Tensor, sheet: LatentSheet, factor: float | Sequence[float] = 3.0, mode: Mode = "bilinear"
+) -> Tensor:
     """TopoNets' loss on the decoder viewed as a sheet of latents: 1 − mean_i cos(W_i, blur(W)_i), differentiable.
 
     ``W_dec`` is [n_latents, d_out] (one row per latent); the blur is the reference's
@@ -298,7 +313,7 @@ def _disjoint_swaps(gain: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor]:
     a, b, gv = a[ok], best[ok], best_gain[ok]
     rank = torch.argsort(gv, descending=True, stable=True)
     a, b, gv = a[rank], b[rank], gv[rank]
-    ends = torch.stack([a, b], 1).reshape(-1)                     # slots in order of appearance
+    ends = torch.stack([a, b], 1).reshape(-1)  # slots in order of appearance
     first = torch.full((n,), len(ends), dtype=torch.long)
     first.scatter_reduce_(0, ends, torch.arange(len(ends)), reduce="amin")
     pos = torch.arange(len(a))
@@ -323,17 +338,24 @@ def _adjacency_score(s: Tensor, sheet: LatentSheet) -> float:
     return float(s[p[:, 0], p[:, 1]].sum())
 
 
-def solve_placement(s: Tensor, sheet: LatentSheet, sigmas: Sequence[float] | None = None, max_rounds: int = 25,
-                    assign: bool = True, tol: float = 1e-6, rel_tol: float = 1e-3) -> tuple[Tensor, PlacementStats]:
+def solve_placement(
+    s: Tensor,
+    sheet: LatentSheet,
+    sigmas: Sequence[float] | None = None,
+    max_rounds: int = 25,
+    assign: bool = True,
+    tol: float = 1e-6,
+    rel_tol: float = 1e-3,
+) -> tuple[Tensor, PlacementStats]:
     """A placement of latents on the sheet that puts similar ones (large S_ij) next to each other.
 
-    Maximises F = Σ_{i<j} S_ij K(slot_i, slot_j) for each kernel of an annealing schedule — Gaussians of
-    widths ``sigmas`` (default: from a quarter of the sheet down to 0.7), then the 4-neighbour adjacency —
-    by a linear assignment step (first scale) and rounds of closed-form pairwise swaps, until a round gains
-less than ``rel_tol`` of F or ``max_rounds``. Returns ``order`` (n,) with
-    ``order[slot]`` = the latent to put at that slot (identity = no move) and the stats. The adjacency
-    score never gets worse than the identity's.
-    Usage: ``order, st = solve_placement(placement_similarity(W_dec, z), sheet)``.
+        Maximises F = Σ_{i<j} S_ij K(slot_i, slot_j) for each kernel of an annealing schedule — Gaussians of
+        widths ``sigmas`` (default: from a quarter of the sheet down to 0.7), then the 4-neighbour adjacency —
+        by a linear assignment step (first scale) and rounds of closed-form pairwise swaps, until a round gains
+    less than ``rel_tol`` of F or ``max_rounds``. Returns ``order`` (n,) with
+        ``order[slot]`` = the latent to put at that slot (identity = no move) and the stats. The adjacency
+        score never gets worse than the identity's.
+        Usage: ``order, st = solve_placement(placement_similarity(W_dec, z), sheet)``.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small n² ops: extra threads only stall on a busy box (as in relocation.py)
@@ -408,8 +430,9 @@ def _solve(s, sheet, sigmas, max_rounds, assign, tol, rel_tol) -> tuple[Tensor, 
     return order, stats
 
 
-def relocate(sae, codes: Tensor, sheet: LatentSheet | None = None, coactivation: float = 0.5, trainer=None,
-             **solver) -> PlacementStats:
+def relocate(
+    sae, codes: Tensor, sheet: LatentSheet | None = None, coactivation: float = 0.5, trainer=None, **solver
+) -> PlacementStats:
     """Relocate the latents of a (trained) sparse coder on its sheet by co-activation and decoder similarity.
 
     ``codes`` [T, n] are its activations on some tokens (``sae.encode(x)``). The permutation goes through
@@ -428,10 +451,20 @@ def relocate(sae, codes: Tensor, sheet: LatentSheet | None = None, coactivation:
     return stats
 
 
-def train_topographic(cfg, batches, steps: int, sheet: LatentSheet | None = None, tau: float = 0.0,
-                      factor: float = 3.0, relocate_at: Sequence[float] = (0.25,), relocate_tokens: int = 16384,
-                      coactivation: float = 0.5, final_relocation: bool = True, solver: dict | None = None,
-                      **train_kwargs):
+def train_topographic(
+    cfg,
+    batches,
+    steps: int,
+    sheet: LatentSheet | None = None,
+    tau: float = 0.0,
+    factor: float = 3.0,
+    relocate_at: Sequence[float] = (0.25,),
+    relocate_tokens: int = 16384,
+    coactivation: float = 0.5,
+    final_relocation: bool = True,
+    solver: dict | None = None,
+    **train_kwargs,
+):
     """Train a topographic sparse coder: ``train_sae`` + τ·TopoLoss on the decoder sheet + relocations.
 
     ``relocate_at``: fractions of the run at which the latents are relocated by co-activation on the
@@ -465,10 +498,13 @@ def train_topographic(cfg, batches, steps: int, sheet: LatentSheet | None = None
 
     extra = None
     if tau > 0:
+
         def extra(sae, out):
             return tau * decoder_topoloss(sae.W_dec, sheet, factor)
-    sae, hist = train_sae(cfg, batches, steps, extra_loss=extra, on_step=on_step if (at or final_relocation) else None,
-                           **train_kwargs)
+
+    sae, hist = train_sae(
+        cfg, batches, steps, extra_loss=extra, on_step=on_step if (at or final_relocation) else None, **train_kwargs
+    )
     if final_relocation and recent:
         with torch.no_grad():  # the returned coder works on raw data: encode raw tokens (undo the normalisation)
             z = sae.encode(torch.cat(recent)[-relocate_tokens:] * hist["data_scale"][0])
@@ -493,15 +529,22 @@ def latent_labels(codes: Tensor, labels: Tensor, n_labels: int | None = None) ->
         raise ValueError(f"codes [T, n] and labels [T] must agree, got {tuple(codes.shape)} and {tuple(labels.shape)}")
     n_labels = int(labels.max()) + 1 if n_labels is None else n_labels
     onehot = F.one_hot(labels.long(), n_labels).to(torch.float64)
-    mass = codes.detach().to(torch.float64).abs().t() @ onehot        # [n, labels]: one matmul
+    mass = codes.detach().to(torch.float64).abs().t() @ onehot  # [n, labels]: one matmul
     tot = mass.sum(1)
     share, top = (mass / tot.clamp_min(1e-300)[:, None]).max(1)
     top = torch.where(tot > 0, top, torch.full_like(top, -1))
     return top.numpy(), torch.where(tot > 0, share, torch.zeros_like(share)).numpy()
 
 
-def draw_latent_sheet(top: np.ndarray, purity: np.ndarray, sheet: LatentSheet, path: str | Path,
-                      names: Sequence[str] | None = None, title: str = "", max_legend: int = 16) -> Path:
+def draw_latent_sheet(
+    top: np.ndarray,
+    purity: np.ndarray,
+    sheet: LatentSheet,
+    path: str | Path,
+    names: Sequence[str] | None = None,
+    title: str = "",
+    max_legend: int = 16,
+) -> Path:
     """The sheet as an image: each cell coloured by its latent's top label, alpha by purity, dead latents grey.
 
     The legend lists the most frequent labels. Usage: ``draw_latent_sheet(*latent_labels(z, y), sheet, "sheet.png")``.
@@ -528,8 +571,9 @@ def draw_latent_sheet(top: np.ndarray, purity: np.ndarray, sheet: LatentSheet, p
     ax.imshow(img.reshape(sheet.h, sheet.w, 4), interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"latent sheet {sheet.h}x{sheet.w}: top label per latent (faded = mixed, grey = dead)",
-                 fontsize=9)
+    ax.set_title(
+        title or f"latent sheet {sheet.h}x{sheet.w}: top label per latent (faded = mixed, grey = dead)", fontsize=9
+    )
     labs, counts = np.unique(top[live], return_counts=True)
     keep = labs[np.argsort(-counts)][:max_legend]
     handles = [Patch(color=colours[i], label=(names[i] if names is not None else str(i))) for i in keep]

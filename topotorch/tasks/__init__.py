@@ -23,17 +23,31 @@ Built in (BRIEF §1), one module per family, each importing only the registry (n
 from topotorch.tasks import algebra, classification, sequence, symbolic
 from topotorch.tasks.classification import digits_data, mnist1d_data
 from topotorch.tasks.core import (
-                                  TASK_PREFIXES,
-                                  TASKS,
-                                  Task,
-                                  TaskData,
-                                  check_defaults,
-                                  get_task,
-                                  register_task,
-                                  register_task_prefix,
+    TASK_PREFIXES,
+    TASKS,
+    Task,
+    TaskData,
+    check_defaults,
+    get_task,
+    register_task,
+    register_task_prefix,
 )
 from topotorch.tasks.symbolic import SYMBOLIC_DEFAULTS
 
-__all__ = ["SYMBOLIC_DEFAULTS", "TASKS", "TASK_PREFIXES", "Task", "TaskData", "algebra", "check_defaults",
-           "classification", "digits_data", "get_task", "mnist1d_data", "register_task", "register_task_prefix",
-           "sequence", "symbolic"]
+__all__ = [
+    "SYMBOLIC_DEFAULTS",
+    "TASKS",
+    "TASK_PREFIXES",
+    "Task",
+    "TaskData",
+    "algebra",
+    "check_defaults",
+    "classification",
+    "digits_data",
+    "get_task",
+    "mnist1d_data",
+    "register_task",
+    "register_task_prefix",
+    "sequence",
+    "symbolic",
+]

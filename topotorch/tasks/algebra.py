@@ -28,9 +28,14 @@ def _pairs_task(name: str, desc: str, table: np.ndarray, defaults: dict, goal: f
         return TaskData(x[tr], y[tr], x[te], y[te])
 
     return Task(
-        name=name, description=desc, make_data=make_data,
-        make_model=lambda: TokenMLP(n, 32, 2, [50, 50, n]), loss="ce",
-        output_labels=[str(i) for i in range(n)], defaults=defaults, goal=("accuracy", ">=", goal),
+        name=name,
+        description=desc,
+        make_data=make_data,
+        make_model=lambda: TokenMLP(n, 32, 2, [50, 50, n]),
+        loss="ce",
+        output_labels=[str(i) for i in range(n)],
+        defaults=defaults,
+        goal=("accuracy", ">=", goal),
     )
 
 
@@ -39,9 +44,21 @@ def modular_addition() -> Task:
     p = 59
     table = (np.arange(p)[:, None] + np.arange(p)[None, :]) % p
     return _pairs_task(
-        "modular-addition", f"(a + b) mod {p}, 80% of pairs for training, float64", table,
-        dict(steps=20000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=200, agg="mean",
-             lam="0:0.1,5000:1.0,15000:0.1", threshold=0.05, dtype="float64"),
+        "modular-addition",
+        f"(a + b) mod {p}, 80% of pairs for training, float64",
+        table,
+        dict(
+            steps=20000,
+            lr=1e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=30,
+            swap_every=200,
+            agg="mean",
+            lam="0:0.1,5000:1.0,15000:0.1",
+            threshold=0.05,
+            dtype="float64",
+        ),
         0.99,
     )
 
@@ -53,9 +70,20 @@ def permutation_s4() -> Task:
     # composition (a∘b)[m] = a[b[m]]
     table = np.array([[index[tuple(a[b[m]] for m in range(4))] for b in perms] for a in perms])
     return _pairs_task(
-        "permutation-s4", "composition of permutations of 4 elements (S4, 24x24), 80% train", table,
-        dict(steps=20000, lr=2e-3, l0=0.5, wf=1.0, top_k=30, swap_every=200, agg="mean",
-             lam="0:1.0", threshold=0.05, dtype="float64"),
+        "permutation-s4",
+        "composition of permutations of 4 elements (S4, 24x24), 80% train",
+        table,
+        dict(
+            steps=20000,
+            lr=2e-3,
+            l0=0.5,
+            wf=1.0,
+            top_k=30,
+            swap_every=200,
+            agg="mean",
+            lam="0:1.0",
+            threshold=0.05,
+            dtype="float64",
+        ),
         0.99,
     )
-

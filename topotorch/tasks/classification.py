@@ -9,6 +9,7 @@ from topotorch.tasks.core import Task, TaskData, register_task
 
 # -- two moons --------------------------------------------------------------------------------
 
+
 @register_task
 def two_moons() -> Task:
     def make_data(seed: int, dtype: torch.dtype) -> TaskData:
@@ -20,16 +21,31 @@ def two_moons() -> Task:
         return TaskData(f(xtr), torch.as_tensor(ytr), f(xte), torch.as_tensor(yte))
 
     return Task(
-        name="two-moons", description="two interleaved half-circles (noise 0.1), 200 train / 200 test",
-        make_data=make_data, make_model=lambda: MLP([2, 20, 20, 2]), loss="ce",
-        input_labels=["x1", "x2"], output_labels=["class 0", "class 1"],
-        defaults=dict(steps=10000, lr=2e-3, l0=0.2, wf=1.0, top_k=10, swap_every=200, agg="sum",
-                      lam="0:1e-3,5000:1e-2", threshold=0.05, dtype="float32"),
+        name="two-moons",
+        description="two interleaved half-circles (noise 0.1), 200 train / 200 test",
+        make_data=make_data,
+        make_model=lambda: MLP([2, 20, 20, 2]),
+        loss="ce",
+        input_labels=["x1", "x2"],
+        output_labels=["class 0", "class 1"],
+        defaults=dict(
+            steps=10000,
+            lr=2e-3,
+            l0=0.2,
+            wf=1.0,
+            top_k=10,
+            swap_every=200,
+            agg="sum",
+            lam="0:1e-3,5000:1e-2",
+            threshold=0.05,
+            dtype="float32",
+        ),
         goal=("accuracy", ">=", 0.97),
     )
 
 
 # -- real images: scikit-learn's 8x8 handwritten digits ----------------------------------------
+
 
 def digits_data(seed: int, dtype: torch.dtype) -> TaskData:
     """scikit-learn's 1797 real 8x8 digits scaled to [0, 1], a seeded 80/20 split."""
@@ -47,12 +63,26 @@ def digits_data(seed: int, dtype: torch.dtype) -> TaskData:
 @register_task
 def digits() -> Task:
     return Task(
-        name="digits", description="scikit-learn's real 8x8 handwritten digits, inputs on an 8x8 grid (3-D drawing)",
-        make_data=digits_data, make_model=lambda: MLP([64, 100, 100, 10]), loss="ce",
+        name="digits",
+        description="scikit-learn's real 8x8 handwritten digits, inputs on an 8x8 grid (3-D drawing)",
+        make_data=digits_data,
+        make_model=lambda: MLP([64, 100, 100, 10]),
+        loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(steps=10000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=500, agg="mean",
-                      lam="0:0.01,3000:0.1,6000:1.0", threshold=0.05, dtype="float32", relocate_inputs=False),
+        defaults=dict(
+            steps=10000,
+            lr=1e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=30,
+            swap_every=500,
+            agg="mean",
+            lam="0:0.01,3000:0.1,6000:1.0",
+            threshold=0.05,
+            dtype="float32",
+            relocate_inputs=False,
+        ),
         goal=("accuracy", ">=", 0.93),
     )
 
@@ -62,11 +92,25 @@ def digits_wide() -> Task:
     return Task(
         name="digits-wide",
         description="the 8x8 digits with a wide MLP 64-512-512-10 (the compression benchmark's model)",
-        make_data=digits_data, make_model=lambda: MLP([64, 512, 512, 10]), loss="ce",
+        make_data=digits_data,
+        make_model=lambda: MLP([64, 512, 512, 10]),
+        loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:16x32", "hidden2": "grid:16x32", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(steps=6000, lr=1e-3, l0=0.5, wf=2.0, top_k=60, swap_every=500, agg="mean", batch_size=256,
-                      lam="0:0.01,2000:0.1,4000:1.0", threshold=0.05, dtype="float32", relocate_inputs=False),
+        defaults=dict(
+            steps=6000,
+            lr=1e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=60,
+            swap_every=500,
+            agg="mean",
+            batch_size=256,
+            lam="0:0.01,2000:0.1,4000:1.0",
+            threshold=0.05,
+            dtype="float32",
+            relocate_inputs=False,
+        ),
         goal=("accuracy", ">=", 0.93),
     )
 
@@ -94,11 +138,25 @@ def mnist1d() -> Task:
     return Task(
         name="mnist1d",
         description="MNIST-1D: 40-sample 1-D digit signals (needs the mnist1d package), MLP 40-100-100-10",
-        make_data=mnist1d_data, make_model=lambda: MLP([40, 100, 100, 10]), loss="ce",
+        make_data=mnist1d_data,
+        make_model=lambda: MLP([40, 100, 100, 10]),
+        loss="ce",
         layouts={"hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(steps=6000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=500, agg="mean", batch_size=256,
-                      lam="0:0.001,2000:0.01,4000:0.1", threshold=0.05, dtype="float32", relocate_inputs=False),
+        defaults=dict(
+            steps=6000,
+            lr=1e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=30,
+            swap_every=500,
+            agg="mean",
+            batch_size=256,
+            lam="0:0.001,2000:0.01,4000:0.1",
+            threshold=0.05,
+            dtype="float32",
+            relocate_inputs=False,
+        ),
         goal=("accuracy", ">=", 0.80),
     )
 
@@ -110,11 +168,25 @@ def digits_conv() -> Task:
 
     labels = [str(i) for i in range(10)]
     return Task(
-        name="digits-conv", description="the 8x8 digits with a small residual conv net (16 channels, 2 blocks)",
-        make_data=digits_data, make_model=lambda: SmallResNet(channels=16, hidden=16, n_blocks=2, image_size=8),
-        loss="ce", make_graph=lambda m: conv_graph(m, output_labels=labels), output_labels=labels,
-        defaults=dict(steps=3000, lr=2e-3, l0=0.5, wf=2.0, top_k=8, swap_every=200, agg="mean", batch_size=128,
-                      lam="0:1e-3,1000:1e-2", threshold=0.05, dtype="float32"),
+        name="digits-conv",
+        description="the 8x8 digits with a small residual conv net (16 channels, 2 blocks)",
+        make_data=digits_data,
+        make_model=lambda: SmallResNet(channels=16, hidden=16, n_blocks=2, image_size=8),
+        loss="ce",
+        make_graph=lambda m: conv_graph(m, output_labels=labels),
+        output_labels=labels,
+        defaults=dict(
+            steps=3000,
+            lr=2e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=8,
+            swap_every=200,
+            agg="mean",
+            batch_size=128,
+            lam="0:1e-3,1000:1e-2",
+            threshold=0.05,
+            dtype="float32",
+        ),
         goal=("accuracy", ">=", 0.95),
     )
-

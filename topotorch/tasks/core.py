@@ -87,7 +87,6 @@ def register_task(factory: Callable[[], Task]) -> Callable[[], Task]:
     return factory
 
 
-
 # name prefix -> (builder from the rest of the name, how the name is written: "text:PATH")
 TASK_PREFIXES: dict[str, tuple[Callable[[str], Task], str]] = {}
 
@@ -107,7 +106,7 @@ def get_task(name: str) -> Task:
     """The task called ``name``; a clear error lists the known ones. Usage: ``get_task("independence")``."""
     for prefix, (build, _) in TASK_PREFIXES.items():
         if name.startswith(prefix):  # e.g. character-level language modelling on any text file
-            return build(name[len(prefix):])
+            return build(name[len(prefix) :])
     if name not in TASKS:
         known = [*sorted(TASKS), *(usage for _, usage in TASK_PREFIXES.values())]
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known)}")

@@ -3,8 +3,8 @@
 Each task's model is a :class:`~topotorch.models.TinyGPT` (wrapped so its output is what
 the loss expects) placed in space by :func:`~topotorch.graph.transformer.transformer_graph`.
 
-    >>> get_task("in-context-regression")          # the paper's transformer (BRIEF §1)
-    >>> get_task("text:path/to/corpus.txt")        # char-level LM on any text file
+    >>> get_task("in-context-regression")  # the paper's transformer (BRIEF §1)
+    >>> get_task("text:path/to/corpus.txt")  # char-level LM on any text file
 """
 
 from __future__ import annotations
@@ -41,13 +41,16 @@ def _inner_graph(input_labels: list[str] | None = None, output_labels: list[str]
     def make(model: nn.Module):
         gpt = model.gpt if isinstance(model, (LastToken, CharLM)) else model
         return transformer_graph(gpt, input_labels=input_labels, output_labels=output_labels)
+
     return make
 
 
 # -- in-context linear regression (the paper's transformer experiment) --------------------------
 
-def in_context_data(n: int, gen: torch.Generator,
-                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def in_context_data(
+    n: int, gen: torch.Generator, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequences (0, x1), (y1, 0), (0, x2) with y = w·x, w ~ U[-1, 1], x ~ U[1, 3]; returns (x, y2, w)."""
     w = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
     x1, x2 = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(2))
@@ -67,22 +70,38 @@ def in_context_regression() -> Task:
     return Task(
         name="in-context-regression",
         description="tokens (0,x1),(y1,0),(0,x2) -> y2 = w*x2; "
-                    "transformer 2 blocks, d=32, 1 head, MLP 128, no LayerNorm",
+        "transformer 2 blocks, d=32, 1 head, MLP 128, no LayerNorm",
         make_data=make_data,
-        make_model=lambda: LastToken(TinyGPT(in_dim=2, out_dim=1, d_model=32, n_layers=2, n_heads=1, d_mlp=128,
-                                             block_size=3, layernorm=False), squeeze=True),
-        loss="mse", make_graph=_inner_graph(["y-channel", "x-channel"], ["y2"]), output_labels=["y2"],
+        make_model=lambda: LastToken(
+            TinyGPT(in_dim=2, out_dim=1, d_model=32, n_layers=2, n_heads=1, d_mlp=128, block_size=3, layernorm=False),
+            squeeze=True,
+        ),
+        loss="mse",
+        make_graph=_inner_graph(["y-channel", "x-channel"], ["y2"]),
+        output_labels=["y2"],
         # the paper's schedule (1e-3; 1e-2 at 10k; 1e-1 at 30k of 40k) compressed to 20k steps, with a
         # last phase at 0.3 that leaves w in <= 4 residual neurons (0.1 alone leaves 5)
-        defaults=dict(steps=20000, lr=1e-3, l0=0.5, wf=2.0, top_k=20, swap_every=200, agg="mean",
-                      lam="0:1e-3,4000:1e-2,10000:1e-1,15000:3e-1", threshold=0.05, dtype="float32", batch_size=512),
+        defaults=dict(
+            steps=20000,
+            lr=1e-3,
+            l0=0.5,
+            wf=2.0,
+            top_k=20,
+            swap_every=200,
+            agg="mean",
+            lam="0:1e-3,4000:1e-2,10000:1e-1,15000:3e-1",
+            threshold=0.05,
+            dtype="float32",
+            batch_size=512,
+        ),
         goal=("mse", "<=", 1e-2),
     )
 
 
 @torch.no_grad()
-def probe_residual(model: nn.Module, x: torch.Tensor, target: torch.Tensor, position: int = -1,
-                   min_activity: float = 0.01) -> dict[str, torch.Tensor]:
+def probe_residual(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, position: int = -1, min_activity: float = 0.01
+) -> dict[str, torch.Tensor]:
     """Pearson r between every residual-stream neuron and ``target``, after the embedding and after each block.
 
     Returns {"embed": r, "blocks.0": r, ...}, each of shape (d_model,), read at sequence
@@ -93,8 +112,10 @@ def probe_residual(model: nn.Module, x: torch.Tensor, target: torch.Tensor, posi
     gpt = model.gpt if isinstance(model, LastToken) else model
     blocks: nn.ModuleList = gpt.blocks  # type: ignore[assignment]  # TinyGPT's blocks (nn.Module attributes are untyped)
     states: dict[str, torch.Tensor] = {}
-    hooks = [blk.register_forward_hook(lambda m, i, o, n=f"blocks.{k}": states.__setitem__(n, o))
-             for k, blk in enumerate(blocks)]
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o, n=f"blocks.{k}": states.__setitem__(n, o))
+        for k, blk in enumerate(blocks)
+    ]
     hooks.append(blocks[0].register_forward_pre_hook(lambda m, i: states.__setitem__("embed", i[0])))
     try:
         gpt(x)
@@ -114,6 +135,7 @@ def probe_residual(model: nn.Module, x: torch.Tensor, target: torch.Tensor, posi
 
 # -- modular addition with a one-layer transformer ---------------------------------------------
 
+
 @register_task
 def modular_addition_transformer() -> Task:
     p = 59
@@ -127,18 +149,43 @@ def modular_addition_transformer() -> Task:
         return TaskData(x[order[:n_train]], y[order[:n_train]], x[order[n_train:]], y[order[n_train:]])
 
     return Task(
-        name="modular-addition-transformer", description=f"(a + b) mod {p} with a 1-layer transformer, 80% train",
+        name="modular-addition-transformer",
+        description=f"(a + b) mod {p} with a 1-layer transformer, 80% train",
         make_data=make_data,
-        make_model=lambda: LastToken(TinyGPT(vocab=p, d_model=32, n_layers=1, n_heads=4, d_mlp=128, block_size=2,
-                                             layernorm=False, tie_embeddings=False)),
-        loss="ce", make_graph=_inner_graph(None, [str(i) for i in range(p)]), output_labels=[str(i) for i in range(p)],
-        defaults=dict(steps=5000, lr=3e-3, weight_decay=0.0, l0=0.5, wf=2.0, top_k=30, swap_every=200, agg="mean",
-                      lam="0:0.01,1000:0.1", threshold=0.05, dtype="float32"),
+        make_model=lambda: LastToken(
+            TinyGPT(
+                vocab=p,
+                d_model=32,
+                n_layers=1,
+                n_heads=4,
+                d_mlp=128,
+                block_size=2,
+                layernorm=False,
+                tie_embeddings=False,
+            )
+        ),
+        loss="ce",
+        make_graph=_inner_graph(None, [str(i) for i in range(p)]),
+        output_labels=[str(i) for i in range(p)],
+        defaults=dict(
+            steps=5000,
+            lr=3e-3,
+            weight_decay=0.0,
+            l0=0.5,
+            wf=2.0,
+            top_k=30,
+            swap_every=200,
+            agg="mean",
+            lam="0:0.01,1000:0.1",
+            threshold=0.05,
+            dtype="float32",
+        ),
         goal=("accuracy", ">=", 0.99),
     )
 
 
 # -- character-level language modelling --------------------------------------------------------
+
 
 class CharLM(nn.Module):
     """TinyGPT over characters; forward gives (batch, time, vocab) logits."""
@@ -158,8 +205,9 @@ def bits_per_char(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()) / math.log(2))
 
 
-def char_windows(text: str, block: int,
-                 held_out: float = 0.1) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def char_windows(
+    text: str, block: int, held_out: float = 0.1
+) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vocabulary and (inputs, next-char targets) windows; the last ``held_out`` of the text is the test split."""
     if len(text) < 4 * (block + 1):
         raise ValueError(f"text of {len(text)} characters is too short for block size {block}")
@@ -170,7 +218,7 @@ def char_windows(text: str, block: int,
 
     def windows(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = (len(seq) - 1) // block
-        return seq[: n * block].view(n, block), seq[1: n * block + 1].view(n, block)
+        return seq[: n * block].view(n, block), seq[1 : n * block + 1].view(n, block)
 
     xtr, ytr = windows(ids[:cut])
     xte, yte = windows(ids[cut:])
@@ -178,8 +226,15 @@ def char_windows(text: str, block: int,
 
 
 @functools.lru_cache(maxsize=8)
-def text_task(path: str | Path, name: str | None = None, block: int = 64, d_model: int = 128, n_layers: int = 4,
-              n_heads: int = 4, max_test_windows: int = 256) -> Task:
+def text_task(
+    path: str | Path,
+    name: str | None = None,
+    block: int = 64,
+    d_model: int = 128,
+    n_layers: int = 4,
+    n_heads: int = 4,
+    max_test_windows: int = 256,
+) -> Task:
     """A character-level language-modelling task on the text file at ``path`` (90/10 split, bits/char).
 
     Usage: ``text_task("corpus.txt")``; on the command line, ``topotorch train text:corpus.txt``.
@@ -193,20 +248,37 @@ def text_task(path: str | Path, name: str | None = None, block: int = 64, d_mode
     def make_data(seed: int, dtype: torch.dtype) -> TaskData:
         return TaskData(xtr, ytr, xte[:max_test_windows], yte[:max_test_windows])
 
-    return check_defaults(Task(
-        name=name or f"text:{path}",
-        description=f"character-level LM on {path.name} ({len(text)} chars, {len(vocab)} symbols)",
-        make_data=make_data, make_model=lambda: CharLM(len(vocab), d_model, n_layers, n_heads, block),
-        loss="ce", make_graph=_inner_graph(None, [repr(c)[1:-1] for c in vocab]),
-        output_labels=[repr(c)[1:-1] for c in vocab],
-        metric_name="bpc", evaluate=bits_per_char,
-        # agg="sum": a per-weight penalty gradient of ~λ(wf·d + l0), comparable to the task's gradients
-        # at λ ~ 1e-4 ("mean" would divide it by ~65k weights per layer). At 5k steps λ = 3e-5 costs
-        # 0.23 bits/char and 5e-6 costs 0.03 (77% of attention/MLP weights below 0.05 vs 56% plain)
-        defaults=dict(steps=5000, lr=1e-3, l0=0.5, wf=2.0, top_k=30, swap_every=200, agg="sum",
-                      lam="0:5e-6", threshold=0.05, dtype="float32", batch_size=32, log_every=250),
-        goal=None,
-    ))
+    return check_defaults(
+        Task(
+            name=name or f"text:{path}",
+            description=f"character-level LM on {path.name} ({len(text)} chars, {len(vocab)} symbols)",
+            make_data=make_data,
+            make_model=lambda: CharLM(len(vocab), d_model, n_layers, n_heads, block),
+            loss="ce",
+            make_graph=_inner_graph(None, [repr(c)[1:-1] for c in vocab]),
+            output_labels=[repr(c)[1:-1] for c in vocab],
+            metric_name="bpc",
+            evaluate=bits_per_char,
+            # agg="sum": a per-weight penalty gradient of ~λ(wf·d + l0), comparable to the task's gradients
+            # at λ ~ 1e-4 ("mean" would divide it by ~65k weights per layer). At 5k steps λ = 3e-5 costs
+            # 0.23 bits/char and 5e-6 costs 0.03 (77% of attention/MLP weights below 0.05 vs 56% plain)
+            defaults=dict(
+                steps=5000,
+                lr=1e-3,
+                l0=0.5,
+                wf=2.0,
+                top_k=30,
+                swap_every=200,
+                agg="sum",
+                lam="0:5e-6",
+                threshold=0.05,
+                dtype="float32",
+                batch_size=32,
+                log_every=250,
+            ),
+            goal=None,
+        )
+    )
 
 
 @register_task_prefix("text:", "text:PATH")
