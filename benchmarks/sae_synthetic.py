@@ -9,11 +9,15 @@ dead fraction (not fired in the last ``dead_tokens`` tokens).
 
 Sparsity knobs (:data:`ARCH_OPTIONS`) are calibrated to L0 ≈ k on the easy setting: TopK/BatchTopK take k
 directly; JumpReLU uses its target-L0 penalty λ(L0/k − 1)² with a bandwidth and initial θ on the scale of the
-normalised pre-activations (ε = 0.001 and θ₀ = 0.001, the LLM defaults, leave θ unable to move in 1500 steps:
-L0 stayed at 33); ReLU + L1 uses the coefficient that lands at L0 ≈ 8 in a sweep (0.03 → L0 158, 1.0 → L0 1.6).
+normalised pre-activations (ε = θ₀ = 0.001, the LLM defaults, left θ unable to rise in 1500 steps: L0 33;
+ε = 0.05, θ₀ = 0.5: L0 15; ε = 0.1, θ₀ = 2: L0 8.0); ReLU + L1 uses the coefficient that lands at L0 ≈ 8 in a
+sweep (0.03 → L0 158, 0.1 → 110, 0.3 → 44, 0.5 → 12, 0.6 → 5.2, 1.0 → 1.6). BatchTopK learns more slowly
+than TopK from a random start (see README): ``--lr 1e-2`` is its setting here.
 
-Dead-latent study: a TopK SAE at 16× (``--dead-latents`` 1024 on d = 64) on the same tokens with AuxK
-(α = 1/32) and without (α = 0).
+Dead-latent study: a TopK SAE at 16× on the same tokens with AuxK (α = 1/32) and without (α = 0):
+``--dead-setting gpt --dead-latents 2048`` on the residual stream of the shakespeare-char GPT (d = 128, the
+model and capture of ``benchmarks/sae_quality.py``, k = 16), or a synthetic setting (1024 latents on d = 64,
+where no latent dies even without AuxK, so the two runs are identical).
 
 The JSON is rewritten (atomically) after every run, so a killed run leaves the rows it finished.
 
@@ -24,7 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,8 +42,8 @@ from topotorch.timing import conditions
 ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k (see the module docstring)
     "topk": {},
     "batchtopk": {},
-    "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.05, "threshold_init": 0.5},   # + target_l0 = k
-    "relu": {"l1_coeff": 0.3},
+    "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.1, "threshold_init": 2.0},   # + target_l0 = k
+    "relu": {"l1_coeff": 0.55},
 }
 
 
@@ -64,6 +71,37 @@ def run(setting: str, arch: str, n_latents: int, k: int, steps: int, batch: int,
             "dead_history": hist["dead"]}
 
 
+def gpt_residual(n_tokens: int, seed: int, hook: str, run_dir: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Training batches (1024 shuffled tokens each) and 8192 held-out tokens of the shakespeare-char GPT's residual
+    stream after ``hook`` — the model and capture of ``benchmarks/sae_quality.py`` (its saved GPT when present)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sae_quality import gpt_model, residual
+
+    model, data, _ = gpt_model(Path(run_dir), 300, seed)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    windows = data.x_train[torch.randperm(len(data.x_train), generator=g)[:math.ceil(n_tokens / 64)]]
+    x = residual(model, windows, hook)
+    x = x[torch.randperm(len(x), generator=g)][:n_tokens]
+    return list(x.split(1024)), residual(model, data.x_test[:128], hook)
+
+
+def run_dead_gpt(n_latents: int, k: int, steps: int, lr: float | None, seed: int, alpha: float,
+                 batches: list[torch.Tensor], test: torch.Tensor) -> dict:
+    cfg = SAEConfig(d_in=test.shape[1], n_latents=n_latents, k=k, architecture="topk", aux_alpha=alpha)
+    t0 = time.perf_counter()
+    sae, hist = train_sae(cfg, batches, steps=steps, lr=lr, seed=seed, log_every=max(1, steps // 10))
+    secs = time.perf_counter() - t0
+    ev = evaluate_sae(sae, [test])
+    return {"setting": "gpt", "architecture": "topk", "n_latents": n_latents, "k": k, "aux_alpha": alpha,
+            "lr": lr if lr is not None else "default", "fvu": ev["fvu"], "l0": ev["l0"], "dead_eval": ev["dead"],
+            "dead_train": hist["dead_final"],
+            "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
+            "dead_tokens": hist["dead_tokens"], "dense": ev["dense"], "train_seconds": round(secs, 1),
+            "steps": steps, "tokens": sum(len(b) for b in batches[:steps]), "fvu_history": hist["fvu"],
+            "dead_history": hist["dead"]}
+
+
 def _names(s: str) -> list[str]:
     return [t for t in s.split(",") if t]
 
@@ -80,7 +118,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=100)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--dead-study", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--dead-setting", default="hard")
+    ap.add_argument("--dead-setting", default="hard", help="a synthetic setting, or 'gpt' (residual stream)")
+    ap.add_argument("--gpt-hook", default="gpt.blocks.1")
+    ap.add_argument("--gpt-run", default="runs/sae_quality/gpt")
+    ap.add_argument("--gpt-k", type=int, default=16)
+    ap.add_argument("--gpt-lr", type=float, default=None, help="default: train_sae's 2e-4/√(n/2¹⁴)")
     ap.add_argument("--dead-latents", type=int, default=1024)
     ap.add_argument("--aux-alphas", default="0.03125,0", help="AuxK α values of the dead-latent study")
     ap.add_argument("--opts", default="{}",
@@ -106,9 +148,14 @@ def main() -> None:
                   f"dead(eval) {r['dead_eval']:.3f}  dead(train) {r['dead_train']:.3f}  {r['train_seconds']} s",
                   flush=True)
     if a.dead_study:
+        gpt = gpt_residual(a.steps * 1024, a.seed, a.gpt_hook, a.gpt_run) if a.dead_setting == "gpt" else None
         for alpha in (float(v) for v in _names(a.aux_alphas)):
-            r = run(a.dead_setting, "topk", a.dead_latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed,
-                    aux_alpha=alpha)
+            if gpt is not None:  # same tokens in the same order for every α
+                r = run_dead_gpt(a.dead_latents, a.gpt_k, a.steps, a.gpt_lr, a.seed, alpha, *gpt)
+                r["mcc"] = float("nan")
+            else:
+                r = run(a.dead_setting, "topk", a.dead_latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed,
+                        aux_alpha=alpha)
             r["aux_alpha"] = alpha
             out["dead_study"].append(r)
             save()
