@@ -1,11 +1,11 @@
 """The README's promises: its API example runs as written, and CI runs its test command."""
 
 import re
-
-import pytest
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -47,7 +47,7 @@ def test_readme_any_architecture_example_runs(tmp_path):
 def test_readme_hugging_face_graph_example_runs(tmp_path):
     pytest.importorskip("transformers")
     section = README.split("## Any architecture", 1)[1].split("\n## ", 1)[0]
-    first, hf = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
+    _first, hf = re.findall(r"```python\n(.*?)```", section, flags=re.S)[:2]
     script = tmp_path / "hf_example.py"
     script.write_text(
         "import torch\nfrom topotorch import coupling_graph\n"

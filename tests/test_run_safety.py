@@ -306,7 +306,8 @@ def test_hostile_labels_run_no_script_in_headless_chromium(hostile_page):
         assert page.evaluate("document.body.dataset.rendered") == "yes"
         # hover a neuron and a connection: the tooltip shows the labels
         page.evaluate(
-            "document.querySelector('#graph circle').dispatchEvent(new MouseEvent('mousemove', {clientX: 5, clientY: 5}))"
+            "document.querySelector('#graph circle')"
+            ".dispatchEvent(new MouseEvent('mousemove', {clientX: 5, clientY: 5}))"
         )
         node_tip = page.evaluate("document.getElementById('tip').textContent")
         tip_tags = page.evaluate("document.getElementById('tip').querySelectorAll('img,script').length")

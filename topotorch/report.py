@@ -32,6 +32,7 @@ import json
 import math
 import time
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -667,190 +668,21 @@ def build_index(runs_dir: Path | str, max_edges: int = 5000, rebuild: bool = Fal
 
 
 # ---------------------------------------------------------------------------------------------
-# page templates (hand-written SVG + JS, no libraries)
+# page templates (hand-written SVG + JS, no libraries): files in report_assets/ beside this module,
+# shipped as package data; run.html and index.html name the shared style and script by placeholders
+# (__STYLE__, __COMMON_JS__) filled once here, before _fill puts a run's data in.
 # ---------------------------------------------------------------------------------------------
-_STYLE = """
-body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#223;color:#fff;padding:10px 18px}h1{font-size:19px;margin:0}
-main{padding:12px 18px;display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:16px}
-section{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 12px;overflow:auto}
-h2{font-size:15px;margin:2px 0 8px}.wide{grid-column:1/-1}
-table{border-collapse:collapse;font-size:12px}td,th{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
-td:first-child,th:first-child{text-align:left}.muted{color:#777;font-size:12px}
-#tip{position:fixed;pointer-events:none;background:#fff;border:1px solid #888;padding:4px 7px;font-size:12px;
-border-radius:4px;display:none;box-shadow:0 1px 4px #0003;z-index:9}
-svg text{font-size:10px;fill:#444}pre{font-size:11px;white-space:pre-wrap;word-break:break-all;background:#f4f4f4;padding:6px}
-img{max-width:100%}.cards{display:flex;flex-wrap:wrap;gap:12px}.card{width:330px}
-.notice{background:#fff4d6;border:1px solid #e0b44c;border-radius:4px;padding:6px 10px;margin:8px 18px;font-size:13px}
-"""
+def _asset(name: str) -> str:
+    """The text of ``topotorch/report_assets/<name>`` (read as bytes: no newline translation)."""
+    return (resources.files("topotorch") / "report_assets" / name).read_bytes().decode("utf-8")
 
-_COMMON_JS = r"""
-const errors=[];window.addEventListener('error',e=>{errors.push(String(e.message));document.body.dataset.errors=errors.length;});
-const NS='http://www.w3.org/2000/svg';
-function el(tag,attrs,parent){const e=document.createElementNS(NS,tag);for(const k in attrs)e.setAttribute(k,attrs[k]);if(parent)parent.appendChild(e);return e;}
-function fmt(v){if(v===null||v===undefined)return '–';if(typeof v!=='number')return String(v);const a=Math.abs(v);
- return (a!==0&&(a<1e-3||a>=1e5))?v.toExponential(3):(+v.toPrecision(4)).toString();}
-function lineChart(parent,title,xs,series,opts){opts=opts||{};const W=300,H=170,L=46,R=8,T=18,B=22;
- const svg=el('svg',{width:W,height:H,viewBox:`0 0 ${W} ${H}`,class:'chart'},parent);
- el('text',{x:L,y:12,'font-weight':'bold'},svg).textContent=title;
- const tr=v=>opts.log?Math.log10(Math.max(v,1e-12)):v;let lo=Infinity,hi=-Infinity,x0=Infinity,x1=-Infinity;
- series.forEach(s=>s.ys.forEach((y,i)=>{if(y===null||!isFinite(y))return;const t=tr(y);lo=Math.min(lo,t);hi=Math.max(hi,t);
-  x0=Math.min(x0,s.xs[i]);x1=Math.max(x1,s.xs[i]);}));
- if(!isFinite(lo)){el('text',{x:L,y:H/2},svg).textContent='no data';return svg;}
- if(hi===lo){hi+=1;lo-=1;}if(x1===x0)x1+=1;
- const sx=x=>L+(x-x0)/(x1-x0)*(W-L-R),sy=y=>T+(1-(tr(y)-lo)/(hi-lo))*(H-T-B);
- el('rect',{x:L,y:T,width:W-L-R,height:H-T-B,fill:'none',stroke:'#ccc'},svg);
- [lo,hi].forEach((t,i)=>{el('text',{x:L-3,y:i?T+8:H-B,'text-anchor':'end'},svg).textContent=fmt(opts.log?Math.pow(10,t):t);});
- el('text',{x:L,y:H-6},svg).textContent=fmt(x0);el('text',{x:W-R,y:H-6,'text-anchor':'end'},svg).textContent=fmt(x1)+' steps';
- series.forEach((s,k)=>{const pts=[];s.ys.forEach((y,i)=>{if(y!==null&&isFinite(y))pts.push(sx(s.xs[i]).toFixed(1)+','+sy(y).toFixed(1));});
-  el('polyline',{points:pts.join(' '),fill:'none',stroke:s.color||'#1f5fbf','stroke-width':1.4},svg);
-  if(s.name){el('text',{x:W-R-4,y:T+12+12*k,'text-anchor':'end',fill:s.color},svg).textContent=s.name;}});
- return svg;}
-function table(parent,head,rows){const t=document.createElement('table');const tr=t.insertRow();
- head.forEach(h=>{const th=document.createElement('th');th.textContent=h;tr.appendChild(th);});
- rows.forEach(r=>{const row=t.insertRow();r.forEach(c=>{row.insertCell().textContent=typeof c==='number'?fmt(c):c;});});parent.appendChild(t);return t;}
-"""
 
-_PAGE = (
-    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>"""
-    + _STYLE
-    + """</style></head><body><header><h1>__TITLE__</h1><div id="sub" class="muted" style="color:#ccd"></div></header>
-<div id="notices">__NOTICES__</div>
-<main>
-<section><h2>Connectivity (wheel: zoom, drag: pan, hover: details; colour = module)</h2>
-<div id="graphinfo" class="muted"></div><svg id="graph" width="100%" height="560" style="background:#fff;cursor:grab"></svg></section>
-<section><h2>Training curves</h2><div id="curves"></div></section>
-<section><h2>Animation</h2>__GIF__</section>
-<section><h2>Metrics</h2><div id="metrics"></div></section>
-<section class="wide"><h2>Modules and ablations</h2><div id="modules"></div><div id="ablation"></div><div id="embabl"></div></section>
-<section class="wide"><h2>Formula</h2><div id="formula"></div></section>
-__PANELS__
-</main><div id="tip"></div>
-<script type="application/json" id="data">__DATA__</script>
-<script>"""
-    + _COMMON_JS
-    + r"""
-const D=JSON.parse(document.getElementById('data').textContent);
-const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf','#bcbd22','#7f7f7f','#393b79','#637939'];
-const mcol=m=>m<0?'#bbb':PAL[m%PAL.length];
-const tip=document.getElementById('tip');
-// lines: strings, or [bold, rest] pairs; built from text nodes only (labels are data, never markup)
-function showTip(ev,lines){tip.replaceChildren();lines.forEach((ln,i)=>{if(i)tip.appendChild(document.createElement('br'));
- if(Array.isArray(ln)){const b=document.createElement('b');b.textContent=ln[0];tip.appendChild(b);tip.appendChild(document.createTextNode(ln[1]));}
- else tip.appendChild(document.createTextNode(ln));});
- tip.style.display='block';tip.style.left=(ev.clientX+12)+'px';tip.style.top=(ev.clientY+12)+'px';}
-function hideTip(){tip.style.display='none';}
-const F=D.figures;
-document.getElementById('sub').textContent=`${F.metric}: ${fmt(F.test)} (thresholded ${fmt(F.thresholded_test)}) · wiring cost ${fmt(F.wiring_cost)} · modularity Q ${fmt(F.q)} (all weights ${fmt(F.q_all_weights)}) · ${F.n_communities} communities (${F.backend})`;
-// ---- graph
-(function(){const G=D.graph,N=G.nodes,svg=document.getElementById('graph');
- const n=N.x.length;let x0=Infinity,x1=-Infinity,y0=Infinity,y1=-Infinity;
- for(let i=0;i<n;i++){x0=Math.min(x0,N.x[i]);x1=Math.max(x1,N.x[i]);y0=Math.min(y0,N.y[i]);y1=Math.max(y1,N.y[i]);}
- const W=1000,H=560,pad=30,sx=x=>pad+(x-x0)/((x1-x0)||1)*(W-2*pad),sy=y=>H-pad-(y-y0)/((y1-y0)||1)*(H-2*pad);
- svg.setAttribute('viewBox',`0 0 ${W} ${H}`);const vp=el('g',{id:'viewport'},svg);
- const ge=el('g',{id:'edges'},vp),gn=el('g',{id:'nodes'},vp);
- const E=G.edges,m=E.weight.length;let wmax=0;for(let k=0;k<m;k++)wmax=Math.max(wmax,Math.abs(E.weight[k]));
- for(let k=0;k<m;k++){const s=E.source[k],t=E.target[k],w=E.weight[k],r=Math.abs(w)/(wmax||1);
-  const ln=el('line',{x1:sx(N.x[s]).toFixed(1),y1:sy(N.y[s]).toFixed(1),x2:sx(N.x[t]).toFixed(1),y2:sy(N.y[t]).toFixed(1),
-   stroke:w>=0?'#1f4fd6':'#d62020','stroke-opacity':(0.08+0.9*r).toFixed(3),'stroke-width':(0.3+3*r).toFixed(2),'vector-effect':'non-scaling-stroke'},ge);
-  ln.addEventListener('mousemove',ev=>showTip(ev,[`${N.label[s]} → ${N.label[t]}`,`weight ${fmt(w)}`]));ln.addEventListener('mouseleave',hideTip);}
- let imax=0;for(let i=0;i<n;i++)imax=Math.max(imax,N.importance[i]);
- for(let i=0;i<n;i++){const c=el('circle',{cx:sx(N.x[i]).toFixed(1),cy:sy(N.y[i]).toFixed(1),r:(1.5+4.5*Math.sqrt(N.importance[i]/(imax||1))).toFixed(2),
-   fill:mcol(N.module[i]),stroke:'#333','stroke-width':0.4},gn);
-  c.addEventListener('mousemove',ev=>showTip(ev,[[N.label[i],` (${N.space[i]}[${N.index[i]}])`],`importance Σ|w| ${fmt(N.importance[i])}`,`module ${N.module[i]<0?'none':N.module[i]+1}`]));
-  c.addEventListener('mouseleave',hideTip);}
- const role={};G.spaces.forEach(s=>role[s.name]=s.role);
- for(let i=0;i<n;i++){if(role[N.space[i]]==='hidden'||n>400)continue;
-  el('text',{x:sx(N.x[i]).toFixed(1),y:(sy(N.y[i])+(role[N.space[i]]==='input'?14:-8)).toFixed(1),'text-anchor':'middle'},gn).textContent=N.label[i];}
- document.getElementById('graphinfo').textContent=`${n} neurons; drawing the ${G.n_edges_drawn} strongest of ${G.n_edges_total} connections (blue +, red −; width ∝ |w|)`;
- let k=1,tx=0,ty=0,drag=null;const apply=()=>vp.setAttribute('transform',`translate(${tx},${ty}) scale(${k})`);
- const pt=ev=>{const r=svg.getBoundingClientRect();return [(ev.clientX-r.left)*W/r.width,(ev.clientY-r.top)*H/r.height];};
- svg.addEventListener('wheel',ev=>{ev.preventDefault();const [px,py]=pt(ev),f=Math.exp(-ev.deltaY*0.0015),nk=Math.min(80,Math.max(0.3,k*f));
-  tx=px-(px-tx)*nk/k;ty=py-(py-ty)*nk/k;k=nk;apply();},{passive:false});
- svg.addEventListener('mousedown',ev=>{drag=[...pt(ev),tx,ty];svg.style.cursor='grabbing';});
- window.addEventListener('mouseup',()=>{drag=null;svg.style.cursor='grab';});
- window.addEventListener('mousemove',ev=>{if(!drag)return;const [px,py]=pt(ev);tx=drag[2]+px-drag[0];ty=drag[3]+py-drag[1];apply();});
- svg.addEventListener('dblclick',()=>{k=1;tx=ty=0;apply();});})();
-// ---- curves
-(function(){const M=D.metrics,box=document.getElementById('curves');if(!M.step){box.textContent='no training curves: metrics.csv is missing or unreadable (see the notice above)';return;}
- const xs=M.step,met=Object.keys(M).find(c=>c.startsWith('test_'));
- lineChart(box,'task loss (log)',xs,[{xs,ys:M.task_loss}],{log:true});
- lineChart(box,'wiring cost',xs,[{xs,ys:M.wiring_cost,color:'#7a3dbf'}],{});
- lineChart(box,'active weight fraction',xs,[{xs,ys:M.active_weight_fraction,color:'#2a8a2a'}],{});
- if(met)lineChart(box,met.replace('_',' '),xs,[{xs,ys:M[met],color:'#c75d00'}],{log:met.endsWith('mse')});
- if(M.lambda)lineChart(box,'λ (log)',xs,[{xs,ys:M.lambda,color:'#555'}],{log:true});})();
-// ---- metrics
-table(document.getElementById('metrics'),['figure','value'],D.summary_rows);
-// ---- modules + ablations
-(function(){const box=document.getElementById('modules');
- const p=document.createElement('p');p.textContent=`Communities of the weighted graph (weights |w| > ${D.threshold}), modularity Q = ${fmt(F.q)}; connected modules: ${F.connected_modules}.`;box.appendChild(p);
- table(box,['module','inputs','outputs','neurons','per space'],D.modules.slice(0,20).map(m=>[String(m.community+1),m.inputs.slice(0,10).join(' ')+(m.inputs.length>10?' …':''),
-  m.outputs.slice(0,10).join(' ')+(m.outputs.length>10?' …':''),m.neurons,Object.entries(m.sizes).map(([a,b])=>a+':'+b).join(' ')]));
- const ab=document.getElementById('ablation'),A=D.ablation,labs=D.output_labels,few=labs.length<=12;
- const h=document.createElement('h2');h.textContent=`Knock-outs: hidden neurons of each module set to zero — test ${A[0].metric} overall`+(few?' and per output/class':' and worst class');ab.appendChild(h);
- table(ab,['knocked out','neurons','overall'].concat(few?labs:['worst class']),A.map(r=>[r.name,r.neurons,r.overall].concat(few?r.per_output:
-  [(()=>{let lo=Infinity,j=-1;r.per_output.forEach((v,i)=>{if(v!==null&&v<lo){lo=v;j=i;}});return j<0?'–':labs[j]+': '+fmt(lo);})()])));
- const E=D.embedding_ablation;if(E){const b=document.getElementById('embabl');const h2=document.createElement('h2');
-  h2.textContent=`Embedding modules (the paper's analysis): ${E.modules.length} modules, neurons `+E.modules.map(m=>'{'+m.join(',')+'}').join(' ');b.appendChild(h2);
-  table(b,['network','embedding neurons knocked out','test','train'],E.rows.map(r=>[r.name,r.neurons_knocked_out,r.test,r.train]));}})();
-// ---- formula
-(function(){const box=document.getElementById('formula'),f=D.formula;
- if(!f){box.textContent='The thresholded network has more than ~20 active neurons or is not an MLP: no formula.';return;}
- const p=document.createElement('p');p.textContent=`${f.active_neurons} active hidden neurons ${JSON.stringify(f.hidden_sizes)} at threshold ${f.threshold}; the exact expression matches the thresholded network to ${fmt(f.max_abs_error)} (float64, test set). Numbers below rounded to 3 digits.`;box.appendChild(p);
- f.outputs.forEach(o=>{const h=document.createElement('h2');h.textContent=`${o.name} — depends on {${o.free_symbols.join(', ')}}`;box.appendChild(h);
-  const pre=document.createElement('pre');pre.textContent='LaTeX: '+o.latex;box.appendChild(pre);});
- const pre=document.createElement('pre');pre.textContent=f.python;box.appendChild(pre);})();
-// ---- knock-out tables of parts (heads, leaves): overall, change, per class (or the worst class)
-function partTable(box,title,rows,extra){if(!rows||!rows.length)return;const h=document.createElement('h2');h.textContent=title;box.appendChild(h);
- const n=rows[0].per_output.length,labs=D.output_labels&&D.output_labels.length===n?D.output_labels:[...Array(n).keys()].map(String),few=n<=12,mse=rows[0].metric==='mse';
- const worst=r=>{let b=mse?-Infinity:Infinity,j=-1;r.per_output.forEach((v,i)=>{if(v!==null&&(mse?v>b:v<b)){b=v;j=i;}});return j<0?'–':labs[j]+': '+fmt(b);};
- table(box,['knocked out'].concat(extra.map(e=>e[0]),[rows[0].metric,'change']).concat(few?labs:['worst class']),
-  rows.map(r=>[r.name].concat(extra.map(e=>r[e[1]]===undefined?'':r[e[1]]),[r.overall,r.name==='none'?'':r.overall-rows[0].overall]).concat(few?r.per_output:[worst(r)])));}
-if(D.heads){partTable(document.getElementById('heads'),`Each attention head knocked out alone (its slice of the output projection's input zeroed): test ${D.heads[0].metric} on ${D.panel_samples} test samples, overall and `+(D.heads[0].per_output.length<=12?'per output/class':'worst class'),D.heads,[]);}
-if(D.maps){const box=document.getElementById('maps'),M=D.maps;const p=document.createElement('p');
- p.textContent=`Class-vs-rest selectivity (Welch t) of each unit on its cortical sheet, held-out inputs; layers ${M.pattern}. Smoothness 1 − γ(1)/γ(∞): 1 = smooth, 0 = shuffled. ${D.panel_samples} test samples. ${M.note||''}`;box.appendChild(p);
- M.layers.forEach(L=>{const h=document.createElement('h2');h.textContent=L.error?`${L.layer} (${L.sheet[0]}x${L.sheet[1]}): ${L.error}`:
-  `${L.layer} (${L.sheet[0]}x${L.sheet[1]} sheet): smoothness ${fmt(L.smoothness)}, effective dimensionality ${fmt(L.effective_dim)}`;box.appendChild(h);
-  if(L.png){const im=document.createElement('img');im.alt='cortical map '+L.layer;im.src='data:image/png;base64,'+L.png;box.appendChild(im);}});}
-if(D.fff){const box=document.getElementById('fff');D.fff.forEach(Fl=>{const U=Fl.usage,h=document.createElement('h2');
- h.textContent=`${Fl.layer}: depth ${Fl.depth}, ${U.n_used} of ${U.n_leaves} leaves used by ${U.n_samples} samples (effective ${fmt(U.effective_leaves)}, busiest ${fmt(U.max_fraction)})`+(Fl.purity===null?'':`, weighted purity ${fmt(Fl.purity)}`);box.appendChild(h);
- if(Fl.png){const im=document.createElement('img');im.alt='FFF regions '+Fl.layer;im.src='data:image/png;base64,'+Fl.png;box.appendChild(im);}
- const labs=D.output_labels||[];table(box,['leaf','samples','fraction'].concat(Fl.purity===null?[]:['majority class','purity']),
-  Fl.leaves.slice(0,32).map(r=>[String(r.leaf),r.samples,r.fraction].concat(Fl.purity===null?[]:[labs[r.majority]||String(r.majority),r.purity])));
- partTable(box,'Leaves knocked out one at a time (the busiest; samples routed there output zero)',Fl.ablation,[['samples','samples']]);});}
-document.body.dataset.rendered='yes';
-</script></body></html>
-"""
-)
+def _template(name: str) -> str:
+    """A page template with the shared style and script put in (each placeholder appears once)."""
+    return _asset(name).replace("__STYLE__", _STYLE, 1).replace("__COMMON_JS__", _COMMON_JS, 1)
 
-_INDEX = (
-    """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>topotorch runs</title>
-<style>"""
-    + _STYLE
-    + """</style></head><body><header><h1>topotorch runs, side by side</h1></header><main>
-<section class="wide"><h2>Figures</h2><div id="tbl"></div></section>
-<section class="wide"><h2>Task loss</h2><div id="curves"></div></section>
-<section class="wide"><h2>Runs</h2><div id="cards" class="cards"></div></section></main>
-<script type="application/json" id="data">__DATA__</script>
-<script>"""
-    + _COMMON_JS
-    + r"""
-const R=JSON.parse(document.getElementById('data').textContent);
-const PAL=['#1f77b4','#ff7f0e','#2ca02c','#d62728','#9467bd','#8c564b','#e377c2','#17becf'];
-const t=table(document.getElementById('tbl'),['run','task','method','steps','metric','test','thresholded','wiring cost','active weights','Q','communities','connected modules'],
- R.map(r=>[r.run,r.task,r.method,r.steps,r.metric,r.test,r.thresholded_test,r.wiring_cost,r.active_weight_fraction,r.q,r.n_communities,r.connected_modules]));
-[...t.rows].slice(1).forEach((row,i)=>{const a=document.createElement('a');a.href=R[i].href;a.textContent=R[i].run;row.cells[0].textContent='';row.cells[0].appendChild(a);});
-const tasks=[...new Set(R.map(r=>r.task))];
-tasks.forEach(task=>{const rs=R.filter(r=>r.task===task&&r.metrics.step);if(!rs.length)return;
- lineChart(document.getElementById('curves'),task+' task loss (log)',null,rs.map((r,i)=>({xs:r.metrics.step,ys:r.metrics.task_loss,color:PAL[i%PAL.length],name:r.method+' · '+r.run})),{log:true});});
-R.forEach(r=>{const c=document.createElement('div');c.className='card';const a=document.createElement('a');a.href=r.href;
- a.textContent=`${r.run} (${r.task}, ${r.method})`;c.appendChild(a);
- if(r.thumb){const im=document.createElement('img');im.src='data:image/png;base64,'+r.thumb;c.appendChild(im);}
- const p=document.createElement('div');p.className='muted';p.textContent=`${r.metric} ${fmt(r.test)} · Q ${fmt(r.q)} · active ${fmt(r.active_weight_fraction)}`;c.appendChild(p);
- (r.notices||[]).forEach(n=>{const q=document.createElement('p');q.className='notice';q.textContent=n;c.appendChild(q);});
- document.getElementById('cards').appendChild(c);});
-document.body.dataset.rendered='yes';
-</script></body></html>
-"""
-)
+
+_STYLE = _asset("style.css")
+_COMMON_JS = _asset("common.js")
+_PAGE = _template("run.html")
+_INDEX = _template("index.html")

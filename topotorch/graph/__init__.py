@@ -3,11 +3,11 @@
 `transformer` (our TinyGPT), `conv` (our SmallResNet); `verify` checks every graph keeps the model's function."""
 
 from .core import (  # noqa: F401  (the core API, importable from the package)
-    Role,
+    Connection,
     RelocateMode,
+    Role,
     Slice,
     Space,
-    Connection,
     SpatialGraph,
     active_mask,
     aggregate,
