@@ -81,7 +81,7 @@ def test_runtime_fields_are_the_declared_ones():
 
 def _params(command: str) -> dict[str, object]:
     group = typer.main.get_command(app)
-    return {p.name: p for p in group.commands[command].params}  # type: ignore[attr-defined]
+    return {p.name: p for p in group.commands[command].params}  # type: ignore[attr-defined]  # app is a click Group
 
 
 @pytest.mark.parametrize(

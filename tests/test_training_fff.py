@@ -86,7 +86,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="power of two"):
         make_classifier("fff", 2, 2, training_width=24, leaf_width=8)
     with pytest.raises(ValueError, match="kind"):
-        make_classifier("moe", 2, 2)  # type: ignore[arg-type]
+        make_classifier("moe", 2, 2)  # type: ignore[arg-type]  # an unknown kind is the point
     for bad, match in [
         ({"epochs": 0}, "epochs"),
         ({"hard_frac": 2.0}, "hard_frac"),

@@ -122,6 +122,7 @@ def config_options(*classes: type, from_task: bool = False) -> Callable:
             settings = {n: kwargs.pop(n) for n in names}
             return fn(**kwargs, settings=settings)
 
+        # typer reads the options from inspect.signature, which honours __signature__ (not declared on functions)
         command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command

@@ -84,7 +84,7 @@ def test_merged_layer_uses_the_kernel_path_again_and_bad_calls_are_clear():
     with pytest.raises(ValueError, match="unknown leaf parameter"):
         share_leaves(FFF(8, 2, 3, depth=2), ["node_weights"])
     with pytest.raises(TypeError, match="expects an FFF"):
-        share_leaves(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+        share_leaves(torch.nn.Linear(2, 2))  # type: ignore[arg-type]  # the wrong type is the point
     x = torch.randn(4, 8)
     with torch.no_grad():
         shared_out = layer.eval()(x)  # parametrised weights also go through the hard path

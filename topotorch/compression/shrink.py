@@ -770,7 +770,7 @@ def _function_name(v) -> str | None:
 class _Encoder:
     """Attributes to JSON; HF configs (shared by many modules) go once into ``objects``."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.objects: dict[str, dict] = {}
         self._keys: dict[int, str] = {}
         self._bases = _config_bases()

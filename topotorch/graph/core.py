@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import torch
 from torch import nn
@@ -184,8 +184,8 @@ class SpatialGraph:
         """
         key = ("dist", conn.weight, conn.target, conn.source, metric, like.device, like.dtype)
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == self.version:
-            return hit[1]  # type: ignore[return-value]
+        if hit is not None and hit[0] == self.version and isinstance(hit[1], torch.Tensor):
+            return hit[1]
         t, s = self.space(conn.target), self.space(conn.source)
         if t.positions is None or s.positions is None:
             d = torch.zeros(t.size, s.size, dtype=torch.float64)
@@ -218,7 +218,7 @@ class SpatialGraph:
         """
         hit = self._cache.get(key)
         if hit is not None and hit[0] == self.version:
-            return hit[1]  # type: ignore[return-value]
+            return cast(T, hit[1])  # the value build() returned for this key earlier: the key fixes its type
         value = build()
         self._store(key, value)
         return value

@@ -41,7 +41,7 @@ class _DtypeSpy(TorchFunctionMode):
     A function mode, not a dispatch mode: entering a dispatch mode imports torch._dynamo (seconds),
     and every builder runs this check."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.lowest: torch.dtype | None = None
 

@@ -456,7 +456,9 @@ class _TopoFn(torch.autograd.Function):
     """Σ_l coef_l L_l and the (L,) values over sheets ``feats`` (each (h, w, E)), gradient computed with the value."""
 
     @staticmethod
-    def forward(ctx, plan, coef, *feats):
+    def forward(
+        ctx: Any, plan: tuple[tuple[float, float], str, list[list[int]]], coef: list[float], *feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         factor, mode, groups = plan
         want = any(ctx.needs_input_grad[2:])
         vals = torch.empty(len(feats), dtype=_compute_dtype(feats[0].dtype), device=feats[0].device)
@@ -467,9 +469,9 @@ class _TopoFn(torch.autograd.Function):
             f = [feats[i] for i in idx]
             if _kernel_ok(f[0]):
                 for i in idx:
-                    v, g = _kernel_sheet(feats[i], factor, mode, base[i] if want else None)
-                    vals[i] = v
-                    grads[i] = g
+                    kv, kg = _kernel_sheet(feats[i], factor, mode, base[i] if want else None)
+                    vals[i] = kv
+                    grads[i] = kg
                 continue
             small = len(f) > 1 and f[0].numel() * f[0].element_size() * len(f) <= _STACK_BYTES
             if small:

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -282,15 +282,26 @@ def placement_similarity(W_dec: Tensor, codes: Tensor, coactivation: float = 0.5
     return s
 
 
+def _tensor_sum(parts: Iterable[Tensor]) -> Tensor:
+    """Σ parts, left to right as ``sum`` adds them (0 + t is t exactly), typed Tensor; a kernel has ≥ 1 term."""
+    it = iter(parts)
+    total = next(it, None)
+    if total is None:
+        raise ValueError("the kernel has no terms")
+    for part in it:
+        total = total + part
+    return total
+
+
 def _kernel_apply(s: Tensor, terms: list[tuple[Tensor, Tensor]], h: int, w: int) -> Tensor:
     """G = S K for K = Σ Kh ⊗ Kw, via the rows of S reshaped to (h, w): O(n²(h + w))."""
     s3 = s.view(-1, h, w)
-    g = sum(torch.matmul(kh, torch.matmul(s3, kw)) for kh, kw in terms)  # Kh, Kw symmetric
+    g = _tensor_sum(torch.matmul(kh, torch.matmul(s3, kw)) for kh, kw in terms)  # Kh, Kw symmetric
     return g.reshape(s.shape)
 
 
 def _kernel_full(terms: list[tuple[Tensor, Tensor]]) -> Tensor:
-    return sum(torch.kron(kh, kw) for kh, kw in terms)
+    return _tensor_sum(torch.kron(kh, kw) for kh, kw in terms)
 
 
 def _swap_gains(s: Tensor, g: Tensor, k: Tensor) -> Tensor:
