@@ -71,6 +71,38 @@ def run(setting: str, arch: str, n_latents: int, k: int, steps: int, batch: int,
             "dead_history": hist["dead"]}
 
 
+def batchtopk_from_topk(setting: str, n_latents: int, k: int, steps: int, batch: int, n_batches: int, lr: float,
+                        seed: int) -> dict:
+    """The BatchTopK diagnosis: train TopK, then continue the *same* coder as BatchTopK for ``steps`` more steps on
+    the same tokens. If the batch objective kept the true features as a good solution, MCC stays and FVU drops
+    to TopK's; "before" is the TopK coder scored with the batch selection (B·k largest, no θ)."""
+    from topotorch.sae import SparseCoder
+    from topotorch.sae.kernels import pre_activations
+
+    gen = SyntheticFeatures.make(setting, seed=seed)
+    data, test = gen.batches(batch, n_batches), gen.batches(4096, 2)
+    topk, _ = train_sae(SAEConfig(d_in=gen.d, n_latents=n_latents, k=k), data, steps=steps, lr=lr, seed=seed)
+
+    def batch_fvu(sae) -> float:
+        with torch.no_grad():
+            x = torch.cat(test)
+            pre = pre_activations(x - sae.b_dec, sae.W_enc, sae.b_enc)
+            t = pre.reshape(-1).topk(x.shape[0] * k).values.min()
+            y = (pre * (pre >= t) * (pre > 0)) @ sae.W_dec + sae.b_dec
+            return float((x - y).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    cfg = SAEConfig(d_in=gen.d, n_latents=n_latents, k=k, architecture="batchtopk")
+    sae = SparseCoder(cfg)
+    sae.load_state_dict({**topk.state_dict(), "threshold": torch.full((n_latents,), -1.0)})
+    before = {"mcc": mcc(topk.W_dec, gen.features), "fvu_topk": evaluate_sae(topk, test)["fvu"],
+              "fvu_batch_selection": batch_fvu(sae)}
+    sae, hist = train_sae(cfg, data, steps=steps, lr=lr, seed=seed, sae=sae, log_every=max(1, steps // 10))
+    ev = evaluate_sae(sae, test)
+    return {"setting": setting, "before": before, "after": {"mcc": mcc(sae.W_dec, gen.features), "fvu": ev["fvu"],
+            "l0": ev["l0"], "dead_eval": ev["dead"], "fvu_batch_selection": batch_fvu(sae)},
+            "fvu_history": hist["fvu"], "steps": steps, "lr": lr}
+
+
 def gpt_residual(n_tokens: int, seed: int, hook: str, run_dir: str) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Training batches (1024 shuffled tokens each) and 8192 held-out tokens of the shakespeare-char GPT's residual
     stream after ``hook`` — the model and capture of ``benchmarks/sae_quality.py`` (its saved GPT when present)."""
@@ -127,6 +159,7 @@ def main() -> None:
     ap.add_argument("--aux-alphas", default="0.03125,0", help="AuxK α values of the dead-latent study")
     ap.add_argument("--opts", default="{}",
                     help='JSON merged into every architecture\'s options, e.g. \'{"l1_coeff": 0.1}\'')
+    ap.add_argument("--batchtopk-from-topk", action="store_true", help="the BatchTopK diagnosis (easy setting)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -139,6 +172,11 @@ def main() -> None:
             atomic_write_json(a.json, out)
 
     extra = json.loads(a.opts)
+    if a.batchtopk_from_topk:
+        out["batchtopk_from_topk"] = r = batchtopk_from_topk("easy", a.latents, a.k, a.steps, a.batch, a.batches,
+                                                              a.lr, a.seed)
+        save()
+        print(f"TopK → BatchTopK: before {r['before']}, after {r['after']}", flush=True)
     for setting in _names(a.settings):
         for arch in _names(a.archs):
             r = run(setting, arch, a.latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed, **extra)
