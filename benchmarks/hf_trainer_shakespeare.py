@@ -1,6 +1,6 @@
 """A user's Hugging Face GPT-2 trained by ``transformers.Trainer`` on tinyshakespeare, with and without a Body.
 
-The user's side is the README snippet below (kept identical to the README by tests/test_integrations.py):
+The user's side is the README snippet below (kept identical to the README by tests/integrations/test_integrations.py):
 their own GPT-2 (4 layers, d = 128, 4 heads, random init) and their own ``Trainer``; topotorch adds one
 ``Body`` (BIMT: wiring cost with the text task's λ, neuron swaps every 200 steps) and one ``BodyCallback``.
 Both runs see the same data, order and seed; reported: held-out bits/char (the text task's split and its
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+# the README shows this block as written (tests/integrations/test_integrations.py keeps the two identical)
+# fmt: off
 # --- README snippet ---
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, set_seed
 
@@ -35,32 +37,16 @@ def train_gpt2(windows, vocab, steps, out, structure=True):
     model = GPT2LMHeadModel(config)
     callbacks = []
     if structure:  # BIMT: λ·wiring cost (closed-form gradient) + neuron swaps every 200 steps, Adam's moments along
-        body = Body(
-            model,
-            example_inputs={"input_ids": windows[:2]},
-            wiring={"wf": 2.0, "l0": 0.5},
-            lam="0:5e-6",
-            relocation="swap",
-            relocate_every=200,
-            top_k=30,
-        )
+        body = Body(model, example_inputs={"input_ids": windows[:2]}, wiring={"wf": 2.0, "l0": 0.5},
+                    lam="0:5e-6", relocation="swap", relocate_every=200, top_k=30)
         callbacks.append(BodyCallback(body))
-    args = TrainingArguments(
-        out,
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        learning_rate=1e-3,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        seed=0,
-    )
+    args = TrainingArguments(out, max_steps=steps, per_device_train_batch_size=32, learning_rate=1e-3,
+                             use_cpu=True, report_to=[], save_strategy="no", seed=0)
     data = [{"input_ids": w, "labels": w} for w in windows]
     Trainer(model, args, train_dataset=data, callbacks=callbacks).train()
     return model
-
-
 # --- end of README snippet ---
+# fmt: on
 
 
 ROOT = Path(__file__).resolve().parents[1]

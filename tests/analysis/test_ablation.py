@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_modularity import two_block_mlp
+from tests.analysis.test_modularity import two_block_mlp
 from topotorch.analysis.ablation import (
     ablation_table,
     embedding_module_ablation,

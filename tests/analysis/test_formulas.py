@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_modularity import two_block_mlp
+from tests.analysis.test_modularity import two_block_mlp
 from topotorch.analysis.formulas import check_formula, network_formula
 from topotorch.training import TrainConfig, train
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_analysis import block_net
+from tests.analysis.test_analysis import block_net
 from topotorch.analysis.modularity import detect_communities, importance, modularity, weighted_adjacency
 from topotorch.graph import SpatialGraph
 

@@ -23,7 +23,7 @@ from topotorch.compression.compact import (
 )
 from topotorch.models import MLP, TokenMLP
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 

@@ -6,15 +6,11 @@ Models (tests/byom_models.py): Hugging Face GPT-2, BERT, Llama (grouped-query at
 concatenates two conv branches.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, cached_graph
+from tests.byom_models import HF, TORCH, cached_graph
 from topotorch.compression.shrink import load_shrunk, save_shrunk, shrink, threshold_model
 from topotorch.graph.core import SpatialGraph
 from topotorch.graph.flow import output_tensors, run_model

@@ -7,15 +7,12 @@ net that concatenates two conv branches. All float64, random weights, no downloa
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from byom_models import HF, TORCH, build, cached_graph
+from tests.byom_models import HF, TORCH, build, cached_graph
 from topotorch.graph.core import SpatialGraph
 from topotorch.graph.flow import flow_graph, output_tensors, run_model
 from topotorch.graph.verify import check_graph, random_permutation

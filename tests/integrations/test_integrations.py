@@ -34,7 +34,7 @@ from topotorch import Body, SpatialGraph
 from topotorch.objectives.wiring import WiringConfig
 from topotorch.relocation import apply_permutation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = dict(wiring=WiringConfig(wf=1.0, l0=0.1), lam="0:1e-3,3:3e-2", bias_penalty_from=2, group_lam=1e-3, top_k=4)
 
 
@@ -222,7 +222,7 @@ HF_DDP_WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     sys.path.insert(0, sys.argv[2])
-    from test_integrations import hf_body, hf_model, hf_train
+    from tests.integrations.test_integrations import hf_body, hf_model, hf_train
     out, rank = sys.argv[1], sys.argv[3]
     model = hf_model()
     body = hf_body(model)
@@ -250,7 +250,7 @@ def hf_launch(out: Path, world: int = 2) -> list[dict]:
             "LOCAL_WORLD_SIZE": str(world),
             "OMP_NUM_THREADS": "1",
         }
-        args = [sys.executable, "-c", HF_DDP_WORKER, str(out), str(ROOT / "tests"), str(rank)]
+        args = [sys.executable, "-c", HF_DDP_WORKER, str(out), str(ROOT), str(rank)]
         procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     for p in procs:
         log = p.communicate(timeout=240)[0].decode()

@@ -190,7 +190,7 @@ def test_readme_toponets_example_runs(tmp_path):
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     if "## TopoNets" not in readme:
         pytest.skip("README has no TopoNets section")
     section = readme.split("## TopoNets", 1)[1].split("\n## ", 1)[0]

@@ -342,13 +342,9 @@ def test_closed_form_gradient_follows_relocation_and_dtype():
 @pytest.mark.parametrize("name", ["concatenating", "depthwise", "tied-mlp", "gpt2"])
 def test_streaming_penalty_equals_the_cached_one(name, monkeypatch):
     """Large graphs rebuild the cost factors chunk by chunk instead of caching weight-sized tensors: same values."""
-    import sys
-    from pathlib import Path
 
     import topotorch.objectives.wiring as wiring
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from byom_models import HF, build
+    from tests.byom_models import HF, build
 
     if name in HF:
         pytest.importorskip("transformers")

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from topotorch.training import TrainConfig, build, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # digits MLP 64-100-100-10 in float64, mini-batches of 64 (32 per rank), wiring cost, relocation every 50
 # steps of hidden layers and inputs/outputs
 SETTINGS = dict(

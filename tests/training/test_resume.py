@@ -22,7 +22,7 @@ from topotorch.cli import app
 from topotorch.training import TrainConfig, build, train
 from topotorch.visualize import load_snapshots
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # digits MLP, float64, mini-batches from the generator, wiring cost + relocation of inputs/outputs too
 SETTINGS = dict(
     steps=200,

@@ -24,7 +24,7 @@ Where each piece goes follows from the Trainer's step (``Trainer._run_epoch``, t
   (``torchrun`` / ``accelerate launch``: ``torch.distributed`` is initialised) rank 0 decides each
   relocation and broadcasts it (:func:`topotorch.body.relocate_everywhere`), so replicas stay identical.
   N processes equal one process accumulating the same N micro-batches (``gradient_accumulation_steps=N``;
-  bitwise in float64, tests/test_integrations.py): the all-reduce sums in accumulation's order. One
+  bitwise in float64, tests/integrations/test_integrations.py): the all-reduce sums in accumulation's order. One
   N-times-larger batch sums in another order, and with a wiring penalty that can show: a parameter whose
   task gradient is analytically zero (GPT-2's key bias — softmax ignores a shift shared by all keys) sits
   at rounding noise, and the closed-form gradient ``λ·(wf·d + l0)·sign(θ)`` follows the noise's sign, so
