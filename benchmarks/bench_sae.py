@@ -66,6 +66,7 @@ def sparsify_step(d: int, n: int, k: int, lr: float, fused: bool = False):
         since_fired.add_(x.shape[0])
         since_fired[did_fire] = 0
         return out
+
     return step
 
 
@@ -93,6 +94,7 @@ def dense_step(d: int, n: int, k: int, lr: float):
         with torch.no_grad():
             W_dec.div_(W_dec.norm(dim=1, keepdim=True))
         return loss
+
     return step
 
 
@@ -112,9 +114,13 @@ def main() -> None:
     d, n, k = a.d, a.d * a.expansion, a.k
     lr = 2e-4 / (n / 2**14) ** 0.5
     x = torch.randn(a.batch, d, generator=torch.Generator().manual_seed(0))
-    makers = {"ours": lambda: ours_step(d, n, k, lr), "sparsify": lambda: sparsify_step(d, n, k, lr),
-              "sparsify+fusedAdam": lambda: sparsify_step(d, n, k, lr, fused=True),
-              "dense": lambda: dense_step(d, n, k, lr), "ours+plainAdam": lambda: ours_step(d, n, k, lr, fused=False)}
+    makers = {
+        "ours": lambda: ours_step(d, n, k, lr),
+        "sparsify": lambda: sparsify_step(d, n, k, lr),
+        "sparsify+fusedAdam": lambda: sparsify_step(d, n, k, lr, fused=True),
+        "dense": lambda: dense_step(d, n, k, lr),
+        "ours+plainAdam": lambda: ours_step(d, n, k, lr, fused=False),
+    }
     names = a.sides.split(",")
     unknown = set(names) - set(makers)
     if unknown:
@@ -130,10 +136,16 @@ def main() -> None:
             lo, hi = c.ratio_range(peer, "ours")
             print(f"  ours vs {peer}: {c.ratio(peer, 'ours'):.2f}x [IQR {lo:.2f}-{hi:.2f}]")
     if a.json:
-        out = {"command": "python benchmarks/bench_sae.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
-               "d": d, "n_latents": n, "k": k, "batch": a.batch,
-               "tokens_per_s": {kk: round(v, 1) for kk, v in tok.items()},
-               "comparison": c.as_dict(), "conditions": conditions()}
+        out = {
+            "command": "python benchmarks/bench_sae.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
+            "d": d,
+            "n_latents": n,
+            "k": k,
+            "batch": a.batch,
+            "tokens_per_s": {kk: round(v, 1) for kk, v in tok.items()},
+            "comparison": c.as_dict(),
+            "conditions": conditions(),
+        }
         atomic_write_json(a.json, out)
 
 

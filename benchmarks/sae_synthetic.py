@@ -42,13 +42,23 @@ from topotorch.timing import conditions
 ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k (see the module docstring)
     "topk": {},
     "batchtopk": {},
-    "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.1, "threshold_init": 2.0},   # + target_l0 = k
+    "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.1, "threshold_init": 2.0},  # + target_l0 = k
     "relu": {"l1_coeff": 0.55},
 }
 
 
-def run(setting: str, arch: str, n_latents: int, k: int, steps: int, batch: int, n_batches: int, lr: float,
-        seed: int, **extra) -> dict:
+def run(
+    setting: str,
+    arch: str,
+    n_latents: int,
+    k: int,
+    steps: int,
+    batch: int,
+    n_batches: int,
+    lr: float,
+    seed: int,
+    **extra,
+) -> dict:
     gen = SyntheticFeatures.make(setting, seed=seed)
     data = gen.batches(batch, n_batches)
     test = gen.batches(4096, 2)
@@ -61,18 +71,34 @@ def run(setting: str, arch: str, n_latents: int, k: int, steps: int, batch: int,
     sae, hist = train_sae(cfg, data, steps=steps, lr=lr, seed=seed, log_every=max(1, steps // 10))
     secs = time.perf_counter() - t0
     ev = evaluate_sae(sae, test)
-    return {"setting": setting, "architecture": arch, "n_latents": n_latents, "k": k, "options": opts, "lr": lr,
-            "mcc": mcc(sae.W_dec, gen.features), "fvu": ev["fvu"], "l0": ev["l0"], "dead_eval": ev["dead"],
-            "dead_train": hist["dead_final"],
-            "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
-            "dead_tokens": hist["dead_tokens"], "dense": ev["dense"],
-            "rrb": ev["relative_reconstruction_bias"], "train_seconds": round(secs, 1), "steps": steps,
-            "tokens": steps * batch, "fvu_history": hist["fvu"], "l0_history": hist["l0"],
-            "dead_history": hist["dead"]}
+    return {
+        "setting": setting,
+        "architecture": arch,
+        "n_latents": n_latents,
+        "k": k,
+        "options": opts,
+        "lr": lr,
+        "mcc": mcc(sae.W_dec, gen.features),
+        "fvu": ev["fvu"],
+        "l0": ev["l0"],
+        "dead_eval": ev["dead"],
+        "dead_train": hist["dead_final"],
+        "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
+        "dead_tokens": hist["dead_tokens"],
+        "dense": ev["dense"],
+        "rrb": ev["relative_reconstruction_bias"],
+        "train_seconds": round(secs, 1),
+        "steps": steps,
+        "tokens": steps * batch,
+        "fvu_history": hist["fvu"],
+        "l0_history": hist["l0"],
+        "dead_history": hist["dead"],
+    }
 
 
-def batchtopk_from_topk(setting: str, n_latents: int, k: int, steps: int, batch: int, n_batches: int, lr: float,
-                        seed: int) -> dict:
+def batchtopk_from_topk(
+    setting: str, n_latents: int, k: int, steps: int, batch: int, n_batches: int, lr: float, seed: int
+) -> dict:
     """The BatchTopK diagnosis: train TopK, then continue the *same* coder as BatchTopK for ``steps`` more steps on
     the same tokens. If the batch objective kept the true features as a good solution, MCC stays and FVU drops
     to TopK's; "before" is the TopK coder scored with the batch selection (B·k largest, no θ)."""
@@ -94,13 +120,27 @@ def batchtopk_from_topk(setting: str, n_latents: int, k: int, steps: int, batch:
     cfg = SAEConfig(d_in=gen.d, n_latents=n_latents, k=k, architecture="batchtopk")
     sae = SparseCoder(cfg)
     sae.load_state_dict({**topk.state_dict(), "threshold": torch.full((n_latents,), -1.0)})
-    before = {"mcc": mcc(topk.W_dec, gen.features), "fvu_topk": evaluate_sae(topk, test)["fvu"],
-              "fvu_batch_selection": batch_fvu(sae)}
+    before = {
+        "mcc": mcc(topk.W_dec, gen.features),
+        "fvu_topk": evaluate_sae(topk, test)["fvu"],
+        "fvu_batch_selection": batch_fvu(sae),
+    }
     sae, hist = train_sae(cfg, data, steps=steps, lr=lr, seed=seed, sae=sae, log_every=max(1, steps // 10))
     ev = evaluate_sae(sae, test)
-    return {"setting": setting, "before": before, "after": {"mcc": mcc(sae.W_dec, gen.features), "fvu": ev["fvu"],
-            "l0": ev["l0"], "dead_eval": ev["dead"], "fvu_batch_selection": batch_fvu(sae)},
-            "fvu_history": hist["fvu"], "steps": steps, "lr": lr}
+    return {
+        "setting": setting,
+        "before": before,
+        "after": {
+            "mcc": mcc(sae.W_dec, gen.features),
+            "fvu": ev["fvu"],
+            "l0": ev["l0"],
+            "dead_eval": ev["dead"],
+            "fvu_batch_selection": batch_fvu(sae),
+        },
+        "fvu_history": hist["fvu"],
+        "steps": steps,
+        "lr": lr,
+    }
 
 
 def gpt_residual(n_tokens: int, seed: int, hook: str, run_dir: str) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -112,26 +152,47 @@ def gpt_residual(n_tokens: int, seed: int, hook: str, run_dir: str) -> tuple[lis
     model, data, _ = gpt_model(Path(run_dir), 300, seed)
     model.eval()
     g = torch.Generator().manual_seed(seed)
-    windows = data.x_train[torch.randperm(len(data.x_train), generator=g)[:math.ceil(n_tokens / 64)]]
+    windows = data.x_train[torch.randperm(len(data.x_train), generator=g)[: math.ceil(n_tokens / 64)]]
     x = residual(model, windows, hook)
     x = x[torch.randperm(len(x), generator=g)][:n_tokens]
     return list(x.split(1024)), residual(model, data.x_test[:128], hook)
 
 
-def run_dead_gpt(n_latents: int, k: int, steps: int, lr: float | None, seed: int, alpha: float,
-                 batches: list[torch.Tensor], test: torch.Tensor) -> dict:
+def run_dead_gpt(
+    n_latents: int,
+    k: int,
+    steps: int,
+    lr: float | None,
+    seed: int,
+    alpha: float,
+    batches: list[torch.Tensor],
+    test: torch.Tensor,
+) -> dict:
     cfg = SAEConfig(d_in=test.shape[1], n_latents=n_latents, k=k, architecture="topk", aux_alpha=alpha)
     t0 = time.perf_counter()
     sae, hist = train_sae(cfg, batches, steps=steps, lr=lr, seed=seed, log_every=max(1, steps // 10))
     secs = time.perf_counter() - t0
     ev = evaluate_sae(sae, [test])
-    return {"setting": "gpt", "architecture": "topk", "n_latents": n_latents, "k": k, "aux_alpha": alpha,
-            "lr": lr if lr is not None else "default", "fvu": ev["fvu"], "l0": ev["l0"], "dead_eval": ev["dead"],
-            "dead_train": hist["dead_final"],
-            "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
-            "dead_tokens": hist["dead_tokens"], "dense": ev["dense"], "train_seconds": round(secs, 1),
-            "steps": steps, "tokens": sum(len(b) for b in batches[:steps]), "fvu_history": hist["fvu"],
-            "dead_history": hist["dead"]}
+    return {
+        "setting": "gpt",
+        "architecture": "topk",
+        "n_latents": n_latents,
+        "k": k,
+        "aux_alpha": alpha,
+        "lr": lr if lr is not None else "default",
+        "fvu": ev["fvu"],
+        "l0": ev["l0"],
+        "dead_eval": ev["dead"],
+        "dead_train": hist["dead_final"],
+        "dead_train_count": int(hist["since_fired"].ge(hist["dead_tokens"]).sum()),
+        "dead_tokens": hist["dead_tokens"],
+        "dense": ev["dense"],
+        "train_seconds": round(secs, 1),
+        "steps": steps,
+        "tokens": sum(len(b) for b in batches[:steps]),
+        "fvu_history": hist["fvu"],
+        "dead_history": hist["dead"],
+    }
 
 
 def _names(s: str) -> list[str]:
@@ -157,15 +218,20 @@ def main() -> None:
     ap.add_argument("--gpt-lr", type=float, default=None, help="default: train_sae's 2e-4/√(n/2¹⁴)")
     ap.add_argument("--dead-latents", type=int, default=1024)
     ap.add_argument("--aux-alphas", default="0.03125,0", help="AuxK α values of the dead-latent study")
-    ap.add_argument("--opts", default="{}",
-                    help='JSON merged into every architecture\'s options, e.g. \'{"l1_coeff": 0.1}\'')
+    ap.add_argument(
+        "--opts", default="{}", help="JSON merged into every architecture's options, e.g. '{\"l1_coeff\": 0.1}'"
+    )
     ap.add_argument("--batchtopk-from-topk", action="store_true", help="the BatchTopK diagnosis (easy setting)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    out = {"command": "python benchmarks/sae_synthetic.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
-           "conditions": conditions(), "architectures": [], "dead_study": []}
+    out = {
+        "command": "python benchmarks/sae_synthetic.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
+        "conditions": conditions(),
+        "architectures": [],
+        "dead_study": [],
+    }
 
     def save() -> None:  # after every run: a killed run keeps what it finished
         if a.json:
@@ -173,8 +239,9 @@ def main() -> None:
 
     extra = json.loads(a.opts)
     if a.batchtopk_from_topk:
-        out["batchtopk_from_topk"] = r = batchtopk_from_topk("easy", a.latents, a.k, a.steps, a.batch, a.batches,
-                                                              a.lr, a.seed)
+        out["batchtopk_from_topk"] = r = batchtopk_from_topk(
+            "easy", a.latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed
+        )
         save()
         print(f"TopK → BatchTopK: before {r['before']}, after {r['after']}", flush=True)
     for setting in _names(a.settings):
@@ -182,9 +249,11 @@ def main() -> None:
             r = run(setting, arch, a.latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed, **extra)
             out["architectures"].append(r)
             save()
-            print(f"{setting:5s} {arch:10s} MCC {r['mcc']:.3f}  FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  "
-                  f"dead(eval) {r['dead_eval']:.3f}  dead(train) {r['dead_train']:.3f}  {r['train_seconds']} s",
-                  flush=True)
+            print(
+                f"{setting:5s} {arch:10s} MCC {r['mcc']:.3f}  FVU {r['fvu']:.3f}  L0 {r['l0']:.1f}  "
+                f"dead(eval) {r['dead_eval']:.3f}  dead(train) {r['dead_train']:.3f}  {r['train_seconds']} s",
+                flush=True,
+            )
     if a.dead_study:
         gpt = gpt_residual(a.steps * 1024, a.seed, a.gpt_hook, a.gpt_run) if a.dead_setting == "gpt" else None
         for alpha in (float(v) for v in _names(a.aux_alphas)):
@@ -192,15 +261,28 @@ def main() -> None:
                 r = run_dead_gpt(a.dead_latents, a.gpt_k, a.steps, a.gpt_lr, a.seed, alpha, *gpt)
                 r["mcc"] = float("nan")
             else:
-                r = run(a.dead_setting, "topk", a.dead_latents, a.k, a.steps, a.batch, a.batches, a.lr, a.seed,
-                        aux_alpha=alpha)
+                r = run(
+                    a.dead_setting,
+                    "topk",
+                    a.dead_latents,
+                    a.k,
+                    a.steps,
+                    a.batch,
+                    a.batches,
+                    a.lr,
+                    a.seed,
+                    aux_alpha=alpha,
+                )
             r["aux_alpha"] = alpha
             out["dead_study"].append(r)
             save()
-            print(f"{a.dead_setting} {a.dead_latents} latents TopK aux_alpha={alpha:.4f}: dead(train) "
-                  f"{r['dead_train_count']} of {a.dead_latents} ({r['dead_train']:.4f}), "
-                  f"dead(eval) {r['dead_eval']:.4f}, "
-                  f"FVU {r['fvu']:.3f}, MCC {r['mcc']:.3f}", flush=True)
+            print(
+                f"{a.dead_setting} {a.dead_latents} latents TopK aux_alpha={alpha:.4f}: dead(train) "
+                f"{r['dead_train_count']} of {a.dead_latents} ({r['dead_train']:.4f}), "
+                f"dead(eval) {r['dead_eval']:.4f}, "
+                f"FVU {r['fvu']:.3f}, MCC {r['mcc']:.3f}",
+                flush=True,
+            )
     out["conditions_end"] = conditions()
     save()
 

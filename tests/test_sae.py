@@ -38,6 +38,7 @@ def _x(n: int = 32, d: int = 12, seed: int = 2) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- kernels vs dense autograd
 
+
 def test_topk_kernels_match_dense_autograd_float64():
     torch.manual_seed(0)
     B, d, n, k, d_out = 16, 8, 30, 5, 6
@@ -71,8 +72,9 @@ def test_selected_encode_and_decode_gradcheck():
     pre = (x @ W.t() + b).detach()
     # keep every chosen pre-activation away from the ReLU kink so finite differences are valid
     assert pre.gather(1, idx).abs().min() > 1e-3
-    torch.autograd.gradcheck(lambda x_, W_, b_: selected_encode(x_, W_, b_, (x_ @ W_.t() + b_).detach(), idx),
-                             (x, W, b))
+    torch.autograd.gradcheck(
+        lambda x_, W_, b_: selected_encode(x_, W_, b_, (x_ @ W_.t() + b_).detach(), idx), (x, W, b)
+    )
     vals = torch.randn(5, 3, dtype=D, requires_grad=True)
     W_dec = torch.randn(9, 6, dtype=D, requires_grad=True)
     torch.autograd.gradcheck(lambda v_, W_: sparse_decode(v_, idx, W_), (vals, W_dec))
@@ -166,6 +168,7 @@ def test_jumprelu_straight_through_estimator_hand_values():
 
 # ----------------------------------------------------------------------------- exact structure and files
 
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", ["sae", "transcoder", "skip"])
 def test_permute_latents_exact(arch, kind):
@@ -239,9 +242,11 @@ def test_bad_configs_raise_clear_errors():
 
 # ----------------------------------------------------------------------------- BatchTopK θ
 
+
 def test_batchtopk_keeps_batch_budget_and_uses_threshold_at_inference():
-    sae = SparseCoder(SAEConfig(d_in=12, n_latents=40, k=4, architecture="batchtopk", threshold_momentum=0.5),
-                      dtype=D, seed=0)
+    sae = SparseCoder(
+        SAEConfig(d_in=12, n_latents=40, k=4, architecture="batchtopk", threshold_momentum=0.5), dtype=D, seed=0
+    )
     x = _x()
     out = sae.loss(x)
     pre = ((x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc).detach()
@@ -258,6 +263,7 @@ def test_batchtopk_keeps_batch_budget_and_uses_threshold_at_inference():
 
 
 # ----------------------------------------------------------------------------- training
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_architecture_reduces_fvu(arch):
@@ -312,6 +318,7 @@ def test_geometric_median_and_lr_schedule():
 
 
 # ----------------------------------------------------------------------------- metrics and synthetic
+
 
 def test_evaluate_sae_pools_over_batches():
     sae = _coder("topk")

@@ -26,9 +26,10 @@ rescales W_enc, b_enc, θ, b_dec and W_skip so the same coder works on raw x (de
 norm; the latents absorb the scale), and :meth:`SparseCoder.save` always writes the folded weights.
 
     >>> sae = SparseCoder(SAEConfig(d_in=768, n_latents=12288, k=32))
-    >>> out = sae.loss(x)                    # training forward: out.loss, out.fvu, out.fired, ...
-    >>> x_hat = sae(x)                       # inference (BatchTopK uses θ)
-    >>> sae.save("run/sae"); sae2 = SparseCoder.load("run/sae")
+    >>> out = sae.loss(x)  # training forward: out.loss, out.fvu, out.fired, ...
+    >>> x_hat = sae(x)  # inference (BatchTopK uses θ)
+    >>> sae.save("run/sae")
+    ... sae2 = SparseCoder.load("run/sae")
 """
 
 from __future__ import annotations
@@ -85,18 +86,26 @@ class SAEConfig:
         for name in ("d_in", "n_latents", "k"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an int >= 1, got {v!r}")
-        need(self.architecture in ARCHITECTURES,
-             f"unknown architecture {self.architecture!r}; known: {sorted(ARCHITECTURES)}")
+        need(
+            self.architecture in ARCHITECTURES,
+            f"unknown architecture {self.architecture!r}; known: {sorted(ARCHITECTURES)}",
+        )
         if ARCHITECTURES[self.architecture].uses_k:
             need(self.k <= self.n_latents, f"k={self.k} must be <= n_latents={self.n_latents}")
-        need(self.d_out is None or (isinstance(self.d_out, int) and self.d_out >= 1),
-             f"d_out must be None (an SAE) or an int >= 1, got {self.d_out!r}")
+        need(
+            self.d_out is None or (isinstance(self.d_out, int) and self.d_out >= 1),
+            f"d_out must be None (an SAE) or an int >= 1, got {self.d_out!r}",
+        )
         need(not self.skip or self.d_out is not None, "skip=True needs a transcoder: set d_out (it may equal d_in)")
-        need(self.aux_k is None or (isinstance(self.aux_k, int) and self.aux_k >= 1),
-             f"aux_k must be None or an int >= 1, got {self.aux_k!r}")
+        need(
+            self.aux_k is None or (isinstance(self.aux_k, int) and self.aux_k >= 1),
+            f"aux_k must be None or an int >= 1, got {self.aux_k!r}",
+        )
         need(self.aux_alpha >= 0 and math.isfinite(self.aux_alpha), f"aux_alpha must be >= 0, got {self.aux_alpha}")
-        need(self.dead_tokens is None or (isinstance(self.dead_tokens, int) and self.dead_tokens >= 1),
-             f"dead_tokens must be None or an int >= 1, got {self.dead_tokens!r}")
+        need(
+            self.dead_tokens is None or (isinstance(self.dead_tokens, int) and self.dead_tokens >= 1),
+            f"dead_tokens must be None or an int >= 1, got {self.dead_tokens!r}",
+        )
         need(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
         need(self.bandwidth > 0, f"bandwidth (JumpReLU ε) must be > 0, got {self.bandwidth}")
         need(self.threshold_init > 0, f"threshold_init must be > 0, got {self.threshold_init}")
@@ -133,6 +142,7 @@ class SAEConfig:
 
 
 # --------------------------------------------------------------------------- JumpReLU straight-through estimator
+
 
 def _rect(u: Tensor) -> Tensor:
     """Rectangle kernel K(u) = 1{|u| < ½}."""
@@ -175,6 +185,7 @@ class StepFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------- architectures
+
 
 class Codes(NamedTuple):
     """Sparse codes of a batch: either ``(values [B, m], indices [B, m])`` (zeros allowed as padding) or
@@ -223,7 +234,7 @@ class BatchTopK(Architecture):
         B = pre.shape[0]
         kept = min(B * sae.cfg.k, pre.numel())
         with torch.no_grad():
-            t = pre.reshape(-1).topk(kept, sorted=False).values.min()   # smallest kept value
+            t = pre.reshape(-1).topk(kept, sorted=False).values.min()  # smallest kept value
             positive_t = t.clamp(min=0)
             width = int((pre >= t).sum(1).max().clamp(min=1))
             raw, indices = pre.topk(width, dim=-1, sorted=False)
@@ -290,6 +301,7 @@ def register_architecture(arch: Architecture) -> None:
 
 # --------------------------------------------------------------------------- the coder
 
+
 class SAEOutput(NamedTuple):
     """Training forward of :meth:`SparseCoder.loss`. ``loss = fvu + aux_alpha·aux + sparsity``;
     ``fired`` [n] bool: latents with a non-zero code in this batch; ``l0``: mean non-zeros per token."""
@@ -311,8 +323,14 @@ class SparseCoder(nn.Module):
     ``W_skip`` [d_out, d_in] or None.
     Usage: ``sae = SparseCoder(SAEConfig(d_in=64, n_latents=512, k=8), seed=0)``."""
 
-    def __init__(self, cfg: SAEConfig, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ):
         super().__init__()
         if not isinstance(cfg, SAEConfig):
             raise TypeError(f"SparseCoder needs an SAEConfig, got {type(cfg).__name__}")
@@ -427,8 +445,13 @@ class SparseCoder(nn.Module):
         tv = (y - y.mean(0)).pow(2).sum().clamp(min=torch.finfo(y.dtype).tiny)
         fvu = e.pow(2).sum() / tv
         aux = fvu.new_zeros(())
-        if (self.arch.uses_auxk and dead_mask is not None and self.cfg.aux_alpha > 0
-                and codes.pre is not None and bool(dead_mask.any())):
+        if (
+            self.arch.uses_auxk
+            and dead_mask is not None
+            and self.cfg.aux_alpha > 0
+            and codes.pre is not None
+            and bool(dead_mask.any())
+        ):
             aux = self._auxk(x_in, codes.pre, dead_mask, e.detach()) / tv
         sparsity = self.arch.penalty(self, codes, x_in, tv / x.shape[0])
         loss = fvu + self.cfg.aux_alpha * aux + sparsity
@@ -558,5 +581,5 @@ class SparseCoder(nn.Module):
 def _densify(c: Codes, n: int) -> Tensor:
     assert c.values is not None and c.indices is not None
     return torch.zeros(c.values.shape[0], n, dtype=c.values.dtype, device=c.values.device).scatter_add_(
-        1, c.indices, c.values)
-
+        1, c.indices, c.values
+    )

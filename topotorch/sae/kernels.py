@@ -42,8 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sparse_decode", "topk_encode", "selected_encode", "pre_activations", "sparse_transpose_matmul",
-           "sampled_rowdot", "accumulate_into_grad"]
+__all__ = [
+    "sparse_decode",
+    "topk_encode",
+    "selected_encode",
+    "pre_activations",
+    "sparse_transpose_matmul",
+    "sampled_rowdot",
+    "accumulate_into_grad",
+]
 
 
 _STATE = threading.local()
@@ -76,8 +83,9 @@ def _transpose_coo(indices: Tensor, values: Tensor, n: int, dtype: torch.dtype) 
     rows = torch.arange(B, device=indices.device).repeat_interleave(k)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse invariant checks disabled": indices are in range by construction
-        return torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), values.reshape(-1).to(dtype),
-                                       (n, B), check_invariants=False)
+        return torch.sparse_coo_tensor(
+            torch.stack([indices.reshape(-1), rows]), values.reshape(-1).to(dtype), (n, B), check_invariants=False
+        )
 
 
 def _weight_grad(W: Tensor, indices: Tensor, values: Tensor, y: Tensor) -> Tensor | None:
@@ -105,8 +113,13 @@ def sampled_rowdot(indices: Tensor, g: Tensor, W: Tensor) -> Tensor:
     crow = torch.arange(0, B * k + 1, k, device=indices.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, indices.reshape(-1), torch.zeros(B * k, dtype=g.dtype, device=g.device),
-                                          (B, W.shape[0]), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow,
+            indices.reshape(-1),
+            torch.zeros(B * k, dtype=g.dtype, device=g.device),
+            (B, W.shape[0]),
+            check_invariants=False,
+        )
         return torch.sparse.sampled_addmm(pattern, g, W.t(), beta=0.0).values().view(B, k)
 
 
@@ -131,8 +144,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """``Σ_j values[b, j] · W_dec[indices[b, j]]`` → [B, d_out] (add b_dec yourself), with a backward that
     touches only the chosen rows. Usage: ``x_hat = sparse_decode(v, i, sae.W_dec) + sae.b_dec``."""
     if values.shape != indices.shape or values.dim() != 2:
-        raise ValueError(f"values and indices must both be [B, k], got {tuple(values.shape)} and "
-                         f"{tuple(indices.shape)}")
+        raise ValueError(
+            f"values and indices must both be [B, k], got {tuple(values.shape)} and {tuple(indices.shape)}"
+        )
     return _SparseDecode.apply(values, indices, W_dec)
 
 
@@ -176,8 +190,9 @@ def pre_activations(x: Tensor, W_enc: Tensor, b_enc: Tensor, out: Tensor | None 
         return torch.addmm(b_enc, x, W_enc.t())
 
 
-def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def topk_encode(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The k largest ReLU pre-activations per row: ``(values [B, k], indices [B, k], pre [B, n])``.
     ``pre`` (the raw pre-activations, no gradient) is returned for AuxK and threshold bookkeeping.
     Usage: ``v, i, pre = topk_encode(x - b_dec, sae.W_enc, sae.b_enc, 32)``."""

@@ -14,7 +14,7 @@ With y the target (x for an SAE), ŷ the reconstruction, z the codes, over all N
 
 All sums are accumulated in float64 so the order of batches does not matter to 1e-12.
 
-    >>> evaluate_sae(sae, batches)   # {'fvu': 0.08, 'explained_variance': 0.92, 'l0': 32.0, ...}
+    >>> evaluate_sae(sae, batches)  # {'fvu': 0.08, 'explained_variance': 0.92, 'l0': 32.0, ...}
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def dead_and_dense(counts: Tensor, n_tokens: int, dense_threshold: float = 0.1) 
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SparseCoder, batches: Iterable[Any], max_batches: int | None = None,
-                 dense_threshold: float = 0.1) -> dict[str, Any]:
+def evaluate_sae(
+    sae: SparseCoder, batches: Iterable[Any], max_batches: int | None = None, dense_threshold: float = 0.1
+) -> dict[str, Any]:
     """Every metric of the module docstring over ``batches`` (tensors [B, d_in], or (x, y) pairs for a
     transcoder), with the coder's inference behaviour. Returns a dict: fvu, explained_variance, l0, dead,
     dense, cosine, relative_reconstruction_bias, n_tokens, and ``freq`` (per-latent firing fraction, a list).
@@ -86,13 +87,21 @@ def evaluate_sae(sae: SparseCoder, batches: Iterable[Any], max_batches: int | No
         if sae.W_skip is not None:
             y_hat = y_hat + x @ sae.W_skip.t()
         yd, yhd = y.double(), y_hat.double()
-        parts = (yd.sum(0), yd.pow(2).sum(), (yd - yhd).pow(2).sum(), yhd.pow(2).sum(), (yd * yhd).sum(),
-                 torch.nn.functional.cosine_similarity(yd, yhd, dim=-1).sum(), (z != 0).sum().double())
+        parts = (
+            yd.sum(0),
+            yd.pow(2).sum(),
+            (yd - yhd).pow(2).sum(),
+            yhd.pow(2).sum(),
+            (yd * yhd).sum(),
+            torch.nn.functional.cosine_similarity(yd, yhd, dim=-1).sum(),
+            (z != 0).sum().double(),
+        )
         if sum_y is None:
             sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = parts
         else:
-            sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = (a + p for a, p in zip(
-                (sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0), parts))
+            sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = (
+                a + p for a, p in zip((sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0), parts)
+            )
         counts += (z != 0).sum(0).double()
         N += x.shape[0]
     if N == 0:
@@ -100,6 +109,15 @@ def evaluate_sae(sae: SparseCoder, batches: Iterable[Any], max_batches: int | No
     tv = sum_y2 - sum_y.pow(2).sum() / N  # Σ‖y − ȳ‖² = Σ‖y‖² − N‖ȳ‖²
     f = float(sum_e2 / tv.clamp(min=1e-300))
     dead, dense = dead_and_dense(counts, N, dense_threshold)
-    return {"fvu": f, "explained_variance": 1.0 - f, "l0": float(sum_l0 / N), "dead": dead, "dense": dense,
-            "cosine": float(sum_cos / N), "relative_reconstruction_bias": float(sum_yh2 / sum_dot),
-            "n_tokens": N, "dense_threshold": dense_threshold, "freq": (counts / N).tolist()}
+    return {
+        "fvu": f,
+        "explained_variance": 1.0 - f,
+        "l0": float(sum_l0 / N),
+        "dead": dead,
+        "dense": dense,
+        "cosine": float(sum_cos / N),
+        "relative_reconstruction_bias": float(sum_yh2 / sum_dot),
+        "n_tokens": N,
+        "dense_threshold": dense_threshold,
+        "freq": (counts / N).tolist(),
+    }

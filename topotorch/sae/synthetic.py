@@ -17,8 +17,8 @@ Settings (:data:`SETTINGS`):
   (mutual cosine ≈ 0.3), so features are both co-occurring and geometrically entangled.
 
     >>> gen = SyntheticFeatures.make("easy", seed=0)
-    >>> x = gen.sample(4096)                      # [4096, 64]
-    >>> mcc(sae.W_dec, gen.features)              # ≈ 1 for a coder that found them
+    >>> x = gen.sample(4096)  # [4096, 64]
+    >>> mcc(sae.W_dec, gen.features)  # ≈ 1 for a coder that found them
 """
 
 from __future__ import annotations
@@ -31,10 +31,26 @@ import torch
 from torch import Tensor
 
 SETTINGS: dict[str, dict] = {
-    "easy": {"d": 64, "n_features": 256, "active": 8.0, "power": 0.0, "magnitude": "uniform",
-             "group": 1, "rho": 0.0, "group_cos": 0.0},
-    "hard": {"d": 64, "n_features": 512, "active": 8.0, "power": 0.7, "magnitude": "lognormal",
-             "group": 8, "rho": 0.5, "group_cos": 0.3},
+    "easy": {
+        "d": 64,
+        "n_features": 256,
+        "active": 8.0,
+        "power": 0.0,
+        "magnitude": "uniform",
+        "group": 1,
+        "rho": 0.0,
+        "group_cos": 0.0,
+    },
+    "hard": {
+        "d": 64,
+        "n_features": 512,
+        "active": 8.0,
+        "power": 0.7,
+        "magnitude": "lognormal",
+        "group": 8,
+        "rho": 0.5,
+        "group_cos": 0.3,
+    },
 }
 
 
@@ -43,11 +59,11 @@ class SyntheticFeatures:
     """A generator of tokens from known sparse features (see the module docstring).
     Usage: ``gen = SyntheticFeatures.make("easy", seed=0); x = gen.sample(1024)``."""
 
-    features: Tensor      # [n_features, d], unit rows
-    p: Tensor             # [n_features] activation probabilities
-    magnitude: str        # "uniform" in [0.5, 1.5] or "lognormal" (median 1, σ 0.5)
-    group: int            # features i // group share a correlation factor
-    rho: float            # correlation of the shared factor
+    features: Tensor  # [n_features, d], unit rows
+    p: Tensor  # [n_features] activation probabilities
+    magnitude: str  # "uniform" in [0.5, 1.5] or "lognormal" (median 1, σ 0.5)
+    group: int  # features i // group share a correlation factor
+    rho: float  # correlation of the shared factor
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -125,8 +141,9 @@ def mcc(decoder: Tensor, true_features: Tensor) -> float:
     D = torch.as_tensor(decoder).detach().double().cpu()
     T = torch.as_tensor(true_features).detach().double().cpu()
     if D.dim() != 2 or T.dim() != 2 or D.shape[1] != T.shape[1]:
-        raise ValueError(f"decoder [n, d] and true features [m, d] must share d, got {tuple(D.shape)}, "
-                         f"{tuple(T.shape)}")
+        raise ValueError(
+            f"decoder [n, d] and true features [m, d] must share d, got {tuple(D.shape)}, {tuple(T.shape)}"
+        )
     if D.shape[0] < T.shape[0]:
         raise ValueError(f"need at least as many latents ({D.shape[0]}) as true features ({T.shape[0]})")
     D = D / D.norm(dim=1, keepdim=True).clamp(min=1e-300)

@@ -85,9 +85,20 @@ class SAETrainer:
     ``extra_loss(sae, out)`` is added to the loss (e.g. a TopoLoss on the decoder).
     Usage: ``tr = SAETrainer(sae, lr=1e-3, steps=1000); out = tr.step(x)``."""
 
-    def __init__(self, sae: SparseCoder, lr: float | None = None, steps: int = 1000, *, warmup: int | None = None,
-                 schedule: str = "linear", dead_tokens: int = 10_000_000, extra_loss: ExtraLoss | None = None,
-                 fused: bool = True, betas: tuple[float, float] = (0.9, 0.999), eps: float = 6.25e-10):
+    def __init__(
+        self,
+        sae: SparseCoder,
+        lr: float | None = None,
+        steps: int = 1000,
+        *,
+        warmup: int | None = None,
+        schedule: str = "linear",
+        dead_tokens: int = 10_000_000,
+        extra_loss: ExtraLoss | None = None,
+        fused: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 6.25e-10,
+    ):
         self.sae = sae
         self.lr = default_lr(sae.cfg.n_latents) if lr is None else float(lr)
         if not self.lr > 0:
@@ -161,12 +172,25 @@ def _batches(batches: Iterable[Any]) -> Iterator[Any]:
             return
 
 
-def train_sae(cfg: SAEConfig, batches: Iterable[Any], steps: int, lr: float | None = None, *,
-              warmup: int | None = None, schedule: str = "linear", seed: int = 0, dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None, normalize: bool = True, gm_samples: int = 4096,
-              log_every: int = 50, progress: bool = False, extra_loss: ExtraLoss | None = None,
-              sae: SparseCoder | None = None,
-              on_step: Callable[[SAETrainer, int, Tensor], None] | None = None) -> tuple[SparseCoder, dict[str, Any]]:
+def train_sae(
+    cfg: SAEConfig,
+    batches: Iterable[Any],
+    steps: int,
+    lr: float | None = None,
+    *,
+    warmup: int | None = None,
+    schedule: str = "linear",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    normalize: bool = True,
+    gm_samples: int = 4096,
+    log_every: int = 50,
+    progress: bool = False,
+    extra_loss: ExtraLoss | None = None,
+    sae: SparseCoder | None = None,
+    on_step: Callable[[SAETrainer, int, Tensor], None] | None = None,
+) -> tuple[SparseCoder, dict[str, Any]]:
     """Train a sparse coder on ``batches`` (tensors [B, d_in], or pairs (x, y) for a transcoder; a list or
     DataLoader is cycled) for ``steps`` steps. Returns the coder (data scale folded in: it works on raw
     activations) and a history: per log step ``step, tokens, fvu, l0, dead (fraction), aux, loss, lr``,
@@ -218,8 +242,9 @@ def train_sae(cfg: SAEConfig, batches: Iterable[Any], steps: int, lr: float | No
     sae.data_scale = (s_in, s_out)
     B = head[0][0].shape[0]
     dead_tokens = cfg.dead_tokens or max(B, min(10_000_000, steps * B // 10))
-    trainer = SAETrainer(sae, lr, steps, warmup=warmup, schedule=schedule, dead_tokens=dead_tokens,
-                         extra_loss=extra_loss)
+    trainer = SAETrainer(
+        sae, lr, steps, warmup=warmup, schedule=schedule, dead_tokens=dead_tokens, extra_loss=extra_loss
+    )
     keys = ("step", "tokens", "fvu", "l0", "dead", "aux", "loss", "lr")
     hist: dict[str, Any] = {k: [] for k in keys}
     acc = {"fvu": 0.0, "l0": 0.0, "aux": 0.0, "loss": 0.0}
