@@ -153,13 +153,13 @@ class JumpReLUFn(torch.autograd.Function):
     """f = z·H(z − θ). ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε)·K((z − θ)/ε) (BRIEF §5, rectangle kernel K)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         return z * (z > theta).to(z.dtype)
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
         grad_z = g * (z > theta).to(z.dtype)
@@ -171,13 +171,13 @@ class StepFn(torch.autograd.Function):
     """H(z − θ). No gradient to z; ∂H/∂θ = −(1/ε)·K((z − θ)/ε) (BRIEF §5): the L0 penalty's estimator."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         return (z > theta).to(z.dtype)
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         z, theta = ctx.saved_tensors
         eps = ctx.eps
         grad_theta = (g * (-(1.0 / eps) * _rect((z - theta) / eps))).sum(0)
@@ -337,24 +337,27 @@ class SparseCoder(nn.Module):
         self.cfg = cfg
         self.arch = ARCHITECTURES[cfg.architecture]
         n, d_in, d_out = cfg.n_latents, cfg.d_in, cfg.out_dim
-        kw = {"dtype": dtype or torch.get_default_dtype(), "device": device}
+        dtype = dtype or torch.get_default_dtype()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec = torch.randn(n, d_out, generator=gen, dtype=kw["dtype"]).to(device)
+        W_dec = torch.randn(n, d_out, generator=gen, dtype=dtype).to(device)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         if cfg.transcoder:  # different spaces: an independent random encoder of the same scale
-            W_enc = torch.randn(n, d_in, generator=gen, dtype=kw["dtype"]).to(device)
+            W_enc = torch.randn(n, d_in, generator=gen, dtype=dtype).to(device)
             W_enc /= W_enc.norm(dim=1, keepdim=True)
         else:  # encoder = decoder transpose (Gao et al.)
             W_enc = W_dec.clone()
         self.W_enc = nn.Parameter(W_enc)
-        self.b_enc = nn.Parameter(torch.zeros(n, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec)
-        self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
         if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((n,), cfg.threshold_init, **kw))
+            self.threshold = nn.Parameter(torch.full((n,), cfg.threshold_init, dtype=dtype, device=device))
         else:
-            self.register_buffer("threshold", torch.full((n,), -1.0 if cfg.architecture == "batchtopk" else 0.0, **kw))
-        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.skip else None
+            self.register_buffer(
+                "threshold",
+                torch.full((n,), -1.0 if cfg.architecture == "batchtopk" else 0.0, dtype=dtype, device=device),
+            )
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype, device=device)) if cfg.skip else None
         # (s_in, s_out): the weights act on x/s_in and produce y/s_out (see fold_data_scale_)
         self.data_scale: tuple[float, float] = (1.0, 1.0)
         self._pre_buffer: Tensor | None = None

@@ -127,12 +127,12 @@ class _SparseDecode(torch.autograd.Function):
     """x̂ = Σ_j v_j W[i_j] (no bias); backward only on the k chosen rows of W per sample."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, values: Tensor, indices: Tensor, W: Tensor) -> Tensor:
         ctx.save_for_backward(values, indices, W)
         return F.embedding_bag(indices, W, mode="sum", per_sample_weights=values.to(W.dtype))
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         values, indices, W = ctx.saved_tensors
         g = g.contiguous()
         grad_values = sampled_rowdot(indices, g, W).to(values.dtype) if ctx.needs_input_grad[0] else None
@@ -155,13 +155,13 @@ class _SelectedEncode(torch.autograd.Function):
     chosen entries only: x gets ``embedding_bag(i, W, g)``, W gets ``Gᵀ x``, b gets ``bincount(i, g)``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, raw: Tensor, indices: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, W: Tensor, b: Tensor, raw: Tensor, indices: Tensor) -> Tensor:
         values = raw.clamp(min=0)
         ctx.save_for_backward(x, W, values, indices)
         return values
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
+    def backward(ctx, g: Tensor):
         x, W, values, indices = ctx.saved_tensors
         g = torch.where(values > 0, g, 0.0)  # ReLU: clipped winners pass no gradient
         grad_x = grad_W = grad_b = None

@@ -71,7 +71,10 @@ def evaluate_sae(
     n = sae.cfg.n_latents
     dev = sae.W_enc.device
     counts = torch.zeros(n, dtype=torch.float64, device=dev)
-    sum_y = sum_y2 = sum_e2 = sum_yh2 = sum_dot = sum_cos = sum_l0 = None
+    # float64 running sums, started at exact zeros (0 + x == x, so the first batch is taken as is)
+    sum_y = torch.zeros(sae.cfg.out_dim, dtype=torch.float64, device=dev)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    sum_y2 = sum_e2 = sum_yh2 = sum_dot = sum_cos = sum_l0 = zero  # rebound (never updated in place) below
     N = 0
     for i, b in enumerate(batches):
         if max_batches is not None and i >= max_batches:
@@ -96,12 +99,9 @@ def evaluate_sae(
             torch.nn.functional.cosine_similarity(yd, yhd, dim=-1).sum(),
             (z != 0).sum().double(),
         )
-        if sum_y is None:
-            sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = parts
-        else:
-            sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = (
-                a + p for a, p in zip((sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0), parts)
-            )
+        sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0 = (
+            a + p for a, p in zip((sum_y, sum_y2, sum_e2, sum_yh2, sum_dot, sum_cos, sum_l0), parts)
+        )
         counts += (z != 0).sum(0).double()
         N += x.shape[0]
     if N == 0:

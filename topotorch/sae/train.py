@@ -209,14 +209,14 @@ def train_sae(
             break
     if not head:
         raise ValueError("train_sae: batches is empty")
-    if cfg.transcoder and head[0][1] is None:
+    if cfg.transcoder and any(y is None for _, y in head):
         raise ValueError("train_sae: a transcoder needs (x, y) pairs")
     for x, _ in head[:1]:
         if x.dim() != 2 or x.shape[1] != cfg.d_in:
             raise ValueError(f"train_sae: batches must be [B, d_in={cfg.d_in}], got {tuple(x.shape)}")
     dtype = dtype or head[0][0].dtype
     X = torch.cat([x for x, _ in head]).to(device=device, dtype=dtype)
-    Y = torch.cat([y for _, y in head]).to(device=device, dtype=dtype) if cfg.transcoder else X
+    Y = torch.cat([y for _, y in head if y is not None]).to(device=device, dtype=dtype) if cfg.transcoder else X
 
     def rms_scale(t: Tensor) -> float:
         return float((t.pow(2).sum(1).mean() / t.shape[1]).sqrt().clamp(min=1e-12)) if normalize else 1.0
