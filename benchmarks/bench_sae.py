@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # CPU: sparsify's eager decoder (Triton needs CUDA)
 
@@ -40,13 +43,13 @@ from topotorch.sae.train import SAETrainer
 from topotorch.timing import compare, conditions
 
 
-def ours_step(d: int, n: int, k: int, lr: float, fused: bool = True):
+def ours_step(d: int, n: int, k: int, lr: float, fused: bool = True) -> Callable[[torch.Tensor], Any]:
     sae = SparseCoder(SAEConfig(d_in=d, n_latents=n, k=k), seed=0)
     tr = SAETrainer(sae, lr, steps=10**6, warmup=0, schedule="constant", fused=fused)
     return lambda x: tr.step(x)
 
 
-def sparsify_step(d: int, n: int, k: int, lr: float, fused: bool = False):
+def sparsify_step(d: int, n: int, k: int, lr: float, fused: bool = False) -> Callable[[torch.Tensor], Any]:
     from sparsify import SparseCoder as SpCoder
     from sparsify.config import SparseCoderConfig
 
@@ -70,7 +73,7 @@ def sparsify_step(d: int, n: int, k: int, lr: float, fused: bool = False):
     return step
 
 
-def dense_step(d: int, n: int, k: int, lr: float):
+def dense_step(d: int, n: int, k: int, lr: float) -> Callable[[torch.Tensor], Any]:
     torch.manual_seed(0)
     W_dec = torch.randn(n, d)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
@@ -126,7 +129,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown sides {sorted(unknown)}; known: {sorted(makers)}")
     steps = {name: makers[name]() for name in names}
-    c = compare({name: (lambda f=steps[name]: f(x)) for name in names}, reps=a.reps, warmup=a.warmup)
+    c = compare({name: partial(steps[name], x) for name in names}, reps=a.reps, warmup=a.warmup)
     tok = {name: a.batch / c.median(name) for name in names}
     print(c.summary())
     for name in names:

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,7 +40,8 @@ from topotorch.checkpoint import atomic_write_json
 from topotorch.sae import SAEConfig, SyntheticFeatures, evaluate_sae, mcc, train_sae
 from topotorch.timing import conditions
 
-ARCH_OPTIONS = {  # the sparsity knob of each architecture, aimed at L0 ≈ k (see the module docstring)
+# the sparsity knob of each architecture, aimed at L0 ≈ k (see the module docstring)
+ARCH_OPTIONS: dict[str, dict[str, Any]] = {
     "topk": {},
     "batchtopk": {},
     "jumprelu": {"l0_coeff": 10.0, "bandwidth": 0.1, "threshold_init": 2.0},  # + target_l0 = k
@@ -226,7 +228,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    out = {
+    out: dict[str, Any] = {
         "command": "python benchmarks/sae_synthetic.py " + " ".join(f"--{k}={v}" for k, v in vars(a).items()),
         "conditions": conditions(),
         "architectures": [],
