@@ -104,7 +104,7 @@ def test_shrink_removes_dead_units_exactly_and_reloads(name, tmp_path):
         else:
             assert res.removed[sp.name] > 0, (name, sp.name, res.kept_why.get(sp.name))
     save_shrunk(tmp_path / "s", res)
-    back = load_shrunk(tmp_path / "s", allow=("byom_models.",))  # the user's own classes, by name
+    back = load_shrunk(tmp_path / "s", allow=("tests.byom_models.",))  # the user's own classes, by name
     assert n_params(back) == n_params(res.model)
     assert max_error(outputs(back, x), outputs(res.model, x)) <= 1e-12
     assert model is g.model and n_params(model) == before  # the original is untouched
