@@ -18,9 +18,10 @@ short run it alone explains our gap to the peer (measured on these activations, 
 n = 2048: held-out FVU 0.0555 at the default, 0.0149 at 2e-3, 0.0063 at 5e-3, 0.0052 at 1e-2; sparsify's
 SignSGD, whose lr is 5e-3/√(n/2¹⁴) = 1.4e-2, 0.0064).
 
-Topographic: (1) relocation of the trained TopK SAE by co-activation and decoder similarity (its output is
-unchanged, FVU cost 0); (2) ``train_topographic``: τ·TopoLoss on the decoder sheet + relocation at 25% of
-the run + a final one. Measures on the held-out codes: decoder |cos| and co-activation (uncentred)
+Topographic: (1) relocation of the trained TopK SAE by decoder similarity and co-activation (weight
+``--coactivation``, 0.1; its output is unchanged, FVU cost 0, except at exact float32 TopK ties, which
+``permutation_check`` counts); (2) ``train_topographic``: τ·TopoLoss on the decoder sheet + relocation at 25%
+of the run + a final one. Measures on the held-out codes: decoder |cos| and co-activation (uncentred)
 correlation of 4-neighbours / their all-pairs mean (= the shuffled-position expectation).
 
     .venv/bin/python benchmarks/sae_quality.py --json results/sae_quality.json --pictures docs
@@ -29,6 +30,7 @@ correlation of 4-neighbours / their all-pairs mean (= the shuffled-position expe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -100,8 +102,16 @@ def gpt_model(run: Path, steps: int, seed: int):
     tmp = run / "gpt.safetensors.tmp"
     save_model(model, str(tmp))  # tied embedding/head weights: save_model stores them once
     os.replace(tmp, path)  # atomic: a half-written file never looks finished
-    return model, data, {"trained": str(path), "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
-                         "test_bits_per_char": round(bpc / math.log(2), 4)}
+    return (
+        model,
+        data,
+        {
+            "trained": str(path),
+            "steps": steps,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "test_bits_per_char": round(bpc / math.log(2), 4),
+        },
+    )
 
 
 @torch.no_grad()
@@ -109,15 +119,16 @@ def residual(model, windows: torch.Tensor, hook: str, per: int = 32) -> torch.Te
     """[windows·T, d] activations at ``hook`` (sae-io's capture: plain forward hooks, forward stopped there)."""
     from topotorch.sae.activations import ModelActivations
 
-    acts = ModelActivations(model, [windows[i:i + per] for i in range(0, len(windows), per)], hook)
+    acts = ModelActivations(model, [windows[i : i + per] for i in range(0, len(windows), per)], hook)
     return torch.cat([b if isinstance(b, torch.Tensor) else b[0] for b in acts]).float()
 
 
 # ---- the peer: sparsify's SparseCoder with its trainer's loop ------------------------------------------------------
 
 
-def train_sparsify(x: torch.Tensor, n: int, k: int, steps: int, batch: int, optimizer: str, auxk_alpha: float = 0.0,
-                   seed: int = 0):
+def train_sparsify(
+    x: torch.Tensor, n: int, k: int, steps: int, batch: int, optimizer: str, auxk_alpha: float = 0.0, seed: int = 0
+):
     from sparsify import SparseCoder as PeerCoder
     from sparsify.config import SparseCoderConfig
 
@@ -128,8 +139,9 @@ def train_sparsify(x: torch.Tensor, n: int, k: int, steps: int, batch: int, opti
         from schedulefree import ScheduleFreeWrapper
         from sparsify.sign_sgd import SignSGD
 
-        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]),
-                                  momentum=0.95)
+        opt = ScheduleFreeWrapper(
+            SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95
+        )
         opt.train()
         sched = None
     else:
@@ -140,7 +152,7 @@ def train_sparsify(x: torch.Tensor, n: int, k: int, steps: int, batch: int, opti
     since = torch.zeros(n, dtype=torch.long)
     dead_tokens = max(batch, steps * batch // 10)  # the same dead window as ours (10M tokens on a long run)
     for step in range(steps):
-        xb = x[step * batch:(step + 1) * batch]
+        xb = x[step * batch : (step + 1) * batch]
         if step == 0:
             sae.b_dec.data = xb.mean(0)
         sae.set_decoder_norm_to_unit_norm()
@@ -183,11 +195,11 @@ def char_groups(vocab: list[str]) -> tuple[np.ndarray, list[str]]:
         if c in ".,;:!?'-&$":
             return 5
         return 6
+
     return np.array([g(c) for c in vocab]), names
 
 
-def score(name: str, fn, encode, x_eval: torch.Tensor, model, test_windows: torch.Tensor, hook: str,
-          n: int) -> dict:
+def score(name: str, fn, encode, x_eval: torch.Tensor, model, test_windows: torch.Tensor, hook: str, n: int) -> dict:
     """FVU, L0, dead-on-eval and CE-loss recovered of a reconstruction ``fn`` (rows → rows)."""
     with torch.no_grad():
         xh = fn(x_eval)
@@ -195,16 +207,48 @@ def score(name: str, fn, encode, x_eval: torch.Tensor, model, test_windows: torc
         tv = (x_eval.double() - x_eval.double().mean(0)).pow(2).sum()
         z = encode(x_eval)
         fired = (z != 0).any(0)
-    ce = splice_eval(model, fn, [test_windows[i:i + 32] for i in range(0, len(test_windows), 32)], hook)
-    row = {"name": name, "fvu": float(e / tv), "l0": float((z != 0).sum(1).double().mean()),
-           "dead_eval": int((~fired).sum()), "dead_eval_frac": round(float((~fired).double().mean()), 4),
-           "ce_recovered": round(ce["ce_recovered"], 4), "kl": round(ce["kl"], 4),
-           "ce_clean": round(ce["ce_clean"], 4), "ce_spliced": round(ce["ce_spliced"], 4),
-           "ce_zero": round(ce["ce_zero"], 4)}
+    ce = splice_eval(model, fn, [test_windows[i : i + 32] for i in range(0, len(test_windows), 32)], hook)
+    row = {
+        "name": name,
+        "fvu": float(e / tv),
+        "l0": float((z != 0).sum(1).double().mean()),
+        "dead_eval": int((~fired).sum()),
+        "dead_eval_frac": round(float((~fired).double().mean()), 4),
+        "ce_recovered": round(ce["ce_recovered"], 4),
+        "kl": round(ce["kl"], 4),
+        "ce_clean": round(ce["ce_clean"], 4),
+        "ce_spliced": round(ce["ce_spliced"], 4),
+        "ce_zero": round(ce["ce_zero"], 4),
+    }
     row["fvu"] = round(row["fvu"], 5)
-    log(f"  {name:<28} FVU {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead(eval) {row['dead_eval']}/{n}  "
-        f"CE rec {row['ce_recovered']:.3f}  KL {row['kl']:.4f}")
+    log(
+        f"  {name:<28} FVU {row['fvu']:.4f}  L0 {row['l0']:.1f}  dead(eval) {row['dead_eval']}/{n}  "
+        f"CE rec {row['ce_recovered']:.3f}  KL {row['kl']:.4f}"
+    )
     return row
+
+
+@torch.no_grad()
+def permutation_check(base, rel, x: torch.Tensor) -> dict:
+    """How far a relocated copy's output is from the original's: a permutation of latents leaves the function
+    unchanged except where TopK's k-th and (k+1)-th pre-activations are exactly equal in float32 (``topk``
+    breaks such ties by position, which the permutation changes). Counts the tokens whose selected set
+    changes, the relative change ‖Δŷ‖/‖x − b_dec‖ per token (mean, max), and the same comparison in float64."""
+    perm = torch.cdist(rel.W_dec.double(), base.W_dec.double()).argmin(1)  # new latent i = old latent perm[i]
+    sel_b = torch.zeros(len(x), len(perm), dtype=torch.bool).scatter_(1, base.encode_sparse(x)[1], True)
+    sel_r = torch.zeros_like(sel_b).scatter_(1, perm[rel.encode_sparse(x)[1]], True)
+    d = (rel(x).double() - base(x).double()).norm(dim=1)
+    r = d / (x.double() - base.b_dec.double()).norm(dim=1)
+    b64, r64 = copy.deepcopy(base).double(), copy.deepcopy(rel).double()
+    b64._pre_buffer = r64._pre_buffer = None  # the float32 workspace is not a parameter
+    return {
+        "tokens_selection_changed": int((sel_b != sel_r).any(1).sum()),
+        "tokens": len(x),
+        "relative_change_mean": float(r.mean()),
+        "relative_change_max": float(r.max()),
+        "max_abs_float32": float(d.max()),
+        "max_abs_float64": float((r64(x.double()) - b64(x.double())).abs().max()),
+    }
 
 
 def measures(sae, x_eval: torch.Tensor, sheet: LatentSheet) -> dict:
@@ -230,16 +274,30 @@ def geometry_part(args, pictures: Path | None) -> dict:
     out: dict = {}
     # a synthetic curve that bends through 4 dimensions (frequencies 1 and 2)
     x, t = synthetic_curve(2048, d=16, frequencies=(1, 2), seed=args.seed)
-    sae, _ = train_sae(SAEConfig(d_in=16, n_latents=32, k=2), [x[i:i + 256] for i in range(0, 2048, 256)],
-                       steps=300, lr=3e-3, seed=args.seed)
+    sae, _ = train_sae(
+        SAEConfig(d_in=16, n_latents=32, k=2),
+        [x[i : i + 256] for i in range(0, 2048, 256)],
+        steps=300,
+        lr=3e-3,
+        seed=args.seed,
+    )
     with torch.no_grad():
         z = sae.encode(x)
         fvu = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-    out["synthetic_curve"] = {"d": 16, "frequencies": [1, 2], "n_latents": 32, "k": 2, "fvu": round(fvu, 4),
-                              **curve_tiling(z, t).to_dict()}
+    out["synthetic_curve"] = {
+        "d": 16,
+        "frequencies": [1, 2],
+        "n_latents": 32,
+        "k": 2,
+        "fvu": round(fvu, 4),
+        **curve_tiling(z, t).to_dict(),
+    }
     if pictures:
-        out["synthetic_curve"]["picture"] = str(draw_curve_tiling(
-            x, z, t, pictures / "sae_curve_tiling.png", title="TopK SAE (32 latents, k=2) on a closed curve in 16-d"))
+        out["synthetic_curve"]["picture"] = str(
+            draw_curve_tiling(
+                x, z, t, pictures / "sae_curve_tiling.png", title="TopK SAE (32 latents, k=2) on a closed curve in 16-d"
+            )
+        )
     log(f"  synthetic curve: {out['synthetic_curve']}")
 
     # the modular-addition embedding circle of a BIMT-trained TokenMLP, and latents vs its modules
@@ -250,8 +308,15 @@ def geometry_part(args, pictures: Path | None) -> dict:
         r = load_run(run)
     else:
         s = args.ma_steps
-        cfg = TrainConfig.for_task("modular-addition", steps=s, lam=f"0:0.1,{s // 4}:1.0,{3 * s // 4}:0.1",
-                                   relocation="assign", animation=False, progress=False, out=str(run))
+        cfg = TrainConfig.for_task(
+            "modular-addition",
+            steps=s,
+            lam=f"0:0.1,{s // 4}:1.0,{3 * s // 4}:0.1",
+            relocation="assign",
+            animation=False,
+            progress=False,
+            out=str(run),
+        )
         r = train(cfg, overwrite=True)
     model = r.model.double()
     emb = model.embedding.weight.detach()
@@ -261,9 +326,14 @@ def geometry_part(args, pictures: Path | None) -> dict:
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
     with torch.no_grad():
-        h1 = model.mlp[1](model.mlp[0](model.embedding(pairs).flatten(1)))   # hidden1 activations [p², 50]
-    res = {"run": str(run), "steps": r.config.steps, "modularity_q": round(parts.q, 3),
-           "modules": parts.n_communities, "dominant_frequency": freq}
+        h1 = model.mlp[1](model.mlp[0](model.embedding(pairs).flatten(1)))  # hidden1 activations [p², 50]
+    res = {
+        "run": str(run),
+        "steps": r.config.steps,
+        "modularity_q": round(parts.q, 3),
+        "modules": parts.n_communities,
+        "dominant_frequency": freq,
+    }
     # (1) the embedding circle: SAE on the 59 embedding rows (each residue once per batch, many batches)
     e32 = emb.float()
     sae_e, _ = train_sae(SAEConfig(d_in=e32.shape[1], n_latents=16, k=2), [e32], steps=400, lr=3e-3, seed=args.seed)
@@ -273,13 +343,24 @@ def geometry_part(args, pictures: Path | None) -> dict:
     res["embedding_circle"] = {"n_latents": 16, "k": 2, "fvu": round(fvu_e, 4), **curve_tiling(ze, theta).to_dict()}
     res["embedding_vs_modules"] = module_purity(sae_e.W_enc, parts.membership["embed"], seed=args.seed)
     if pictures:
-        res["embedding_circle"]["picture"] = str(draw_curve_tiling(
-            emb, ze, theta, pictures / "sae_modular_circle.png",
-            title=f"modular addition (p={p}, BIMT): embedding circle of frequency {freq}, 16-latent TopK SAE, k=2"))
+        res["embedding_circle"]["picture"] = str(
+            draw_curve_tiling(
+                emb,
+                ze,
+                theta,
+                pictures / "sae_modular_circle.png",
+                title=f"modular addition (p={p}, BIMT): embedding circle of frequency {freq}, 16-latent TopK SAE, k=2",
+            )
+        )
     # (2) hidden1: SAE on its activations over every pair; does each latent read from one BIMT module?
     h = h1.float()
-    sae_h, _ = train_sae(SAEConfig(d_in=h.shape[1], n_latents=64, k=4), [h[i:i + 512] for i in range(0, len(h), 512)],
-                         steps=400, lr=3e-3, seed=args.seed)
+    sae_h, _ = train_sae(
+        SAEConfig(d_in=h.shape[1], n_latents=64, k=4),
+        [h[i : i + 512] for i in range(0, len(h), 512)],
+        steps=400,
+        lr=3e-3,
+        seed=args.seed,
+    )
     res["hidden1_vs_modules"] = module_purity(sae_h.W_enc, parts.membership["hidden1"], seed=args.seed)
     with torch.no_grad():
         res["hidden1_vs_modules"]["fvu"] = round(float((h - sae_h(h)).pow(2).sum() / (h - h.mean(0)).pow(2).sum()), 4)
@@ -302,7 +383,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=5e-3, help="Adam lr of our TopK rows (short runs need more than Gao's)")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 64 tokens")
-    ap.add_argument("--taus", default="0.02,0.1", help="TopoLoss weights for train_topographic")
+    ap.add_argument("--taus", default="0.003,0.01", help="TopoLoss weights for train_topographic")
+    ap.add_argument(
+        "--coactivation",
+        type=float,
+        default=0.1,
+        help="weight of co-activation (vs |decoder cos|) in the relocation similarity",
+    )
     ap.add_argument("--factor", type=float, default=3.0)
     ap.add_argument("--parts", default="quality,topographic,geometry")
     ap.add_argument("--ma-run", default="runs/sae_quality/modular")
@@ -315,9 +402,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # measured: 1 thread beats 2 for these small matmuls on a shared box
     parts = set(args.parts.split(","))
     t_all = time.perf_counter()
-    result: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "threads": torch.get_num_threads(), "load_start": os.getloadavg()[0],
-                    "python": sys.version.split()[0]}
+    result: dict = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "threads": torch.get_num_threads(),
+        "load_start": os.getloadavg()[0],
+        "python": sys.version.split()[0],
+    }
 
     if parts & {"quality", "topographic"}:
         torch.manual_seed(args.seed)
@@ -334,17 +424,26 @@ def main() -> None:
         test_w = data.x_test[: args.eval_windows]
         t0 = time.perf_counter()
         x_all = residual(model, train_w, args.hook)
-        x_all = x_all[torch.randperm(len(x_all), generator=g)][:need]      # shuffled tokens, the same for all
+        x_all = x_all[torch.randperm(len(x_all), generator=g)][:need]  # shuffled tokens, the same for all
         x_eval = residual(model, test_w, args.hook)
         tok_eval = test_w.reshape(-1)
         d = x_all.shape[1]
         n = d * args.expansion
         sheet = LatentSheet.of(n)
-        result["data"] = {"hook": args.hook, "d": d, "n_latents": n, "k": args.k, "train_tokens": len(x_all),
-                          "eval_tokens": len(x_eval), "steps": args.steps, "batch": args.batch,
-                          "sheet": [sheet.h, sheet.w], "activation_seconds": round(time.perf_counter() - t0, 1)}
+        result["data"] = {
+            "hook": args.hook,
+            "d": d,
+            "n_latents": n,
+            "k": args.k,
+            "train_tokens": len(x_all),
+            "eval_tokens": len(x_eval),
+            "steps": args.steps,
+            "batch": args.batch,
+            "sheet": [sheet.h, sheet.w],
+            "activation_seconds": round(time.perf_counter() - t0, 1),
+        }
         log(f"activations: {result['data']}")
-        batches = [x_all[i:i + args.batch] for i in range(0, len(x_all), args.batch)]
+        batches = [x_all[i : i + args.batch] for i in range(0, len(x_all), args.batch)]
         rows, trained = [], {}
 
         def ours(name: str, lr: float | None = None, **cfg_kw):
@@ -375,18 +474,20 @@ def main() -> None:
                     out = peer.encode(a)
                     z = torch.zeros(len(a), n)
                     return z.scatter_(1, out.top_indices, out.top_acts.float())
+
                 row = score(f"sparsify topk ({opt_name})", fn, enc, x_eval, model, test_w, args.hook, n)
                 row.update(dead_train_frac=round(dead_frac, 4), seconds=round(time.perf_counter() - t, 1))
                 rows.append(row)
             peers = [r["fvu"] for r in rows if r["name"].startswith("sparsify")]
-            result["fvu_ours_vs_best_peer"] = {"ours": rows[0]["fvu"], "best_peer": min(peers),
-                                               "ours_le_peer": rows[0]["fvu"] <= min(peers)}
+            result["fvu_ours_vs_best_peer"] = {
+                "ours": rows[0]["fvu"],
+                "best_peer": min(peers),
+                "ours_le_peer": rows[0]["fvu"] <= min(peers),
+            }
         result["dictionaries"] = rows
 
         if "topographic" in parts:
             log("topographic:")
-            import copy
-
             base = trained["ours topk (AuxK)"]
             base_fvu = rows[0]["fvu"]
             topo = {"sheet": [sheet.h, sheet.w], "plain": measures(base, x_eval, sheet)}
@@ -394,41 +495,82 @@ def main() -> None:
             t = time.perf_counter()
             with torch.no_grad():
                 z = rel.encode(x_all[:16384])
-            st = relocate(rel, z, sheet)
-            with torch.no_grad():
-                same = float((rel(x_eval) - base(x_eval)).abs().max())
-            topo["relocated"] = {"measures": measures(rel, x_eval, sheet), "max_output_change": same,
-                                 "fvu_cost": 0.0, "placement": {"before": st.before, "after": st.after,
-                                                                "swaps": st.swaps, "rounds": st.rounds},
-                                 "seconds": round(time.perf_counter() - t, 1)}
-            log(f"  relocated (output change {same:.1e}): {topo['relocated']['measures']['decoder']} "
-                f"{topo['relocated']['measures']['coactivation']}")
+            st = relocate(rel, z, sheet, coactivation=args.coactivation)
+            secs = round(time.perf_counter() - t, 1)
+            change = permutation_check(base, rel, x_eval)
+            topo["relocated"] = {
+                "measures": measures(rel, x_eval, sheet),
+                "output_change": change,
+                "fvu_cost": 0.0,
+                "coactivation_weight": args.coactivation,
+                "placement": {"before": st.before, "after": st.after, "swaps": st.swaps, "rounds": st.rounds},
+                "seconds": secs,
+            }
+            log(
+                f"  relocated ({secs} s; output change {change}): {topo['relocated']['measures']['decoder']} "
+                f"{topo['relocated']['measures']['coactivation']}"
+            )
             if args.pictures:
-                topo["plain"]["picture"] = sheet_picture(base, x_eval, tok_eval, vocab, sheet,
-                                                         args.pictures / "sae_sheet_plain.png",
-                                                         "TopK SAE as trained: latent sheet by character class")
-                topo["relocated"]["picture"] = sheet_picture(rel, x_eval, tok_eval, vocab, sheet,
-                                                             args.pictures / "sae_sheet_relocated.png",
-                                                             "after relocation by co-activation and decoder similarity")
+                topo["plain"]["picture"] = sheet_picture(
+                    base,
+                    x_eval,
+                    tok_eval,
+                    vocab,
+                    sheet,
+                    args.pictures / "sae_sheet_plain.png",
+                    "TopK SAE as trained: latent sheet by character class",
+                )
+                topo["relocated"]["picture"] = sheet_picture(
+                    rel,
+                    x_eval,
+                    tok_eval,
+                    vocab,
+                    sheet,
+                    args.pictures / "sae_sheet_relocated.png",
+                    "after relocation by co-activation and decoder similarity",
+                )
             topo["trained"] = []
             for tau in [float(v) for v in args.taus.split(",") if v.strip()]:
                 t = time.perf_counter()
                 cfg = SAEConfig(d_in=d, n_latents=n, architecture="topk", k=args.k)
-                sae, hist = train_topographic(cfg, batches, args.steps, sheet, tau=tau, factor=args.factor,
-                                              relocate_at=(0.25,), lr=args.lr, seed=args.seed)
+                sae, hist = train_topographic(
+                    cfg,
+                    batches,
+                    args.steps,
+                    sheet,
+                    tau=tau,
+                    factor=args.factor,
+                    relocate_at=(0.25,),
+                    coactivation=args.coactivation,
+                    lr=args.lr,
+                    seed=args.seed,
+                )
                 row = score(f"topographic τ={tau:g}", sae, sae.encode, x_eval, model, test_w, args.hook, n)
-                row.update(tau=tau, measures=measures(sae, x_eval, sheet),
-                           fvu_rel_cost=round(row["fvu"] / base_fvu - 1, 4), relocations=hist["relocations"],
-                           seconds=round(time.perf_counter() - t, 1))
+                row.update(
+                    tau=tau,
+                    measures=measures(sae, x_eval, sheet),
+                    fvu_rel_cost=round(row["fvu"] / base_fvu - 1, 4),
+                    relocations=hist["relocations"],
+                    seconds=round(time.perf_counter() - t, 1),
+                )
                 m = row["measures"]
-                row["meets_goal"] = bool(m["decoder"]["ratio"] >= 3 and m["coactivation"]["ratio"] >= 3
-                                         and row["fvu_rel_cost"] <= 0.02)
-                log(f"    decoder ×{m['decoder']['ratio']:.2f}  coact ×{m['coactivation']['ratio']:.2f}  "
-                    f"FVU cost {row['fvu_rel_cost']:+.2%}")
+                row["meets_goal"] = bool(
+                    m["decoder"]["ratio"] >= 3 and m["coactivation"]["ratio"] >= 3 and row["fvu_rel_cost"] <= 0.02
+                )
+                log(
+                    f"    decoder ×{m['decoder']['ratio']:.2f}  coact ×{m['coactivation']['ratio']:.2f}  "
+                    f"FVU cost {row['fvu_rel_cost']:+.2%}"
+                )
                 if args.pictures:
-                    row["picture"] = sheet_picture(sae, x_eval, tok_eval, vocab, sheet,
-                                                   args.pictures / f"sae_sheet_topo_tau{tau:g}.png",
-                                                   f"topographic SAE τ={tau:g}: latent sheet by character class")
+                    row["picture"] = sheet_picture(
+                        sae,
+                        x_eval,
+                        tok_eval,
+                        vocab,
+                        sheet,
+                        args.pictures / f"sae_sheet_topo_tau{tau:g}.png",
+                        f"topographic SAE τ={tau:g}: latent sheet by character class",
+                    )
                 topo["trained"].append(row)
             result["topographic"] = topo
 
