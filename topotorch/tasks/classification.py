@@ -60,6 +60,13 @@ def digits_data(seed: int, dtype: torch.dtype) -> TaskData:
     return TaskData(x[tr], y[tr], x[te], y[te])
 
 
+# The settings the image-classifier MLPs share (digits, digits-wide, mnist1d): the mean-aggregated cost,
+# a fixed input grid, and swaps every 500 steps; each task adds its own length, λ schedule and top_k.
+IMAGE_MLP_DEFAULTS: dict = dict(
+    lr=1e-3, l0=0.5, wf=2.0, swap_every=500, agg="mean", threshold=0.05, dtype="float32", relocate_inputs=False
+)
+
+
 @register_task
 def digits() -> Task:
     return Task(
@@ -70,19 +77,7 @@ def digits() -> Task:
         loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(
-            steps=10000,
-            lr=1e-3,
-            l0=0.5,
-            wf=2.0,
-            top_k=30,
-            swap_every=500,
-            agg="mean",
-            lam="0:0.01,3000:0.1,6000:1.0",
-            threshold=0.05,
-            dtype="float32",
-            relocate_inputs=False,
-        ),
+        defaults={**IMAGE_MLP_DEFAULTS, "steps": 10000, "top_k": 30, "lam": "0:0.01,3000:0.1,6000:1.0"},
         goal=("accuracy", ">=", 0.93),
     )
 
@@ -97,20 +92,13 @@ def digits_wide() -> Task:
         loss="ce",
         layouts={"input": "grid:8x8", "hidden1": "grid:16x32", "hidden2": "grid:16x32", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(
-            steps=6000,
-            lr=1e-3,
-            l0=0.5,
-            wf=2.0,
-            top_k=60,
-            swap_every=500,
-            agg="mean",
-            batch_size=256,
-            lam="0:0.01,2000:0.1,4000:1.0",
-            threshold=0.05,
-            dtype="float32",
-            relocate_inputs=False,
-        ),
+        defaults={
+            **IMAGE_MLP_DEFAULTS,
+            "steps": 6000,
+            "top_k": 60,
+            "batch_size": 256,
+            "lam": "0:0.01,2000:0.1,4000:1.0",
+        },
         goal=("accuracy", ">=", 0.93),
     )
 
@@ -143,20 +131,13 @@ def mnist1d() -> Task:
         loss="ce",
         layouts={"hidden1": "grid:10x10", "hidden2": "grid:10x10", "output": "circle"},
         output_labels=[str(i) for i in range(10)],
-        defaults=dict(
-            steps=6000,
-            lr=1e-3,
-            l0=0.5,
-            wf=2.0,
-            top_k=30,
-            swap_every=500,
-            agg="mean",
-            batch_size=256,
-            lam="0:0.001,2000:0.01,4000:0.1",
-            threshold=0.05,
-            dtype="float32",
-            relocate_inputs=False,
-        ),
+        defaults={
+            **IMAGE_MLP_DEFAULTS,
+            "steps": 6000,
+            "top_k": 30,
+            "batch_size": 256,
+            "lam": "0:0.001,2000:0.01,4000:0.1",
+        },
         goal=("accuracy", ">=", 0.80),
     )
 
