@@ -460,9 +460,19 @@ def main() -> None:
         ours("ours topk (AuxK)", lr=args.lr, architecture="topk", k=args.k)
         if "quality" in parts:
             ours("ours topk (no AuxK)", lr=args.lr, architecture="topk", k=args.k, aux_alpha=0.0)
-            ours("ours batchtopk", architecture="batchtopk", k=args.k)
-            ours("ours jumprelu (target L0)", architecture="jumprelu", target_l0=float(args.k))
-            ours("ours relu+L1", architecture="relu")
+            # the same lr as TopK; JumpReLU's θ₀/ε and the L1 coefficient calibrated on this stream to L0 ≈ k
+            # (the synthetic calibration, θ₀ 2 and L1 0.55, kills every latent here)
+            ours("ours batchtopk", lr=args.lr, architecture="batchtopk", k=args.k)
+            ours(
+                "ours jumprelu (target L0)",
+                lr=args.lr,
+                architecture="jumprelu",
+                target_l0=float(args.k),
+                l0_coeff=10.0,
+                bandwidth=0.05,
+                threshold_init=0.5,
+            )
+            ours("ours relu+L1", lr=args.lr, architecture="relu", l1_coeff=0.15)
             for opt_name in ("signum", "adam"):
                 t = time.perf_counter()
                 peer, dead_frac = train_sparsify(x_all, n, args.k, args.steps, args.batch, opt_name, seed=args.seed)
