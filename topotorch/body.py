@@ -276,6 +276,8 @@ class Body:
             )
         self.model, self.graph = model, graph
         self.wiring = _wiring_config("wiring", WiringConfig() if wiring is None else wiring)
+        # the cost before ``bias_penalty_from``, made once rather than every step
+        self._wiring_no_bias = dataclasses.replace(self.wiring, penalize_bias=False, exclude=list(self.wiring.exclude))
         self.relocation_cost = (
             dataclasses.replace(self.wiring, exclude=list(self.wiring.exclude))
             if relocation_cost is None
@@ -341,7 +343,7 @@ class Body:
         """The wiring cost the penalty uses at ``step`` (biases only from ``bias_penalty_from``)."""
         if step >= self.bias_penalty_from or not self.wiring.penalize_bias:
             return self.wiring
-        return dataclasses.replace(self.wiring, penalize_bias=False, exclude=list(self.wiring.exclude))
+        return self._wiring_no_bias
 
     def penalty(self, step: int) -> torch.Tensor:
         """The structure penalty at ``step`` as a scalar tensor to add to the loss (0 when nothing is on).
