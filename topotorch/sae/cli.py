@@ -15,6 +15,18 @@ reconstruction bias, and the spliced-in CE-loss recovered and KL), ``metrics.csv
 latent most), ``sheet.png`` (the latent sheet coloured by the token that drives each latent) and any
 ``--export`` copies (``saelens/``, ``sparsify/``). ``topotorch report RUN`` renders it.
 
+**Topographic SAE** (:mod:`topotorch.sae.topographic`). Latent i sits at row i // w, column i % w of
+an h×w sheet (``--sheet HxW``; default the divisor rule, 2048 -> 32x64). A permutation of latents
+changes nothing a sparse coder computes, so "where a latent is" is free to choose: ``--relocate``
+moves the trained coder's latents so that those which fire together and point alike sit side by
+side (a quadratic assignment on co-activation and decoder |cos| over training tokens; the output is
+unchanged, which the run checks in float64 and records). ``--tau`` adds τ·TopoLoss on the decoder
+sheet while training (smooth neighbouring directions, at some reconstruction cost); with both, the
+latents are also relocated at a quarter of the run, so the loss smooths an ordered sheet rather
+than a random one. Any of the three adds ``summary["topographic"]``: the neighbour / shuffled
+ratios of decoder |cos| and co-activation on the held-out tokens (1 for a random sheet), before
+and after the relocation.
+
 The work is :func:`run_sae` (a plain function; the command only parses and reports errors).
 """
 
@@ -56,7 +68,22 @@ class SAERunConfig:
     examples: int = 8
     cache: str | None = None
     export: list[str] = field(default_factory=list)
+    sheet: str | None = None
+    tau: float = 0.0
+    relocate: bool = False
     kind: str = RUN_KIND
+
+    @property
+    def topographic(self) -> bool:
+        """Whether the run places its latents on a sheet (any of --sheet, --tau, --relocate)."""
+        return self.sheet is not None or self.tau > 0 or self.relocate
+
+
+# the relocation's inputs (as benchmarks/sae_quality.py measured them): training tokens it reads, weight of
+# co-activation beside decoder |cos| in the similarity, and when a TopoLoss run relocates mid-run
+RELOCATE_TOKENS = 16384
+COACTIVATION = 0.1
+MID_RUN = 0.25
 
 
 @dataclass
@@ -196,6 +223,7 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
     from topotorch.sae.train import train_sae
 
     t0 = time.perf_counter()
+    sheet = topographic_sheet(cfg)  # a bad --sheet or --tau fails before anything is loaded or written
     src = load_source(cfg.source, cfg.data, cfg.model_config, cfg.seed)
     find_hook_points(src.model, cfg.hook)  # a bad pattern fails before anything is written
     T = src.x_train.shape[1]
@@ -226,15 +254,36 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
         skip=cfg.skip,
     )
     t1 = time.perf_counter()
-    sae, hist = train_sae(
-        sae_cfg, train_acts, cfg.steps, cfg.lr, seed=cfg.seed, progress=progress, log_every=max(1, cfg.steps // 100)
-    )
+    log_every = max(1, cfg.steps // 100)
+    if sheet is None:
+        sae, hist = train_sae(
+            sae_cfg, train_acts, cfg.steps, cfg.lr, seed=cfg.seed, progress=progress, log_every=log_every
+        )
+    else:  # τ = 0 and no mid-run move is train_sae exactly; the final relocation is done below, checked
+        from topotorch.sae.topographic import train_topographic
+
+        sae, hist = train_topographic(
+            sae_cfg,
+            train_acts,
+            cfg.steps,
+            sheet,
+            tau=cfg.tau,
+            relocate_at=(MID_RUN,) if cfg.relocate and cfg.tau > 0 else (),
+            relocate_tokens=RELOCATE_TOKENS,
+            coactivation=COACTIVATION,
+            final_relocation=False,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            progress=progress,
+            log_every=log_every,
+        )
     train_s = time.perf_counter() - t1
     sae.eval()
     x_test, y_test = src.x_test[: cfg.eval_windows], src.y_test[: cfg.eval_windows]
     test_batches = _batches(x_test, rows, None)
 
     test_acts = list(ModelActivations(src.model, test_batches, batch_size=cfg.batch_size, **opts))  # small: in memory
+    topo = None if sheet is None else topographic_step(sae, sheet, cfg, train_acts, test_acts, hist)
     table = evaluate_sae(sae, test_acts)
     freq = table.pop("freq")
     pairs = [(x_test[i : i + rows], y_test[i : i + rows]) for i in range(0, len(x_test), rows)]
@@ -246,7 +295,7 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
         export(sae, out / fmt, fmt, hook_name=cfg.hook, model_name=src.name)
     _write_metrics(out / "metrics.csv", hist)
     atomic_write_json(out / "top_examples.json", {"latents": examples, "freq": freq})
-    sheet = _draw_sheet(sae, test_acts, x_test, src.labels, cfg, out / "sheet.png")
+    drawn = _draw_sheet(sae, test_acts, x_test, src.labels, cfg, out / "sheet.png")
     summary = {
         "kind": RUN_KIND,
         "source": src.name,
@@ -260,11 +309,106 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
             "fvu_final": hist["fvu"][-1] if hist["fvu"] else None,
             "dead_final": hist["dead_final"],
         },
-        "files": sorted(["sae", "metrics.csv", "top_examples.json", *cfg.export, *(["sheet.png"] * sheet)]),
+        "files": sorted(["sae", "metrics.csv", "top_examples.json", *cfg.export, *(["sheet.png"] * drawn)]),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if topo is not None:
+        summary["topographic"] = topo
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def topographic_sheet(cfg: SAERunConfig) -> Any:
+    """The run's :class:`LatentSheet` (None when the run is not topographic); a clear ``ValueError`` for a
+    --sheet that does not hold --latents, or a bad --tau. Usage: ``topographic_sheet(cfg)``."""
+    if not (isinstance(cfg.tau, (int, float)) and math.isfinite(cfg.tau) and cfg.tau >= 0):
+        raise ValueError(f"--tau must be a finite number >= 0, got {cfg.tau!r}")
+    if not cfg.topographic:
+        return None
+    from topotorch.sae.topographic import LatentSheet
+
+    try:
+        return LatentSheet.of(cfg.latents, cfg.sheet)
+    except ValueError as e:
+        raise ValueError(f"--sheet: {e}") from None
+
+
+def _first_rows(acts: Any, n: int) -> Any:
+    """The first ``n`` input rows of an activation source (pairs give their input), concatenated."""
+    import torch
+
+    got, have = [], 0
+    for a in acts:
+        x = a[0] if isinstance(a, tuple) else a
+        got.append(x[: n - have])
+        have += len(got[-1])
+        if have >= n:
+            break
+    return torch.cat(got)
+
+
+def output_change(before: Any, after: Any, batches: list) -> float:
+    """max |after(x) − before(x)| over ``batches`` with both coders in float64: 0 up to rounding for a
+    permutation of latents (float32 would add TopK's exact ties, which ``topk`` breaks by position).
+    Usage: ``output_change(copy_before, sae, test_acts)``."""
+    import copy
+
+    import torch
+
+    b64, a64 = copy.deepcopy(before).double(), copy.deepcopy(after).double()
+    b64._pre_buffer = a64._pre_buffer = None  # the float32 workspace is no parameter: .double() leaves it
+    worst = 0.0
+    with torch.no_grad():
+        for a in batches:
+            x = (a[0] if isinstance(a, tuple) else a).double()
+            worst = max(worst, float((a64(x) - b64(x)).abs().max()))
+    return worst
+
+
+def topographic_step(sae: Any, sheet: Any, cfg: SAERunConfig, train_acts: Any, test_acts: list, hist: dict) -> dict:
+    """``--relocate`` (in place, on RELOCATE_TOKENS training tokens) and the neighbour measures on the held-out
+    ``test_acts`` before and after it: the ``summary["topographic"]`` block.
+    Usage: ``topo = topographic_step(sae, LatentSheet.of(512), cfg, train_acts, test_acts, hist)``."""
+    import copy
+
+    import torch
+
+    from topotorch.sae.topographic import relocate, topographic_measures
+
+    def measures() -> dict:
+        with torch.no_grad():
+            z = torch.cat([sae.encode((a[0] if isinstance(a, tuple) else a).to(sae.W_enc.dtype)) for a in test_acts])
+        out = {k: v.to_dict() for k, v in topographic_measures(sae.W_dec, z, sheet).items()}
+        # strict JSON: a ratio over a baseline <= 0 (Pearson's, whose all-pairs mean is ~0) is null, not NaN
+        return {
+            k: {f: None if isinstance(v, float) and not math.isfinite(v) else v for f, v in m.items()}
+            for k, m in out.items()
+        }
+
+    topo: dict[str, Any] = {
+        "sheet": [sheet.h, sheet.w],
+        "tau": cfg.tau,
+        "relocated": cfg.relocate,
+        "mid_run_relocations": hist.get("relocations", []),
+    }
+    if cfg.relocate:
+        topo["before_relocation"] = measures()
+        before = copy.deepcopy(sae)
+        t = time.perf_counter()
+        with torch.no_grad():
+            z = sae.encode(_first_rows(train_acts, RELOCATE_TOKENS).to(sae.W_enc.dtype))
+        st = relocate(sae, z, sheet, COACTIVATION)
+        topo["relocation"] = {
+            "tokens": len(z),
+            "coactivation_weight": COACTIVATION,
+            "adjacency_before": round(st.before, 6),
+            "adjacency_after": round(st.after, 6),
+            "swaps": st.swaps,
+            "seconds": round(time.perf_counter() - t, 3),
+            "output_change_float64": output_change(before, sae, test_acts),
+        }
+    topo["measures"] = measures()
+    return topo
 
 
 def _draw_sheet(sae: Any, acts: Any, windows: Any, labels: list[str] | None, cfg: SAERunConfig, path: Path) -> bool:
@@ -276,7 +420,7 @@ def _draw_sheet(sae: Any, acts: Any, windows: Any, labels: list[str] | None, cfg
     import torch
 
     try:
-        sheet = LatentSheet.of(cfg.latents)
+        sheet = LatentSheet.of(cfg.latents, cfg.sheet)
     except ValueError:
         return False
     with torch.no_grad():
@@ -289,7 +433,8 @@ def _draw_sheet(sae: Any, acts: Any, windows: Any, labels: list[str] | None, cfg
         sheet,
         path,
         names=labels,
-        title=f"{cfg.hook}: {cfg.latents} latents, coloured by the token that activates each most",
+        title=f"{cfg.hook}: {cfg.latents} latents on a {sheet.h}x{sheet.w} sheet"
+        f"{' (relocated)' if cfg.relocate else ''}, coloured by the token that activates each most",
     )
     return True
 
@@ -320,6 +465,13 @@ def sae(
     show_latents: int = typer.Option(32, help="latents with top-activating examples in the report"),
     cache: Path | None = typer.Option(None, help="activation cache folder (written once, resumable; read shuffled)"),
     export: str = typer.Option("", help="also write these formats: saelens,sparsify"),
+    sheet: str | None = typer.Option(
+        None, help="topographic: the latents' HxW sheet, h*w = --latents (default: the divisor rule, 2048 -> 32x64)"
+    ),
+    relocate: bool = typer.Option(
+        False, help="topographic: move the trained latents so similar ones are neighbours (output unchanged)"
+    ),
+    tau: float = typer.Option(0.0, help="topographic: weight of TopoLoss on the decoder sheet while training"),
     out: Path | None = typer.Option(None, help="run folder (default: runs/sae-HOOK-ARCH-LATENTS)"),
     overwrite: bool = typer.Option(False, help="if --out already holds a run, move it aside to OUT.old-<time> first"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -374,7 +526,14 @@ def sae(
         show_latents=show_latents,
         cache=str(cache) if cache else None,
         export=formats,
+        sheet=sheet,
+        tau=tau,
+        relocate=relocate,
     )
+    try:
+        topographic_sheet(cfg)  # the same check run_sae makes, before the model is loaded
+    except ValueError as e:
+        _fail(str(e))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
@@ -392,4 +551,29 @@ def sae(
         f"CE recovered {ev['ce_recovered']:.3f}, KL {ev['kl']:.4f} ({summary['train']['steps']} steps, "
         f"{summary['train']['seconds']:.1f} s)"
     )
+    topo = summary.get("topographic")
+    if topo:
+        typer.echo(topographic_line(topo))
     typer.echo(f"wrote {folder} (summary.json, metrics.csv, sae/{''.join(', ' + f + '/' for f in formats)})")
+
+
+def topographic_line(topo: dict) -> str:
+    """One line for ``summary["topographic"]``: the sheet, the neighbour / shuffled ratios (before -> after a
+    relocation) and the relocation's output change. Usage: ``print(topographic_line(summary["topographic"]))``."""
+
+    def ratios(key: str) -> str:
+        after = f"{topo['measures'][key]['ratio']:.2f}"
+        if "before_relocation" in topo:
+            return f"{topo['before_relocation'][key]['ratio']:.2f} -> {after}"
+        return after
+
+    h, w = topo["sheet"]
+    tau = f", tau {topo['tau']:g}" if topo.get("tau") else ""
+    line = (
+        f"sheet {h}x{w}{tau}: "
+        f"neighbours / shuffled: decoder |cos| x{ratios('decoder')}, co-activation x{ratios('coactivation')}"
+    )
+    rel = topo.get("relocation")
+    if rel:
+        line += f" (relocated in {rel['seconds']:.1f} s; output change {rel['output_change_float64']:.1e} in float64)"
+    return line

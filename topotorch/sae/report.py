@@ -1,5 +1,6 @@
 """The report panel of a ``topotorch sae`` run: evaluation table, training curve, latent sheet, and the
-contexts that activate each shown latent most.
+contexts that activate each shown latent most; for a topographic run (``--sheet``, ``--relocate``,
+``--tau``), the sheet's neighbour / shuffled ratios.
 
 Everything is read from the run folder's files (``summary.json``, ``metrics.csv``,
 ``top_examples.json``, ``sheet.png``), so rendering never reruns the model; a missing or unreadable
@@ -36,6 +37,13 @@ EVAL_ROWS = (
     ("ce_recovered", "CE-loss recovered", "{:.4f}"),
     ("kl", "KL(clean ‖ spliced) per token (nats)", "{:.5f}"),
     ("n_tokens", "eval tokens", "{:d}"),
+)
+
+# the topographic table: (key in summary["topographic"]["measures"], label); a ratio of 1 is a random sheet
+TOPO_ROWS = (
+    ("decoder", "decoder |cos|"),
+    ("coactivation", "co-activation (uncentred correlation)"),
+    ("coactivation_pearson", "co-activation, Pearson (ratio column: neighbours − shuffled)"),
 )
 
 
@@ -86,6 +94,49 @@ def eval_table_html(ev: dict) -> str:
             shown = str(v)
         rows.append(f"<tr><td>{html.escape(label)}</td><td>{html.escape(shown)}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def topographic_html(topo: dict) -> str:
+    """The sheet, τ, and per measure the neighbour and shuffled means and their ratio (before → after a
+    relocation), plus what the relocation did, as HTML. Usage: ``topographic_html(summary["topographic"])``."""
+
+    def num(v: Any, fmt: str = "{:.4f}") -> str:
+        return fmt.format(v) if isinstance(v, (int, float)) else "–"
+
+    before = topo.get("before_relocation") or {}
+    measures = topo.get("measures") or {}
+    head = "<tr><th>neighbour / shuffled</th><th>neighbours</th><th>shuffled</th><th>ratio</th>"
+    head += "<th>ratio before relocation</th></tr>" if before else "</tr>"
+    rows = []
+    for key, label in TOPO_ROWS:
+        m = measures.get(key)
+        if not isinstance(m, dict):
+            continue
+        # Pearson's all-pairs mean is ~0 or negative (TopK fires exactly k), so its ratio means nothing: the excess
+        shown, fmt = ("excess", "{:+.4f}") if key == "coactivation_pearson" else ("ratio", "{:.2f}×")
+        cells = [num(m.get("neighbour")), num(m.get("baseline")), num(m.get(shown), fmt)]
+        if before:
+            cells.append(num((before.get(key) or {}).get(shown), fmt))
+        rows.append(
+            f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        )
+    sheet = topo.get("sheet") or ["?", "?"]
+    desc = f"sheet {html.escape(str(sheet[0]))}×{html.escape(str(sheet[1]))}"
+    desc += f", TopoLoss τ = {num(topo.get('tau'), '{:g}')}" if topo.get("tau") else ", no TopoLoss"
+    rel = topo.get("relocation")
+    if isinstance(rel, dict):
+        desc += (
+            f"; relocated on {num(rel.get('tokens'), '{:d}')} training tokens ({num(rel.get('swaps'), '{:d}')} "
+            f"swaps, {num(rel.get('seconds'), '{:.1f}')} s), output change "
+            f"{num(rel.get('output_change_float64'), '{:.1e}')} in float64"
+        )
+    mid = topo.get("mid_run_relocations") or []
+    if mid:
+        desc += f"; moved mid-run at step {', '.join(html.escape(str(r.get('step'))) for r in mid)}"
+    note = (
+        "held-out tokens; 4-neighbour pairs of live latents vs all pairs (= shuffled positions): 1× is a random sheet"
+    )
+    return f"<p class='muted'>{desc}</p><table>{head}{''.join(rows)}</table><p class='muted'>{note}</p>"
 
 
 def curve_png(metrics_csv: Path) -> str | None:
@@ -159,6 +210,9 @@ def sae_panel(run_dir: str | Path, notices: list[str] | None = None, max_latents
         )
     elif (run_dir / "metrics.csv").exists():
         notices.append("metrics.csv is unreadable: the training curves are left out")
+    topo = summary.get("topographic")
+    if isinstance(topo, dict):
+        parts.append(f"<section><h2>Topographic sheet</h2>{topographic_html(topo)}</section>")
     sheet = run_dir / "sheet.png"
     if sheet.is_file():
         b64 = base64.b64encode(sheet.read_bytes()).decode()
