@@ -3,6 +3,7 @@
     topotorch sae runs/shakespeare --hook "gpt.blocks.1" --latents 2048 --k 16 --steps 2000
     topotorch sae hf:gpt2 --model-config n_layer=2,n_embd=64,n_head=4 --data shakespeare-char \\
         --hook "hf.transformer.h.0.mlp" --transcoder --latents 512 --k 8 --export saelens,sparsify
+    topotorch sae runs/hf/plain --hook hf.transformer.h.1 --latents 1024 --k 16 --relocate --tau 0.003
 
 RUN_OR_MODEL is a ``topotorch train`` run folder (its trained model and its task's data) or a model
 spec as ``--model`` takes it (``hf:NAME``, ``package.module:function``; random weights) fed with the
