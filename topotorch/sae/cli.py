@@ -532,7 +532,9 @@ def sae(
         relocate=relocate,
     )
     try:
-        topographic_sheet(cfg)  # the same check run_sae makes, before the model is loaded
+        with warnings.catch_warnings():  # a 1xN sheet's warning is reported once, by run_sae below
+            warnings.simplefilter("ignore")
+            topographic_sheet(cfg)  # the same check run_sae makes, before the model is loaded
     except ValueError as e:
         _fail(str(e))
     with warnings.catch_warnings(record=True) as caught:
@@ -562,11 +564,13 @@ def topographic_line(topo: dict) -> str:
     """One line for ``summary["topographic"]``: the sheet, the neighbour / shuffled ratios (before -> after a
     relocation) and the relocation's output change. Usage: ``print(topographic_line(summary["topographic"]))``."""
 
+    def ratio(m: dict, key: str) -> str:
+        r = m[key]["ratio"]
+        return "n/a" if r is None else f"{r:.2f}"  # null: a baseline <= 0 (e.g. fewer than two live latents)
+
     def ratios(key: str) -> str:
-        after = f"{topo['measures'][key]['ratio']:.2f}"
-        if "before_relocation" in topo:
-            return f"{topo['before_relocation'][key]['ratio']:.2f} -> {after}"
-        return after
+        after = ratio(topo["measures"], key)
+        return f"{ratio(topo['before_relocation'], key)} -> {after}" if "before_relocation" in topo else after
 
     h, w = topo["sheet"]
     tau = f", tau {topo['tau']:g}" if topo.get("tau") else ""
