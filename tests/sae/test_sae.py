@@ -80,6 +80,12 @@ def test_selected_encode_and_decode_gradcheck():
     torch.autograd.gradcheck(lambda v_, W_: sparse_decode(v_, idx, W_), (vals, W_dec))
 
 
+def _scale_free_aux(e: torch.Tensor, e_hat: torch.Tensor) -> torch.Tensor:
+    """‖e − c·ê‖² with c = max(0, ⟨e, ê⟩/‖ê‖²) per row, c held constant (the default AuxK target)."""
+    c = ((e * e_hat).sum(1) / (e_hat * e_hat).sum(1)).clamp(min=0).detach()
+    return (e - c[:, None] * e_hat).pow(2).sum()
+
+
 def test_sae_loss_with_auxk_matches_dense_reference():
     sae = _coder("topk")
     x = _x()
@@ -99,7 +105,7 @@ def test_sae_loss_with_auxk_matches_dense_reference():
     masked = pre.masked_fill(~dead, float("-inf"))
     atop = masked.topk(sae.cfg.aux_k_effective, dim=-1)
     z_aux = torch.zeros(32, 40, dtype=D).scatter(1, atop.indices, F.relu(atop.values))
-    aux = (e.detach() - z_aux @ W_dec).pow(2).sum() / tv
+    aux = _scale_free_aux(e.detach(), z_aux @ W_dec) / tv
     loss = e.pow(2).sum() / tv + sae.cfg.aux_alpha * aux
     loss.backward()
     assert abs(float((out.loss - loss).detach())) < 1e-12 and abs(float((out.aux - aux).detach())) < 1e-12
@@ -135,7 +141,7 @@ def test_batchtopk_training_step_matches_dense_reference():
     tv = (x - x.mean(0)).pow(2).sum()
     atop = pre.masked_fill(~dead, float("-inf")).topk(sae.cfg.aux_k_effective, dim=-1)
     z_aux = torch.zeros(32, 40, dtype=D).scatter(1, atop.indices, F.relu(atop.values))
-    loss = e.pow(2).sum() / tv + sae.cfg.aux_alpha * (e.detach() - z_aux @ W_dec).pow(2).sum() / tv
+    loss = e.pow(2).sum() / tv + sae.cfg.aux_alpha * _scale_free_aux(e.detach(), z_aux @ W_dec) / tv
     loss.backward()
     assert int((z != 0).sum()) == int((out.codes.values != 0).sum()) == 32 * 4
     assert abs(float((out.loss - loss).detach())) < 1e-12 and float(out.aux) > 0
