@@ -169,7 +169,7 @@ class SAETrainer:
         """(parameter, idle row indices, their current values) for each per-latent parameter: rows whose
         gradient is exactly zero this step (the latent neither fired nor was picked by AuxK; a TopoLoss on the
         decoder makes every decoder row non-idle, as it should)."""
-        out = []
+        out: list[tuple[Tensor, Tensor, Tensor]] = []
         for p in self._rows:
             g = p.grad
             if g is None:
