@@ -12,11 +12,16 @@ step, decoder renormalised before each forward, FVU (+ AuxK when on) backward, p
 its default optimizer (SignSGD in a schedule-free wrapper, momentum 0.95, lr 5e-3/√(n/2¹⁴), ``eval()``
 before use, as its ``save`` does) and, as a second peer row, its Adam option (lr 2e-4/√(n/2¹⁴), linear
 warm-up then decay). Ours are ``train_sae`` with their defaults (Adam, geometric-median b_dec, warm-up +
-linear decay, AuxK α = 1/32 unless "no AuxK"), except the TopK rows (and the topographic runs built on them),
+linear decay, lazy Adam rows, scale-free AuxK α = 1/32 unless "no AuxK"; the "old" row: plain Adam on every
+row and Gao's AuxK target), except the TopK rows (and the topographic runs built on them),
 which take ``--lr`` (5e-3): the default 2e-4/√(n/2¹⁴) is Gao et al.'s rate for runs of ~10⁹ tokens, and on a
 short run it alone explains our gap to the peer (measured on these activations, 200 steps × 1024 tokens,
 n = 2048: held-out FVU 0.0555 at the default, 0.0149 at 2e-3, 0.0063 at 5e-3, 0.0052 at 1e-2; sparsify's
 SignSGD, whose lr is 5e-3/√(n/2¹⁴) = 1.4e-2, 0.0064).
+
+Dead latents: never firing on the 8,192 held-out tokens (``dead_eval``), not fired in the training window
+(``dead_train_frac``), and never firing on ``--unseen-windows`` × 64 training-split tokens that no dictionary was
+trained on (``dead_unseen``, 102,400 by default: long enough to tell a dead latent from a rare one).
 
 Topographic: (1) relocation of the trained TopK SAE by decoder similarity and co-activation (weight
 ``--coactivation``, 0.1; its output is unchanged, FVU cost 0, except at exact float32 TopK ties, which
@@ -229,6 +234,19 @@ def score(name: str, fn, encode, x_eval: torch.Tensor, model, test_windows: torc
 
 
 @torch.no_grad()
+def never_fires(encode, x: torch.Tensor, chunk: int = 8192) -> dict:
+    """Latents with no non-zero code on any row of ``x`` (encoded in chunks): the dead count over a stretch long
+    enough to tell dead from rare."""
+    fired = None
+    for i in range(0, len(x), chunk):
+        f = (encode(x[i : i + chunk]) != 0).any(0)
+        fired = f if fired is None else fired | f
+    assert fired is not None
+    log(f"    never fires on {len(x)} unseen tokens: {int((~fired).sum())}/{len(fired)}")
+    return {"dead_unseen": int((~fired).sum()), "unseen_tokens": len(x)}
+
+
+@torch.no_grad()
 def permutation_check(base, rel, x: torch.Tensor) -> dict:
     """How far a relocated copy's output is from the original's: a permutation of latents leaves the function
     unchanged except where TopK's k-th and (k+1)-th pre-activations are exactly equal in float32 (``topk``
@@ -383,6 +401,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=5e-3, help="Adam lr of our TopK rows (short runs need more than Gao's)")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 64 tokens")
+    ap.add_argument(
+        "--unseen-windows",
+        type=int,
+        default=1600,
+        help="training-split windows the dictionaries never see (64 tokens each): the long dead-latent count",
+    )
     ap.add_argument("--taus", default="0.003,0.01", help="TopoLoss weights for train_topographic")
     ap.add_argument(
         "--coactivation",
@@ -420,13 +444,18 @@ def main() -> None:
         need = args.steps * args.batch
         n_win = math.ceil(need / 64)
         g = torch.Generator().manual_seed(args.seed)
-        train_w = data.x_train[torch.randperm(len(data.x_train), generator=g)[:n_win]]
+        perm = torch.randperm(len(data.x_train), generator=g)
+        train_w = data.x_train[perm[:n_win]]
         test_w = data.x_test[: args.eval_windows]
         t0 = time.perf_counter()
         x_all = residual(model, train_w, args.hook)
         x_all = x_all[torch.randperm(len(x_all), generator=g)][:need]  # shuffled tokens, the same for all
         x_eval = residual(model, test_w, args.hook)
         tok_eval = test_w.reshape(-1)
+        # dead = never fires on a long stretch: 8,192 held-out tokens cannot tell a rare latent from a dead one
+        # (a latent firing 30 times in the 204,800 training tokens misses 8,192 tokens with p ≈ 0.3)
+        unseen_w = data.x_train[perm[n_win : n_win + args.unseen_windows]] if "quality" in parts else None
+        x_unseen = residual(model, unseen_w, args.hook) if unseen_w is not None else None
         d = x_all.shape[1]
         n = d * args.expansion
         sheet = LatentSheet.of(n)
@@ -452,6 +481,8 @@ def main() -> None:
             sae, hist = train_sae(cfg, batches, steps=args.steps, lr=lr, seed=args.seed)
             row = score(name, sae, sae.encode, x_eval, model, test_w, args.hook, n)
             row.update(dead_train_frac=round(hist["dead_final"], 4), seconds=round(time.perf_counter() - t, 1))
+            if x_unseen is not None:
+                row.update(never_fires(sae.encode, x_unseen))
             rows.append(row)
             trained[name] = sae
             return sae
@@ -460,6 +491,15 @@ def main() -> None:
         ours("ours topk (AuxK)", lr=args.lr, architecture="topk", k=args.k)
         if "quality" in parts:
             ours("ours topk (no AuxK)", lr=args.lr, architecture="topk", k=args.k, aux_alpha=0.0)
+            # the rules before issue 17's dead-latent work: plain Adam on every row, Gao's AuxK target
+            ours(
+                "ours topk (old: eager Adam, plain AuxK)",
+                lr=args.lr,
+                architecture="topk",
+                k=args.k,
+                lazy_updates=False,
+                aux_scale_free=False,
+            )
             # the same lr as TopK; JumpReLU's θ₀/ε and the L1 coefficient calibrated on this stream to L0 ≈ k
             # (the synthetic calibration, θ₀ 2 and L1 0.55, kills every latent here)
             ours("ours batchtopk", lr=args.lr, architecture="batchtopk", k=args.k)
@@ -487,6 +527,8 @@ def main() -> None:
 
                 row = score(f"sparsify topk ({opt_name})", fn, enc, x_eval, model, test_w, args.hook, n)
                 row.update(dead_train_frac=round(dead_frac, 4), seconds=round(time.perf_counter() - t, 1))
+                if x_unseen is not None:
+                    row.update(never_fires(enc, x_unseen))
                 rows.append(row)
             peers = [r["fvu"] for r in rows if r["name"].startswith("sparsify")]
             result["fvu_ours_vs_best_peer"] = {

@@ -332,6 +332,123 @@ def _disjoint_swaps(gain: Tensor, tol: float) -> tuple[Tensor, Tensor, Tensor]:
     return a[keep], b[keep], gv[keep]
 
 
+def _closed_neighbourhoods(sheet: LatentSheet) -> Tensor:
+    """(n, 5) each slot and its 4-neighbours; a missing neighbour (edge of the sheet) is the pad index n."""
+    n, h, w = sheet.n, sheet.h, sheet.w
+    idx = torch.arange(n).view(h, w)
+    out = torch.full((h, w, 5), n, dtype=torch.long)
+    out[:, :, 0] = idx
+    out[:, 1:, 1], out[:, :-1, 2] = idx[:, :-1], idx[:, 1:]
+    out[1:, :, 3], out[:-1, :, 4] = idx[:-1, :], idx[1:, :]
+    return out.view(n, 5)
+
+
+def _independent_swaps(gain: Tensor, closed: Tensor, tol: float, passes: int = 3) -> tuple[Tensor, Tensor]:
+    """Improving swaps under the adjacency kernel whose gains add up exactly, found all at once.
+
+    A swap of slots a, b changes only the edges at a and b, so two swaps interact only if one's slots are
+    in the other's closed neighbourhoods. Each slot's best partner is a candidate (best first); a candidate
+    is kept when it is the earliest to claim every slot of its footprint N[a] ∪ N[b] (so kept footprints are
+    disjoint), and a few passes over the rest fill the gaps. The sum of the kept gains is the exact change of F.
+    """
+    n = gain.shape[0]
+    best_gain, best = gain.max(1)
+    a = torch.arange(n)
+    ok = (best_gain > tol) & ((a < best) | (best[best] != a))  # a mutual pair once
+    a, b, gv = a[ok], best[ok], best_gain[ok]
+    rank = torch.argsort(gv, descending=True, stable=True)
+    a, b = a[rank], b[rank]
+    foot = torch.cat([closed[a], closed[b]], 1)  # (m, 10), pad n off the sheet
+    taken = torch.zeros(n + 1, dtype=torch.bool)
+    kept: list[Tensor] = []
+    for _ in range(passes):  # a handful of vectorised passes, not a loop over latents
+        idx = (~taken[foot].any(1)).nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        pri = torch.arange(len(idx))
+        first = torch.full((n + 1,), len(idx), dtype=torch.long)
+        first.scatter_reduce_(0, foot[idx].reshape(-1), pri.repeat_interleave(foot.shape[1]), reduce="amin")
+        sel = idx[((first[foot[idx]] == pri[:, None]) | (foot[idx] == n)).all(1)]
+        kept.append(sel)
+        taken[foot[sel].reshape(-1)] = True
+        taken[n] = False
+    sel = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.long)
+    return a[sel], b[sel]
+
+
+def independent_slot_sets(sheet: LatentSheet) -> list[Tensor]:
+    """Sets of slots no two of which are 4-neighbours: the checkerboard's two colours, and the five classes of
+    (row + 2·column) mod 5 (a neighbour step changes it by ±1 or ±2). Usage: ``independent_slot_sets(sheet)``."""
+    r, c = sheet.coordinates().unbind(1)
+    sets = [((r + c) % 2 == k).nonzero().squeeze(1) for k in range(2)]
+    sets += [((r + 2 * c) % 5 == k).nonzero().squeeze(1) for k in range(5)]
+    return [s for s in sets if len(s) > 1]
+
+
+def _adjacency_rows(rows: Tensor, sheet: LatentSheet) -> Tensor:
+    """rows (m, n) times the 4-neighbour adjacency, by shifts: out[:, p] = Σ over neighbours q of p of rows[:, q]."""
+    m = rows.shape[0]
+    r3 = rows.reshape(m, sheet.h, sheet.w)
+    g = torch.zeros_like(r3)
+    g[:, :, 1:] += r3[:, :, :-1]
+    g[:, :, :-1] += r3[:, :, 1:]
+    g[:, 1:, :] += r3[:, :-1, :]
+    g[:, :-1, :] += r3[:, 1:, :]
+    return g.reshape(m, -1)
+
+
+def _set_assignment(s: Tensor, order: Tensor, sheet: LatentSheet, slots: Tensor) -> tuple[Tensor, float]:
+    """The best rearrangement of the latents on an independent set of slots, the others held: exact.
+
+    No two slots of the set are neighbours, so a latent's contribution at slot p, Σ_{q ∈ N(p)} S(latent,
+    latent at q), involves only latents off the set, which stay: F is linear in the assignment and one linear
+    assignment finds its optimum (never worse than staying). Returns the new order and the gain in F."""
+    g = _adjacency_rows(s[order[slots]][:, order], sheet)[:, slots]  # [latent on slot i, slot j of the set]
+    src, delta = assignment_permutation(-g)
+    if delta >= 0:
+        return order, 0.0
+    new = order.clone()
+    new[slots] = order[slots][src]
+    return new, -delta
+
+
+def _polish_adjacency(
+    s: Tensor, order: Tensor, sheet: LatentSheet, cycles: int, rel_tol: float, tol: float, stats: PlacementStats
+) -> Tensor:
+    """Alternate exact moves under the adjacency kernel until a cycle gains less than ``rel_tol`` of F:
+    a linear assignment on each independent slot set (half the sheet at a time for the checkerboard), then
+    rounds of independent best swaps (between any two slots, including neighbours)."""
+    closed = _closed_neighbourhoods(sheet)
+    k = _kernel_full(sheet.kernel_terms(None, s.dtype))
+    sets = independent_slot_sets(sheet)
+    so = s[order][:, order]
+    f = 0.5 * float(_adjacency_rows(so, sheet).diagonal().sum())
+    for _ in range(cycles):
+        f0 = f
+        for slots in sets:
+            order, d = _set_assignment(s, order, sheet, slots)
+            if d > tol:
+                f += d
+                stats.assignments += 1
+        so = s[order][:, order]
+        for _ in range(100):
+            g = _adjacency_rows(so, sheet)
+            gain = _swap_gains(so, g, k)
+            gain.fill_diagonal_(-math.inf)
+            pa, pb = _independent_swaps(gain, closed, tol)
+            if len(pa) == 0:
+                break
+            f += float(gain[pa, pb].sum())  # exact: the kept swaps do not interact
+            perm = torch.arange(len(order))
+            perm[pa], perm[pb] = pb, pa
+            order, so = order[perm], so[perm][:, perm]
+            stats.swaps += len(pa)
+            stats.rounds += 1
+        if f - f0 < rel_tol * abs(f):
+            break
+    return order
+
+
 @dataclass
 class PlacementStats:
     """What :func:`solve_placement` did: the adjacency score (Σ over neighbour pairs of S) before and after."""
@@ -361,6 +478,7 @@ def solve_placement(
     polish: Sequence[float] | None = None,
     polish_rounds: int = 200,
     polish_rel_tol: float = 1e-6,
+    exact_cycles: int = 10,
 ) -> tuple[Tensor, PlacementStats]:
     """A placement of latents on the sheet that puts similar ones (large S_ij) next to each other.
 
@@ -369,10 +487,14 @@ def solve_placement(
     then a polish on S itself (Gaussians ``polish``, default (1, 0.7) when ``power`` ≠ 1, then the
     4-neighbour adjacency) — by a linear assignment step (first scale) and rounds of closed-form pairwise
     swaps, until a round gains less than ``rel_tol`` (polish: ``polish_rel_tol``) of F or ``max_rounds``
-    (``polish_rounds``). Why the power: at broad scales F sums many weak pairs, and in a d-dimensional
-    dictionary most |cos| sit near the random level √(2/πd), so their sum swamps the few strong pairs that
-    global order should follow; S³ keeps the strong pairs and mutes the rest (measured on the shakespeare
-    GPT's 2048-latent SAE, decoder-only S: neighbour/shuffled |cos| 2.80× with S, 3.00× with S³ + polish).
+    (``polish_rounds``), then up to ``exact_cycles`` cycles of exact large moves on the adjacency
+    (:func:`_polish_adjacency`: a linear assignment of the latents on each independent set of slots — no two
+    neighbours, so F is linear in it — and batches of non-interacting best swaps). Why the power: at broad
+    scales F sums many weak pairs, and in a d-dimensional dictionary most |cos| sit near the random level
+    √(2/πd), so their sum swamps the few strong pairs that global order should follow; S³ keeps the strong
+    pairs and mutes the rest (measured on the shakespeare
+    GPT's 2048-latent SAE, decoder-only S: neighbour/shuffled |cos| 2.80× with S, 3.00× with S³ + polish;
+    the exact moves then take the adjacency score 861 -> 878, |cos| 2.98× -> 3.05×).
     Returns ``order`` (n,) with ``order[slot]`` = the latent to put at that slot (identity = no move) and
     the stats. The adjacency score never gets worse than the identity's.
     Usage: ``order, st = solve_placement(placement_similarity(W_dec, z), sheet)``.
@@ -380,13 +502,14 @@ def solve_placement(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small n² ops: extra threads only stall on a busy box (as in relocation.py)
     try:
-        return _solve(s, sheet, sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol)
+        args = (sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol, exact_cycles)
+        return _solve(s, sheet, *args)
     finally:
         torch.set_num_threads(threads)
 
 
 def _solve(
-    s, sheet, sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol
+    s, sheet, sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol, exact_cycles
 ) -> tuple[Tensor, PlacementStats]:
     n = s.shape[0]
     if s.shape != (n, n):
@@ -459,6 +582,17 @@ def _solve(
             power=power if s is s_anneal and power != 1 else 1.0,
         )
         stats.stages.append(stage)
+    if exact_cycles > 0:  # the schedule ends at a 2-swap optimum of the adjacency: larger exact moves go on
+        t0, f0 = time.perf_counter(), _adjacency_score(s64[order][:, order], sheet)
+        order = _polish_adjacency(s, order, sheet, exact_cycles, polish_rel_tol, tol, stats)
+        stats.stages.append(
+            {
+                "sigma": "exact",
+                "start": f0,
+                "end": _adjacency_score(s64[order][:, order], sheet),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
     after = _adjacency_score(s64[order][:, order], sheet)
     if after < before:  # the schedule's broad stages traded adjacency for global order: never end worse
         order, after = torch.arange(n), before

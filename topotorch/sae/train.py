@@ -9,15 +9,15 @@
   removed (the step only rotates the row), after it the rows are renormalised. The encoder starts as
   the decoder's transpose (SAEs).
 * **Adam** with a linear warm-up and a linear or cosine decay to 0 (default lr 2e-4/√(n/2¹⁴)).
-* **Lazy Adam rows** (``SAEConfig.lazy_updates``, on by default): a latent's row (its encoder row, b_enc,
-  decoder row, θ) whose gradient is exactly zero this step keeps its value; only its moments decay. Plain
-  Adam keeps moving a latent that stopped firing along its last momentum: m decays by β₁ per step while
-  √v decays by only √β₂, so the step m/√v runs on for ~1/(1 − β₁) = 10 steps (≈ 10·lr in all), and the
-  last gradient of a latent that is losing the top-k race points down. That drift, not
-  the competition itself, is what kills most latents on a short, high-lr run (shakespeare residual stream,
-  16x: 1,267 of 2,048 never fire on held-out tokens with plain Adam, 273 with lazy rows, same FVU). Rows
-  stay frozen but the moments keep decaying, so a latent that fires again starts from a fresh, small step
-  (freezing the moments too, TF LazyAdam's choice, resumes the stale downward momentum: 788 dead).
+* **Lazy Adam rows** (``SAEConfig.lazy_updates``, on by default): a latent's encoder row, b_enc (and θ), the
+  parameters that decide whether it fires, keep their values in a step where their gradient is exactly zero;
+  only their moments decay. Plain Adam keeps moving a latent that stopped firing along its last momentum:
+  m decays by β₁ per step while √v decays by only √β₂, so the step m/√v runs on for ~1/(1 − β₁) = 10 steps
+  (≈ 10·lr in all), and the last gradient of a latent that is losing the top-k race points down. That drift,
+  not the competition itself, kills most latents on a short, high-lr run (shakespeare residual stream, 16x,
+  200 steps: 872 of 2,048 latents never fire on 102,400 unseen tokens with plain Adam, 4 with lazy rows;
+  FVU 0.0063 vs 0.0060). The moments keep decaying, so a latent that fires again starts from a fresh, small
+  step (freezing the moments too, TF LazyAdam's choice, resumes the stale downward momentum: 3x more dead).
 * **Dead latents**: a counter of tokens since each latent last fired; latents past ``dead_tokens`` are
   dead, and AuxK (TopK/BatchTopK) trains them to explain the residual's direction (scale-free target,
   :meth:`SparseCoder._auxk`).
@@ -128,8 +128,11 @@ class SAETrainer:
             self.opt = torch.optim.Adam(params, lr=self.lr, betas=betas, eps=eps)
         self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=sae.W_enc.device)
         self.t = 0
-        # per-latent parameters (first dim n) that lazy updates freeze when their gradient row is zero
-        per_latent = (sae.W_enc, sae.b_enc, sae.W_dec, sae.threshold)
+        # the per-latent parameters that decide whether a latent fires (first dim n): lazy updates freeze their
+        # rows when the gradient row is zero. Not W_dec: an idle latent's decoder row does not touch the output,
+        # and letting its momentum run on is better (3 seeds on the shakespeare stream: FVU 0.00614 vs 0.00659
+        # with the decoder rows frozen too, the same dead counts)
+        per_latent = (sae.W_enc, sae.b_enc, sae.threshold)
         self._rows = [p for p in per_latent if isinstance(p, torch.nn.Parameter) and p.requires_grad]
 
     def dead_mask(self) -> Tensor:
@@ -166,15 +169,15 @@ class SAETrainer:
 
     @torch.no_grad()
     def _idle_rows(self) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """(parameter, idle row indices, their current values) for each per-latent parameter: rows whose
-        gradient is exactly zero this step (the latent neither fired nor was picked by AuxK; a TopoLoss on the
-        decoder makes every decoder row non-idle, as it should)."""
+        """(parameter, idle row indices, their current values) for W_enc, b_enc (and a trained θ): rows whose
+        gradient is exactly zero this step (the latent neither fired nor was picked by AuxK)."""
         out: list[tuple[Tensor, Tensor, Tensor]] = []
         for p in self._rows:
             g = p.grad
             if g is None:
                 continue
-            zero = g == 0 if g.dim() == 1 else ~(g != 0).any(1)
+            # a row norm (one pass, no n×d temporary: 4x faster than (g != 0).any(1)); 0 iff the row is all zeros
+            zero = g == 0 if g.dim() == 1 else torch.linalg.vector_norm(g, dim=1) == 0
             idle = zero.nonzero().squeeze(1)
             if idle.numel():
                 out.append((p, idle, p.index_select(0, idle)))
