@@ -133,7 +133,8 @@ def _planted(h: int = 8, w: int = 12, noise: float = 0.05, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     sheet = LatentSheet(h, w)
     xy = sheet.coordinates().double()
-    s = torch.exp(-torch.cdist(xy, xy) ** 2 / 2) + noise * torch.rand(sheet.n, sheet.n, dtype=torch.float64, generator=g)
+    s = torch.exp(-(torch.cdist(xy, xy) ** 2) / 2)
+    s = s + noise * torch.rand(sheet.n, sheet.n, dtype=torch.float64, generator=g)
     s = (s + s.t()) / 2
     s.fill_diagonal_(0)
     perm = torch.randperm(sheet.n, generator=g)
