@@ -10,7 +10,8 @@ The architectures differ only in how pre-activations ``pre = W_enc x' + b_enc`` 
 
 * ``topk`` (Gao et al. 2024): the k largest ReLU pre-activations per token. AuxK (on by default,
   α = 1/32): the residual e = y − ŷ is also reconstructed from the ``aux_k`` (d_out/2) largest
-  pre-activations of *dead* latents only, so their encoder rows get a gradient again.
+  pre-activations of *dead* latents only, so their encoder rows get a gradient again; the target is
+  scale-free (ê rescaled per token by its least-squares factor, :meth:`SparseCoder._auxk`).
 * ``batchtopk``: the B·k largest entries of the B×n matrix (tokens share a budget); at inference a
   single threshold θ, the running average of the smallest kept value, replaces the batch.
 * ``jumprelu`` (Rajamanoharan et al. 2024): f = z·H(z − θ) with a learned θ per latent; θ learns
