@@ -148,7 +148,8 @@ def test_batchtopk_training_step_matches_dense_reference():
     for a, p in zip(fast, (W_enc, b_enc, W_dec, b_dec)):
         assert (a - p.grad).abs().max() < 1e-10
     # θ moved towards the batch threshold by (1 − m), and inference with θ = t gives the batch's codes
-    assert abs(float(sae.threshold[0]) - (0.99 * 5.0 + 0.01 * float(t))) < 1e-12
+    m = sae.cfg.threshold_momentum
+    assert abs(float(sae.threshold[0]) - (m * 5.0 + (1 - m) * float(t))) < 1e-12
     with torch.no_grad():
         sae.threshold.fill_(float(t) - 1e-12)
     assert torch.equal(sae.encode(x) != 0, (z != 0))

@@ -13,11 +13,16 @@ The architectures differ only in how pre-activations ``pre = W_enc x' + b_enc`` 
   pre-activations of *dead* latents only, so their encoder rows get a gradient again; the target is
   scale-free (ê rescaled per token by its least-squares factor, :meth:`SparseCoder._auxk`).
 * ``batchtopk``: the B·k largest entries of the B×n matrix (tokens share a budget); at inference a
-  single threshold θ, the running average of the smallest kept value, replaces the batch.
+  single threshold θ, a running average (10-batch horizon) of the smallest kept value, replaces the batch.
 * ``jumprelu`` (Rajamanoharan et al. 2024): f = z·H(z − θ) with a learned θ per latent; θ learns
   through a straight-through estimator with a rectangle kernel of bandwidth ε (:class:`JumpReLUFn`,
-  :class:`StepFn`); penalty λ·L0 or, for a target L0*, λ(L0/L0* − 1)².
-* ``relu``: ReLU + λ·L1 (weighted by decoder row norms, scale-free: divided by the input's RMS norm).
+  :class:`StepFn`). Scale-free defaults: θ starts at the first batch's quantile where L0 = the target, ε = θ/10;
+  penalty λ·L0 or, for a target L0*, λ·L0/L0* with λ from a controller (below).
+* ``relu``: ReLU + λ·L1 (weighted by decoder row norms, scale-free: divided by the input's RMS norm); with a
+  target L0 the same controller sets λ.
+
+``SAEConfig(architecture="jumprelu" | "relu", target_l0=16)`` lands near L0 16 on any stream with the default
+options: the controller (:func:`controller_update`, run by :meth:`Architecture.after_step` after each step).
 
 The data layout is sparsify's: one row per latent in both ``W_enc`` [n, d_in] and ``W_dec`` [n, d_out],
 so decoding k latents is an ``embedding_bag`` over k rows of W_dec (:mod:`topotorch.sae.kernels`).
@@ -74,13 +79,20 @@ class SAEConfig:
     aux_scale_free: bool = True
     # training: rows of latents without a gradient this step keep their values (see topotorch.sae.train)
     lazy_updates: bool = True
-    # BatchTopK: θ ← m θ + (1 − m) · (smallest kept value of the batch)
-    threshold_momentum: float = 0.99
-    # JumpReLU
-    bandwidth: float = 0.001
-    threshold_init: float = 0.001
+    # BatchTopK: θ ← m θ + (1 − m) · (smallest kept value of the batch). A short horizon (1/(1 − m) = 10
+    # batches): the batch value is a quantile of B·n entries (little noise), but it drifts while the encoder
+    # learns, and a long average lags it (m = 0.99 on a 200-step run: θ 2.7× the final weights' value, L0 9.4 / 16)
+    threshold_momentum: float = 0.9
+    # JumpReLU. threshold_init=None: θ = the quantile of the first training batch's pre-activations at
+    # which its L0 = target_l0 (or k), one value for every latent; bandwidth=None: ε_j = relative_bandwidth · θ_j
+    bandwidth: float | None = None
+    relative_bandwidth: float = 0.1
+    threshold_init: float | None = None
     l0_coeff: float = 1e-3
+    # JumpReLU and ReLU + L1: a target L0 turns the coefficient (l0_coeff / l1_coeff: its start) into the
+    # output of a controller that steers the training L0 to it (log λ += controller_gain · log(L0 / target))
     target_l0: float | None = None
+    controller_gain: float = 0.2
     # ReLU + L1
     l1_coeff: float = 1e-3
 
@@ -113,8 +125,16 @@ class SAEConfig:
             f"dead_tokens must be None or an int >= 1, got {self.dead_tokens!r}",
         )
         need(0 <= self.threshold_momentum < 1, f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
-        need(self.bandwidth > 0, f"bandwidth (JumpReLU ε) must be > 0, got {self.bandwidth}")
-        need(self.threshold_init > 0, f"threshold_init must be > 0, got {self.threshold_init}")
+        need(
+            self.bandwidth is None or self.bandwidth > 0,
+            f"bandwidth (JumpReLU ε) must be None or > 0, got {self.bandwidth}",
+        )
+        need(self.relative_bandwidth > 0, f"relative_bandwidth must be > 0, got {self.relative_bandwidth}")
+        need(
+            self.threshold_init is None or self.threshold_init > 0,
+            f"threshold_init must be None (from the data) or > 0, got {self.threshold_init}",
+        )
+        need(self.controller_gain >= 0, f"controller_gain must be >= 0, got {self.controller_gain}")
         need(self.l0_coeff >= 0, f"l0_coeff must be >= 0, got {self.l0_coeff}")
         need(self.target_l0 is None or self.target_l0 > 0, f"target_l0 must be None or > 0, got {self.target_l0}")
         need(self.l1_coeff >= 0, f"l1_coeff must be >= 0, got {self.l1_coeff}")
@@ -156,10 +176,11 @@ def _rect(u: Tensor) -> Tensor:
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """f = z·H(z − θ). ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε)·K((z − θ)/ε) (BRIEF §5, rectangle kernel K)."""
+    """f = z·H(z − θ). ∂f/∂z = H(z − θ); ∂f/∂θ = −(θ/ε)·K((z − θ)/ε) (BRIEF §5, rectangle kernel K).
+    ε is a number or a per-latent tensor [n] (the scale-free default ε_j = ρ·θ_j)."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float | Tensor) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         return z * (z > theta).to(z.dtype)
@@ -177,7 +198,7 @@ class StepFn(torch.autograd.Function):
     """H(z − θ). No gradient to z; ∂H/∂θ = −(1/ε)·K((z − θ)/ε) (BRIEF §5): the L0 penalty's estimator."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float | Tensor) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
         return (z > theta).to(z.dtype)
@@ -208,11 +229,18 @@ class Architecture:
 
     ``train_codes`` is the differentiable training path (may update buffers, e.g. BatchTopK's θ);
     ``infer_codes`` is inference; ``penalty`` adds the sparsity term to the loss; ``uses_auxk`` says
-    whether AuxK applies."""
+    whether AuxK applies; ``after_step`` runs after each optimiser step of :class:`SAETrainer` (a
+    controller's update, a data-driven initialisation); ``controlled`` coders carry a
+    ``sparsity_control`` buffer (see :func:`controller_update`)."""
 
     name = ""
     uses_k = False
     uses_auxk = False
+    controlled = False
+    coeff_field = ""  # the SAEConfig field holding the sparsity coefficient (a controlled λ's start)
+
+    def after_step(self, sae: SparseCoder, out: SAEOutput) -> None:
+        """Per-step control after the optimiser step (``out``: that step's training forward). Default: nothing."""
 
     def train_codes(self, sae: SparseCoder, x_in: Tensor) -> Codes:
         raise NotImplementedError
@@ -261,12 +289,77 @@ class BatchTopK(Architecture):
         return Codes(dense=pre * (pre > theta), pre=pre)
 
 
+# ---- the sparsity controller (JumpReLU and ReLU + L1 with a target L0)
+#
+# A fixed coefficient λ lands at an L0 that depends on the stream (the FVU's slope per active latent: the same
+# λ gave L0 0.2 on the GPT stream and 8 on the synthetic one), so target_l0 makes λ the multiplier of the
+# constraint L0 = L0*: dual ascent on log λ (the integral term) plus a proportional term, on the scale-free
+# error e = log(L0 / L0*). Adam moves every weight at a bounded pace whatever λ is (in the lr warm-up barely at
+# all), so L0 follows λ with a long lag: a pure integral winds up, overshoots and kills latents (measured: λ
+# 1e-3 → 157 in 60 warm-up steps, then L0 3 of a target 8 with FVU 1.05). Hence (1) no integration while the
+# error already shrinks, (2) both arches start at the target (θ, or b_enc for ReLU, from the first batch's
+# quantile), and (3) JumpReLU's proportional action goes straight to the thresholds, θ ← θ·exp(0.1·e), which
+# L0 follows within a step (λ alone left L0 swinging 4 → 35 → 6 on the synthetic stream).
+# State ``sparsity_control`` (float32 [3], saved with the coder): [log λ_I, last e, steps];
+# λ = exp(log λ_I + K_p·e).
+
+PROPORTIONAL_GAIN = 1.0  # K_p on log λ
+THRESHOLD_GAIN = 0.1  # JumpReLU: log θ += THRESHOLD_GAIN · e per step
+
+
+def control_coeff(sae: SparseCoder, fixed: float) -> Tensor | float:
+    """The sparsity coefficient in use: ``fixed`` without a target L0, else the controller's λ."""
+    if sae.cfg.target_l0 is None:
+        return fixed
+    c = sae.sparsity_control
+    return torch.exp(c[0] + PROPORTIONAL_GAIN * c[1])
+
+
+@torch.no_grad()
+def controller_update(sae: SparseCoder, l0: Tensor) -> None:
+    """One controller step from the batch's L0: e = log(L0 / L0*) (clamped to ±3), log λ_I += gain · e.
+    No-op without a target. Usage: ``controller_update(sae, out.l0)``."""
+    c = sae.sparsity_control
+    if sae.cfg.target_l0 is not None:
+        e = (l0.to(c.dtype).clamp(min=0.1) / sae.cfg.target_l0).log().clamp(-3.0, 3.0)
+        # anti-windup: no integration while the error already shrinks (Adam moves the weights at a bounded
+        # pace, in the lr warm-up barely at all; a λ grown meanwhile overshoots and kills latents)
+        shrinking = (e.abs() < c[1].abs()) & (e * c[1] > 0) & (c[2] > 0)
+        c[0] += torch.where(shrinking, 0.0, sae.cfg.controller_gain * e)
+        c[1] = e
+    c[2] += 1
+
+
+def quantile_threshold(pre: Tensor, l0: float) -> Tensor:
+    """One θ for every latent: the (B·l0)-th largest entry of the batch's pre-activations [B, n], so the batch's
+    L0 is l0 (BatchTopK's threshold). Usage: ``quantile_threshold(pre, 16)``."""
+    m = min(pre.numel(), max(1, round(pre.shape[0] * l0)))
+    return pre.reshape(-1).topk(m, sorted=False).values.min()
+
+
+def jumprelu_bandwidth(sae: SparseCoder) -> float | Tensor:
+    """ε: ``cfg.bandwidth`` when set, else ρ·θ_j (scale-free: the window is a fixed fraction of each threshold)."""
+    if sae.cfg.bandwidth is not None:
+        return sae.cfg.bandwidth
+    return (sae.cfg.relative_bandwidth * sae.threshold.detach()).clamp(min=1e-12)
+
+
 class JumpReLU(Architecture):
-    name = "jumprelu"
+    """θ from the data (:func:`quantile_threshold` of the first training batch at L0 = target_l0 or k, unless
+    ``threshold_init``), ε relative to θ (unless ``bandwidth``), penalty λ·L0 (fixed λ = ``l0_coeff``) or,
+    with ``target_l0``, λ·L0/L0* with λ from the controller and θ rescaled toward the target each step."""
+
+    name, controlled, coeff_field = "jumprelu", True, "l0_coeff"
 
     def train_codes(self, sae, x_in):
         z = F.linear(x_in, sae.W_enc, sae.b_enc)
-        return Codes(dense=JumpReLUFn.apply(z, sae.threshold, sae.cfg.bandwidth), pre=z)
+        if sae.cfg.threshold_init is None and int(sae.sparsity_control[2]) == 0:
+            # before the first step: θ where this batch's L0 is the target (the data's scale, not a guess in
+            # its units; a first step at a dense θ would also fill Adam's second moments with a dense gradient)
+            with torch.no_grad():
+                th = quantile_threshold(z.detach(), sae.cfg.target_l0 or sae.cfg.k)
+                sae.threshold.fill_(float(th.clamp(min=1e-6)))
+        return Codes(dense=JumpReLUFn.apply(z, sae.threshold, jumprelu_bandwidth(sae)), pre=z)
 
     def infer_codes(self, sae, x_in):
         z = F.linear(x_in, sae.W_enc, sae.b_enc)
@@ -274,24 +367,47 @@ class JumpReLU(Architecture):
 
     def penalty(self, sae, codes, x_in, tv_per_token):
         assert codes.pre is not None
-        l0 = StepFn.apply(codes.pre, sae.threshold, sae.cfg.bandwidth).sum(-1).mean()
+        l0 = StepFn.apply(codes.pre, sae.threshold, jumprelu_bandwidth(sae)).sum(-1).mean()
         if sae.cfg.target_l0 is not None:
-            return sae.cfg.l0_coeff * (l0 / sae.cfg.target_l0 - 1) ** 2
+            return control_coeff(sae, sae.cfg.l0_coeff) * l0 / sae.cfg.target_l0
         return sae.cfg.l0_coeff * l0
+
+    @torch.no_grad()
+    def after_step(self, sae, out):
+        controller_update(sae, out.l0)
+        if sae.cfg.target_l0 is not None and THRESHOLD_GAIN > 0:
+            sae.threshold.mul_(torch.exp(THRESHOLD_GAIN * sae.sparsity_control[1]).to(sae.threshold.dtype))
 
 
 class ReLU(Architecture):
-    name = "relu"
+    """ReLU + λ·L1: λ = ``l1_coeff``, or with ``target_l0`` the controller's λ (starting at ``l1_coeff``)."""
+
+    name, controlled, coeff_field = "relu", True, "l1_coeff"
 
     def train_codes(self, sae, x_in):
         z = F.linear(x_in, sae.W_enc, sae.b_enc)
+        if sae.cfg.target_l0 is not None and int(sae.sparsity_control[2]) == 0:
+            # before the first step: b_enc −= the threshold at which this batch's L0 is the target, so the
+            # controller starts near it (from b_enc = 0 half the latents fire, and λ must first climb)
+            with torch.no_grad():
+                th = quantile_threshold(z.detach(), sae.cfg.target_l0)
+                sae.b_enc.sub_(th)
+                z = z - th
         return Codes(dense=F.relu(z), pre=z.detach())
 
     def penalty(self, sae, codes, x_in, tv_per_token):
         assert codes.dense is not None
         # λ · mean_b Σ_j z_bj ‖W_dec,j‖ / RMS‖y − ȳ‖: scale-free like the FVU it is added to
         l1 = (codes.dense @ sae.W_dec.norm(dim=1)).mean()
-        return sae.cfg.l1_coeff * l1 / tv_per_token.clamp(min=1e-30).sqrt()
+        return control_coeff(sae, sae.cfg.l1_coeff) * l1 / tv_per_token.clamp(min=1e-30).sqrt()
+
+    @torch.no_grad()
+    def after_step(self, sae, out):
+        controller_update(sae, out.l0)
+        if sae.cfg.target_l0 is not None and THRESHOLD_GAIN > 0:
+            # the same proportional action on the implicit threshold −b_enc: b ← b − 0.1·e·|b|
+            e = sae.sparsity_control[1].to(sae.b_enc.dtype)
+            sae.b_enc.sub_(THRESHOLD_GAIN * e * sae.b_enc.abs())
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (TopK(), BatchTopK(), JumpReLU(), ReLU())}
@@ -356,14 +472,18 @@ class SparseCoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
         self.W_dec = nn.Parameter(W_dec)
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype, device=device))
-        if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.full((n,), cfg.threshold_init, dtype=dtype, device=device))
+        if cfg.architecture == "jumprelu":  # threshold_init=None: 0.001 until the first step sets θ from the data
+            th0 = 0.001 if cfg.threshold_init is None else cfg.threshold_init
+            self.threshold = nn.Parameter(torch.full((n,), th0, dtype=dtype, device=device))
         else:
             self.register_buffer(
                 "threshold",
                 torch.full((n,), -1.0 if cfg.architecture == "batchtopk" else 0.0, dtype=dtype, device=device),
             )
         self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dtype, device=device)) if cfg.skip else None
+        if self.arch.controlled:  # [log λ_I, last error, steps] (controller_update); λ starts at the config's
+            c0 = [math.log(max(getattr(cfg, self.arch.coeff_field), 1e-30)), 0.0, 0.0]
+            self.register_buffer("sparsity_control", torch.tensor(c0, dtype=torch.float32, device=device))
         # (s_in, s_out): the weights act on x/s_in and produce y/s_out (see fold_data_scale_)
         self.data_scale: tuple[float, float] = (1.0, 1.0)
         self._pre_buffer: Tensor | None = None
@@ -591,6 +711,8 @@ class SparseCoder(nn.Module):
         dtype = state["W_enc"].dtype if "W_enc" in state else None
         sae = cls(cfg, dtype=dtype)
         expect = sae.state_dict()
+        if "sparsity_control" in expect and "sparsity_control" not in state:  # files from before the controller
+            state["sparsity_control"] = expect["sparsity_control"]
         missing, extra = sorted(set(expect) - set(state)), sorted(set(state) - set(expect))
         if missing or extra:
             raise ValueError(f"{w_path}: missing keys {missing}, unexpected keys {extra}")

@@ -162,6 +162,7 @@ class SAETrainer:
         if sae.cfg.architecture == "jumprelu":  # θ > 0 keeps f = z·H(z − θ) a sparse ReLU-like code
             with torch.no_grad():
                 sae.threshold.clamp_(min=1e-6)
+        sae.arch.after_step(sae, out)  # per-step control of the architecture (target-L0 controller, θ from data)
         self.since_fired += x.shape[0]
         self.since_fired[out.fired] = 0
         self.t += 1
