@@ -500,19 +500,11 @@ def main() -> None:
                 lazy_updates=False,
                 aux_scale_free=False,
             )
-            # the same lr as TopK; JumpReLU's θ₀/ε and the L1 coefficient calibrated on this stream to L0 ≈ k
-            # (the synthetic calibration, θ₀ 2 and L1 0.55, kills every latent here)
+            # the same lr as TopK; JumpReLU and ReLU + L1 with their default options and target_l0 = k (no
+            # calibration on this stream: θ / b_enc start from the first batch, a controller keeps L0 at k)
             ours("ours batchtopk", lr=args.lr, architecture="batchtopk", k=args.k)
-            ours(
-                "ours jumprelu (target L0)",
-                lr=args.lr,
-                architecture="jumprelu",
-                target_l0=float(args.k),
-                l0_coeff=10.0,
-                bandwidth=0.05,
-                threshold_init=0.5,
-            )
-            ours("ours relu+L1", lr=args.lr, architecture="relu", l1_coeff=0.15)
+            ours("ours jumprelu (target L0)", lr=args.lr, architecture="jumprelu", target_l0=float(args.k))
+            ours("ours relu+L1 (target L0)", lr=args.lr, architecture="relu", target_l0=float(args.k))
             for opt_name in ("signum", "adam"):
                 t = time.perf_counter()
                 peer, dead_frac = train_sparsify(x_all, n, args.k, args.steps, args.batch, opt_name, seed=args.seed)
