@@ -275,6 +275,31 @@ def measures(sae, x_eval: torch.Tensor, sheet: LatentSheet) -> dict:
     return {k: v.to_dict() for k, v in m.items()}
 
 
+def relocated_seed(seed: int, sae, x_all: torch.Tensor, x_eval: torch.Tensor, sheet: LatentSheet, coact: float) -> dict:
+    """One seed of the relocation route: held-out FVU and measures of a relocated copy (the same function)."""
+    rel = copy.deepcopy(sae)
+    t = time.perf_counter()
+    with torch.no_grad():
+        relocate(rel, rel.encode(x_all[:16384]), sheet, coactivation=coact)
+        xe = x_eval.double()
+        fvu = float((xe - rel(x_eval).double()).pow(2).sum() / (xe - xe.mean(0)).pow(2).sum())
+    m = measures(rel, x_eval, sheet)
+    secs = round(time.perf_counter() - t, 1)
+    ratios = f"decoder ×{m['decoder']['ratio']:.3f} coact ×{m['coactivation']['ratio']:.2f}"
+    log(f"  seed {seed}: relocated ({secs} s) {ratios}, FVU {fvu:.5f}")
+    return {"seed": seed, "fvu": fvu, "measures": m, "seconds": secs}
+
+
+def seed_summary(rows: list[dict]) -> dict:
+    """Mean, min and max over seeds of the two ratios; whether both clear 3× in every seed."""
+    out: dict = {"seeds": [r["seed"] for r in rows]}
+    for key in ("decoder", "coactivation"):
+        v = [r["measures"][key]["ratio"] for r in rows]
+        out[key] = {"mean": round(float(np.mean(v)), 4), "min": round(min(v), 4), "max": round(max(v), 4)}
+    out["all_ge_3x"] = bool(out["decoder"]["min"] >= 3 and out["coactivation"]["min"] >= 3)
+    return out
+
+
 def sheet_picture(sae, x_eval, tokens, vocab, sheet, path: Path, title: str) -> str:
     groups, names = char_groups(vocab)
     with torch.no_grad():
@@ -415,6 +440,11 @@ def main() -> None:
         help="weight of co-activation (vs |decoder cos|) in the relocation similarity",
     )
     ap.add_argument("--factor", type=float, default=3.0)
+    ap.add_argument(
+        "--topo-seeds",
+        default="",
+        help="more seeds of the plain TopK to relocate (e.g. 1,2): the relocation's spread over seeds",
+    )
     ap.add_argument("--parts", default="quality,topographic,geometry")
     ap.add_argument("--ma-run", default="runs/sae_quality/modular")
     ap.add_argument("--ma-steps", type=int, default=3000)
@@ -554,6 +584,14 @@ def main() -> None:
                 f"  relocated ({secs} s; output change {change}): {topo['relocated']['measures']['decoder']} "
                 f"{topo['relocated']['measures']['coactivation']}"
             )
+            first = {"seed": args.seed, "fvu": base_fvu, "measures": topo["relocated"]["measures"], "seconds": secs}
+            topo["relocated_seeds"] = [first]
+            for seed in [int(v) for v in args.topo_seeds.split(",") if v.strip()]:
+                cfg = SAEConfig(d_in=d, n_latents=n, architecture="topk", k=args.k)
+                sae, _ = train_sae(cfg, batches, steps=args.steps, lr=args.lr, seed=seed)
+                topo["relocated_seeds"].append(relocated_seed(seed, sae, x_all, x_eval, sheet, args.coactivation))
+            topo["relocated_summary"] = seed_summary(topo["relocated_seeds"])
+            log(f"  relocation over seeds: {topo['relocated_summary']}")
             if args.pictures:
                 topo["plain"]["picture"] = sheet_picture(
                     base,
