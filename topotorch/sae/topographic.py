@@ -377,11 +377,13 @@ def _independent_swaps(gain: Tensor, closed: Tensor, tol: float, passes: int = 3
 
 
 def independent_slot_sets(sheet: LatentSheet) -> list[Tensor]:
-    """Sets of slots no two of which are 4-neighbours: the checkerboard's two colours, and the five classes of
-    (row + 2·column) mod 5 (a neighbour step changes it by ±1 or ±2). Usage: ``independent_slot_sets(sheet)``."""
+    """Sets of slots no two of which are 4-neighbours: the classes of (a·row + b·column) mod m for the
+    checkerboard (1, 1, 2) and six more tilings — a neighbour step changes a·row + b·column by ±a or ±b, never
+    0 mod m. More tilings, more distinct exact moves (measured on the shakespeare SAE: adjacency 878.6 with
+    the checkerboard and (1, 2, 5), 882.0 with all). Usage: ``independent_slot_sets(sheet)``."""
     r, c = sheet.coordinates().unbind(1)
-    sets = [((r + c) % 2 == k).nonzero().squeeze(1) for k in range(2)]
-    sets += [((r + 2 * c) % 5 == k).nonzero().squeeze(1) for k in range(5)]
+    tilings = [(1, 1, 2), (1, 2, 5), (2, 1, 5), (1, 1, 3), (1, -1, 3), (1, 1, 4), (1, -1, 4)]
+    sets = [((a * r + b * c) % m == k).nonzero().squeeze(1) for a, b, m in tilings for k in range(m)]
     return [s for s in sets if len(s) > 1]
 
 
