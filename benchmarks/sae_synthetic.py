@@ -13,7 +13,8 @@ L0 at k; before that, a per-setting calibration — JumpReLU θ₀ 2, ε 0.1, λ
 other streams). BatchTopK learns more slowly than TopK from a random start (see README): ``--lr 1e-2`` is its
 setting here.
 
-Dead-latent study: a TopK SAE at 16× on the same tokens with AuxK (α = 1/32) and without (α = 0):
+Dead-latent study: a TopK SAE at 16× on the same tokens with AuxK (α = 1/32) and without (α = 0), with the
+default rules (lazy Adam rows, scale-free AuxK target) or, ``--old-rules``, plain Adam and Gao's AuxK target:
 ``--dead-setting gpt --dead-latents 2048`` on the residual stream of the shakespeare-char GPT (d = 128, the
 model and capture of ``benchmarks/sae_quality.py``, k = 16), or a synthetic setting (1024 latents on d = 64,
 where no latent dies even without AuxK, so the two runs are identical).
@@ -163,8 +164,9 @@ def run_dead_gpt(
     alpha: float,
     batches: list[torch.Tensor],
     test: torch.Tensor,
+    **rules: Any,
 ) -> dict:
-    cfg = SAEConfig(d_in=test.shape[1], n_latents=n_latents, k=k, architecture="topk", aux_alpha=alpha)
+    cfg = SAEConfig(d_in=test.shape[1], n_latents=n_latents, k=k, architecture="topk", aux_alpha=alpha, **rules)
     t0 = time.perf_counter()
     sae, hist = train_sae(cfg, batches, steps=steps, lr=lr, seed=seed, log_every=max(1, steps // 10))
     secs = time.perf_counter() - t0
@@ -175,6 +177,7 @@ def run_dead_gpt(
         "n_latents": n_latents,
         "k": k,
         "aux_alpha": alpha,
+        "rules": rules or "defaults",
         "lr": lr if lr is not None else "default",
         "fvu": ev["fvu"],
         "l0": ev["l0"],
@@ -215,6 +218,11 @@ def main() -> None:
     ap.add_argument("--dead-latents", type=int, default=1024)
     ap.add_argument("--aux-alphas", default="0.03125,0", help="AuxK α values of the dead-latent study")
     ap.add_argument(
+        "--old-rules",
+        action="store_true",
+        help="dead study with the rules before issue 17's fix: plain Adam on idle rows, Gao's AuxK target",
+    )
+    ap.add_argument(
         "--opts", default="{}", help="JSON merged into every architecture's options, e.g. '{\"l1_coeff\": 0.1}'"
     )
     ap.add_argument("--batchtopk-from-topk", action="store_true", help="the BatchTopK diagnosis (easy setting)")
@@ -254,7 +262,8 @@ def main() -> None:
         gpt = gpt_residual(a.steps * 1024, a.seed, a.gpt_hook, a.gpt_run) if a.dead_setting == "gpt" else None
         for alpha in (float(v) for v in _names(a.aux_alphas)):
             if gpt is not None:  # same tokens in the same order for every α
-                r = run_dead_gpt(a.dead_latents, a.gpt_k, a.steps, a.gpt_lr, a.seed, alpha, *gpt)
+                old = {"lazy_updates": False, "aux_scale_free": False} if a.old_rules else {}
+                r = run_dead_gpt(a.dead_latents, a.gpt_k, a.steps, a.gpt_lr, a.seed, alpha, *gpt, **old)
                 r["mcc"] = float("nan")
             else:
                 r = run(
