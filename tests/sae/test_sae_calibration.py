@@ -34,7 +34,8 @@ def _stream(kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def test_target_l0_reached_with_default_options(arch, stream):
     train, test = _stream(stream)
     cfg = SAEConfig(d_in=16, n_latents=64, architecture=arch, target_l0=4.0)
-    sae, hist = train_sae(cfg, train, steps=150, lr=1e-2, log_every=50)
+    steps = 300 if arch == "relu" else 150  # ReLU's L0 follows λ alone (no proportional action): slower
+    sae, hist = train_sae(cfg, train, steps=steps, lr=1e-2, log_every=50)
     ev = evaluate_sae(sae, test)
     assert abs(ev["l0"] / 4.0 - 1) < 0.25, (arch, stream, ev["l0"], hist["l0"])
     assert ev["fvu"] < 0.8
