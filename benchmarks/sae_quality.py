@@ -300,6 +300,56 @@ def seed_summary(rows: list[dict]) -> dict:
     return out
 
 
+def held_out_fvu(sae, x_eval: torch.Tensor) -> float:
+    with torch.no_grad():
+        xe = x_eval.double()
+        return float((xe - sae(x_eval).double()).pow(2).sum() / (xe - xe.mean(0)).pow(2).sum())
+
+
+def tau_seed(seed: int, tau: float, cfg, batches, args, sheet: LatentSheet, x_eval: torch.Tensor) -> dict:
+    """One more seed of a τ row: the plain TopK and the topographic one, same tokens, same seed."""
+    plain, _ = train_sae(cfg, batches, steps=args.steps, lr=args.lr, seed=seed)
+    sae, _ = train_topographic(
+        cfg,
+        batches,
+        args.steps,
+        sheet,
+        tau=tau,
+        factor=args.factor,
+        relocate_at=(0.25,),
+        coactivation=args.coactivation,
+        lr=args.lr,
+        seed=seed,
+    )
+    out = {"seed": seed, "fvu_plain": held_out_fvu(plain, x_eval), "fvu": held_out_fvu(sae, x_eval)}
+    out["measures"] = measures(sae, x_eval, sheet)
+    m = out["measures"]
+    log(
+        f"    seed {seed}: plain FVU {out['fvu_plain']:.5f}, τ={tau:g} FVU {out['fvu']:.5f}, "
+        f"decoder ×{m['decoder']['ratio']:.3f} coact ×{m['coactivation']['ratio']:.2f}"
+    )
+    return out
+
+
+def tau_seed_summary(rows: list[dict]) -> dict:
+    """The FVU cost of a τ as the ratio of seed means (plain vs topographic, same seeds), with the seeds' spread."""
+    plain = np.array([r["fvu_plain"] for r in rows])
+    topo = np.array([r["fvu"] for r in rows])
+    dec = [r["measures"]["decoder"]["ratio"] for r in rows]
+    co = [r["measures"]["coactivation"]["ratio"] for r in rows]
+    return {
+        "seeds": [r["seed"] for r in rows],
+        "fvu_plain_mean": round(float(plain.mean()), 6),
+        "fvu_plain_spread": round(float(plain.max() - plain.min()), 6),
+        "fvu_mean": round(float(topo.mean()), 6),
+        "fvu_spread": round(float(topo.max() - topo.min()), 6),
+        "fvu_rel_cost_of_means": round(float(topo.mean() / plain.mean() - 1), 4),
+        "fvu_rel_cost_per_seed": [round(float(t / p - 1), 4) for t, p in zip(topo, plain)],
+        "decoder_min": round(min(dec), 4),
+        "coactivation_min": round(min(co), 4),
+    }
+
+
 def sheet_picture(sae, x_eval, tokens, vocab, sheet, path: Path, title: str) -> str:
     groups, names = char_groups(vocab)
     with torch.no_grad():
@@ -444,6 +494,11 @@ def main() -> None:
         "--topo-seeds",
         default="",
         help="more seeds of the plain TopK to relocate (e.g. 1,2): the relocation's spread over seeds",
+    )
+    ap.add_argument(
+        "--tau-seeds",
+        default="",
+        help="more seeds (e.g. 1,2) of each τ and of the plain TopK: the FVU cost as a mean over seeds",
     )
     ap.add_argument("--parts", default="quality,topographic,geometry")
     ap.add_argument("--ma-run", default="runs/sae_quality/modular")
@@ -653,6 +708,14 @@ def main() -> None:
                         args.pictures / f"sae_sheet_topo_tau{tau:g}.png",
                         f"topographic SAE τ={tau:g}: latent sheet by character class",
                     )
+                if args.tau_seeds.strip():
+                    row["seeds"] = [
+                        {"seed": args.seed, "fvu_plain": base_fvu, "fvu": row["fvu"], "measures": row["measures"]}
+                    ]
+                    for seed in [int(v) for v in args.tau_seeds.split(",") if v.strip()]:
+                        row["seeds"].append(tau_seed(seed, tau, cfg, batches, args, sheet, x_eval))
+                    row["seed_summary"] = tau_seed_summary(row["seeds"])
+                    log(f"    over seeds: {row['seed_summary']}")
                 topo["trained"].append(row)
             result["topographic"] = topo
 
