@@ -103,3 +103,15 @@ def test_controller_state_saved_loaded_and_permutation_invariant(arch, tmp_path)
     del old["sparsity_control"]
     save_file(old, str(w), metadata={"format": "topotorch.sae/1"})
     assert float(SparseCoder.load(tmp_path / "c").sparsity_control[2]) == 0.0
+
+
+def test_jumprelu_threshold_action_raises_only_fired_latents():
+    from types import SimpleNamespace
+
+    sae = SparseCoder(SAEConfig(d_in=4, n_latents=6, architecture="jumprelu", target_l0=2.0, threshold_init=1.0))
+    fired = torch.tensor([True, False, True, False, False, False])
+    sae.arch.after_step(sae, SimpleNamespace(l0=torch.tensor(8.0), fired=fired))  # L0 4× the target
+    up = math.exp(0.1 * math.log(4.0))
+    assert torch.allclose(sae.threshold, torch.where(fired, up, 1.0))  # silent latents keep θ
+    sae.arch.after_step(sae, SimpleNamespace(l0=torch.tensor(1.0), fired=fired))  # below: lower every θ
+    assert torch.allclose(sae.threshold, torch.where(fired, up, 1.0) * math.exp(0.1 * math.log(0.5)))

@@ -298,8 +298,9 @@ class BatchTopK(Architecture):
 # all), so L0 follows λ with a long lag: a pure integral winds up, overshoots and kills latents (measured: λ
 # 1e-3 → 157 in 60 warm-up steps, then L0 3 of a target 8 with FVU 1.05). Hence (1) no integration while the
 # error already shrinks, (2) both arches start at the target (θ, or b_enc for ReLU, from the first batch's
-# quantile), and (3) JumpReLU's proportional action goes straight to the thresholds, θ ← θ·exp(0.1·e), which
-# L0 follows within a step (λ alone left JumpReLU's L0 swinging 4 → 35 → 6 on the synthetic stream).
+# quantile), and (3) JumpReLU's proportional action goes straight to the thresholds, θ ← θ·exp(0.1·e) (raised
+# only for latents that fired in the batch), which L0 follows within a step (λ alone left JumpReLU's L0
+# swinging 4 → 35 → 6 on the synthetic stream).
 # State ``sparsity_control`` (float32 [3], saved with the coder): [log λ_I, last e, steps];
 # λ = exp(log λ_I + K_p·e).
 
@@ -376,7 +377,12 @@ class JumpReLU(Architecture):
     def after_step(self, sae, out):
         controller_update(sae, out.l0)
         if sae.cfg.target_l0 is not None and THRESHOLD_GAIN > 0:
-            sae.threshold.mul_(torch.exp(THRESHOLD_GAIN * sae.sparsity_control[1]).to(sae.threshold.dtype))
+            # raise θ only where the latent fired (the ones making the excess), lower it everywhere: a uniform
+            # raise pushed rarely-firing latents past all their pre-activations (synthetic easy: 86% silent → 11%)
+            e = sae.sparsity_control[1]
+            move = out.fired | (e < 0)
+            factor = torch.where(move, torch.exp(THRESHOLD_GAIN * e), torch.ones((), dtype=e.dtype, device=e.device))
+            sae.threshold.mul_(factor.to(sae.threshold.dtype))
 
 
 class ReLU(Architecture):
