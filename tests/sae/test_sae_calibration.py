@@ -115,3 +115,14 @@ def test_jumprelu_threshold_action_raises_only_fired_latents():
     assert torch.allclose(sae.threshold, torch.where(fired, up, 1.0))  # silent latents keep θ
     sae.arch.after_step(sae, SimpleNamespace(l0=torch.tensor(1.0), fired=fired))  # below: lower every θ
     assert torch.allclose(sae.threshold, torch.where(fired, up, 1.0) * math.exp(0.1 * math.log(0.5)))
+
+
+def test_loaded_coder_without_controller_state_keeps_its_thresholds():
+    # a JumpReLU from a file without sparsity_control (SAELens, older files) has steps = 0 but trained,
+    # distinct θ: continued training must not replace them by the first batch's quantile
+    sae = SparseCoder(SAEConfig(d_in=16, n_latents=64, architecture="jumprelu", target_l0=4.0), seed=0)
+    with torch.no_grad():
+        sae.threshold.copy_(0.5 + torch.rand(64, generator=torch.Generator().manual_seed(0)))
+    before = sae.threshold.clone()
+    sae.loss(torch.randn(32, 16, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(sae.threshold, before)

@@ -338,6 +338,12 @@ def quantile_threshold(pre: Tensor, l0: float) -> Tensor:
     return pre.reshape(-1).topk(m, sorted=False).values.min()
 
 
+def _fresh(sae: SparseCoder, t: Tensor) -> bool:
+    """No controlled step yet and ``t`` still one value for every latent (as constructed): a coder loaded from a
+    file without the controller's state (older files, SAELens) keeps its trained θ / b_enc."""
+    return int(sae.sparsity_control[2]) == 0 and bool((t == t[0]).all())
+
+
 def jumprelu_bandwidth(sae: SparseCoder) -> float | Tensor:
     """ε: ``cfg.bandwidth`` when set, else ρ·θ_j (scale-free: the window is a fixed fraction of each threshold)."""
     if sae.cfg.bandwidth is not None:
@@ -354,7 +360,7 @@ class JumpReLU(Architecture):
 
     def train_codes(self, sae, x_in):
         z = F.linear(x_in, sae.W_enc, sae.b_enc)
-        if sae.cfg.threshold_init is None and int(sae.sparsity_control[2]) == 0:
+        if sae.cfg.threshold_init is None and _fresh(sae, sae.threshold):
             # before the first step: θ where this batch's L0 is the target (the data's scale, not a guess in
             # its units; a first step at a dense θ would also fill Adam's second moments with a dense gradient)
             with torch.no_grad():
@@ -392,7 +398,7 @@ class ReLU(Architecture):
 
     def train_codes(self, sae, x_in):
         z = F.linear(x_in, sae.W_enc, sae.b_enc)
-        if sae.cfg.target_l0 is not None and int(sae.sparsity_control[2]) == 0:
+        if sae.cfg.target_l0 is not None and _fresh(sae, sae.b_enc):
             # before the first step: b_enc −= the threshold at which this batch's L0 is the target, so the
             # controller starts near it (from b_enc = 0 half the latents fire, and λ must first climb)
             with torch.no_grad():
