@@ -123,3 +123,14 @@ def test_bad_topographic_options_fail_before_anything_is_written(run, tmp_path, 
     assert res.exit_code == 2, res.output
     assert message in res.output and res.output.startswith("error:")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_k_is_the_target_l0_of_the_threshold_architectures(run, tmp_path, architecture):
+    # JumpReLU and ReLU + L1 have no k: `--k` becomes their target L0, steered by the controller
+    res = sae_cli(run, tmp_path / architecture, "--architecture", architecture, "--steps", "80")
+    assert res.exit_code == 0, res.output
+    sae = SparseCoder.load(tmp_path / architecture / "sae")
+    assert sae.cfg.target_l0 == 4.0
+    l0 = json.loads((tmp_path / architecture / "summary.json").read_text())["eval"]["l0"]
+    assert 2.0 <= l0 <= 8.0, l0

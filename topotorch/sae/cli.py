@@ -217,7 +217,7 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
 
     from topotorch.checkpoint import atomic_write_json, prepare_run_folder
     from topotorch.sae.activations import CachedActivations, ModelActivations, find_hook_points, write_cache
-    from topotorch.sae.dictionary import SAEConfig
+    from topotorch.sae.dictionary import ARCHITECTURES, SAEConfig
     from topotorch.sae.interop import export
     from topotorch.sae.metrics import evaluate_sae
     from topotorch.sae.splice import splice_eval
@@ -253,6 +253,8 @@ def run_sae(cfg: SAERunConfig, out: Path, progress: bool = False, overwrite: boo
         k=cfg.k,
         d_out=d_out if cfg.transcoder else None,
         skip=cfg.skip,
+        # --k is the L0 for every architecture: TopK/BatchTopK keep k, JumpReLU/ReLU steer their L0 to it
+        target_l0=None if ARCHITECTURES[cfg.architecture].uses_k else float(cfg.k),
     )
     t1 = time.perf_counter()
     log_every = max(1, cfg.steps // 100)
@@ -448,7 +450,7 @@ def sae(
     source: str = typer.Argument(..., help="a `topotorch train` run folder, or a model: hf:NAME | pkg.module:function"),
     hook: str = typer.Option(..., help="hook point: module name pattern (fnmatch over named_modules); NAME:input"),
     latents: int = typer.Option(..., help="number of latents (dictionary size)"),
-    k: int = typer.Option(32, help="active latents per token (topk, batchtopk)"),
+    k: int = typer.Option(32, help="active latents per token (topk, batchtopk; the target L0 of jumprelu, relu)"),
     architecture: str = typer.Option("topk", help="topk | batchtopk | jumprelu | relu"),
     transcoder: bool = typer.Option(False, help="predict the hook module's output from its input (a transcoder)"),
     skip: bool = typer.Option(False, help="transcoder with a linear skip path"),
