@@ -456,6 +456,37 @@ def _polish_adjacency(
     return order
 
 
+def _spectral_start(s: Tensor, sheet: LatentSheet) -> Tensor:
+    """A 2-D layout from the spectrum of S: latents ranked by the Fiedler vector of the normalised similarity
+    cut into strips along the sheet's long side, each strip ranked by the next eigenvector across it.
+
+    The leading non-trivial eigenvectors of D^−½ S D^−½ (scaled back by D^−½) are the smoothest coordinates
+    of the similarity graph (Laplacian eigenmaps), so this start already has the global order that the broad
+    Gaussian stages would otherwise build swap by swap; the schedule then begins at a quarter of their width
+    (measured on the GPT's 2048-latent SAEs, seeds 0/1/2: adjacency 882.8/997.3/985.4 vs 882.0/999.7/982.8
+    from the identity, in 95 s vs 130-146 s on the loaded box). Returns ``order`` with ``order[slot]`` = latent.
+    """
+    n, long, short = sheet.n, max(sheet.h, sheet.w), min(sheet.h, sheet.w)
+    if n < 3:
+        return torch.arange(n)
+    s = s.to(torch.float64)
+    deg = s.sum(1)
+    dm = torch.where(deg > 0, deg.clamp_min(1e-300).rsqrt(), 0.0)  # a dead latent (row 0) gets 0 in every vector
+    _, vec = torch.linalg.eigh(dm[:, None] * s * dm[None, :])
+    v = vec[:, -3:-1].flip(1) * dm[:, None]  # the 2nd and 3rd largest (the largest is the trivial √degree)
+    strips = torch.argsort(v[:, 0], stable=True).view(long, short)
+    grid = torch.gather(strips, 1, torch.argsort(v[strips, 1], dim=1, stable=True))  # [long, short]
+    return (grid.t() if sheet.w >= sheet.h else grid).reshape(-1)
+
+
+def _identity_start(s: Tensor, sheet: LatentSheet) -> Tensor:
+    return torch.arange(sheet.n)
+
+
+# start placement -> (how to make it, the default schedule's broadest σ as a fraction of the sheet's long side)
+_STARTS = {"identity": (_identity_start, 1 / 4), "spectral": (_spectral_start, 1 / 16)}
+
+
 @dataclass
 class PlacementStats:
     """What :func:`solve_placement` did: the adjacency score (Σ over neighbour pairs of S) before and after."""
@@ -486,11 +517,15 @@ def solve_placement(
     polish_rounds: int = 200,
     polish_rel_tol: float = 1e-6,
     exact_cycles: int = 10,
+    start: str = "spectral",
 ) -> tuple[Tensor, PlacementStats]:
     """A placement of latents on the sheet that puts similar ones (large S_ij) next to each other.
 
-    Maximises F = Σ_{i<j} S_ij K(slot_i, slot_j) for each kernel of an annealing schedule — Gaussians of
-    widths ``sigmas`` (default: from a quarter of the sheet down to 0.7 in steps of ×0.75) on S^``power``,
+    Maximises F = Σ_{i<j} S_ij K(slot_i, slot_j), from a ``start`` placement (``"spectral"``:
+    :func:`_spectral_start`, a Laplacian-eigenmap layout of S^``power``; ``"identity"``: the given order), for
+    each kernel of an annealing schedule — Gaussians of widths ``sigmas`` (default: from a sixteenth of the
+    sheet's long side with the spectral start, a quarter with the identity, down to 0.7 in steps of ×0.75)
+    on S^``power``,
     then a polish on S itself (Gaussians ``polish``, default (1, 0.7) when ``power`` ≠ 1, then the
     4-neighbour adjacency) — by a linear assignment step (first scale) and rounds of closed-form pairwise
     swaps, until a round gains less than ``rel_tol`` (polish: ``polish_rel_tol``) of F or ``max_rounds``
@@ -510,14 +545,13 @@ def solve_placement(
     torch.set_num_threads(1)  # many small n² ops: extra threads only stall on a busy box (as in relocation.py)
     try:
         args = (sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol, exact_cycles)
-        return _solve(s, sheet, *args)
+        return _solve(s, sheet, start, *args)
     finally:
         torch.set_num_threads(threads)
 
 
-def _solve(
-    s, sheet, sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol, exact_cycles
-) -> tuple[Tensor, PlacementStats]:
+def _solve(s, sheet, start, *args) -> tuple[Tensor, PlacementStats]:
+    sigmas, max_rounds, assign, tol, rel_tol, power, polish, polish_rounds, polish_rel_tol, exact_cycles = args
     n = s.shape[0]
     if s.shape != (n, n):
         raise ValueError(f"the similarity must be square, got shape {tuple(s.shape)}")
@@ -528,15 +562,18 @@ def _solve(
     s = s64.to(torch.float32)  # the search in float32: half the memory traffic; the final check in float64
     if not (math.isfinite(power) and power > 0):
         raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    if start not in _STARTS:
+        raise ValueError(f"unknown start placement {start!r}; choose one of {sorted(_STARTS)}")
+    make_start, breadth = _STARTS[start]
     if sigmas is None:
-        top = max(sheet.h, sheet.w) / 4
+        top = max(sheet.h, sheet.w) * breadth
         sigmas = [top * 0.75**i for i in range(60) if top * 0.75**i >= 0.7] or [0.7]
     if polish is None:
         polish = (1.0, 0.7) if power != 1 else ()
     s_anneal = s if power == 1 else s.pow(power)  # S ≥ 0, zero diagonal: the power keeps both
     schedule = [(sg, s_anneal, max_rounds, rel_tol) for sg in sigmas]
     schedule += [(sg, s, polish_rounds, polish_rel_tol) for sg in [*polish, None]]
-    order = torch.arange(n)
+    order = make_start(s64 if power == 1 else s64.pow(power), sheet)
     before = _adjacency_score(s64, sheet)
     stats = PlacementStats(before, before)
     for stage_i, (sigma, s, stage_rounds, stage_tol) in enumerate(schedule):
