@@ -30,7 +30,10 @@ together (disjoint pairs; if their interaction made F worse, only the single bes
 assignment on G (``topotorch.relocation.assignment_permutation``: every latent moved to where its
 partners are, the others held fixed) is tried first at each scale. K is separable over rows and
 columns, so G costs O(n²(h + w)), not O(n³). Scales anneal from a broad Gaussian (global order)
-down to the adjacency itself, whose F is exactly the numerator of the neighbour measure below.
+down to the adjacency itself, whose F is exactly the numerator of the neighbour measure below. The global
+order need not be built swap by swap: the smoothest eigenvectors of the normalised similarity (Laplacian
+eigenmaps) already are 2-D coordinates of the latents, so a start laid out by them lets the schedule begin
+at a quarter of the width (same score, ~35% less time).
 At the adjacency, two moves are exact and larger than a swap: (i) on a set of slots no two of which are
 neighbours (a checkerboard colour), a latent's contribution depends only on the latents off the set, so
 F is *linear* in how the set's latents are arranged and one linear assignment finds the best of all n/2!
