@@ -533,8 +533,7 @@ def solve_placement(
     :func:`_spectral_start`, a Laplacian-eigenmap layout of S^``power``; ``"identity"``: the given order), for
     each kernel of an annealing schedule — Gaussians of widths ``sigmas`` (default: from an eighth of the
     sheet's short side with the spectral start, a quarter of the long side with the identity, down to 0.7 in
-    steps of ×0.75)
-    on S^``power``,
+    steps of ×0.75) on S^``power``,
     then a polish on S itself (Gaussians ``polish``, default (1, 0.7) when ``power`` ≠ 1, then the
     4-neighbour adjacency) — by a linear assignment step (first scale) and rounds of closed-form pairwise
     swaps, until a round gains less than ``rel_tol`` (polish: ``polish_rel_tol``) of F or ``max_rounds``
