@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -44,34 +45,11 @@ def fake_train(cfg, on_step=None, resume=False, overwrite=None):
     return SimpleNamespace(summary={**FAKE_SUMMARY, m: 0.5, f"thresholded_{m}": 0.5}, task=task)
 
 
-OPTIONS = [
-    "--method",
-    "--steps",
-    "--seed",
-    "--dtype",
-    "--out",
-    "--lr",
-    "--lam",
-    "--wf",
-    "--l0",
-    "--relocation",
-    "--top-k",
-    "--swap-every",
-    "--threshold",
-    "--batch-size",
-    "--checkpoint-every",
-    "--log-every",
-    "--local-steps",
-    "--resume",
-    "--animation",
-    "--no-animation",
-    "--no-progress",
-    "--help",
-    "--bogus",
-    "-x",
-    "--steps=",
-    "--lr=nan",
-]
+# every option `topotorch train` declares (read from the command, so a new option is fuzzed too) and a few
+# malformed ones
+OPTIONS = sorted(
+    {o for p in typer.main.get_command(app).commands["train"].params for o in p.opts + p.secondary_opts}  # type: ignore[attr-defined]
+) + ["--help", "--bogus", "-x", "--steps=", "--lr=nan"]
 VALUES = st.one_of(
     st.sampled_from(
         sorted(TASKS)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from tests.sae.tiny_run import tiny_text_run
 from topotorch.cli import app
 from topotorch.sae.dictionary import SparseCoder
 
@@ -23,29 +24,7 @@ TINY += ["--eval-windows", "8", "--show-latents", "2", "--no-progress"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A `topotorch train` run folder of a tiny model (TinyGPT, d_model 16) on a small word corpus."""
-    from topotorch.training import TrainConfig, train
-
-    tmp = tmp_path_factory.mktemp("topo")
-    words = ["war", "sword", "blood", "love", "rose", "kiss", "the", "and"]
-    g = torch.Generator().manual_seed(0)
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(" ".join(words[i] for i in torch.randint(0, 8, (700,), generator=g).tolist()))
-    vocab = len(set(corpus.read_text()))
-    out = tmp / "run"
-    train(
-        TrainConfig.for_task(
-            f"text:{corpus}",
-            method="none",
-            steps=1,
-            animation=False,
-            progress=False,
-            out=str(out),
-            log_every=1,
-            model="topotorch.models:TinyGPT",
-            model_config=f"vocab={vocab},d_model=16,n_layers=2,n_heads=2,block_size=64",
-        )
-    )
-    return out
+    return tiny_text_run(tmp_path_factory.mktemp("topo"))
 
 
 def sae_cli(run, out, *extra):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.sae.tiny_run import tiny_text_run
 from topotorch.models import TinyGPT
 from topotorch.sae.activations import (
     CachedActivations,
@@ -493,27 +494,8 @@ def test_cli_end_to_end_on_a_tiny_model(tmp_path):
 
     from topotorch.cli import app
     from topotorch.report import build_report
-    from topotorch.training import TrainConfig, train
 
-    words = ["war", "sword", "blood", "love", "rose", "kiss", "the", "and"]
-    g = torch.Generator().manual_seed(0)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(words[i] for i in torch.randint(0, 8, (700,), generator=g).tolist()))
-    run = tmp_path / "run"  # a `topotorch train` run folder of a tiny model (the task's own model: 4 x 128)
-    vocab = len(set(corpus.read_text()))
-    train(
-        TrainConfig.for_task(
-            f"text:{corpus}",
-            method="none",
-            steps=1,
-            animation=False,
-            progress=False,
-            out=str(run),
-            log_every=1,
-            model="topotorch.models:TinyGPT",
-            model_config=f"vocab={vocab},d_model=16,n_layers=2,n_heads=2,block_size=64",
-        )
-    )
+    run = tiny_text_run(tmp_path)  # a `topotorch train` run folder of a tiny model
     out = tmp_path / "sae"
     args = [
         str(run),
